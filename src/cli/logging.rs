@@ -1,0 +1,30 @@
+//! Logging: tracing to stderr, level from `-v`/`-q` counts unless `RUST_LOG` is set.
+
+use tracing_subscriber::EnvFilter;
+
+/// The filter for a verbosity (`-v` count minus `-q` count).
+pub fn filter_for(verbose: u8, quiet: u8) -> &'static str {
+    match verbose as i16 - quiet as i16 {
+        i16::MIN..=-2 => "off",
+        -1 => "error",
+        0 => "warn,flatfhir=info",
+        1 => "info,flatfhir=debug",
+        2 => "debug,flatfhir=trace",
+        _ => "trace",
+    }
+}
+
+/// Install the global subscriber (stderr, no ANSI colours when stderr is not a terminal).
+pub fn init(verbose: u8, quiet: u8) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(filter_for(verbose, quiet)));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,163 @@
+//! Output formats for the CLI: aligned tables, CSV, ndjson, Parquet, and the run accounting.
+
+use std::io::Write;
+
+use anyhow::Result;
+use flatfhir::{
+    arrow::{datatypes::SchemaRef, record_batch::RecordBatch, util::pretty::pretty_format_batches},
+    sink::{
+        RunManifest,
+        rows::{batch_to_json_rows, write_json_row},
+    },
+};
+
+/// Aligned text table (DataFusion style).
+pub fn write_table(out: &mut impl Write, batches: &[RecordBatch]) -> Result<()> {
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    if batches.is_empty() {
+        writeln!(out, "(0 rows)")?;
+        return Ok(());
+    }
+    writeln!(out, "{}", pretty_format_batches(batches)?)?;
+    writeln!(out, "({rows} row{})", if rows == 1 { "" } else { "s" })?;
+    Ok(())
+}
+
+/// CSV with a header.
+pub fn write_csv(out: &mut impl Write, batches: &[RecordBatch]) -> Result<()> {
+    let mut w = flatfhir::arrow::csv::WriterBuilder::new()
+        .with_header(true)
+        .build(out);
+    for b in batches {
+        w.write(b)?;
+    }
+    Ok(())
+}
+
+/// One JSON object per row.
+pub fn write_ndjson(out: &mut impl Write, batches: &[RecordBatch]) -> Result<()> {
+    write_view_ndjson(out, batches)
+}
+
+/// One JSON object per row, keys in column order, lists as arrays, decimals as numbers.
+pub fn write_view_ndjson(out: &mut impl Write, batches: &[RecordBatch]) -> Result<()> {
+    for b in batches {
+        for row in batch_to_json_rows(b) {
+            write_json_row(out, &row)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A Parquet file.
+pub fn write_parquet(
+    out: impl Write + Send,
+    schema: SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<()> {
+    let mut w = parquet::arrow::ArrowWriter::try_new(out, schema, None)?;
+    for b in batches {
+        w.write(b)?;
+    }
+    w.close()?;
+    Ok(())
+}
+
+/// A plain aligned table of strings.
+pub fn write_text_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            let numeric = !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit());
+            if i > 0 {
+                s.push_str("  ");
+            }
+            if numeric && i > 0 {
+                s.push_str(&format!("{c:>w$}"));
+            } else {
+                s.push_str(&format!("{c:<w$}"));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    writeln!(
+        out,
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("  ")
+    )?;
+    for r in rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+/// The accounting of a run: per type, lines = rows + rejects (+ filtered).
+pub fn write_accounting(out: &mut impl Write, m: &RunManifest, location: &str) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut total = flatfhir::flatten::TypeCounts::default();
+    for (t, c) in &m.types {
+        total.add(c);
+        let ok = c.lines == c.rows + c.rejects + c.filtered
+            || t == flatfhir::flatten::INVALID_TYPE_BUCKET;
+        rows.push(vec![
+            t.clone(),
+            c.lines.to_string(),
+            c.rows.to_string(),
+            c.rejects.to_string(),
+            c.filtered.to_string(),
+            if ok { "ok" } else { "MISMATCH" }.to_string(),
+        ]);
+    }
+    rows.push(vec![
+        "total".into(),
+        total.lines.to_string(),
+        total.rows.to_string(),
+        total.rejects.to_string(),
+        total.filtered.to_string(),
+        String::new(),
+    ]);
+    writeln!(out, "run {} (export={}) → {location}", m.run_id, m.export)?;
+    write_text_table(
+        out,
+        &[
+            "resource type",
+            "lines",
+            "rows",
+            "rejects",
+            "filtered",
+            "check",
+        ],
+        &rows,
+    )?;
+    let bytes: u64 = m.inputs.iter().map(|i| i.bytes).sum();
+    let files = m.files.len();
+    writeln!(
+        out,
+        "{} input files, {:.1} MB, {} blank lines; {} views, {files} Parquet files written",
+        m.inputs.len(),
+        bytes as f64 / 1e6,
+        m.blank_lines,
+        m.views.len()
+    )?;
+    if m.rejects > 0 {
+        writeln!(
+            out,
+            "{} lines rejected: see table `_rejects` (flatfhir query --data {location} \"select file, line, reason from _rejects\")",
+            m.rejects
+        )?;
+    }
+    Ok(())
+}

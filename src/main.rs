@@ -1,0 +1,26 @@
+//! The `flatfhir` binary: parse the command line, set up logging, run, map the outcome to an
+//! exit code (0 success; 1 finished but rejects exceeded `--max-rejects`; 2 error).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::logging::init(args.verbose, args.quiet);
+    match cli::run(args) {
+        Ok(outcome) => outcome.exit_code(),
+        Err(e) => {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

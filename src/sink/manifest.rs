@@ -1,0 +1,114 @@
+//! The run manifest (`_runs/<run id>.json`): what a run read, wrote and rejected. Written last —
+//! its presence is what makes a run's files visible to `query`.
+
+use std::collections::BTreeMap;
+
+use futures::TryStreamExt;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use super::{DatasetLocation, RUNS_DIR, SinkError, WrittenFile};
+use crate::flatten::TypeCounts;
+
+/// One input of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct InputRecord {
+    /// Path or URL.
+    pub source: String,
+    /// Bytes read (decompressed).
+    pub bytes: u64,
+    /// Lines read.
+    pub lines: u64,
+    /// Lines rejected.
+    pub rejects: u64,
+}
+
+/// Everything about one run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunManifest {
+    /// Unique run id.
+    pub run_id: String,
+    /// Value of the `export` partition column.
+    pub export: String,
+    /// RFC 3339 start time.
+    pub started: String,
+    /// RFC 3339 end time.
+    pub finished: String,
+    /// `convert` or `export`.
+    pub kind: String,
+    /// flatfhir version.
+    pub flatfhir_version: String,
+    /// Inputs read.
+    pub inputs: Vec<InputRecord>,
+    /// Per resource type: lines = rows + rejects + filtered.
+    pub types: BTreeMap<String, TypeCounts>,
+    /// Rows per view.
+    pub views: BTreeMap<String, u64>,
+    /// Blank lines skipped.
+    pub blank_lines: u64,
+    /// Total rejected lines.
+    pub rejects: u64,
+    /// Files written, relative to the dataset root.
+    pub files: Vec<WrittenFile>,
+}
+
+impl RunManifest {
+    /// Relative path of this run's manifest.
+    pub fn path(run_id: &str) -> String {
+        format!("{RUNS_DIR}/{run_id}.json")
+    }
+
+    /// Write the manifest: the last step of a run.
+    pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), SinkError> {
+        let rel = Self::path(&self.run_id);
+        let body = serde_json::to_vec_pretty(self).map_err(|source| SinkError::Manifest {
+            path: rel.clone(),
+            source,
+        })?;
+        loc.store
+            .put(&loc.child(&rel), PutPayload::from(body))
+            .await
+            .map_err(|source| SinkError::Store { path: rel, source })?;
+        Ok(())
+    }
+
+    /// Every published run of a dataset, oldest first.
+    pub async fn list(loc: &DatasetLocation) -> Result<Vec<RunManifest>, SinkError> {
+        let dir = loc.child(RUNS_DIR);
+        let metas: Vec<_> = loc
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|source| SinkError::Store {
+                path: RUNS_DIR.into(),
+                source,
+            })?;
+        let mut runs = Vec::new();
+        for m in metas
+            .into_iter()
+            .filter(|m| m.location.as_ref().ends_with(".json"))
+        {
+            let path = m.location.to_string();
+            let bytes = loc
+                .store
+                .get(&m.location)
+                .await
+                .map_err(|source| SinkError::Store {
+                    path: path.clone(),
+                    source,
+                })?
+                .bytes()
+                .await
+                .map_err(|source| SinkError::Store {
+                    path: path.clone(),
+                    source,
+                })?;
+            let run: RunManifest = serde_json::from_slice(&bytes)
+                .map_err(|source| SinkError::Manifest { path, source })?;
+            runs.push(run);
+        }
+        runs.sort_by(|a, b| (&a.started, &a.run_id).cmp(&(&b.started, &b.run_id)));
+        Ok(runs)
+    }
+}

@@ -1,0 +1,253 @@
+//! [`DatasetWriter`]: per-view Parquet files under one run's `export=` partition.
+
+use std::{collections::HashMap, sync::Arc};
+
+use datafusion::arrow::{
+    array::{ArrayRef, StringBuilder, UInt64Builder},
+    datatypes::{DataType, Field, Schema, SchemaRef},
+    record_batch::RecordBatch,
+};
+use object_store::buffered::BufWriter;
+use parquet::{
+    arrow::AsyncArrowWriter,
+    basic::{Compression, ZstdLevel},
+    file::properties::WriterProperties,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{DatasetLocation, PARTITION_COLUMN, SinkError};
+use crate::flatten::{Reject, ViewBatch};
+
+/// Rows per Parquet row group.
+pub const DEFAULT_ROW_GROUP_ROWS: usize = 65_536;
+/// Rows per Parquet file before a new part file is started.
+pub const DEFAULT_MAX_ROWS_PER_FILE: usize = 2_000_000;
+/// Encoded bytes buffered for one row group before it is flushed early (bounds memory per view).
+const MAX_IN_PROGRESS_BYTES: usize = 64 << 20;
+
+/// A file written by a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenFile {
+    /// View (table) name.
+    pub view: String,
+    /// Path relative to the dataset root.
+    pub path: String,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// Configures a [`DatasetWriter`].
+#[derive(Debug, Clone)]
+pub struct DatasetWriterBuilder {
+    location: DatasetLocation,
+    run_id: String,
+    export: String,
+    compression: Compression,
+    row_group_rows: usize,
+    max_rows_per_file: usize,
+}
+
+impl DatasetWriterBuilder {
+    /// A writer for run `run_id`, writing partition `export=<export>`.
+    pub fn new(
+        location: DatasetLocation,
+        run_id: impl Into<String>,
+        export: impl Into<String>,
+    ) -> Self {
+        DatasetWriterBuilder {
+            location,
+            run_id: run_id.into(),
+            export: export.into(),
+            compression: Compression::ZSTD(ZstdLevel::default()),
+            row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+            max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
+        }
+    }
+    /// Compression codec (default zstd level 1).
+    pub fn with_compression(mut self, c: Compression) -> Self {
+        self.compression = c;
+        self
+    }
+    /// Rows per row group (default [`DEFAULT_ROW_GROUP_ROWS`]).
+    pub fn with_row_group_rows(mut self, n: usize) -> Self {
+        self.row_group_rows = n.max(1);
+        self
+    }
+    /// Rows per file (default [`DEFAULT_MAX_ROWS_PER_FILE`]).
+    pub fn with_max_rows_per_file(mut self, n: usize) -> Self {
+        self.max_rows_per_file = n.max(1);
+        self
+    }
+    /// Build.
+    pub fn build(self) -> DatasetWriter {
+        let props = WriterProperties::builder()
+            .set_compression(self.compression)
+            .set_max_row_group_row_count(Some(self.row_group_rows))
+            .set_created_by(format!("flatfhir {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        DatasetWriter {
+            cfg: self,
+            props,
+            open: HashMap::new(),
+            seq: HashMap::new(),
+            written: Vec::new(),
+        }
+    }
+}
+
+struct OpenFile {
+    writer: AsyncArrowWriter<BufWriter>,
+    path: String,
+    rows: u64,
+}
+
+/// Writes view batches into Parquet files; [`finish`](Self::finish) closes them. Publishing the
+/// run (the manifest) is the caller's separate, last step.
+pub struct DatasetWriter {
+    cfg: DatasetWriterBuilder,
+    props: WriterProperties,
+    open: HashMap<String, OpenFile>,
+    seq: HashMap<String, usize>,
+    written: Vec<WrittenFile>,
+}
+
+impl DatasetWriter {
+    /// Relative directory of a view's partition for this run.
+    pub fn partition_dir(&self, view: &str) -> String {
+        format!("{view}/{PARTITION_COLUMN}={}", self.cfg.export)
+    }
+
+    /// Write one batch.
+    pub async fn write(&mut self, vb: &ViewBatch) -> Result<(), SinkError> {
+        self.write_batch(&vb.view, &vb.batch).await
+    }
+
+    /// Write one batch of a view.
+    pub async fn write_batch(&mut self, view: &str, batch: &RecordBatch) -> Result<(), SinkError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        if !self.open.contains_key(view) {
+            let f = self.open_file(view, batch.schema())?;
+            self.open.insert(view.to_string(), f);
+        }
+        let f = self.open.get_mut(view).expect("inserted above");
+        let pq = |source| SinkError::Parquet {
+            path: f.path.clone(),
+            source,
+        };
+        f.writer.write(batch).await.map_err(pq)?;
+        f.rows += batch.num_rows() as u64;
+        if f.writer.in_progress_size() > MAX_IN_PROGRESS_BYTES {
+            f.writer
+                .flush()
+                .await
+                .map_err(|source| SinkError::Parquet {
+                    path: f.path.clone(),
+                    source,
+                })?;
+        }
+        if f.rows >= self.cfg.max_rows_per_file as u64 {
+            let f = self.open.remove(view).expect("present");
+            self.close(view, f).await?;
+        }
+        Ok(())
+    }
+
+    fn open_file(&mut self, view: &str, schema: SchemaRef) -> Result<OpenFile, SinkError> {
+        let dir = self.partition_dir(view);
+        let seq = self.seq.entry(view.to_string()).or_default();
+        let path = format!("{dir}/part-{:05}-{}.parquet", *seq, self.cfg.run_id);
+        *seq += 1;
+        let obj = BufWriter::new(
+            self.cfg.location.store.clone(),
+            self.cfg.location.child(&path),
+        );
+        let writer =
+            AsyncArrowWriter::try_new(obj, schema, Some(self.props.clone())).map_err(|source| {
+                SinkError::Parquet {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        Ok(OpenFile {
+            writer,
+            path,
+            rows: 0,
+        })
+    }
+
+    async fn close(&mut self, view: &str, f: OpenFile) -> Result<(), SinkError> {
+        let OpenFile { writer, path, rows } = f;
+        let mut writer = writer;
+        writer.finish().await.map_err(|source| SinkError::Parquet {
+            path: path.clone(),
+            source,
+        })?;
+        let bytes = writer.bytes_written() as u64;
+        self.written.push(WrittenFile {
+            view: view.to_string(),
+            path,
+            rows,
+            bytes,
+        });
+        Ok(())
+    }
+
+    /// Close every open file; returns everything written, sorted by path.
+    pub async fn finish(mut self) -> Result<Vec<WrittenFile>, SinkError> {
+        let mut open: Vec<_> = std::mem::take(&mut self.open).into_iter().collect();
+        open.sort_by(|a, b| a.0.cmp(&b.0));
+        for (view, f) in open {
+            self.close(&view, f).await?;
+        }
+        self.written.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(self.written)
+    }
+
+    /// Files written so far (closed ones).
+    pub fn written(&self) -> &[WrittenFile] {
+        &self.written
+    }
+}
+
+/// Schema of the `_rejects` table.
+pub fn rejects_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("file", DataType::Utf8, false),
+        Field::new("line", DataType::UInt64, false),
+        Field::new("byte_offset", DataType::UInt64, false),
+        Field::new("resource_type", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("raw", DataType::Utf8, false),
+    ]))
+}
+
+/// Reject records as a `_rejects` batch.
+pub fn rejects_batch(rejects: &[Reject]) -> RecordBatch {
+    let mut file = StringBuilder::new();
+    let mut line = UInt64Builder::new();
+    let mut off = UInt64Builder::new();
+    let mut rt = StringBuilder::new();
+    let mut reason = StringBuilder::new();
+    let mut raw = StringBuilder::new();
+    for r in rejects {
+        file.append_value(&r.file);
+        line.append_value(r.line);
+        off.append_value(r.byte_offset);
+        rt.append_option(r.resource_type.as_deref());
+        reason.append_value(&r.reason);
+        raw.append_value(&r.raw);
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(file.finish()),
+        Arc::new(line.finish()),
+        Arc::new(off.finish()),
+        Arc::new(rt.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(raw.finish()),
+    ];
+    RecordBatch::try_new(rejects_schema(), cols).expect("columns match the rejects schema")
+}

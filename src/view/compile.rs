@@ -1,0 +1,737 @@
+//! ViewDefinition → [`CompiledView`]: an Arrow schema plus a tree of compiled FHIRPath
+//! expressions, validated once so that evaluation per resource does no parsing.
+//!
+//! Evaluation follows the SQL-on-FHIR processing algorithm: `where` filters the resource; each
+//! select computes its foci (`forEach`, `forEachOrNull`, `repeat`, or the node itself), and for
+//! every focus emits the Cartesian product of its parts (its own columns, each nested select,
+//! and the concatenated `unionAll` branches).
+
+use std::{collections::HashMap, sync::Arc};
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde_json::Value;
+
+use super::{
+    ViewError,
+    definition::{ColumnDef, Select, ViewDefinition},
+    fhirpath::{Constants, Env, Expression, Item, Literal},
+    types::{Cell, ColumnType, convert},
+};
+
+/// Field metadata key holding the column's FHIR type (e.g. `decimal`).
+pub const FHIR_TYPE_METADATA: &str = "fhir.type";
+
+/// One output column.
+#[derive(Debug, Clone)]
+pub struct ColumnSpec {
+    /// Column name.
+    pub name: String,
+    /// FHIR type code (declared, inferred, or `string`).
+    pub fhir_type: String,
+    /// Arrow storage type of one value.
+    pub column_type: ColumnType,
+    /// `true` for list columns.
+    pub collection: bool,
+    /// The FHIRPath source.
+    pub path: String,
+    /// Human description.
+    pub description: Option<String>,
+}
+
+impl ColumnSpec {
+    /// The Arrow field.
+    pub fn field(&self) -> Field {
+        let dt = self.column_type.data_type();
+        let dt = if self.collection {
+            DataType::List(Arc::new(Field::new("item", dt, true)))
+        } else {
+            dt
+        };
+        let mut md = HashMap::from([(FHIR_TYPE_METADATA.to_string(), self.fhir_type.clone())]);
+        if let Some(d) = &self.description {
+            md.insert("description".into(), d.clone());
+        }
+        Field::new(&self.name, dt, true).with_metadata(md)
+    }
+}
+
+#[derive(Debug)]
+enum Iteration {
+    Once,
+    ForEach(Expression),
+    ForEachOrNull(Expression),
+    Repeat(Vec<Expression>),
+}
+
+#[derive(Debug)]
+struct SelectNode {
+    iteration: Iteration,
+    columns: Vec<(usize, Expression)>,
+    selects: Vec<SelectNode>,
+    union_all: Vec<SelectNode>,
+    /// Every column index this subtree sets.
+    subtree: Vec<usize>,
+    /// Columns whose path is `%rowIndex` (they are 0 in a forEachOrNull null row).
+    row_index_cols: Vec<usize>,
+}
+
+/// A row under construction: one cell per view column.
+pub type Row<'a> = Vec<Cell<'a>>;
+
+/// Why one resource could not be evaluated (the resource is rejected, the run goes on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalError {
+    /// View name.
+    pub view: String,
+    /// Column name or `where`/`forEach` locus.
+    pub locus: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for EvalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "view `{}`, {}: {}", self.view, self.locus, self.message)
+    }
+}
+
+/// A ViewDefinition compiled for evaluation.
+#[derive(Debug)]
+pub struct CompiledView {
+    name: String,
+    resource: String,
+    description: Option<String>,
+    columns: Vec<ColumnSpec>,
+    wheres: Vec<Expression>,
+    root: SelectNode,
+    schema: SchemaRef,
+    raw_column: bool,
+}
+
+impl CompiledView {
+    /// Compile a parsed ViewDefinition. `origin` names the file in error messages.
+    pub fn compile(def: &ViewDefinition, origin: &str) -> Result<CompiledView, ViewError> {
+        let err = |message: String| ViewError::Invalid {
+            origin: origin.to_string(),
+            message,
+        };
+        let resource = def
+            .resource
+            .clone()
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| err("`resource` is required".into()))?;
+        if !super::is_valid_resource_type(&resource) {
+            return Err(err(format!(
+                "`resource` {resource:?} is not a FHIR resource type name"
+            )));
+        }
+        let name = def
+            .name
+            .clone()
+            .unwrap_or_else(|| super::snake_case(&resource));
+        if !super::is_sql_name(&name) {
+            return Err(err(format!(
+                "view name {name:?} must match ^[A-Za-z][A-Za-z0-9_]*$"
+            )));
+        }
+        if def.select.is_empty() {
+            return Err(err("`select` must have at least one entry".into()));
+        }
+        let mut constants = Constants::new();
+        for c in &def.constant {
+            let lit = constant_literal(&c.name, &c.rest).map_err(err)?;
+            constants.insert(&c.name, lit);
+        }
+        let mut cx = Compiler {
+            origin,
+            constants: &constants,
+            columns: Vec::new(),
+        };
+        let wheres = def
+            .where_
+            .iter()
+            .map(|w| cx.expr(&w.path, "where"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let root = cx.select_list(&def.select, "select")?;
+        if cx.columns.is_empty() {
+            return Err(err("the view defines no columns".into()));
+        }
+        let columns = cx.columns;
+        let schema = Arc::new(Schema::new(
+            columns.iter().map(ColumnSpec::field).collect::<Vec<_>>(),
+        ));
+        Ok(CompiledView {
+            name,
+            resource,
+            description: def.description.clone(),
+            columns,
+            wheres,
+            root,
+            schema,
+            raw_column: false,
+        })
+    }
+
+    /// Parse and compile ViewDefinition JSON text.
+    pub fn from_json(text: &str, origin: &str) -> Result<CompiledView, ViewError> {
+        let def: ViewDefinition = serde_json::from_str(text).map_err(|e| ViewError::Invalid {
+            origin: origin.to_string(),
+            message: format!("not a ViewDefinition: {e}"),
+        })?;
+        Self::compile(&def, origin)
+    }
+
+    /// Add a trailing `resource` column holding the raw JSON of the resource.
+    pub fn set_raw_column(&mut self, raw: bool) {
+        if raw != self.raw_column {
+            self.raw_column = raw;
+            let mut fields: Vec<Field> = self.columns.iter().map(ColumnSpec::field).collect();
+            if raw {
+                fields.push(raw_field());
+            }
+            self.schema = Arc::new(Schema::new(fields));
+        }
+    }
+
+    /// View (table) name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The resource type it reads.
+    pub fn resource(&self) -> &str {
+        &self.resource
+    }
+    /// Description, if any.
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+    /// The columns computed from FHIRPath (without the raw `resource` column).
+    pub fn columns(&self) -> &[ColumnSpec] {
+        &self.columns
+    }
+    /// Whether the raw `resource` column is appended.
+    pub fn raw_column(&self) -> bool {
+        self.raw_column
+    }
+    /// The output schema, including the raw column when enabled.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Evaluate one resource, appending its rows to `out`. Nothing is appended on error.
+    /// Returns `false` when the resource was filtered out by `where`.
+    pub fn evaluate<'a>(
+        &self,
+        resource: &'a Value,
+        out: &mut Vec<Row<'a>>,
+    ) -> Result<bool, EvalError> {
+        let env = Env {
+            resource,
+            row_index: 0,
+        };
+        let focus = [Item::Json {
+            value: resource,
+            fhir_type: None,
+        }];
+        for w in &self.wheres {
+            let items = w
+                .evaluate(&focus, &env)
+                .map_err(|e| self.error("where", e))?;
+            match truth(&items) {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(m) => return Err(self.error(&format!("where `{}`", w.source()), m)),
+            }
+        }
+        let start = out.len();
+        let r = self.process(&self.root, &focus[0], 0, resource, out);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r.map(|_| true)
+    }
+
+    fn error(&self, locus: &str, message: impl ToString) -> EvalError {
+        EvalError {
+            view: self.name.clone(),
+            locus: locus.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    fn process<'a>(
+        &self,
+        node: &SelectNode,
+        focus: &Item<'a>,
+        parent_index: i64,
+        resource: &'a Value,
+        out: &mut Vec<Row<'a>>,
+    ) -> Result<(), EvalError> {
+        let env = Env {
+            resource,
+            row_index: parent_index,
+        };
+        let one = std::slice::from_ref(focus);
+        let (foci, iterating) = match &node.iteration {
+            Iteration::Once => (vec![focus.clone()], false),
+            Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => (
+                e.evaluate(one, &env)
+                    .map_err(|m| self.error("forEach", m))?,
+                true,
+            ),
+            Iteration::Repeat(paths) => {
+                let mut acc = Vec::new();
+                self.repeat(paths, focus, &env, &mut acc, 0)?;
+                (acc, true)
+            }
+        };
+        if foci.is_empty() {
+            if let Iteration::ForEachOrNull(_) = node.iteration {
+                let mut row = vec![Cell::Null; self.columns.len()];
+                for &c in &node.row_index_cols {
+                    row[c] = Cell::Int(0);
+                }
+                out.push(row);
+            }
+            return Ok(());
+        }
+        for (i, f) in foci.iter().enumerate() {
+            let index = if iterating { i as i64 } else { parent_index };
+            let env = Env {
+                resource,
+                row_index: index,
+            };
+            let mut base = vec![Cell::Null; self.columns.len()];
+            for (c, expr) in &node.columns {
+                base[*c] = self.column_value(*c, expr, f, &env)?;
+            }
+            let mut acc = vec![base];
+            for s in &node.selects {
+                let mut part = Vec::new();
+                self.process(s, f, index, resource, &mut part)?;
+                acc = product(acc, part, &s.subtree);
+            }
+            if !node.union_all.is_empty() {
+                let mut part = Vec::new();
+                for u in &node.union_all {
+                    self.process(u, f, index, resource, &mut part)?;
+                }
+                acc = product(acc, part, &node.union_all[0].subtree);
+            }
+            out.extend(acc);
+        }
+        Ok(())
+    }
+
+    fn repeat<'a>(
+        &self,
+        paths: &[Expression],
+        node: &Item<'a>,
+        env: &Env<'a>,
+        acc: &mut Vec<Item<'a>>,
+        depth: usize,
+    ) -> Result<(), EvalError> {
+        if depth > MAX_REPEAT_DEPTH {
+            return Err(self.error("repeat", format!("deeper than {MAX_REPEAT_DEPTH} levels")));
+        }
+        for p in paths {
+            let children = p
+                .evaluate(std::slice::from_ref(node), env)
+                .map_err(|m| self.error("repeat", m))?;
+            for c in children {
+                acc.push(c.clone());
+                self.repeat(paths, &c, env, acc, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn column_value<'a>(
+        &self,
+        c: usize,
+        expr: &Expression,
+        focus: &Item<'a>,
+        env: &Env<'a>,
+    ) -> Result<Cell<'a>, EvalError> {
+        let spec = &self.columns[c];
+        let locus = || format!("column `{}`", spec.name);
+        let items = expr
+            .evaluate(std::slice::from_ref(focus), env)
+            .map_err(|m| self.error(&locus(), m))?;
+        if spec.collection {
+            let cells = items
+                .iter()
+                .map(|i| convert(i, spec.column_type))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| self.error(&locus(), m))?;
+            return Ok(Cell::List(cells));
+        }
+        match items.as_slice() {
+            [] => Ok(Cell::Null),
+            [one] => convert(one, spec.column_type).map_err(|m| self.error(&locus(), m)),
+            many => Err(self.error(
+                &locus(),
+                format!(
+                    "path `{}` returned {} values but the column is not `collection: true`",
+                    spec.path,
+                    many.len()
+                ),
+            )),
+        }
+    }
+}
+
+/// Maximum nesting followed by `repeat` before a resource is rejected.
+pub const MAX_REPEAT_DEPTH: usize = 64;
+
+/// The raw JSON column appended to base views.
+pub fn raw_field() -> Field {
+    Field::new("resource", DataType::Utf8, true).with_metadata(HashMap::from([
+        (FHIR_TYPE_METADATA.to_string(), "json".to_string()),
+        (
+            "description".to_string(),
+            "The resource as received (one ndjson line)".to_string(),
+        ),
+    ]))
+}
+
+fn product<'a>(acc: Vec<Row<'a>>, part: Vec<Row<'a>>, cols: &[usize]) -> Vec<Row<'a>> {
+    if acc.len() == 1 && part.len() == 1 {
+        let mut acc = acc;
+        let p = part.into_iter().next().unwrap_or_default();
+        for &c in cols {
+            acc[0][c] = p[c].clone();
+        }
+        return acc;
+    }
+    let mut res = Vec::with_capacity(acc.len() * part.len());
+    for a in &acc {
+        for p in &part {
+            let mut row = a.clone();
+            for &c in cols {
+                row[c] = p[c].clone();
+            }
+            res.push(row);
+        }
+    }
+    res
+}
+
+/// FHIRPath truth of a `where` result: `[true]` / `[false]` / `[]` (false); anything else is an error.
+fn truth(items: &[Item<'_>]) -> Result<bool, String> {
+    match items {
+        [] => Ok(false),
+        [Item::Boolean(b)]
+        | [
+            Item::Json {
+                value: Value::Bool(b),
+                ..
+            },
+        ] => Ok(*b),
+        [other] => Err(format!(
+            "must return a boolean, got {}",
+            super::types::item_text(other)
+        )),
+        many => Err(format!(
+            "must return a single boolean, got {} values",
+            many.len()
+        )),
+    }
+}
+
+fn constant_literal(name: &str, rest: &serde_json::Map<String, Value>) -> Result<Literal, String> {
+    if !super::is_sql_name(name) {
+        return Err(format!(
+            "constant name {name:?} must match ^[A-Za-z][A-Za-z0-9_]*$"
+        ));
+    }
+    let (key, value) = rest
+        .iter()
+        .find(|(k, _)| k.starts_with("value"))
+        .ok_or_else(|| format!("constant `{name}` has no value[x]"))?;
+    let ty = &key["value".len()..];
+    let fhir_type = {
+        let mut c = ty.chars();
+        match c.next() {
+            Some(f) => f.to_lowercase().chain(c).collect::<String>(),
+            None => return Err(format!("constant `{name}`: `value` needs a type suffix")),
+        }
+    };
+    let bad = || format!("constant `{name}`: {key} has the wrong JSON type");
+    Ok(match fhir_type.as_str() {
+        "boolean" => Literal::Boolean(value.as_bool().ok_or_else(bad)?),
+        "integer" | "positiveInt" | "unsignedInt" | "integer64" => Literal::Integer(
+            value
+                .as_i64()
+                .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+                .ok_or_else(bad)?,
+        ),
+        "decimal" => match value {
+            Value::Number(n) => Literal::Decimal(n.as_str().to_string()),
+            Value::String(s) => Literal::Decimal(s.clone()),
+            _ => return Err(bad()),
+        },
+        "date" => Literal::Date(value.as_str().ok_or_else(bad)?.to_string()),
+        "dateTime" | "instant" => Literal::DateTime {
+            fhir_type,
+            value: value.as_str().ok_or_else(bad)?.to_string(),
+        },
+        "time" => Literal::Time(value.as_str().ok_or_else(bad)?.to_string()),
+        _ => Literal::String {
+            fhir_type,
+            value: value.as_str().ok_or_else(bad)?.to_string(),
+        },
+    })
+}
+
+struct Compiler<'c> {
+    origin: &'c str,
+    constants: &'c Constants,
+    columns: Vec<ColumnSpec>,
+}
+
+impl Compiler<'_> {
+    fn err(&self, message: String) -> ViewError {
+        ViewError::Invalid {
+            origin: self.origin.to_string(),
+            message,
+        }
+    }
+
+    fn expr(&self, src: &str, locus: &str) -> Result<Expression, ViewError> {
+        Expression::compile(src, self.constants).map_err(|e| self.err(format!("{locus}: {e}")))
+    }
+
+    /// A list of sibling selects behaves as one select with those nested selects.
+    fn select_list(&mut self, selects: &[Select], locus: &str) -> Result<SelectNode, ViewError> {
+        let wrapper = Select {
+            select: selects.to_vec(),
+            ..Default::default()
+        };
+        self.select(&wrapper, locus)
+    }
+
+    fn select(&mut self, s: &Select, locus: &str) -> Result<SelectNode, ViewError> {
+        let directives = [
+            s.for_each.is_some(),
+            s.for_each_or_null.is_some(),
+            !s.repeat.is_empty(),
+        ];
+        if directives.iter().filter(|d| **d).count() > 1 {
+            return Err(self.err(format!(
+                "{locus}: at most one of forEach, forEachOrNull and repeat"
+            )));
+        }
+        let iteration = if let Some(p) = &s.for_each {
+            Iteration::ForEach(self.expr(p, &format!("{locus}.forEach"))?)
+        } else if let Some(p) = &s.for_each_or_null {
+            Iteration::ForEachOrNull(self.expr(p, &format!("{locus}.forEachOrNull"))?)
+        } else if !s.repeat.is_empty() {
+            Iteration::Repeat(
+                s.repeat
+                    .iter()
+                    .map(|p| self.expr(p, &format!("{locus}.repeat")))
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            Iteration::Once
+        };
+        let first_col = self.columns.len();
+        let mut columns = Vec::new();
+        let mut row_index_cols = Vec::new();
+        for c in &s.column {
+            let idx = self.add_column(c, locus)?;
+            if c.path.trim() == "%rowIndex" {
+                row_index_cols.push(idx);
+            }
+            columns.push((idx, self.expr(&c.path, &format!("column `{}`", c.name))?));
+        }
+        let mut selects = Vec::new();
+        for (i, n) in s.select.iter().enumerate() {
+            selects.push(self.select(n, &format!("{locus}.select[{i}]"))?);
+        }
+        let mut union_all = Vec::new();
+        if !s.union_all.is_empty() {
+            let before = self.columns.len();
+            let first = self.select(&s.union_all[0], &format!("{locus}.unionAll[0]"))?;
+            let names: Vec<String> = self.columns[before..]
+                .iter()
+                .map(|c| c.name.clone())
+                .collect();
+            union_all.push(first);
+            for (i, branch) in s.union_all.iter().enumerate().skip(1) {
+                let mut sub = Compiler {
+                    origin: self.origin,
+                    constants: self.constants,
+                    columns: Vec::new(),
+                };
+                let mut node = sub.select(branch, &format!("{locus}.unionAll[{i}]"))?;
+                let bnames: Vec<&str> = sub.columns.iter().map(|c| c.name.as_str()).collect();
+                if bnames != names {
+                    return Err(self.err(format!(
+                        "{locus}.unionAll[{i}]: branches must have the same columns in the same order \
+                         (first branch: {names:?}, this branch: {bnames:?})"
+                    )));
+                }
+                // Branch column indices are relative to `sub`; map them onto the first branch's.
+                node.shift(before);
+                union_all.push(node);
+            }
+        }
+        let mut subtree: Vec<usize> = (first_col..self.columns.len()).collect();
+        subtree.dedup();
+        Ok(SelectNode {
+            iteration,
+            columns,
+            selects,
+            union_all,
+            subtree,
+            row_index_cols,
+        })
+    }
+
+    fn add_column(&mut self, c: &ColumnDef, locus: &str) -> Result<usize, ViewError> {
+        if !super::is_sql_name(&c.name) {
+            return Err(self.err(format!(
+                "{locus}: column name {:?} must match ^[A-Za-z][A-Za-z0-9_]*$",
+                c.name
+            )));
+        }
+        if self.columns.iter().any(|x| x.name == c.name) {
+            return Err(self.err(format!("{locus}: column `{}` is defined twice", c.name)));
+        }
+        let expr = self.expr(&c.path, &format!("column `{}`", c.name))?;
+        let fhir_type = c
+            .type_
+            .clone()
+            .map(|t| t.rsplit('/').next().unwrap_or(&t).to_string())
+            .or_else(|| expr.result_type().map(str::to_string))
+            .unwrap_or_else(|| "string".to_string());
+        let mut column_type = ColumnType::for_fhir_type(&fhir_type);
+        for t in &c.tag {
+            if t.name == "ansi/type" {
+                column_type = ColumnType::from_ansi(&t.value).ok_or_else(|| {
+                    self.err(format!(
+                        "column `{}`: unsupported ansi/type {:?}",
+                        c.name, t.value
+                    ))
+                })?;
+            }
+        }
+        self.columns.push(ColumnSpec {
+            name: c.name.clone(),
+            fhir_type,
+            column_type,
+            collection: c.collection,
+            path: c.path.clone(),
+            description: c.description.clone(),
+        });
+        Ok(self.columns.len() - 1)
+    }
+}
+
+impl SelectNode {
+    /// Re-base column indices by `by` (used for unionAll branches compiled separately).
+    fn shift(&mut self, by: usize) {
+        for (c, _) in &mut self.columns {
+            *c += by;
+        }
+        for c in self
+            .subtree
+            .iter_mut()
+            .chain(self.row_index_cols.iter_mut())
+        {
+            *c += by;
+        }
+        for n in self.selects.iter_mut().chain(self.union_all.iter_mut()) {
+            n.shift(by);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rows(
+        view: serde_json::Value,
+        res: serde_json::Value,
+    ) -> Result<Vec<Vec<Cell<'static>>>, String> {
+        let v = CompiledView::from_json(&view.to_string(), "test").map_err(|e| e.to_string())?;
+        let res: &'static Value = Box::leak(Box::new(res));
+        let mut out = Vec::new();
+        v.evaluate(res, &mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    fn s(x: &str) -> Cell<'static> {
+        Cell::Str(x.to_string().into())
+    }
+
+    #[test]
+    fn foreach_crossjoin_and_nulls() {
+        let view = json!({"resource": "Patient", "select": [
+            {"column": [{"name": "id", "path": "id"}]},
+            {"forEachOrNull": "name", "column": [{"name": "family", "path": "family"}]},
+            {"forEach": "telecom", "column": [{"name": "tel", "path": "value"}]}
+        ]});
+        let p = json!({"resourceType": "Patient", "id": "p1",
+            "name": [{"family": "A"}, {"family": "B"}], "telecom": [{"value": "1"}, {"value": "2"}]});
+        let r = rows(view.clone(), p).unwrap();
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0], vec![s("p1"), s("A"), s("1")]);
+        let p2 = json!({"resourceType": "Patient", "id": "p2", "telecom": [{"value": "9"}]});
+        assert_eq!(
+            rows(view, p2).unwrap(),
+            vec![vec![s("p2"), Cell::Null, s("9")]]
+        );
+    }
+
+    #[test]
+    fn union_all_and_validation() {
+        let view = json!({"resource": "Patient", "select": [{"column": [{"name": "id", "path": "id"}],
+            "unionAll": [{"forEach": "address", "column": [{"name": "c", "path": "city"}]},
+                         {"forEach": "contact.address", "column": [{"name": "c", "path": "city"}]}]}]});
+        let p =
+            json!({"id": "x", "address": [{"city": "a"}], "contact": [{"address": {"city": "b"}}]});
+        assert_eq!(
+            rows(view, p).unwrap(),
+            vec![vec![s("x"), s("a")], vec![s("x"), s("b")]]
+        );
+        let bad = json!({"resource": "Patient", "select": [{"unionAll": [
+            {"column": [{"name": "a", "path": "id"}]}, {"column": [{"name": "b", "path": "id"}]}]}]});
+        assert!(rows(bad, json!({})).unwrap_err().contains("same columns"));
+        let dup = json!({"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id"}, {"name": "a", "path": "id"}]}]});
+        assert!(rows(dup, json!({})).unwrap_err().contains("twice"));
+        assert!(rows(json!({}), json!({})).unwrap_err().contains("resource"));
+    }
+
+    #[test]
+    fn multiple_values_need_collection() {
+        let view = json!({"resource": "Patient", "select": [{"column": [{"name": "f", "path": "name.family"}]}]});
+        let p = json!({"name": [{"family": "A"}, {"family": "B"}]});
+        let e = rows(view, p.clone()).unwrap_err();
+        assert!(e.contains("column `f`") && e.contains("2 values"), "{e}");
+        let view = json!({"resource": "Patient", "select": [{"column": [{"name": "f", "path": "name.family", "collection": true}]}]});
+        assert_eq!(
+            rows(view, p).unwrap(),
+            vec![vec![Cell::List(vec![s("A"), s("B")])]]
+        );
+    }
+
+    #[test]
+    fn typed_columns_reject_bad_values() {
+        let view = json!({"resource": "Patient", "select": [{"column": [
+            {"name": "b", "path": "birthDate", "type": "date", "tag": [{"name": "ansi/type", "value": "DATE"}]}]}]});
+        assert_eq!(
+            rows(view.clone(), json!({"birthDate": "1970-01-02"})).unwrap(),
+            vec![vec![Cell::Date(1)]]
+        );
+        let e = rows(view, json!({"birthDate": "yesterday"})).unwrap_err();
+        assert!(
+            e.contains("column `b`") && e.contains("not a FHIR date"),
+            "{e}"
+        );
+    }
+}

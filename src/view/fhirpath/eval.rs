@@ -1,0 +1,659 @@
+//! Tree-walking evaluator: navigation, variables, operators and type tests.
+
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::cmp::Ordering;
+
+use serde_json::Value;
+
+use super::functions;
+use super::parser::{BinOp, EnvVar, Func, Node, SystemType, TypeSpec};
+use super::types::{
+    Env, EvalError, EvalResult, Item, choice_suffix_type, fhir_type_is, is_json_string_type,
+};
+use super::values::{Decimal, Val, compare, equals, equivalent, items_equal, val};
+
+/// Work allowed for one evaluation: every node visited and every item it produces costs one
+/// unit. Ordinary view expressions use hundreds; the limit stops pathological ones (e.g.
+/// `descendants().select(descendants()).select(descendants())` on a large resource) with an
+/// error instead of letting them run for minutes.
+pub const MAX_EVAL_WORK: usize = 5_000_000;
+
+/// Evaluation context: what `$this`, `$index` and `$total` refer to, plus the work budget.
+pub(crate) struct Ctx<'e, 'a> {
+    pub(crate) env: &'e Env<'a>,
+    pub(crate) this: &'e [Item<'a>],
+    pub(crate) index: Option<usize>,
+    pub(crate) total: Option<&'e [Item<'a>]>,
+    pub(crate) budget: &'e Cell<usize>,
+}
+
+impl<'e, 'a> Ctx<'e, 'a> {
+    /// A context for a lambda argument evaluated on one item.
+    pub(crate) fn with_this<'f>(&'f self, this: &'f [Item<'a>], index: usize) -> Ctx<'f, 'a> {
+        Ctx {
+            env: self.env,
+            this,
+            index: Some(index),
+            total: self.total,
+            budget: self.budget,
+        }
+    }
+}
+
+/// Evaluate `node` with `input` as the focus, charging the work budget.
+pub(crate) fn eval<'a>(
+    node: &Node,
+    input: &[Item<'a>],
+    ctx: &Ctx<'_, 'a>,
+) -> EvalResult<Vec<Item<'a>>> {
+    let out = eval_node(node, input, ctx)?;
+    let left = ctx.budget.get().checked_sub(out.len() + 1).ok_or_else(|| {
+        EvalError::Eval("evaluation exceeded its work limit (fhirpath::MAX_EVAL_WORK)".to_string())
+    })?;
+    ctx.budget.set(left);
+    Ok(out)
+}
+
+fn eval_node<'a>(node: &Node, input: &[Item<'a>], ctx: &Ctx<'_, 'a>) -> EvalResult<Vec<Item<'a>>> {
+    match node {
+        Node::Literal { item, .. } => Ok(vec![item.clone()]),
+        Node::Empty => Ok(Vec::new()),
+        Node::This => Ok(ctx.this.to_vec()),
+        Node::Index => Ok(ctx
+            .index
+            .and_then(|i| i64::try_from(i).ok())
+            .map(Item::Integer)
+            .into_iter()
+            .collect()),
+        Node::Total => Ok(ctx.total.map(<[Item<'a>]>::to_vec).unwrap_or_default()),
+        Node::Var(EnvVar::Resource) => Ok(vec![Item::json(ctx.env.resource)]),
+        Node::Var(EnvVar::RowIndex) => Ok(vec![Item::Integer(ctx.env.row_index)]),
+        Node::Member { base, name } => {
+            let mut out = Vec::new();
+            match base {
+                Some(b) => {
+                    for item in &eval(b, input, ctx)? {
+                        navigate(item, name, &mut out);
+                    }
+                }
+                None => {
+                    for item in input {
+                        navigate(item, name, &mut out);
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Node::Call { base, func, args } => {
+            // `x.name.ofType(T)` reads the choice element `nameT` directly.
+            if let (Func::OfType(ty), Some(b)) = (func, base)
+                && let Node::Member {
+                    base: member_base,
+                    name,
+                } = b.as_ref()
+            {
+                let parents = match member_base {
+                    Some(mb) => eval(mb, input, ctx)?,
+                    None => input.to_vec(),
+                };
+                let mut out = Vec::new();
+                for p in &parents {
+                    navigate_typed(p, name, ty, &mut out);
+                }
+                return Ok(out);
+            }
+            let items = match base {
+                Some(b) => eval(b, input, ctx)?,
+                None => input.to_vec(),
+            };
+            functions::call(func, items, args, ctx)
+        }
+        Node::Indexer { base, index } => {
+            let items = eval(base, input, ctx)?;
+            let idx = eval(index, input, ctx)?;
+            let Some(i) = singleton(&idx, "the indexer")? else {
+                return Ok(Vec::new());
+            };
+            let i = match val(i) {
+                Some(Val::Int(i)) => i,
+                _ => return Err(EvalError::Type("the indexer must be an integer".into())),
+            };
+            Ok(usize::try_from(i)
+                .ok()
+                .and_then(|i| items.get(i).cloned())
+                .into_iter()
+                .collect())
+        }
+        Node::Neg(x) => {
+            let items = eval(x, input, ctx)?;
+            let Some(item) = singleton(&items, "unary -")? else {
+                return Ok(Vec::new());
+            };
+            Ok(match val(item) {
+                Some(Val::Int(i)) => i.checked_neg().map(Item::Integer),
+                Some(Val::Dec(d)) => d.mantissa.checked_neg().map(|mantissa| {
+                    decimal_item(Decimal {
+                        mantissa,
+                        scale: d.scale,
+                    })
+                }),
+                _ => return Err(EvalError::Type("unary - expects a number".into())),
+            }
+            .into_iter()
+            .collect())
+        }
+        Node::Binary { op, lhs, rhs } => binary(*op, lhs, rhs, input, ctx),
+        Node::TypeOp { is, lhs, ty } => {
+            let items = eval(lhs, input, ctx)?;
+            if *is {
+                let Some(item) = singleton(&items, "is")? else {
+                    return Ok(Vec::new());
+                };
+                Ok(vec![Item::Boolean(is_type(item, ty))])
+            } else {
+                Ok(items.iter().filter_map(|i| as_type(i, ty)).collect())
+            }
+        }
+    }
+}
+
+/// A decimal as an item.
+pub(crate) fn decimal_item(d: Decimal) -> Item<'static> {
+    Item::Decimal(Cow::Owned(d.to_string()))
+}
+
+/// Push `v` (flattening arrays, skipping nulls) typed as `fhir_type`.
+fn push_flat<'a>(v: &'a Value, fhir_type: Option<&'a str>, out: &mut Vec<Item<'a>>) {
+    match v {
+        Value::Null => {}
+        Value::Array(a) => out.extend(
+            a.iter()
+                .filter(|x| !x.is_null())
+                .map(|value| Item::Json { value, fhir_type }),
+        ),
+        value => out.push(Item::Json { value, fhir_type }),
+    }
+}
+
+/// Navigate to child `name` of `item`: a direct key, the resource itself for a matching
+/// resource-type prefix, or a choice element `name[Type]`.
+pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>) {
+    let Item::Json {
+        value: Value::Object(m),
+        ..
+    } = item
+    else {
+        return;
+    };
+    if let Some(v) = m.get(name) {
+        push_flat(v, None, out);
+        return;
+    }
+    if name.starts_with(|c: char| c.is_ascii_uppercase())
+        && m.get("resourceType").and_then(Value::as_str) == Some(name)
+    {
+        out.push(item.clone());
+        return;
+    }
+    for (k, v) in m {
+        if let Some(suffix) = k.strip_prefix(name)
+            && let Some(t) = choice_suffix_type(suffix)
+        {
+            push_flat(v, Some(t), out);
+        }
+    }
+}
+
+/// Navigate to the choice element `name` of type `ty` directly (`value.ofType(Quantity)` reads
+/// `valueQuantity`), falling back to generic navigation plus a type filter.
+pub(crate) fn navigate_typed<'a>(
+    item: &Item<'a>,
+    name: &str,
+    ty: &TypeSpec,
+    out: &mut Vec<Item<'a>>,
+) {
+    if let (
+        Item::Json {
+            value: Value::Object(m),
+            ..
+        },
+        Some(f),
+    ) = (item, ty.fhir)
+    {
+        let mut key = String::with_capacity(name.len() + f.len());
+        key.push_str(name);
+        let mut chars = f.chars();
+        if let Some(c) = chars.next() {
+            key.push(c.to_ascii_uppercase());
+            key.push_str(chars.as_str());
+        }
+        if let Some(v) = m.get(&key) {
+            push_flat(v, Some(f), out);
+            return;
+        }
+    }
+    let mut tmp = Vec::new();
+    navigate(item, name, &mut tmp);
+    out.extend(tmp.iter().filter_map(|i| as_type(i, ty)));
+}
+
+/// `item is T`.
+pub(crate) fn is_type(item: &Item<'_>, ty: &TypeSpec) -> bool {
+    if let Some(f) = ty.fhir {
+        return match item {
+            Item::Json { value, fhir_type } => match (fhir_type, value) {
+                (Some(t), _) => fhir_type_is(t, f),
+                (None, Value::String(_)) => is_json_string_type(f),
+                (None, Value::Bool(_)) => f == "boolean",
+                (None, Value::Number(n)) => {
+                    let s = n.as_str();
+                    if s.contains(['.', 'e', 'E']) {
+                        f == "decimal"
+                    } else {
+                        matches!(f, "integer" | "positiveInt" | "unsignedInt" | "decimal")
+                    }
+                }
+                _ => false,
+            },
+            Item::Boolean(_) => f == "boolean",
+            Item::Integer(_) => f == "integer",
+            Item::Decimal(_) => f == "decimal",
+            Item::String(_) => {
+                is_json_string_type(f) && !matches!(f, "date" | "dateTime" | "instant" | "time")
+            }
+            Item::Date(_) => f == "date",
+            Item::DateTime(_) => matches!(f, "dateTime" | "instant"),
+            Item::Time(_) => f == "time",
+        };
+    }
+    if let Some(s) = ty.system {
+        let v = val(item);
+        return match s {
+            SystemType::Boolean => matches!(v, Some(Val::Bool(_))),
+            SystemType::String => matches!(v, Some(Val::Str(_))),
+            SystemType::Integer => matches!(v, Some(Val::Int(_))),
+            SystemType::Decimal => matches!(v, Some(Val::Dec(_))),
+            SystemType::Date => matches!(v, Some(Val::Date(_))),
+            SystemType::DateTime => matches!(v, Some(Val::DateTime(_))),
+            SystemType::Time => matches!(v, Some(Val::Time(_))),
+            SystemType::Quantity => {
+                matches!(item, Item::Json { fhir_type: Some(t), .. } if fhir_type_is(t, "Quantity"))
+            }
+        };
+    }
+    // Resource types (and anything else not in the data type tables).
+    match item {
+        Item::Json { value, fhir_type } => {
+            if *fhir_type == Some(ty.name.as_str()) {
+                return true;
+            }
+            let rt = value.get("resourceType").and_then(Value::as_str);
+            match rt {
+                Some(rt) => {
+                    rt == ty.name
+                        || ty.name == "Resource"
+                        || (ty.name == "DomainResource"
+                            && !matches!(rt, "Bundle" | "Binary" | "Parameters"))
+                }
+                None => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// `item as T`: the item (typed as T when that is a FHIR data type) or `None`.
+pub(crate) fn as_type<'a>(item: &Item<'a>, ty: &TypeSpec) -> Option<Item<'a>> {
+    if !is_type(item, ty) {
+        return None;
+    }
+    Some(match (item, ty.fhir) {
+        (
+            Item::Json {
+                value,
+                fhir_type: None,
+            },
+            Some(f),
+        ) => Item::Json {
+            value,
+            fhir_type: Some(f),
+        },
+        _ => item.clone(),
+    })
+}
+
+/// The single item of a collection, `None` when empty, an error when there are several.
+pub(crate) fn singleton<'i, 'a>(
+    items: &'i [Item<'a>],
+    what: &str,
+) -> EvalResult<Option<&'i Item<'a>>> {
+    match items {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        _ => Err(EvalError::Eval(format!(
+            "{what} expects a single item, got {}",
+            items.len()
+        ))),
+    }
+}
+
+/// FHIRPath singleton evaluation of a collection as a boolean: empty -> unknown, a single
+/// boolean -> itself, any other single item -> true, several items -> error.
+pub(crate) fn to_bool(items: &[Item<'_>], what: &str) -> EvalResult<Option<bool>> {
+    Ok(match singleton(items, what)? {
+        None => None,
+        Some(Item::Boolean(b)) => Some(*b),
+        Some(Item::Json {
+            value: Value::Bool(b),
+            ..
+        }) => Some(*b),
+        Some(_) => Some(true),
+    })
+}
+
+fn bool_result(b: Option<bool>) -> Vec<Item<'static>> {
+    b.map(Item::Boolean).into_iter().collect()
+}
+
+fn binary<'a>(
+    op: BinOp,
+    lhs: &Node,
+    rhs: &Node,
+    input: &[Item<'a>],
+    ctx: &Ctx<'_, 'a>,
+) -> EvalResult<Vec<Item<'a>>> {
+    let sym = op.symbol();
+    match op {
+        BinOp::And | BinOp::Or | BinOp::Implies => {
+            let l = to_bool(&eval(lhs, input, ctx)?, sym)?;
+            // Short-circuit where the right side cannot change the result.
+            let decided = match op {
+                BinOp::And => (l == Some(false)).then_some(false),
+                BinOp::Or => (l == Some(true)).then_some(true),
+                _ => (l == Some(false)).then_some(true),
+            };
+            if let Some(b) = decided {
+                return Ok(vec![Item::Boolean(b)]);
+            }
+            let r = to_bool(&eval(rhs, input, ctx)?, sym)?;
+            let res = match op {
+                BinOp::And => match (l, r) {
+                    (_, Some(false)) => Some(false),
+                    (Some(true), Some(true)) => Some(true),
+                    _ => None,
+                },
+                BinOp::Or => match (l, r) {
+                    (_, Some(true)) => Some(true),
+                    (Some(false), Some(false)) => Some(false),
+                    _ => None,
+                },
+                _ => match (l, r) {
+                    (_, Some(true)) => Some(true),
+                    (Some(true), r) => r,
+                    _ => None,
+                },
+            };
+            return Ok(bool_result(res));
+        }
+        _ => {}
+    }
+    let l = eval(lhs, input, ctx)?;
+    let r = eval(rhs, input, ctx)?;
+    match op {
+        BinOp::Xor => {
+            let a = to_bool(&l, sym)?;
+            let b = to_bool(&r, sym)?;
+            Ok(bool_result(a.zip(b).map(|(a, b)| a != b)))
+        }
+        BinOp::Eq => Ok(bool_result(collections_equal(&l, &r))),
+        BinOp::Ne => Ok(bool_result(collections_equal(&l, &r).map(|b| !b))),
+        BinOp::Equiv => Ok(vec![Item::Boolean(collections_equivalent(&l, &r))]),
+        BinOp::NotEquiv => Ok(vec![Item::Boolean(!collections_equivalent(&l, &r))]),
+        BinOp::Lt | BinOp::Gt | BinOp::Le | BinOp::Ge => {
+            let (Some(a), Some(b)) = (singleton(&l, sym)?, singleton(&r, sym)?) else {
+                return Ok(Vec::new());
+            };
+            let (Some(a), Some(b)) = (val(a), val(b)) else {
+                return Ok(Vec::new());
+            };
+            let Some(ord) = compare(&a, &b) else {
+                return Ok(Vec::new());
+            };
+            let res = match op {
+                BinOp::Lt => ord == Ordering::Less,
+                BinOp::Gt => ord == Ordering::Greater,
+                BinOp::Le => ord != Ordering::Greater,
+                _ => ord != Ordering::Less,
+            };
+            Ok(vec![Item::Boolean(res)])
+        }
+        BinOp::Union => {
+            let mut out: Vec<Item<'a>> = Vec::with_capacity(l.len() + r.len());
+            for item in l.into_iter().chain(r) {
+                if !out.iter().any(|o| items_equal(o, &item)) {
+                    out.push(item);
+                }
+            }
+            Ok(out)
+        }
+        BinOp::In | BinOp::Contains => {
+            let (needle, hay) = if op == BinOp::In { (&l, &r) } else { (&r, &l) };
+            let Some(n) = singleton(needle, sym)? else {
+                return Ok(Vec::new());
+            };
+            Ok(vec![Item::Boolean(hay.iter().any(|h| items_equal(h, n)))])
+        }
+        BinOp::Concat => {
+            let text = |items: &[Item<'a>]| -> EvalResult<String> {
+                Ok(match singleton(items, sym)? {
+                    None => String::new(),
+                    Some(i) => i
+                        .primitive_text()
+                        .ok_or_else(|| EvalError::Type("& expects strings".into()))?
+                        .into_owned(),
+                })
+            };
+            Ok(vec![Item::String(Cow::Owned(text(&l)? + &text(&r)?))])
+        }
+        _ => {
+            let (Some(a), Some(b)) = (singleton(&l, sym)?, singleton(&r, sym)?) else {
+                return Ok(Vec::new());
+            };
+            let (Some(a), Some(b)) = (val(a), val(b)) else {
+                return Ok(Vec::new());
+            };
+            Ok(arithmetic(op, &a, &b)?.into_iter().collect())
+        }
+    }
+}
+
+/// `=` over collections: empty when either side is empty.
+pub(crate) fn collections_equal(l: &[Item<'_>], r: &[Item<'_>]) -> Option<bool> {
+    if l.is_empty() || r.is_empty() {
+        return None;
+    }
+    if l.len() != r.len() {
+        return Some(false);
+    }
+    let mut uncertain = false;
+    for (a, b) in l.iter().zip(r) {
+        let (Some(a), Some(b)) = (val(a), val(b)) else {
+            return Some(false);
+        };
+        match equals(&a, &b) {
+            Some(false) => return Some(false),
+            None => uncertain = true,
+            Some(true) => {}
+        }
+    }
+    if uncertain { None } else { Some(true) }
+}
+
+/// `~` over collections (order-independent).
+fn collections_equivalent(l: &[Item<'_>], r: &[Item<'_>]) -> bool {
+    if l.len() != r.len() {
+        return false;
+    }
+    let equiv = |a: &Item<'_>, b: &Item<'_>| match (val(a), val(b)) {
+        (Some(x), Some(y)) => equivalent(&x, &y),
+        _ => false,
+    };
+    l.iter().all(|a| r.iter().any(|b| equiv(a, b)))
+}
+
+fn type_name(v: &Val<'_>) -> &'static str {
+    match v {
+        Val::Bool(_) => "Boolean",
+        Val::Int(_) => "Integer",
+        Val::Dec(_) | Val::BadNumber => "Decimal",
+        Val::Str(_) => "String",
+        Val::Date(_) => "Date",
+        Val::DateTime(_) => "DateTime",
+        Val::Time(_) => "Time",
+        Val::Node(_) => "an element",
+    }
+}
+
+fn as_decimal(v: &Val<'_>) -> Option<Decimal> {
+    match v {
+        Val::Int(i) => Some(Decimal::from_i64(*i)),
+        Val::Dec(d) => Some(*d),
+        _ => None,
+    }
+}
+
+/// `+ - * / div mod` on two single values; `None` for an empty result (overflow, division by
+/// zero).
+fn arithmetic(op: BinOp, a: &Val<'_>, b: &Val<'_>) -> EvalResult<Option<Item<'static>>> {
+    if let (Val::Int(x), Val::Int(y)) = (a, b) {
+        let r = match op {
+            BinOp::Add => x.checked_add(*y),
+            BinOp::Sub => x.checked_sub(*y),
+            BinOp::Mul => x.checked_mul(*y),
+            BinOp::IntDiv => x.checked_div(*y),
+            BinOp::Mod => x.checked_rem(*y),
+            _ => {
+                return Ok(Decimal::from_i64(*x)
+                    .div(Decimal::from_i64(*y))
+                    .map(decimal_item));
+            }
+        };
+        return Ok(r.map(Item::Integer));
+    }
+    if let (Some(x), Some(y)) = (as_decimal(a), as_decimal(b)) {
+        let r = match op {
+            BinOp::Add => x.add(y),
+            BinOp::Sub => x.sub(y),
+            BinOp::Mul => x.mul(y),
+            BinOp::Div => x.div(y),
+            BinOp::IntDiv => {
+                return Ok(x
+                    .div_mod(y)
+                    .and_then(|(q, _)| i64::try_from(q).ok())
+                    .map(Item::Integer));
+            }
+            _ => x.div_mod(y).map(|(_, r)| r),
+        };
+        return Ok(r.map(decimal_item));
+    }
+    if let (BinOp::Add, Val::Str(x), Val::Str(y)) = (op, a, b) {
+        return Ok(Some(Item::String(Cow::Owned(format!("{x}{y}")))));
+    }
+    Err(EvalError::Type(format!(
+        "cannot apply `{}` to {} and {}",
+        op.symbol(),
+        type_name(a),
+        type_name(b)
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn nav<'a>(v: &'a Value, name: &str) -> Vec<Item<'a>> {
+        let mut out = Vec::new();
+        navigate(&Item::json(v), name, &mut out);
+        out
+    }
+
+    fn ty(name: &str) -> TypeSpec {
+        let src = format!("ofType({name})");
+        match super::super::parser::parse(&src, &super::super::types::Constants::new()) {
+            Ok(Node::Call {
+                func: Func::OfType(t),
+                ..
+            }) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn navigation_rules() {
+        let v = json!({"resourceType": "Observation", "a": [1, null, 2], "n": null,
+                       "valueQuantity": {"value": 1}, "valueSet": "x"});
+        assert_eq!(nav(&v, "a").len(), 2);
+        assert!(nav(&v, "n").is_empty());
+        assert!(nav(&v, "missing").is_empty());
+        assert_eq!(nav(&v, "Observation").len(), 1);
+        assert!(nav(&v, "Patient").is_empty());
+        let value = nav(&v, "value");
+        assert!(matches!(
+            value.as_slice(),
+            [Item::Json {
+                fhir_type: Some("Quantity"),
+                ..
+            }]
+        ));
+        // Navigation into primitives or computed values yields nothing.
+        let mut out = Vec::new();
+        navigate(&Item::Integer(1), "a", &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn type_tests() {
+        let s = json!("x");
+        let n = json!(1);
+        let d: Value = serde_json::from_str("1.5").unwrap_or_default();
+        let o = json!({"a": 1});
+        assert!(is_type(&Item::json(&s), &ty("code")));
+        assert!(is_type(&Item::json(&s), &ty("dateTime")));
+        assert!(!is_type(&Item::json(&s), &ty("integer")));
+        assert!(is_type(&Item::json(&n), &ty("integer")));
+        assert!(is_type(&Item::json(&n), &ty("decimal")));
+        assert!(!is_type(&Item::json(&d), &ty("integer")));
+        assert!(!is_type(&Item::json(&o), &ty("Quantity")));
+        let typed = Item::Json {
+            value: &o,
+            fhir_type: Some("Age"),
+        };
+        assert!(is_type(&typed, &ty("Quantity")));
+        assert!(is_type(&typed, &ty("System.Quantity")));
+        assert!(is_type(&Item::Integer(1), &ty("System.Integer")));
+        assert!(!is_type(&Item::Integer(1), &ty("System.Decimal")));
+        assert!(is_type(&Item::String("a".into()), &ty("String")));
+    }
+
+    #[test]
+    fn singleton_rules() {
+        assert_eq!(to_bool(&[], "x"), Ok(None));
+        assert_eq!(to_bool(&[Item::Boolean(false)], "x"), Ok(Some(false)));
+        assert_eq!(to_bool(&[Item::Integer(0)], "x"), Ok(Some(true)));
+        assert!(to_bool(&[Item::Boolean(true), Item::Boolean(true)], "x").is_err());
+        assert_eq!(collections_equal(&[], &[Item::Integer(1)]), None);
+        assert_eq!(
+            collections_equal(&[Item::Integer(1)], &[Item::Integer(1), Item::Integer(1)]),
+            Some(false)
+        );
+        assert_eq!(
+            collections_equal(
+                &[Item::Date("2020".into())],
+                &[Item::Date("2020-01".into())]
+            ),
+            None
+        );
+    }
+}

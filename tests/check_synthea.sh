@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Extra check over real data: convert a Synthea bulk export with the flatfhir binary, then read the
+# Parquet with another engine (DuckDB, from PyPI in a cached virtualenv) and check that every
+# resource type's base view has exactly as many rows as the ndjson has lines, and that
+# patient.gender/birth_date and observation.value_quantity equal the source values.
+#   usage: tests/check_synthea.sh DIR_OF_NDJSON
+set -euo pipefail
+src="$(cd "$1" && pwd)"
+here="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flatfhir/target}"
+venv="${FLATFHIR_VENV:-$HOME/.cache/flatfhir/venv}"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb>=1.1,<2'
+fi
+# The test profile build (dependencies optimised) that `cargo test` already made: no second build.
+(cd "$here" && cargo build --locked --quiet)
+bin="$CARGO_TARGET_DIR/debug/flatfhir"
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+/usr/bin/time -f 'convert: %e s, peak RSS %M KB' "$bin" convert "$src" --out "$out/ds" -q
+"$venv/bin/python" "$here/tests/check_synthea.py" "$src" "$out/ds"
+"$bin" query --data "$out/ds" "select gender, count(*) as patients from patient group by gender order by gender"

@@ -1,0 +1,229 @@
+//! The binary as a user runs it: exit codes, output formats, errors that name the file.
+
+use std::process::{Command, Output};
+
+use crate::support::{data, repo};
+
+fn flatfhir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flatfhir"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn convert_then_query_in_every_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let o = flatfhir(&[
+        "convert",
+        data("sample").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("Observation") && s.contains("1728") && !s.contains("MISMATCH"),
+        "{s}"
+    );
+
+    let d = out.to_str().unwrap();
+    let o = flatfhir(&[
+        "query",
+        "--data",
+        d,
+        "select gender, count(*) as n from patient group by gender order by gender",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("| gender |") && s.contains("female") && s.contains("(2 rows)"),
+        "{s}"
+    );
+
+    let o = flatfhir(&[
+        "query",
+        "--data",
+        d,
+        "--format",
+        "csv",
+        "select count(*) as n from observation",
+    ]);
+    assert_eq!(stdout(&o), "n\n1728\n");
+    let o = flatfhir(&[
+        "query",
+        "--data",
+        d,
+        "--format",
+        "json",
+        "select id, gender from patient order by id limit 1",
+    ]);
+    let line = stdout(&o);
+    let _: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert!(
+        line.starts_with("{\"id\":") && line.contains(",\"gender\":"),
+        "{line}"
+    );
+
+    // SQL from a file (the quality-measure example), and from stdin.
+    let sql = repo().join("examples/quality_measure.sql");
+    let o = flatfhir(&["query", "--data", d, "--file", sql.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("fabfe789-b8b6-45ae-ad04-f43bb2d5c342"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Bad SQL: exit 2 with DataFusion's message.
+    let o = flatfhir(&["query", "--data", d, "select nope from patient"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
+}
+
+#[test]
+fn rejects_limit_sets_exit_code_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let bad = data("bad/mixed.ndjson");
+    let o = flatfhir(&[
+        "convert",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-rejects",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("more than --max-rejects 1"));
+    let o = flatfhir(&[
+        "convert",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-rejects",
+        "6",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
+fn unreadable_input_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let o = flatfhir(&[
+        "convert",
+        "/nonexistent/x.ndjson",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("/nonexistent/x.ndjson"),
+        "{}",
+        stderr(&o)
+    );
+    // A truncated gzip file.
+    let gz = std::fs::read(data("sample/Patient.ndjson.gz")).unwrap();
+    let cut = tmp.path().join("cut.ndjson.gz");
+    std::fs::write(&cut, &gz[..gz.len() / 2]).unwrap();
+    let o = flatfhir(&[
+        "convert",
+        cut.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cut.ndjson.gz"), "{}", stderr(&o));
+}
+
+#[test]
+fn invalid_view_names_file_and_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = tmp.path().join("v.json");
+    std::fs::write(&v, r#"{"resource":"Patient","select":[{"column":[{"name":"x","path":"id"},{"name":"x","path":"gender"}]}]}"#).unwrap();
+    let o = flatfhir(&[
+        "view",
+        "--view",
+        v.to_str().unwrap(),
+        data("sample").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("v.json") && e.contains("`x`"), "{e}");
+}
+
+#[test]
+fn view_prints_rows_in_column_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = tmp.path().join("v.json");
+    std::fs::write(
+        &v,
+        r#"{"name":"names","resource":"Patient","select":[{"column":[{"name":"id","path":"id"},
+            {"name":"given","path":"name.first().given","collection":true},
+            {"name":"n","path":"name.count()","type":"integer"}]}]}"#,
+    )
+    .unwrap();
+    let o = flatfhir(&[
+        "view",
+        "--view",
+        v.to_str().unwrap(),
+        data("sample").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 4);
+    for line in out.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (i, g, n) = (
+            line.find("\"id\":"),
+            line.find("\"given\":"),
+            line.find("\"n\":"),
+        );
+        assert!(i < g && g < n, "columns out of order: {line}");
+        assert!(r["given"].is_array() && r["n"].is_number(), "{line}");
+    }
+}
+
+#[test]
+fn schemas_list_and_show() {
+    let o = flatfhir(&["schemas", "list"]);
+    assert!(o.status.success());
+    let s = stdout(&o);
+    for v in [
+        "patient",
+        "observation",
+        "medication_request",
+        "explanation_of_benefit",
+        "observation_component",
+    ] {
+        assert!(
+            s.lines().any(|l| l.starts_with(&format!("{v} "))),
+            "{v} missing:\n{s}"
+        );
+    }
+    let o = flatfhir(&["schemas", "show", "observation"]);
+    let s = stdout(&o);
+    for c in [
+        "patient_id",
+        "encounter_id",
+        "code_system",
+        "effective_date_time",
+        "value_quantity",
+        "value_unit",
+    ] {
+        assert!(s.contains(c), "{c} missing:\n{s}");
+    }
+    let o = flatfhir(&["schemas", "show", "nope"]);
+    assert_eq!(o.status.code(), Some(2));
+}

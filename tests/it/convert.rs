@@ -1,0 +1,155 @@
+//! End to end without HTTP: ndjson → convert → Parquet dataset → SQL through DataFusion.
+
+use std::sync::Arc;
+
+use flatfhir::{
+    arrow::{array::AsArray, datatypes::Int64Type, record_batch::RecordBatch},
+    datafusion::{
+        datasource::{
+            file_format::parquet::ParquetFormat,
+            listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl},
+        },
+        prelude::SessionContext,
+    },
+    pipeline::{self, ConvertOptions, Progress},
+    query::Dataset,
+    sink::{DatasetLocation, RunManifest},
+    view::ViewRegistry,
+};
+
+use crate::support::data;
+
+async fn convert(inputs: &[std::path::PathBuf], out: &std::path::Path) -> RunManifest {
+    let files = pipeline::expand_inputs(inputs).unwrap();
+    let loc = DatasetLocation::resolve(out.to_str().unwrap(), true).unwrap();
+    let reg = Arc::new(ViewRegistry::builtin().unwrap());
+    let opts = ConvertOptions {
+        batch_size: 100,
+        ..Default::default()
+    };
+    pipeline::convert(files, reg, loc, opts, Arc::new(Progress::default()))
+        .await
+        .unwrap()
+}
+
+fn count(batches: &[RecordBatch]) -> i64 {
+    batches[0].column(0).as_primitive::<Int64Type>().value(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_and_bad_lines_reconcile_and_query() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = convert(&[data("sample"), data("bad/mixed.ndjson")], tmp.path()).await;
+    // Accounting: per type, lines = rows + rejects + filtered.
+    for (t, c) in &m.types {
+        if t != flatfhir::flatten::INVALID_TYPE_BUCKET {
+            assert_eq!(c.lines, c.rows + c.rejects + c.filtered, "{t}: {c:?}");
+        }
+    }
+    assert_eq!(m.types["Patient"].lines, 4 + 3);
+    assert_eq!(m.types["Patient"].rows, 4 + 2);
+    assert_eq!(m.types["Patient"].rejects, 1);
+    assert_eq!(m.types["Observation"].rows, 1728);
+    assert_eq!(m.rejects, 6);
+    assert_eq!(m.blank_lines, 1);
+    let total_lines: u64 = m.inputs.iter().map(|i| i.lines).sum();
+    let typed: u64 = m.types.values().map(|c| c.lines).sum();
+    assert_eq!(total_lines, typed + m.blank_lines);
+
+    let ds = Dataset::open(&DatasetLocation::resolve(tmp.path().to_str().unwrap(), false).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&ds.sql("select count(*) from patient").await.unwrap()),
+        6
+    );
+    assert_eq!(
+        count(&ds.sql("select count(*) from observation").await.unwrap()),
+        1728
+    );
+    assert_eq!(
+        count(&ds.sql("select count(*) from basic").await.unwrap()),
+        1
+    );
+    // The rejects table names file, line and reason, and keeps the raw line.
+    let r = ds
+        .sql("select count(*) from _rejects where file like '%mixed.ndjson' and line = 4 and reason like '%invalid `resourceType`%' and raw like '%etc/passwd%'")
+        .await
+        .unwrap();
+    assert_eq!(count(&r), 1);
+    // The raw resource column is queryable with the JSON functions.
+    let r = ds
+        .sql("select count(*) from patient where json_get_str(resource, 'id') = id")
+        .await
+        .unwrap();
+    assert_eq!(count(&r), 6);
+    // Typed columns: a decimal compares numerically, a DATE is a date.
+    let r = ds
+        .sql("select count(*) from observation where code = '4548-4' and value_quantity = 3.91 and value_quantity > 3.9 and effective_date_time > timestamp '1990-01-01T00:00:00Z'")
+        .await
+        .unwrap();
+    assert!(count(&r) > 0);
+    let r = ds.sql("select count(*) from patient where birth_date = date '1970-05-01' and birth_date_text = '1970-05'").await.unwrap();
+    assert_eq!(
+        count(&r),
+        1,
+        "a partial date starts its period and keeps its text"
+    );
+
+    // A second run lands side by side in its own partition.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let m2 = convert(&[data("sample")], tmp.path()).await;
+    assert_ne!(m2.export, m.export);
+    let ds = Dataset::open(&DatasetLocation::resolve(tmp.path().to_str().unwrap(), false).unwrap())
+        .await
+        .unwrap();
+    let r = ds
+        .sql("select count(distinct export) from patient")
+        .await
+        .unwrap();
+    assert_eq!(count(&r), 2);
+    assert_eq!(
+        count(&ds.sql("select count(*) from patient").await.unwrap()),
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublished_files_are_not_read_and_other_readers_see_the_partition_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = convert(&[data("sample")], tmp.path()).await;
+    // A crashed run: a Parquet file in a partition no manifest lists.
+    let stray_dir = tmp.path().join("patient/export=20000101T000000Z");
+    std::fs::create_dir_all(&stray_dir).unwrap();
+    let src = tmp
+        .path()
+        .join(&m.files.iter().find(|f| f.view == "patient").unwrap().path);
+    std::fs::copy(src, stray_dir.join("part-00000-crashed.parquet")).unwrap();
+    let ds = Dataset::open(&DatasetLocation::resolve(tmp.path().to_str().unwrap(), false).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&ds.sql("select count(*) from patient").await.unwrap()),
+        4
+    );
+
+    // A plain Hive-style reader (DataFusion's listing table, as DuckDB/pyarrow would) sees the
+    // partition column without any flatfhir metadata.
+    let ctx = SessionContext::new();
+    let url = ListingTableUrl::parse(format!("{}/patient/", tmp.path().display())).unwrap();
+    let opts = ListingOptions::new(Arc::new(ParquetFormat::default()))
+        .with_file_extension(".parquet")
+        .with_table_partition_cols(vec![(
+            "export".into(),
+            flatfhir::arrow::datatypes::DataType::Utf8,
+        )]);
+    let schema = opts.infer_schema(&ctx.state(), &url).await.unwrap();
+    let cfg = ListingTableConfig::new(url)
+        .with_listing_options(opts)
+        .with_schema(schema);
+    ctx.register_table("p", Arc::new(ListingTable::try_new(cfg).unwrap()))
+        .unwrap();
+    let sql = format!("select count(*) from p where export = '{}'", m.export);
+    let b = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+    assert_eq!(count(&b), 4);
+}

@@ -1,0 +1,77 @@
+//! Shared helpers: decode in chunks, pretty-print batches, golden files.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+
+use flatfhir::{
+    arrow::{
+        compute::concat_batches, record_batch::RecordBatch, util::pretty::pretty_format_batches,
+    },
+    flatten::{DecoderBuilder, Reject},
+    view::ViewRegistry,
+};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn data(rel: &str) -> PathBuf {
+    repo().join("tests/data").join(rel)
+}
+
+/// Decode `input` fed in `chunk`-byte pieces; batches grouped by view (concatenated).
+pub fn decode_chunked(
+    reg: &Arc<ViewRegistry>,
+    input: &[u8],
+    chunk: usize,
+    batch_size: usize,
+) -> (BTreeMap<String, RecordBatch>, Vec<Reject>) {
+    let mut d = DecoderBuilder::new(reg.clone(), "fixture.ndjson")
+        .with_batch_size(batch_size)
+        .build();
+    let mut batches = Vec::new();
+    for c in input.chunks(chunk.max(1)) {
+        assert_eq!(d.decode(c).unwrap(), c.len());
+        batches.extend(d.take_batches());
+    }
+    batches.extend(d.finish().unwrap());
+    let rejects = d.take_rejects();
+    let mut by_view: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
+    for b in batches {
+        by_view.entry(b.view.to_string()).or_default().push(b.batch);
+    }
+    let out = by_view
+        .into_iter()
+        .map(|(v, bs)| {
+            let schema = bs[0].schema();
+            (v, concat_batches(&schema, &bs).unwrap())
+        })
+        .collect();
+    (out, rejects)
+}
+
+/// Pretty text of batches.
+pub fn pretty(batches: &[RecordBatch]) -> String {
+    pretty_format_batches(batches).unwrap().to_string()
+}
+
+/// Compare `actual` with the golden file; `UPDATE_GOLDEN=1` rewrites it.
+pub fn assert_golden(rel: &str, actual: &str) {
+    let path = data(rel);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "missing golden file {} (run with UPDATE_GOLDEN=1)",
+            path.display()
+        )
+    });
+    if expected != actual {
+        panic!(
+            "golden mismatch for {}\n--- expected\n{expected}\n--- actual\n{actual}\n(run with UPDATE_GOLDEN=1 to accept)",
+            path.display()
+        );
+    }
+}
