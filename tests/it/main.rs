@@ -1,6 +1,7 @@
 //! flatfhir's integration tests: one binary, a module per stage.
 
 mod cli;
+mod conformance;
 mod convert;
 mod flatten;
 mod support;
