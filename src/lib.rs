@@ -28,6 +28,7 @@ pub mod flatten;
 pub mod pipeline;
 pub mod query;
 pub mod sample;
+pub mod serve;
 pub mod sink;
 pub mod view;
 

@@ -1,0 +1,167 @@
+//! Fault injection: the ways the server misbehaves on purpose, server-wide or per job.
+
+use std::time::Duration;
+
+/// Delay between body chunks for the per-request `slow` fault without a value.
+const DEFAULT_SLOW_CHUNK: Duration = Duration::from_millis(50);
+
+/// Faults to inject. `Faults::default()` injects none.
+///
+/// Set server-wide with [`ServerBuilder::with_faults`](super::ServerBuilder::with_faults); the
+/// same faults can be chosen per export job with the `_flatfhirFault` kick-off parameter (see the
+/// [module docs](super)). A job's faults are the server-wide ones combined with its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Answer this many kick-offs with `429` + `Retry-After` before accepting one.
+    pub kickoff_429: u32,
+    /// Answer every kick-off with `500` and a `processing` OperationOutcome.
+    pub kickoff_500: bool,
+    /// Answer this many status polls of each job with `500` and a `transient` OperationOutcome.
+    pub status_transient: u32,
+    /// Answer this many status polls of each job with `429` + `Retry-After`.
+    pub status_429: u32,
+    /// Fail the job: once it is done, polls answer `500` with a `processing` OperationOutcome.
+    pub status_fatal: bool,
+    /// Cut every file's first download after about half its bytes (connection reset mid-body).
+    pub cut_file_once: bool,
+    /// Index of a file (the `n` of `{n}.ndjson`) that answers `410 Gone`. Manifests fetched after
+    /// the `410` list a fresh URL for it, as a server that refreshes expired links would.
+    pub file_gone: Option<usize>,
+    /// Delay between 8 KiB chunks of every file body.
+    pub slow_chunk: Option<Duration>,
+    /// Send `Retry-After` as an HTTP-date instead of delta-seconds.
+    pub retry_after_http_date: bool,
+    /// `Type/id` entries for a `deleted` file of DELETE transaction Bundles (one per line).
+    pub deleted: Vec<String>,
+    /// Put a `warning` OperationOutcome in the manifest's `error` file.
+    pub outcome_warning: bool,
+    /// Put a `fatal` OperationOutcome in the manifest's `error` file (the manifest is still `200`).
+    pub outcome_fatal: bool,
+    /// Leave `Content-Location` out of the kick-off `202`.
+    pub missing_content_location: bool,
+}
+
+/// Faults of one kick-off request, plus the `paged` option that only exists per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct RequestFaults {
+    pub faults: Faults,
+    pub files_per_page: Option<usize>,
+}
+
+impl RequestFaults {
+    /// Parse `_flatfhirFault` values (each may be a comma list).
+    pub fn parse<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut out = Self::default();
+        let f = &mut out.faults;
+        for item in values.into_iter().flat_map(|v| v.split(',')) {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let (name, arg) = match item.split_once(':') {
+                Some((n, a)) => (n, Some(a)),
+                None => (item, None),
+            };
+            let number = |default: u64| -> Result<u64, String> {
+                arg.map_or(Ok(default), |a| {
+                    a.parse()
+                        .map_err(|_| format!("fault {name}: {a:?} is not a number"))
+                })
+            };
+            match name {
+                "kickoff-429" => f.kickoff_429 = number(1)? as u32,
+                "kickoff-500" => f.kickoff_500 = true,
+                "status-transient" => f.status_transient = number(1)? as u32,
+                "status-429" => f.status_429 = number(1)? as u32,
+                "status-fatal" => f.status_fatal = true,
+                "cut-file" => f.cut_file_once = true,
+                "file-gone" => f.file_gone = Some(number(0)? as usize),
+                "slow" => {
+                    f.slow_chunk = Some(match arg {
+                        Some(_) => Duration::from_millis(number(0)?),
+                        None => DEFAULT_SLOW_CHUNK,
+                    })
+                }
+                "retry-after-date" => f.retry_after_http_date = true,
+                "deleted" => match arg {
+                    Some(r) if r.contains('/') => f.deleted.push(r.to_string()),
+                    _ => {
+                        return Err("fault deleted needs a Type/id, as in deleted:Patient/1".into());
+                    }
+                },
+                "outcome-warning" => f.outcome_warning = true,
+                "outcome-fatal" => f.outcome_fatal = true,
+                "missing-content-location" => f.missing_content_location = true,
+                "paged" => out.files_per_page = Some(number(1)?.max(1) as usize),
+                other => return Err(format!("unknown _flatfhirFault {other:?}")),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Faults {
+    /// These faults combined with a job's own: flags OR-ed, the larger count, the job's choice
+    /// where both name a value, `deleted` entries from both.
+    pub(super) fn combine(&self, job: &Faults) -> Faults {
+        Faults {
+            kickoff_429: self.kickoff_429.max(job.kickoff_429),
+            kickoff_500: self.kickoff_500 || job.kickoff_500,
+            status_transient: self.status_transient.max(job.status_transient),
+            status_429: self.status_429.max(job.status_429),
+            status_fatal: self.status_fatal || job.status_fatal,
+            cut_file_once: self.cut_file_once || job.cut_file_once,
+            file_gone: job.file_gone.or(self.file_gone),
+            slow_chunk: job.slow_chunk.or(self.slow_chunk),
+            retry_after_http_date: self.retry_after_http_date || job.retry_after_http_date,
+            deleted: self.deleted.iter().chain(&job.deleted).cloned().collect(),
+            outcome_warning: self.outcome_warning || job.outcome_warning,
+            outcome_fatal: self.outcome_fatal || job.outcome_fatal,
+            missing_content_location: self.missing_content_location || job.missing_content_location,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kebab_names_lists_and_arguments() {
+        let r = RequestFaults::parse([
+            "kickoff-429,status-transient:3",
+            "deleted:Patient/1,deleted:Observation/o",
+            "slow:5, paged:2",
+            "file-gone",
+        ])
+        .unwrap();
+        assert_eq!(r.faults.kickoff_429, 1);
+        assert_eq!(r.faults.status_transient, 3);
+        assert_eq!(r.faults.deleted, ["Patient/1", "Observation/o"]);
+        assert_eq!(r.faults.slow_chunk, Some(Duration::from_millis(5)));
+        assert_eq!(r.faults.file_gone, Some(0));
+        assert_eq!(r.files_per_page, Some(2));
+        assert!(RequestFaults::parse(["nope"]).is_err());
+        assert!(RequestFaults::parse(["deleted"]).is_err());
+        assert!(RequestFaults::parse(["status-429:x"]).is_err());
+    }
+
+    #[test]
+    fn combine_keeps_both() {
+        let server = Faults {
+            status_429: 2,
+            deleted: vec!["Patient/a".into()],
+            ..Faults::default()
+        };
+        let job = Faults {
+            status_429: 1,
+            cut_file_once: true,
+            deleted: vec!["Patient/b".into()],
+            ..Faults::default()
+        };
+        let c = server.combine(&job);
+        assert_eq!(c.status_429, 2);
+        assert!(c.cut_file_once);
+        assert_eq!(c.deleted, ["Patient/a", "Patient/b"]);
+    }
+}

@@ -1,0 +1,160 @@
+//! A small, real FHIR Bulk Data server: `$export` over a folder of ndjson.
+//!
+//! Why it exists: a Bulk Data client can only be trusted once it has survived the things real
+//! servers do — answer `202` for a while, send `Retry-After` as a date, fail a poll with a
+//! transient OperationOutcome, cut a download in half, page a manifest, expire a file. Public
+//! test servers do some of that, slowly and not on demand. This module does all of it in-process,
+//! on a loopback port, over real HTTP, so that
+//!
+//! * the client's integration tests drive the whole kick-off → poll → download path with exact
+//!   row counts afterwards (one test per fault);
+//! * `flatfhir serve --data DIR` lets users point any Bulk Data client at their own ndjson;
+//! * `flatfhir demo` runs the full pipeline without an outside service.
+//!
+//! ```text
+//!  DataSource ──load──► Dataset (raw lines + type, id, lastUpdated, patient refs, groups)
+//!                          │
+//!  GET|POST $export ──► ExportRequest (validated) ──spawn_blocking──► JobOutput (files of lines)
+//!  GET $export-status/{job} ──► 202 + X-Progress + Retry-After … until `delay` ──► 200 manifest
+//!  GET $export-file/{job}/{n}.ndjson ──► ndjson (gzip, Range, faults)      DELETE ──► 202, then 404
+//! ```
+//!
+//! # Endpoints (FHIR base `/fhir/`)
+//!
+//! | Method | Path | Notes |
+//! |---|---|---|
+//! | GET, POST | `$export`, `Patient/$export`, `Group/{id}/$export` | kick-off; `202` + absolute `Content-Location` |
+//! | GET | `$export-status/{job}[?page=N]` | `202` while working, then `200` + manifest |
+//! | DELETE | `$export-status/{job}` | `202`; afterwards the status URL and files answer `404` |
+//! | GET | `$export-file/{job}/{n}.ndjson` | output, error and deleted files |
+//! | GET | `metadata` | minimal CapabilityStatement (never needs a token) |
+//!
+//! Kick-off requires `Accept: application/fhir+json` and a `Prefer` header with the
+//! `respond-async` token (other tokens such as `handling=lenient` may accompany it), like the
+//! SMART reference server. Parameters come from the query string (GET, POST) or a FHIR
+//! `Parameters` body (POST, `Content-Type: application/fhir+json`, any `value[x]`):
+//! `_outputFormat`, `_since`, `_until`, `_type`, `_elements`, `patient` (POST only),
+//! `_typeFilter` (`Type?element=value[&…]`, string elements or `code` / `system|code` on
+//! CodeableConcept and Coding elements, `reference` on References; a comma in a value means OR),
+//! `includeAssociatedData` (ignored, noted in the error file), `organizeOutputBy` (not
+//! supported), `allowPartialManifests` (accepted; the manifest is always complete) and
+//! `_flatfhirFault` (below). Unknown or unsupported parameters are a `400` OperationOutcome
+//! unless the request says `Prefer: handling=lenient`; then they are ignored and each one is
+//! reported as an OperationOutcome line in the manifest's `error` file.
+//!
+//! Populations: system level exports everything; Patient level exports every resource in some
+//! patient compartment plus every resource that references no patient (Organization,
+//! Practitioner, …), so a Patient-level export of a Synthea folder returns every line; Group
+//! level exports the compartments of the Group's members plus the resources that reference no
+//! patient. `_since` is exclusive (`meta.lastUpdated > _since`), `_until` is exclusive
+//! (`meta.lastUpdated < _until`); resources without `meta.lastUpdated` always pass.
+//! Output files hold one type each and are split every
+//! [`DEFAULT_RESOURCES_PER_FILE`] resources.
+//!
+//! # Faults
+//!
+//! Faults make the server misbehave on purpose. They are chosen for the whole server with
+//! [`ServerBuilder::with_faults`], or for one export job with the kick-off parameter
+//! `_flatfhirFault` (repeatable, or a comma list of the names below). A per-request count-based
+//! fault fires once per job (or `N` times with `name:N`) and then stops.
+//!
+//! | `_flatfhirFault` | [`Faults`] field | Behaviour |
+//! |---|---|---|
+//! | `kickoff-429[:N]` | `kickoff_429` | kick-off answers `429` + `Retry-After` (server-wide: the first N kick-offs; per request: the first N identical requests) |
+//! | `kickoff-500` | `kickoff_500` | kick-off answers `500` with a `processing` OperationOutcome |
+//! | `status-transient[:N]` | `status_transient` | the first N polls answer `500` with a `transient` OperationOutcome |
+//! | `status-429[:N]` | `status_429` | the first N polls answer `429` + `Retry-After` |
+//! | `status-fatal` | `status_fatal` | once the job is done, polls answer `500` with a `processing` OperationOutcome |
+//! | `cut-file` | `cut_file_once` | every file's first download is cut after about half of its bytes |
+//! | `file-gone[:N]` | `file_gone` | file N (default 0) answers `410`; manifests fetched after that list a fresh URL for it |
+//! | `slow[:MS]` | `slow_chunk` | a delay (default 50 ms) between 8 KiB body chunks |
+//! | `retry-after-date` | `retry_after_http_date` | `Retry-After` is an HTTP-date instead of delta-seconds |
+//! | `deleted:Type/id` | `deleted` | a `deleted` file of DELETE Bundles (these resources are left out of `output`) |
+//! | `outcome-warning` | `outcome_warning` | the `error` file carries a `warning` OperationOutcome |
+//! | `outcome-fatal` | `outcome_fatal` | the `error` file carries a `fatal` OperationOutcome (the manifest is still `200`) |
+//! | `missing-content-location` | `missing_content_location` | the kick-off `202` has no `Content-Location` |
+//! | `paged[:N]` | [`ServerBuilder::with_files_per_page`] | manifest pages of N (default 1) output files, chained by `link[next]` |
+//!
+//! # Auth
+//!
+//! With [`ServerBuilder::with_bearer_token`] every FHIR endpoint except `metadata` needs
+//! `Authorization: Bearer <token>` (`401` + OperationOutcome otherwise). File downloads need it
+//! only when the manifest says `requiresAccessToken: true`; with `false` the file URLs are
+//! capability URLs that work without credentials. [`RunningServer::log`] records whether each
+//! request carried an `Authorization` header (never its value), so tests can assert that a client
+//! did not send its token where it must not.
+//!
+//! # Example
+//!
+//! ```
+//! use flatfhir::serve::{DataSource, ServerBuilder};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let line = br#"{"resourceType":"Patient","id":"p1"}"#;
+//! let data = DataSource::Files(vec![("Patient.ndjson".into(), bytes::Bytes::from_static(line))]);
+//! let server = ServerBuilder::new(data).start().await.unwrap();
+//! assert_eq!(server.counts()["Patient"], 1);
+//! assert!(server.base_url().as_str().ends_with("/fhir/"));
+//! server.shutdown().await;
+//! # });
+//! ```
+
+mod data;
+mod faults;
+mod files;
+mod job;
+mod kickoff;
+mod outcome;
+mod request;
+mod select;
+mod server;
+mod status;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+pub use faults::Faults;
+pub use server::{
+    DEFAULT_ADDR, DEFAULT_DELAY, DEFAULT_RESOURCES_PER_FILE, DEFAULT_RETRY_AFTER_SECS,
+    RequestRecord, RunningServer, ServerBuilder,
+};
+
+/// Where the served resources come from.
+///
+/// Files are ndjson, plain or gzip-compressed (detected by the magic bytes, whatever the name).
+/// The resource type of each line is its `resourceType`, not the file name; lines without one
+/// are skipped with a warning.
+#[derive(Debug, Clone)]
+pub enum DataSource {
+    /// Every `*.ndjson` and `*.ndjson.gz` file directly inside this directory.
+    Dir(PathBuf),
+    /// In-memory files: `(name, content)`. The name only appears in logs and errors.
+    Files(Vec<(String, bytes::Bytes)>),
+}
+
+/// Errors starting the server.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The data could not be read (missing directory, unreadable or corrupt gzip file).
+    #[error("reading {path}: {source}")]
+    Data {
+        /// The file or directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The listening socket could not be opened (port in use, no permission).
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The requested address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A broken invariant: this is a bug in flatfhir, please report it.
+    #[error("internal error (this is a bug in flatfhir): {0}")]
+    Internal(String),
+}

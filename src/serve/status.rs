@@ -1,0 +1,122 @@
+//! Status: `GET [base]/$export-status/{job}[?page=N]` and `DELETE` of the same URL.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+
+use super::outcome::{Issue, Rejection};
+use super::server::{AppState, lock};
+
+/// How long files stay available after a manifest is served (the `Expires` header).
+const FILES_EXPIRE_AFTER: Duration = Duration::from_secs(3600);
+
+/// Poll a job: faults first, then `202` until the delay has passed, then the manifest.
+pub(super) async fn poll(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(resp) = state.bearer_rejection(&headers) {
+        return resp;
+    }
+    let Some(job) = state.job(&id) else {
+        return Rejection::not_found(format!("no export job {id:?} (never started, or deleted)"))
+            .into_response();
+    };
+    let page = match page_of(&uri) {
+        Ok(page) => page,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let faults = &job.faults;
+    let polls = {
+        let mut s = job.state();
+        s.polls += 1;
+        s.polls
+    };
+    if polls <= faults.status_429 {
+        let mut resp = Issue::error("throttled", "polling too fast (fault status-429)")
+            .response(StatusCode::TOO_MANY_REQUESTS);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, state.retry_after(faults));
+        return resp;
+    }
+    if polls <= faults.status_429 + faults.status_transient {
+        return Issue::error(
+            "transient",
+            "status temporarily unavailable (fault status-transient)",
+        )
+        .response(StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    let elapsed = job.started.elapsed();
+    let delay = state.config.delay;
+    let output = match job.output.get() {
+        Some(output) if elapsed >= delay => output,
+        _ => {
+            let percent = (elapsed.as_millis() * 100)
+                .checked_div(delay.as_millis())
+                .unwrap_or(99)
+                .min(99);
+            let mut resp = StatusCode::ACCEPTED.into_response();
+            let h = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&format!("{percent}% complete")) {
+                h.insert("x-progress", v);
+            }
+            h.insert(header::RETRY_AFTER, state.retry_after(faults));
+            return resp;
+        }
+    };
+    let output = match output {
+        Ok(output) if !faults.status_fatal => output,
+        Ok(_) => {
+            return Issue::error("processing", "the export failed (fault status-fatal)")
+                .response(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        Err(message) => {
+            return Issue::error("processing", message.clone())
+                .response(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    };
+    let mut status_url = state.base_url.clone();
+    status_url.set_path(uri.path());
+    let Some(manifest) = job.manifest(output, &state.files_base_url, &status_url, page) else {
+        return Rejection::not_found(format!("export {id} has no manifest page {page}"))
+            .into_response();
+    };
+    let mut resp = axum::Json(manifest).into_response();
+    let expires = httpdate::fmt_http_date(SystemTime::now() + FILES_EXPIRE_AFTER);
+    if let Ok(v) = HeaderValue::from_str(&expires) {
+        resp.headers_mut().insert(header::EXPIRES, v);
+    }
+    resp
+}
+
+/// `?page=N` (1-based; absent = 1).
+fn page_of(uri: &Uri) -> Result<usize, Rejection> {
+    let query = uri.query().unwrap_or("");
+    match url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "page") {
+        None => Ok(1),
+        Some((_, v)) => v
+            .parse()
+            .map_err(|_| Rejection::invalid(format!("page {v:?} is not a number"))),
+    }
+}
+
+/// Cancel a job or release its files: `202`, after which the job and its files are `404`.
+pub(super) async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(resp) = state.bearer_rejection(&headers) {
+        return resp;
+    }
+    match lock(&state.jobs).remove(&id) {
+        Some(_) => Issue::info(format!("export {id} deleted")).response(StatusCode::ACCEPTED),
+        None => Rejection::not_found(format!("no export job {id:?}")).into_response(),
+    }
+}
