@@ -152,7 +152,7 @@ impl CompiledView {
             .iter()
             .map(|w| cx.expr(&w.path, "where"))
             .collect::<Result<Vec<_>, _>>()?;
-        let root = cx.select_list(&def.select, "select")?;
+        let root = cx.select_list(&def.select, "")?;
         if cx.columns.is_empty() {
             return Err(err("the view defines no columns".into()));
         }
@@ -502,7 +502,8 @@ impl Compiler<'_> {
         Expression::compile(src, self.constants).map_err(|e| self.err(format!("{locus}: {e}")))
     }
 
-    /// A list of sibling selects behaves as one select with those nested selects.
+    /// A list of sibling selects behaves as one select with those nested selects. With an empty
+    /// `locus` (the view's own list) the entries read `select[i]` in messages.
     fn select_list(&mut self, selects: &[Select], locus: &str) -> Result<SelectNode, ViewError> {
         let wrapper = Select {
             select: selects.to_vec(),
@@ -548,7 +549,7 @@ impl Compiler<'_> {
         }
         let mut selects = Vec::new();
         for (i, n) in s.select.iter().enumerate() {
-            selects.push(self.select(n, &format!("{locus}.select[{i}]"))?);
+            selects.push(self.select(n, &join_locus(locus, &format!("select[{i}]")))?);
         }
         let mut union_all = Vec::new();
         if !s.union_all.is_empty() {
@@ -630,6 +631,15 @@ impl Compiler<'_> {
     }
 }
 
+/// `parent.child`, or `child` at the top (empty parent).
+fn join_locus(parent: &str, child: &str) -> String {
+    if parent.is_empty() {
+        child.to_string()
+    } else {
+        format!("{parent}.{child}")
+    }
+}
+
 impl SelectNode {
     /// Re-base column indices by `by` (used for unionAll branches compiled separately).
     fn shift(&mut self, by: usize) {
@@ -705,6 +715,15 @@ mod tests {
         let dup = json!({"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id"}, {"name": "a", "path": "id"}]}]});
         assert!(rows(dup, json!({})).unwrap_err().contains("twice"));
         assert!(rows(json!({}), json!({})).unwrap_err().contains("resource"));
+    }
+
+    #[test]
+    fn errors_name_the_select_path() {
+        let view = json!({"resource": "Patient", "select": [
+            {"column": [{"name": "id", "path": "id"}]},
+            {"select": [{"forEach": "name.where(", "column": [{"name": "f", "path": "family"}]}]}]});
+        let e = rows(view, json!({})).unwrap_err();
+        assert!(e.contains(": select[1].select[0].forEach: "), "{e}");
     }
 
     #[test]
