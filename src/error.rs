@@ -1,6 +1,8 @@
 //! The crate-level error: one variant per stage, each keeping its cause.
 
-use crate::{flatten::FlattenError, query::QueryError, sink::SinkError, view::ViewError};
+use crate::{
+    client::ClientError, flatten::FlattenError, query::QueryError, sink::SinkError, view::ViewError,
+};
 
 /// Any error flatfhir's library can return.
 #[non_exhaustive]
@@ -9,6 +11,9 @@ pub enum Error {
     /// A ViewDefinition could not be loaded or compiled.
     #[error(transparent)]
     View(#[from] ViewError),
+    /// The Bulk Data server or the network failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// Input could not be read or decoded (a whole file, not a single bad line).
     #[error(transparent)]
     Flatten(#[from] FlattenError),

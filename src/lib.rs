@@ -23,7 +23,9 @@
 //! downstream code never mixes two arrows.
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod client;
 pub mod error;
+pub mod export;
 pub mod flatten;
 pub mod pipeline;
 pub mod query;

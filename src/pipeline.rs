@@ -258,6 +258,7 @@ pub async fn convert(
         views: stats.view_rows,
         blank_lines: stats.blank_lines,
         files,
+        ..Default::default()
     };
     manifest.publish(&location).await?;
     Ok(manifest)

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use crate::embedded::SAMPLE_FILES;
 
+/// The Group in the sample that `flatfhir demo` exports (its 4 patients).
+pub const DEMO_GROUP: &str = "demo-cohort";
+
 /// SQL the demo runs, with a title each. The second is a quality-measure style query
 /// (diabetic patients whose latest HbA1c is above 9%).
 pub const DEMO_QUERIES: &[(&str, &str)] = &[

@@ -13,8 +13,8 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb>=1.1,<2'
 fi
-# The test profile build (dependencies optimised) that `cargo test` already made: no second build.
-(cd "$here" && cargo build --locked --quiet)
+# The binary `cargo test` already built (same features, dependencies optimised): no second build.
+[ -x "$CARGO_TARGET_DIR/debug/flatfhir" ] || (cd "$here" && cargo test --locked --no-run --quiet)
 bin="$CARGO_TARGET_DIR/debug/flatfhir"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT

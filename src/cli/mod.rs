@@ -16,9 +16,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use flatfhir::{
+    client::{Auth, BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig},
+    export::{ExportOptions, JobRecord},
     flatten::{DecodeStats, DecoderBuilder},
     pipeline::{self, ConvertOptions, Progress},
     query::Dataset,
+    serve::{DataSource, ServerBuilder},
     sink::{DatasetLocation, RunManifest},
     view::{CompiledView, ViewRegistry},
 };
@@ -39,6 +42,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a Bulk Data $export against a FHIR server and stream it into a Parquet dataset.
+    Export(Box<ExportArgs>),
     /// Convert ndjson files (or folders of them) into a Parquet dataset, one table per view.
     Convert(ConvertArgs),
     /// Run SQL over a dataset; every view is a table named by its ViewDefinition `name`.
@@ -48,8 +53,133 @@ enum Command {
     /// List or show the views in use.
     #[command(subcommand)]
     Schemas(SchemasCommand),
-    /// Run the whole pipeline on the bundled sample data into ./flatfhir-demo and query it.
+    /// Serve a folder of ndjson as a FHIR Bulk Data server (for tests and for other clients).
+    Serve(ServeArgs),
+    /// Start the built-in server on the bundled sample, export a Group from it into
+    /// ./flatfhir-demo through the whole pipeline, and query the result.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("level").args(["system", "patients", "group"]))]
+struct ExportArgs {
+    /// FHIR base URL of the server (e.g. https://ehr.example/fhir).
+    #[arg(long, env = "FLATFHIR_BASE_URL", required_unless_present = "resume")]
+    base_url: Option<String>,
+    /// System-level export: [base]/$export.
+    #[arg(long)]
+    system: bool,
+    /// Patient-level export: [base]/Patient/$export.
+    #[arg(long)]
+    patients: bool,
+    /// Group-level export: [base]/Group/ID/$export.
+    #[arg(long, value_name = "ID")]
+    group: Option<String>,
+    /// Output dataset folder.
+    #[arg(long, short, value_name = "DIR", required_unless_present = "resume")]
+    out: Option<String>,
+    /// Continue the unfinished export job saved in DIR (polls its status URL, skips committed files).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "level"])]
+    resume: Option<String>,
+    /// _type: resource types to export (repeatable, or comma-separated).
+    #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
+    types: Vec<String>,
+    /// _since: only resources changed after this FHIR instant.
+    #[arg(long, value_name = "INSTANT")]
+    since: Option<String>,
+    /// _until: only resources changed before this FHIR instant.
+    #[arg(long, value_name = "INSTANT")]
+    until: Option<String>,
+    /// _typeFilter: a search query like `Observation?status=final` (repeatable; one query each).
+    #[arg(long = "type-filter", value_name = "QUERY")]
+    type_filters: Vec<String>,
+    /// _elements: elements to keep (repeatable, or comma-separated).
+    #[arg(long, value_name = "ELEMENT", value_delimiter = ',')]
+    elements: Vec<String>,
+    /// patient: export only these patients (repeatable; forces POST).
+    #[arg(long = "patient", value_name = "ID")]
+    patients_filter: Vec<String>,
+    /// includeAssociatedData code (repeatable).
+    #[arg(long, value_name = "CODE")]
+    include_associated_data: Vec<String>,
+    /// _outputFormat (default: the server's, application/fhir+ndjson).
+    #[arg(long, value_name = "MIME")]
+    output_format: Option<String>,
+    /// organizeOutputBy resource type (STU3).
+    #[arg(long, value_name = "TYPE")]
+    organize_output_by: Option<String>,
+    /// allowPartialManifests=true (STU3): download files as they are announced.
+    #[arg(long)]
+    allow_partial_manifests: bool,
+    /// Extra kick-off parameter NAME=VALUE (repeatable).
+    #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_kv)]
+    params: Vec<(String, String)>,
+    /// Kick off with POST and a FHIR Parameters body instead of GET.
+    #[arg(long)]
+    post: bool,
+    /// Send `Prefer: handling=lenient` (the server may ignore parameters it does not support).
+    #[arg(long)]
+    lenient: bool,
+    /// Extra HTTP header NAME:VALUE on every request (repeatable).
+    #[arg(long = "header", value_name = "NAME:VALUE", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// A static bearer token (prefer the environment variable to keep it off the command line).
+    #[arg(long, env = "FLATFHIR_BEARER_TOKEN", hide_env_values = true)]
+    bearer_token: Option<String>,
+    /// Another host that may receive the access token for file downloads (repeatable).
+    #[arg(long, value_name = "HOST")]
+    allow_token_host: Vec<String>,
+    /// Files downloaded in parallel.
+    #[arg(long, default_value_t = flatfhir::export::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+    /// Give up on the whole job after this long (e.g. 90s, 30m, 12h, 7d).
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+    /// Longest wait between status polls, whatever Retry-After says.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    max_poll_interval: std::time::Duration,
+    /// Retries of one request before giving up.
+    #[arg(long, default_value_t = flatfhir::client::retry::DEFAULT_MAX_RETRIES)]
+    max_retries: u32,
+    /// Do not DELETE the job on the server after success.
+    #[arg(long)]
+    no_delete: bool,
+    /// On Ctrl-C keep the server job (for --resume) instead of cancelling it with DELETE.
+    #[arg(long)]
+    keep_job: bool,
+    #[command(flatten)]
+    schema: SchemaArgs,
+    /// Fail (exit code 1) when more than N lines are rejected; the run is still written.
+    #[arg(long, value_name = "N")]
+    max_rejects: Option<u64>,
+    /// Print the run manifest as JSON on stdout instead of the summary table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Folder of ndjson files (.ndjson, .ndjson.gz) to serve.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// How long each job stays "in progress" (e.g. 2s, 1m).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    delay: std::time::Duration,
+    /// Resources per output file.
+    #[arg(long, default_value_t = flatfhir::serve::DEFAULT_RESOURCES_PER_FILE)]
+    resources_per_file: usize,
+    /// Output files per manifest page (paged manifests with link[next]).
+    #[arg(long)]
+    files_per_page: Option<usize>,
+    /// Require this bearer token on every FHIR request.
+    #[arg(long, env = "FLATFHIR_SERVE_TOKEN", hide_env_values = true)]
+    bearer_token: Option<String>,
+    /// Set requiresAccessToken=true in manifests (file downloads then need the token).
+    #[arg(long)]
+    requires_access_token: bool,
 }
 
 #[derive(Debug, Args)]
@@ -173,6 +303,40 @@ struct DemoArgs {
     out: String,
 }
 
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once(':')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected NAME:VALUE, got {s:?}"))
+}
+
+/// `90s`, `30m`, `12h`, `7d`, or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 90s, 30m, 12h, 7d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h, d)")),
+    };
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn parse_compression(s: &str) -> Result<parquet::basic::Compression, String> {
     use parquet::basic::{Compression, ZstdLevel};
     match s.split_once(':') {
@@ -216,6 +380,8 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         .build()?;
     let quiet = cli.quiet > 0;
     match cli.command {
+        Command::Export(a) => rt.block_on(export(*a, quiet)),
+        Command::Serve(a) => rt.block_on(serve(a)),
         Command::Convert(a) => rt.block_on(convert(a, quiet)),
         Command::Query(a) => rt.block_on(query(a)),
         Command::View(a) => view(a),
@@ -223,6 +389,178 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Schemas(SchemasCommand::Show { name, schema }) => schemas_show(&name, &schema),
         Command::Demo(a) => rt.block_on(demo(a, quiet)),
     }
+}
+
+impl ExportArgs {
+    fn request(&self) -> Result<ExportRequest> {
+        let level = match (self.system, self.patients, &self.group) {
+            (_, _, Some(g)) => ExportLevel::Group(g.clone()),
+            (_, true, None) => ExportLevel::Patients,
+            (true, false, None) => ExportLevel::System,
+            _ => bail!("choose the export level: --system, --patients or --group ID"),
+        };
+        Ok(ExportRequest {
+            level: Some(level),
+            types: self.types.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            type_filters: self.type_filters.clone(),
+            elements: self.elements.clone(),
+            patients: self.patients_filter.clone(),
+            include_associated_data: self.include_associated_data.clone(),
+            output_format: self.output_format.clone(),
+            organize_output_by: self.organize_output_by.clone(),
+            allow_partial_manifests: self.allow_partial_manifests,
+            params: self.params.clone(),
+            post: self.post,
+            lenient: self.lenient,
+        })
+    }
+}
+
+async fn export(a: ExportArgs, quiet: bool) -> Result<Outcome> {
+    let registry = Arc::new(a.schema.registry()?);
+    let out = a
+        .resume
+        .clone()
+        .or_else(|| a.out.clone())
+        .context("--out DIR is required")?;
+    let location = DatasetLocation::resolve(&out, true)?;
+    let unfinished = JobRecord::latest_unfinished(&location).await?;
+    let (base, request, resume) = if a.resume.is_some() {
+        let job = unfinished.context(format!("no unfinished export job in {out}"))?;
+        (job.base_url.clone(), job.request.clone(), Some(job))
+    } else {
+        let base = a.base_url.clone().context("--base-url is required")?;
+        let request = a.request()?;
+        // The same command again continues the job it left unfinished.
+        let same = unfinished.filter(|j| {
+            j.request == request && j.base_url.trim_end_matches('/') == base.trim_end_matches('/')
+        });
+        if same.is_some() {
+            eprintln!("flatfhir: continuing the unfinished export job in {out}");
+        }
+        (base, request, same)
+    };
+    let base = url::Url::parse(&base).with_context(|| format!("invalid --base-url {base:?}"))?;
+    let auth = match &a.bearer_token {
+        Some(t) => Auth::Bearer(t.clone()),
+        None => Auth::None,
+    };
+    let retry = RetryConfig {
+        max_retries: a.max_retries,
+        max_poll_interval: a.max_poll_interval,
+        ..Default::default()
+    };
+    let client = BulkClientBuilder::new(base)
+        .with_auth(auth)
+        .with_headers(a.headers.clone())
+        .with_retry(retry)
+        .with_token_hosts(a.allow_token_host.clone())
+        .build()?;
+    let opts = ExportOptions {
+        concurrency: a.concurrency.max(1),
+        timeout: a.timeout,
+        delete_after: !a.no_delete,
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let display = progress::ProgressDisplay::start(progress.clone(), 0, 0, quiet);
+    let run = flatfhir::export::run_export(
+        client.clone(),
+        request,
+        registry,
+        location.clone(),
+        opts,
+        progress,
+        resume,
+    );
+    let summary = tokio::select! {
+        r = run => {
+            display.stop();
+            r?
+        }
+        _ = tokio::signal::ctrl_c() => {
+            display.stop();
+            if let Some(job) = JobRecord::latest_unfinished(&location).await? {
+                if a.keep_job {
+                    eprintln!("flatfhir: interrupted; the server job is kept: continue with `flatfhir export --resume {out}`");
+                } else if let Some(s) = job.status_url.as_deref().and_then(|s| url::Url::parse(s).ok()) {
+                    match client.delete(&s).await {
+                        Ok(()) => eprintln!("flatfhir: interrupted; the export job was cancelled on the server"),
+                        Err(e) => eprintln!("flatfhir: interrupted; cancelling the server job failed: {e}"),
+                    }
+                }
+            }
+            bail!("interrupted");
+        }
+    };
+    finish_export(&summary, &out, a.json, a.max_rejects)
+}
+
+fn finish_export(
+    summary: &flatfhir::export::ExportSummary,
+    out: &str,
+    json: bool,
+    max_rejects: Option<u64>,
+) -> Result<Outcome> {
+    let m = &summary.manifest;
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut stdout, m)?;
+        writeln!(stdout)?;
+    } else {
+        output::write_accounting(&mut stdout, m, out)?;
+        if let Some(t) = &m.transaction_time {
+            writeln!(stdout, "transactionTime {t} (use it as the next --since)")?;
+        }
+        if m.deleted > 0 {
+            writeln!(
+                stdout,
+                "{} deleted resources listed by the server: table `_deleted`",
+                m.deleted
+            )?;
+        }
+        for (sev, n) in &m.outcomes {
+            writeln!(
+                stdout,
+                "server outcome issues, {sev}: {n} (table `_outcomes`)"
+            )?;
+        }
+        for w in &m.warnings {
+            writeln!(stdout, "warning: {w}")?;
+        }
+    }
+    if summary.server_errors {
+        eprintln!(
+            "error: the server reported fatal or error issues for this export (see table `_outcomes`)"
+        );
+        return Ok(Outcome::RejectsExceeded);
+    }
+    Ok(check_rejects(m, max_rejects))
+}
+
+async fn serve(a: ServeArgs) -> Result<Outcome> {
+    let server = ServerBuilder::new(DataSource::Dir(a.data.clone()))
+        .with_addr(a.addr)
+        .with_delay(a.delay)
+        .with_resources_per_file(a.resources_per_file.max(1))
+        .with_files_per_page(a.files_per_page)
+        .with_bearer_token(a.bearer_token.clone())
+        .with_requires_access_token(a.requires_access_token)
+        .start()
+        .await?;
+    let counts = server.counts();
+    eprintln!(
+        "flatfhir serve: {} resources of {} types from {} at {} (Ctrl-C stops)",
+        counts.values().sum::<u64>(),
+        counts.len(),
+        a.data.display(),
+        server.base_url()
+    );
+    println!("{}", server.base_url());
+    server.wait().await;
+    Ok(Outcome::Success)
 }
 
 async fn run_convert(
@@ -495,34 +833,58 @@ fn schemas_show(name: &str, s: &SchemaArgs) -> Result<Outcome> {
 }
 
 async fn demo(a: DemoArgs, quiet: bool) -> Result<Outcome> {
-    let dir = tempfile_dir()?;
-    let files = flatfhir::sample::write_sample(&dir)?;
+    let files = flatfhir::sample::files()
+        .iter()
+        .map(|(name, bytes)| (name.to_string(), bytes::Bytes::from_static(bytes)))
+        .collect();
+    let server = ServerBuilder::new(DataSource::Files(files))
+        .with_delay(std::time::Duration::from_millis(1500))
+        .with_resources_per_file(500)
+        .start()
+        .await?;
     eprintln!(
-        "flatfhir demo: converting the bundled sample ({} files) into {}/",
-        files.len(),
+        "flatfhir demo: built-in Bulk Data server on {} with the bundled sample; exporting Group/{} into {}/",
+        server.base_url(),
+        flatfhir::sample::DEMO_GROUP,
         a.out
     );
-    let manifest = run_convert(
-        files,
-        ViewRegistry::builtin()?,
-        &a.out,
-        ConvertOptions::default(),
-        quiet,
+    let location = DatasetLocation::resolve(&a.out, true)?;
+    let client = BulkClientBuilder::new(server.base_url().clone())
+        .with_retry(RetryConfig {
+            base: std::time::Duration::from_millis(200),
+            ..Default::default()
+        })
+        .build()?;
+    let request = ExportRequest {
+        level: Some(ExportLevel::Group(flatfhir::sample::DEMO_GROUP.into())),
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let display = progress::ProgressDisplay::start(progress.clone(), 0, 0, quiet);
+    let registry = Arc::new(ViewRegistry::builtin()?);
+    let summary = flatfhir::export::run_export(
+        client,
+        request,
+        registry,
+        location.clone(),
+        ExportOptions::default(),
+        progress,
+        None,
     )
-    .await?;
-    let _ = std::fs::remove_dir_all(&dir);
+    .await;
+    display.stop();
+    server.shutdown().await;
+    let outcome = finish_export(&summary?, &a.out, false, None)?;
+    let ds = Dataset::open(&location).await?;
     let mut stdout = std::io::stdout().lock();
-    output::write_accounting(&mut stdout, &manifest, &a.out)?;
-    let ds = Dataset::open(&DatasetLocation::resolve(&a.out, false)?).await?;
     for (title, sql) in flatfhir::sample::DEMO_QUERIES {
         writeln!(stdout, "\n{title}\n  {sql}")?;
         output::write_table(&mut stdout, &ds.sql(sql).await?)?;
     }
-    Ok(Outcome::Success)
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("flatfhir-demo-input-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    writeln!(
+        stdout,
+        "\nTry: flatfhir query --data {} \"select * from observation limit 5\"",
+        a.out
+    )?;
+    Ok(outcome)
 }

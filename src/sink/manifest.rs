@@ -50,6 +50,21 @@ pub struct RunManifest {
     pub rejects: u64,
     /// Files written, relative to the dataset root.
     pub files: Vec<WrittenFile>,
+    /// For exports: the FHIR base URL the data came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// For exports: the manifest's `transactionTime` (the next `_since`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_time: Option<String>,
+    /// For exports: OperationOutcome issues in the server's error files, by severity.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outcomes: BTreeMap<String, u64>,
+    /// For exports: deleted resources listed by the server.
+    #[serde(default)]
+    pub deleted: u64,
+    /// Warnings (e.g. a file's `count` that did not match the lines read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl RunManifest {

@@ -24,7 +24,7 @@ pub use manifest::RunManifest;
 pub use store::DatasetLocation;
 pub use writer::{
     DEFAULT_MAX_ROWS_PER_FILE, DEFAULT_ROW_GROUP_ROWS, DatasetWriter, DatasetWriterBuilder,
-    WrittenFile, rejects_batch, rejects_schema,
+    STAGED_SUFFIX, WrittenFile, commit_staged, discard_staged, rejects_batch, rejects_schema,
 };
 
 /// Directory of run manifests.

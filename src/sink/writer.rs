@@ -47,7 +47,11 @@ pub struct DatasetWriterBuilder {
     compression: Compression,
     row_group_rows: usize,
     max_rows_per_file: usize,
+    staged: bool,
 }
+
+/// Suffix of a staged file: written completely, not yet committed.
+pub const STAGED_SUFFIX: &str = ".staged";
 
 impl DatasetWriterBuilder {
     /// A writer for run `run_id`, writing partition `export=<export>`.
@@ -63,7 +67,14 @@ impl DatasetWriterBuilder {
             compression: Compression::ZSTD(ZstdLevel::default()),
             row_group_rows: DEFAULT_ROW_GROUP_ROWS,
             max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
+            staged: false,
         }
+    }
+    /// Write files under a staged name (`<path>.staged`, invisible to readers); the caller makes
+    /// them visible with [`commit_staged`] once all of them are complete (default `false`).
+    pub fn with_staging(mut self, staged: bool) -> Self {
+        self.staged = staged;
+        self
     }
     /// Compression codec (default zstd level 1).
     pub fn with_compression(mut self, c: Compression) -> Self {
@@ -161,9 +172,14 @@ impl DatasetWriter {
         let seq = self.seq.entry(view.to_string()).or_default();
         let path = format!("{dir}/part-{:05}-{}.parquet", *seq, self.cfg.run_id);
         *seq += 1;
+        let target = if self.cfg.staged {
+            format!("{path}{STAGED_SUFFIX}")
+        } else {
+            path.clone()
+        };
         let obj = BufWriter::new(
             self.cfg.location.store.clone(),
-            self.cfg.location.child(&path),
+            self.cfg.location.child(&target),
         );
         let writer =
             AsyncArrowWriter::try_new(obj, schema, Some(self.props.clone())).map_err(|source| {
@@ -210,6 +226,42 @@ impl DatasetWriter {
     /// Files written so far (closed ones).
     pub fn written(&self) -> &[WrittenFile] {
         &self.written
+    }
+}
+
+/// Make staged files visible (rename `<path>.staged` → `<path>`). Idempotent: a file already
+/// renamed (a resumed run rolling a commit forward) is skipped.
+pub async fn commit_staged(
+    location: &DatasetLocation,
+    files: &[WrittenFile],
+) -> Result<(), SinkError> {
+    use object_store::ObjectStoreExt;
+    for f in files {
+        let from = location.child(&format!("{}{STAGED_SUFFIX}", f.path));
+        let to = location.child(&f.path);
+        match location.store.rename(&from, &to).await {
+            Ok(()) => {}
+            Err(object_store::Error::NotFound { .. }) if location.store.head(&to).await.is_ok() => {
+            }
+            Err(source) => {
+                return Err(SinkError::Store {
+                    path: f.path.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Delete staged files of an abandoned attempt (best effort).
+pub async fn discard_staged(location: &DatasetLocation, files: &[WrittenFile]) {
+    use object_store::ObjectStoreExt;
+    for f in files {
+        let _ = location
+            .store
+            .delete(&location.child(&format!("{}{STAGED_SUFFIX}", f.path)))
+            .await;
     }
 }
 

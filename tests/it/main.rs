@@ -3,5 +3,6 @@
 mod cli;
 mod conformance;
 mod convert;
+mod export;
 mod flatten;
 mod support;

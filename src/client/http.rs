@@ -1,0 +1,453 @@
+//! [`BulkClient`]: the HTTP side of kick-off, polling, downloads and DELETE, with retries and
+//! the token policy in one place.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::{
+    Method, Response, StatusCode,
+    header::{
+        ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LOCATION, CONTENT_TYPE,
+        RANGE, RETRY_AFTER,
+    },
+};
+use url::Url;
+
+use super::{
+    ClientError, ExportRequest, Manifest, RetryConfig,
+    error::{OperationOutcome, body_detail, redact},
+    parse_retry_after,
+};
+
+/// How requests are authorised. (SMART Backend Services plugs in here.)
+#[derive(Clone, Default)]
+pub enum Auth {
+    /// No Authorization header.
+    #[default]
+    None,
+    /// A static bearer token.
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("Auth::None"),
+            Auth::Bearer(_) => f.write_str("Auth::Bearer(<redacted>)"),
+        }
+    }
+}
+
+/// Configures a [`BulkClient`].
+#[derive(Debug, Clone)]
+pub struct BulkClientBuilder {
+    base: Url,
+    auth: Auth,
+    headers: Vec<(String, String)>,
+    retry: RetryConfig,
+    token_hosts: Vec<String>,
+    connect_timeout: Duration,
+}
+
+impl BulkClientBuilder {
+    /// A client for the FHIR server at `base` (e.g. `https://ehr.example/fhir`).
+    pub fn new(base: Url) -> Self {
+        BulkClientBuilder {
+            base,
+            auth: Auth::None,
+            headers: Vec::new(),
+            retry: RetryConfig::default(),
+            token_hosts: Vec::new(),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+    /// Authorisation (default none).
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+    /// Extra headers on every request (`--header`).
+    pub fn with_headers(mut self, h: Vec<(String, String)>) -> Self {
+        self.headers = h;
+        self
+    }
+    /// Retry policy.
+    pub fn with_retry(mut self, r: RetryConfig) -> Self {
+        self.retry = r;
+        self
+    }
+    /// Other hosts that may receive the access token (`--allow-token-host`).
+    pub fn with_token_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.token_hosts = hosts;
+        self
+    }
+    /// Build.
+    pub fn build(self) -> Result<BulkClient, ClientError> {
+        match self.base.scheme() {
+            "http" | "https" => {}
+            s => {
+                return Err(ClientError::Invalid(format!(
+                    "base URL must be http(s), not {s:?}"
+                )));
+            }
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("flatfhir/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        Ok(BulkClient { http, cfg: self })
+    }
+}
+
+/// What one status request said.
+#[derive(Debug)]
+pub enum PollOutcome {
+    /// Still running.
+    InProgress {
+        /// `X-Progress`.
+        progress: Option<String>,
+        /// `Retry-After`, parsed.
+        retry_after: Option<Duration>,
+        /// A partial manifest (STU3 `allowPartialManifests`).
+        partial: Option<Manifest>,
+    },
+    /// Done.
+    Complete(Manifest),
+}
+
+/// An open file download.
+pub struct FileResponse {
+    /// The response whose body is the file (from `offset`).
+    pub response: Response,
+    /// The body is gzip-encoded.
+    pub gzip: bool,
+    /// Byte offset the body starts at (a `Range` request was honoured).
+    pub offset: u64,
+    /// The server accepts byte ranges (`Accept-Ranges: bytes`).
+    pub ranges: bool,
+}
+
+/// The Bulk Data HTTP client.
+#[derive(Debug, Clone)]
+pub struct BulkClient {
+    http: reqwest::Client,
+    cfg: BulkClientBuilder,
+}
+
+impl BulkClient {
+    /// The FHIR base URL.
+    pub fn base(&self) -> &Url {
+        &self.cfg.base
+    }
+
+    /// The retry policy.
+    pub fn retry(&self) -> &RetryConfig {
+        &self.cfg.retry
+    }
+
+    /// Whether `url` may receive the access token: same origin as the FHIR base, or an allowed host.
+    pub fn token_allowed(&self, url: &Url) -> bool {
+        url.origin() == self.cfg.base.origin()
+            || url.host_str().is_some_and(|h| {
+                self.cfg
+                    .token_hosts
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(h))
+            })
+    }
+
+    fn request(&self, method: Method, url: &Url, with_token: bool) -> reqwest::RequestBuilder {
+        let mut rb = self.http.request(method, url.clone());
+        for (k, v) in &self.cfg.headers {
+            rb = rb.header(k, v);
+        }
+        if let Auth::Bearer(t) = &self.cfg.auth
+            && with_token
+            && self.token_allowed(url)
+        {
+            rb = rb.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
+        rb
+    }
+
+    async fn send(
+        &self,
+        method: &'static str,
+        url: &Url,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<Response, ClientError> {
+        rb.send().await.map_err(|source| ClientError::Network {
+            method,
+            url: redact(url),
+            source,
+        })
+    }
+
+    async fn status_error(method: &'static str, url: &Url, resp: Response) -> ClientError {
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap_or_default();
+        ClientError::Status {
+            method,
+            url: redact(url),
+            status,
+            detail: body_detail(&body),
+        }
+    }
+
+    async fn backoff(&self, attempt: u32, prev: &mut Duration, hint: Option<Duration>, what: &str) {
+        let wait = hint
+            .map(|h| self.cfg.retry.clamp_poll(h))
+            .unwrap_or_else(|| self.cfg.retry.next_backoff(*prev));
+        *prev = wait;
+        tracing::info!(
+            retry = attempt,
+            of = self.cfg.retry.max_retries,
+            wait_ms = wait.as_millis() as u64,
+            "{what}: retrying"
+        );
+        tokio::time::sleep(wait).await;
+    }
+
+    /// Kick off an export; returns the status URL. 429 and 5xx are retried.
+    pub async fn kick_off(&self, req: &ExportRequest) -> Result<Url, ClientError> {
+        let (method, url) = if req.uses_post() {
+            (Method::POST, req.endpoint(&self.cfg.base)?)
+        } else {
+            (Method::GET, req.get_url(&self.cfg.base)?)
+        };
+        let prefer = if req.lenient {
+            "respond-async, handling=lenient"
+        } else {
+            "respond-async"
+        };
+        let mut prev = self.cfg.retry.base;
+        let mut attempt = 0;
+        loop {
+            let mut rb = self
+                .request(method.clone(), &url, true)
+                .header(ACCEPT, "application/fhir+json")
+                .header("Prefer", prefer);
+            if method == Method::POST {
+                rb = rb
+                    .header(CONTENT_TYPE, "application/fhir+json")
+                    .body(req.parameters_body().to_string());
+            }
+            let name = if method == Method::POST {
+                "POST"
+            } else {
+                "GET"
+            };
+            let (e, hint) = match self.send(name, &url, rb).await {
+                Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
+                    let loc = resp
+                        .headers()
+                        .get(CONTENT_LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let Some(loc) = loc else {
+                        return Err(ClientError::Protocol {
+                            url: redact(&url),
+                            message: "202 Accepted without a Content-Location header".into(),
+                        });
+                    };
+                    return super::manifest::check_url(&loc, &url).map_err(|message| {
+                        ClientError::Protocol {
+                            url: redact(&url),
+                            message,
+                        }
+                    });
+                }
+                Ok(resp) if resp.status().is_success() => {
+                    return Err(ClientError::Protocol {
+                        url: redact(&url),
+                        message: format!(
+                            "kick-off answered {} instead of 202 Accepted",
+                            resp.status()
+                        ),
+                    });
+                }
+                Ok(resp) => {
+                    let hint = retry_after(&resp);
+                    (Self::status_error(name, &url, resp).await, hint)
+                }
+                Err(e) => (e, None),
+            };
+            if !e.is_retryable() || attempt >= self.cfg.retry.max_retries {
+                return Err(e);
+            }
+            attempt += 1;
+            tracing::warn!(error = %e, "kick-off failed");
+            self.backoff(attempt, &mut prev, hint, "kick-off").await;
+        }
+    }
+
+    /// One status request (transient failures retried a bounded number of times).
+    pub async fn poll(&self, status: &Url) -> Result<PollOutcome, ClientError> {
+        let mut prev = self.cfg.retry.base;
+        let mut attempt = 0;
+        loop {
+            let rb = self
+                .request(Method::GET, status, true)
+                .header(ACCEPT, "application/json");
+            let err = match self.send("GET", status, rb).await {
+                Ok(resp) if resp.status() == StatusCode::OK => {
+                    let body = resp.bytes().await.map_err(|source| ClientError::Network {
+                        method: "GET",
+                        url: redact(status),
+                        source,
+                    })?;
+                    return Manifest::parse(&body, status).map(PollOutcome::Complete);
+                }
+                Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
+                    let progress = resp
+                        .headers()
+                        .get("x-progress")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|s| {
+                            s.chars()
+                                .take(100)
+                                .filter(|c| !c.is_control())
+                                .collect::<String>()
+                        });
+                    let retry_after = retry_after(&resp);
+                    let is_json = resp
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|c| c.contains("json"));
+                    let partial = if is_json {
+                        let body = resp.bytes().await.unwrap_or_default();
+                        Manifest::parse(&body, status).ok()
+                    } else {
+                        None
+                    };
+                    return Ok(PollOutcome::InProgress {
+                        progress,
+                        retry_after,
+                        partial,
+                    });
+                }
+                Ok(resp) => {
+                    let hint = retry_after(&resp);
+                    let code = resp.status().as_u16();
+                    let body = resp.bytes().await.unwrap_or_default();
+                    let oo = OperationOutcome::parse(&body);
+                    let transient = code == 429
+                        || oo.as_ref().is_some_and(|o| o.is_transient())
+                        || (code >= 500 && oo.is_none());
+                    let e = ClientError::Status {
+                        method: "GET",
+                        url: redact(status),
+                        status: code,
+                        detail: body_detail(&body),
+                    };
+                    if !transient {
+                        return Err(match oo {
+                            Some(o) if code != 404 => ClientError::JobFailed(o.summary()),
+                            _ => e,
+                        });
+                    }
+                    (e, hint)
+                }
+                Err(e) => (e, None),
+            };
+            let (e, hint) = err;
+            if attempt >= self.cfg.retry.max_retries {
+                return Err(e);
+            }
+            attempt += 1;
+            tracing::warn!(error = %e, "status request failed");
+            self.backoff(attempt, &mut prev, hint, "status").await;
+        }
+    }
+
+    /// Fetch a manifest page (`link` next), with the same rules as a status request.
+    pub async fn fetch_page(&self, url: &Url) -> Result<PollOutcome, ClientError> {
+        self.poll(url).await
+    }
+
+    /// Open a file download, from byte `from` when resuming. The token is sent only when
+    /// `requires_token` and the origin is trusted. 5xx/network errors are retried.
+    pub async fn open_file(
+        &self,
+        url: &Url,
+        requires_token: bool,
+        from: u64,
+    ) -> Result<FileResponse, ClientError> {
+        let mut prev = self.cfg.retry.base;
+        let mut attempt = 0;
+        loop {
+            let mut rb = self
+                .request(Method::GET, url, requires_token)
+                .header(ACCEPT, "application/fhir+ndjson");
+            rb = if from > 0 {
+                rb.header(RANGE, format!("bytes={from}-"))
+                    .header(ACCEPT_ENCODING, "identity")
+            } else {
+                rb.header(ACCEPT_ENCODING, "gzip")
+            };
+            let err = match self.send("GET", url, rb).await {
+                Ok(resp)
+                    if resp.status() == StatusCode::OK
+                        || resp.status() == StatusCode::PARTIAL_CONTENT =>
+                {
+                    let gzip = resp
+                        .headers()
+                        .get(CONTENT_ENCODING)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| {
+                            v.eq_ignore_ascii_case("gzip") || v.eq_ignore_ascii_case("x-gzip")
+                        });
+                    let ranges = resp
+                        .headers()
+                        .get("accept-ranges")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.contains("bytes"));
+                    let offset = if resp.status() == StatusCode::PARTIAL_CONTENT {
+                        from
+                    } else {
+                        0
+                    };
+                    return Ok(FileResponse {
+                        response: resp,
+                        gzip,
+                        offset,
+                        ranges,
+                    });
+                }
+                Ok(resp) => {
+                    let hint = retry_after(&resp);
+                    (Self::status_error("GET", url, resp).await, hint)
+                }
+                Err(e) => (e, None),
+            };
+            let (e, hint) = err;
+            if !e.is_retryable() || attempt >= self.cfg.retry.max_retries {
+                return Err(e);
+            }
+            attempt += 1;
+            tracing::warn!(error = %e, "download failed");
+            self.backoff(attempt, &mut prev, hint, "download").await;
+        }
+    }
+
+    /// DELETE the status URL (cancel, or "done with the files"). Best effort for callers.
+    pub async fn delete(&self, status: &Url) -> Result<(), ClientError> {
+        let resp = self
+            .send("DELETE", status, self.request(Method::DELETE, status, true))
+            .await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(Self::status_error("DELETE", status, resp).await)
+        }
+    }
+}
+
+fn retry_after(resp: &Response) -> Option<Duration> {
+    resp.headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()))
+}

@@ -1,0 +1,30 @@
+//! Stage 1 — the FHIR Bulk Data client: kick-off → poll → download, as the HL7 Bulk Data IG
+//! (STU2, STU3 and the 4.0 ballot) describes it.
+//!
+//! ```text
+//!  kick-off  GET|POST [base]/$export, Patient/$export, Group/{id}/$export
+//!     │      Accept: application/fhir+json, Prefer: respond-async      → 202 + Content-Location
+//!     ▼
+//!  poll      GET status URL (Retry-After, X-Progress, backoff with jitter; transient errors
+//!     │      retried)                                                   → 200 + manifest
+//!     ▼
+//!  download  GET each output/deleted/error file (Accept-Encoding: gzip; Range to resume);
+//!            the bearer token only when requiresAccessToken is true and the origin is trusted
+//! ```
+//!
+//! Everything a server says is untrusted input: manifest URLs must be http(s), relative
+//! `Content-Location`s are resolved against the kick-off URL, the access token is never sent to
+//! another origin unless the user allowed that host, and server error bodies are shown through
+//! their OperationOutcome diagnostics (truncated).
+
+mod error;
+mod http;
+pub mod manifest;
+pub mod request;
+pub mod retry;
+
+pub use error::{ClientError, OperationOutcome, redact as error_redact};
+pub use http::{Auth, BulkClient, BulkClientBuilder, FileResponse, PollOutcome};
+pub use manifest::{Manifest, ManifestItem};
+pub use request::{ExportLevel, ExportRequest};
+pub use retry::{RetryConfig, parse_retry_after};

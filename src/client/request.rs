@@ -1,0 +1,204 @@
+//! The kick-off request: level plus parameters, encoded as a GET query string or a FHIR
+//! `Parameters` body for POST (forced when `patient` is given, or with `--post`).
+
+use serde_json::{Value, json};
+use url::Url;
+
+use super::ClientError;
+
+/// Which population to export.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", tag = "level", content = "group")]
+pub enum ExportLevel {
+    /// `[base]/$export`
+    System,
+    /// `[base]/Patient/$export`
+    Patients,
+    /// `[base]/Group/[id]/$export`
+    Group(String),
+}
+
+/// A kick-off request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExportRequest {
+    /// Export level (default system).
+    pub level: Option<ExportLevel>,
+    /// `_type` values.
+    pub types: Vec<String>,
+    /// `_since` instant.
+    pub since: Option<String>,
+    /// `_until` instant.
+    pub until: Option<String>,
+    /// `_typeFilter` queries (one per parameter).
+    pub type_filters: Vec<String>,
+    /// `_elements`.
+    pub elements: Vec<String>,
+    /// `patient` references (forces POST).
+    pub patients: Vec<String>,
+    /// `includeAssociatedData` codes.
+    pub include_associated_data: Vec<String>,
+    /// `_outputFormat`.
+    pub output_format: Option<String>,
+    /// `organizeOutputBy`.
+    pub organize_output_by: Option<String>,
+    /// `allowPartialManifests=true`.
+    pub allow_partial_manifests: bool,
+    /// Custom `name=value` parameters.
+    pub params: Vec<(String, String)>,
+    /// Use POST with a Parameters body.
+    pub post: bool,
+    /// `Prefer: handling=lenient`.
+    pub lenient: bool,
+}
+
+impl ExportRequest {
+    /// The export level (system when unset).
+    pub fn level(&self) -> ExportLevel {
+        self.level.clone().unwrap_or(ExportLevel::System)
+    }
+
+    /// Whether this request is sent as POST.
+    pub fn uses_post(&self) -> bool {
+        self.post || !self.patients.is_empty()
+    }
+
+    /// The kick-off URL (without parameters) for a FHIR base URL.
+    pub fn endpoint(&self, base: &Url) -> Result<Url, ClientError> {
+        let mut base = base.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let rel = match self.level() {
+            ExportLevel::System => "$export".to_string(),
+            ExportLevel::Patients => "Patient/$export".to_string(),
+            ExportLevel::Group(id) => {
+                if id.is_empty()
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                {
+                    return Err(ClientError::Invalid(format!(
+                        "group id {id:?} is not a FHIR id"
+                    )));
+                }
+                format!("Group/{id}/$export")
+            }
+        };
+        base.join(&rel)
+            .map_err(|e| ClientError::Invalid(e.to_string()))
+    }
+
+    /// `(name, value)` pairs, one per value (repeated rather than comma-joined).
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let mut push = |n: &str, v: &str| p.push((n.to_string(), v.to_string()));
+        if let Some(f) = &self.output_format {
+            push("_outputFormat", f);
+        }
+        if let Some(s) = &self.since {
+            push("_since", s);
+        }
+        if let Some(s) = &self.until {
+            push("_until", s);
+        }
+        for t in &self.types {
+            push("_type", t);
+        }
+        for e in &self.elements {
+            push("_elements", e);
+        }
+        for f in &self.type_filters {
+            push("_typeFilter", f);
+        }
+        for c in &self.include_associated_data {
+            push("includeAssociatedData", c);
+        }
+        if let Some(o) = &self.organize_output_by {
+            push("organizeOutputBy", o);
+        }
+        if self.allow_partial_manifests {
+            push("allowPartialManifests", "true");
+        }
+        for (n, v) in &self.params {
+            push(n, v);
+        }
+        p
+    }
+
+    /// The GET URL with the query string (percent-encoded, `+` as `%2B`).
+    pub fn get_url(&self, base: &Url) -> Result<Url, ClientError> {
+        let mut url = self.endpoint(base)?;
+        let pairs = self.pairs();
+        if !pairs.is_empty() {
+            url.query_pairs_mut().extend_pairs(pairs);
+        }
+        Ok(url)
+    }
+
+    /// The POST body: a FHIR `Parameters` resource, one entry per value.
+    pub fn parameters_body(&self) -> Value {
+        let mut params: Vec<Value> = self
+            .pairs()
+            .into_iter()
+            .map(|(name, value)| match name.as_str() {
+                "_since" | "_until" => json!({"name": name, "valueInstant": value}),
+                "allowPartialManifests" => {
+                    json!({"name": name, "valueBoolean": value == "true"})
+                }
+                "includeAssociatedData" => json!({"name": name, "valueCode": value}),
+                _ => json!({"name": name, "valueString": value}),
+            })
+            .collect();
+        for p in &self.patients {
+            let reference = if p.contains('/') {
+                p.clone()
+            } else {
+                format!("Patient/{p}")
+            };
+            params.push(json!({"name": "patient", "valueReference": {"reference": reference}}));
+        }
+        json!({"resourceType": "Parameters", "parameter": params})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_bodies() {
+        let base = Url::parse("https://ehr.example/fhir").unwrap();
+        let r = ExportRequest {
+            level: Some(ExportLevel::Group("g-1".into())),
+            types: vec!["Patient".into(), "Observation".into()],
+            since: Some("2020-01-01T00:00:00+01:00".into()),
+            ..Default::default()
+        };
+        let u = r.get_url(&base).unwrap();
+        assert_eq!(u.path(), "/fhir/Group/g-1/$export");
+        assert_eq!(
+            u.query(),
+            Some("_since=2020-01-01T00%3A00%3A00%2B01%3A00&_type=Patient&_type=Observation")
+        );
+        assert!(!r.uses_post());
+        let r = ExportRequest {
+            patients: vec!["p1".into()],
+            ..r
+        };
+        assert!(r.uses_post());
+        let body = r.parameters_body();
+        assert_eq!(
+            body["parameter"][0]["valueInstant"],
+            "2020-01-01T00:00:00+01:00"
+        );
+        assert_eq!(
+            body["parameter"][3]["valueReference"]["reference"],
+            "Patient/p1"
+        );
+        let bad = ExportRequest {
+            level: Some(ExportLevel::Group("../x".into())),
+            ..Default::default()
+        };
+        assert!(bad.endpoint(&base).is_err());
+    }
+}

@@ -1,0 +1,342 @@
+//! The export client against the built-in Bulk Data server over real HTTP on 127.0.0.1: the
+//! happy path and one test per injected fault, each ending with exact row counts.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use flatfhir::{
+    client::{Auth, BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig},
+    export::{ExportOptions, ExportSummary, run_export},
+    pipeline::Progress,
+    query::Dataset,
+    serve::{DataSource, Faults, RunningServer, ServerBuilder},
+    sink::DatasetLocation,
+    view::ViewRegistry,
+};
+
+use crate::support::data;
+
+async fn server(faults: Faults, f: impl FnOnce(ServerBuilder) -> ServerBuilder) -> RunningServer {
+    let b = ServerBuilder::new(DataSource::Dir(data("sample")))
+        .with_delay(Duration::from_millis(300))
+        .with_resources_per_file(400)
+        .with_faults(faults);
+    f(b).start().await.unwrap()
+}
+
+fn fast_retry() -> RetryConfig {
+    RetryConfig {
+        base: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(400),
+        ..Default::default()
+    }
+}
+
+async fn export(
+    srv: &RunningServer,
+    req: ExportRequest,
+    out: &std::path::Path,
+    auth: Auth,
+) -> flatfhir::Result<ExportSummary> {
+    let client = BulkClientBuilder::new(srv.base_url().clone())
+        .with_auth(auth)
+        .with_retry(fast_retry())
+        .build()?;
+    let loc = DatasetLocation::resolve(out.to_str().unwrap(), true)?;
+    let reg = Arc::new(ViewRegistry::builtin()?);
+    run_export(
+        client,
+        req,
+        reg,
+        loc,
+        ExportOptions::default(),
+        Arc::new(Progress::default()),
+        None,
+    )
+    .await
+}
+
+fn patients() -> ExportRequest {
+    ExportRequest {
+        level: Some(ExportLevel::Patients),
+        ..Default::default()
+    }
+}
+
+fn with_fault(fault: &str) -> ExportRequest {
+    ExportRequest {
+        params: vec![("_flatfhirFault".into(), fault.into())],
+        ..patients()
+    }
+}
+
+/// Rows per resource type read back with SQL must equal the server's data, with no duplicate ids.
+async fn assert_exact(out: &std::path::Path, expected: &BTreeMap<String, u64>) {
+    let ds = Dataset::open(&DatasetLocation::resolve(out.to_str().unwrap(), false).unwrap())
+        .await
+        .unwrap();
+    for (t, n) in expected {
+        let table = flatfhir::view::snake_case(t);
+        let sql = format!("select count(*) as n, count(distinct id) as d from \"{table}\"");
+        let b = ds.sql(&sql).await.unwrap();
+        let col = |i: usize| {
+            b[0].column(i)
+                .as_any()
+                .downcast_ref::<flatfhir::arrow::array::Int64Array>()
+                .unwrap()
+                .value(0) as u64
+        };
+        assert_eq!((col(0), col(1)), (*n, *n), "{t}: rows and distinct ids");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_export_equals_the_data() {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = export(&srv, patients(), tmp.path(), Auth::None)
+        .await
+        .unwrap();
+    let expected = srv.counts();
+    for (t, n) in &expected {
+        assert_eq!(s.manifest.types[t].rows, *n, "{t}");
+    }
+    assert_exact(tmp.path(), &expected).await;
+    assert!(s.manifest.transaction_time.is_some());
+    // The finished job was deleted on the server (best effort) and the status URL is gone.
+    let log = srv.log();
+    assert!(log.iter().any(|r| r.method == "DELETE"));
+    // Kick-off carried the IG's headers; files were asked for with gzip.
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_export_and_post_parameters() {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let req = ExportRequest {
+        level: Some(ExportLevel::Group("demo-cohort".into())),
+        types: vec!["Patient".into(), "Condition".into()],
+        post: true,
+        ..Default::default()
+    };
+    let s = export(&srv, req, tmp.path(), Auth::None).await.unwrap();
+    assert_eq!(
+        s.manifest.types.keys().collect::<Vec<_>>(),
+        ["Condition", "Patient"]
+    );
+    assert_eq!(s.manifest.types["Patient"].rows, 4);
+    assert!(
+        srv.log()
+            .iter()
+            .any(|r| r.method == "POST" && r.path.contains("Group/demo-cohort/$export"))
+    );
+    srv.shutdown().await;
+}
+
+async fn fault_case(fault: &str) -> (tempfile::TempDir, ExportSummary, RunningServer) {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = export(&srv, with_fault(fault), tmp.path(), Auth::None)
+        .await
+        .unwrap_or_else(|e| panic!("fault {fault}: {e:#}"));
+    assert_exact(tmp.path(), &srv.counts()).await;
+    (tmp, s, srv)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_status_errors_are_retried() {
+    let (_t, _s, srv) = fault_case("status-transient:2").await;
+    assert!(
+        srv.log()
+            .iter()
+            .filter(|r| r.path.contains("$export-status") && r.status == 500)
+            .count()
+            >= 2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_429_and_http_date_retry_after() {
+    fault_case("status-429:2").await;
+    fault_case("retry-after-date").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kickoff_429_is_retried() {
+    let (_t, _s, srv) = fault_case("kickoff-429:1").await;
+    assert!(
+        srv.log()
+            .iter()
+            .any(|r| r.path.contains("$export") && r.status == 429)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_downloads_are_restarted_without_duplicates() {
+    let (_t, s, _srv) = fault_case("cut-file").await;
+    assert_eq!(s.manifest.rejects, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_manifests_and_slow_bytes() {
+    fault_case("paged:2").await;
+    fault_case("slow:5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_entries_land_in_the_deleted_table() {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = export(
+        &srv,
+        with_fault("deleted:Patient/gone-1"),
+        tmp.path(),
+        Auth::None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.manifest.deleted, 1);
+    let ds = Dataset::open(&DatasetLocation::resolve(tmp.path().to_str().unwrap(), false).unwrap())
+        .await
+        .unwrap();
+    let b = ds
+        .sql("select resource_type, id from _deleted")
+        .await
+        .unwrap();
+    let text = flatfhir::arrow::util::pretty::pretty_format_batches(&b)
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("Patient") && text.contains("gone-1"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fatal_outcomes_are_stored_and_reported() {
+    let (tmp, s, _srv) = fault_case("outcome-fatal").await;
+    assert!(s.server_errors);
+    assert!(s.manifest.outcomes.get("fatal").is_some_and(|n| *n > 0));
+    let ds = Dataset::open(&DatasetLocation::resolve(tmp.path().to_str().unwrap(), false).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !ds.sql("select * from _outcomes where severity = 'fatal'")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (_t, s, _srv) = fault_case("outcome-warning").await;
+    assert!(!s.server_errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kickoff_errors_show_the_operation_outcome() {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let e = export(&srv, with_fault("kickoff-500"), tmp.path(), Auth::None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("HTTP 500") && e.contains("processing"), "{e}");
+    let e = export(
+        &srv,
+        with_fault("missing-content-location"),
+        tmp.path(),
+        Auth::None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("Content-Location"), "{e}");
+    let bad = ExportRequest {
+        types: vec!["Patient".into()],
+        params: vec![("_bogus".into(), "1".into())],
+        ..patients()
+    };
+    let e = export(&srv, bad, tmp.path(), Auth::None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("HTTP 400") && e.contains("_bogus"), "{e}");
+    let e = export(&srv, with_fault("status-fatal"), tmp.path(), Auth::None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("export failed") || e.contains("HTTP 500"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_goes_only_where_the_ig_says() {
+    // requiresAccessToken=false and files on another origin: the token must not be sent there.
+    let srv = server(Faults::default(), |b| {
+        b.with_bearer_token(Some("s3cr3t".into()))
+            .with_files_on_separate_origin(true)
+            .with_requires_access_token(false)
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let e = export(&srv, patients(), tmp.path(), Auth::None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("401"), "{e}");
+    export(&srv, patients(), tmp.path(), Auth::Bearer("s3cr3t".into()))
+        .await
+        .unwrap();
+    let log = srv.log();
+    assert!(
+        log.iter()
+            .filter(|r| r.path.contains("$export-status"))
+            .all(|r| r.authorization)
+    );
+    let files: Vec<_> = log
+        .iter()
+        .filter(|r| r.path.contains("$export-file"))
+        .collect();
+    assert!(
+        !files.is_empty() && files.iter().all(|r| !r.authorization),
+        "token leaked to a file URL"
+    );
+    srv.shutdown().await;
+
+    // requiresAccessToken=true but files on another origin: the token is withheld (the download
+    // fails with the server's 401) unless that host is allowed.
+    let srv = server(Faults::default(), |b| {
+        b.with_bearer_token(Some("s3cr3t".into()))
+            .with_files_on_separate_origin(true)
+            .with_requires_access_token(true)
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let e = export(&srv, patients(), tmp.path(), Auth::Bearer("s3cr3t".into()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("401") && e.contains("$export-file"), "{e}");
+    assert!(
+        srv.log()
+            .iter()
+            .filter(|r| r.path.contains("$export-file"))
+            .all(|r| !r.authorization)
+    );
+    srv.shutdown().await;
+
+    // requiresAccessToken=true on the same origin: files get the token.
+    let srv = server(Faults::default(), |b| {
+        b.with_bearer_token(Some("s3cr3t".into()))
+            .with_requires_access_token(true)
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    export(&srv, patients(), tmp.path(), Auth::Bearer("s3cr3t".into()))
+        .await
+        .unwrap();
+    assert!(
+        srv.log()
+            .iter()
+            .filter(|r| r.path.contains("$export-file"))
+            .all(|r| r.authorization)
+    );
+    assert_exact(tmp.path(), &srv.counts()).await;
+}
