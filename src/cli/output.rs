@@ -7,20 +7,61 @@ use flatfhir::{
     arrow::{datatypes::SchemaRef, record_batch::RecordBatch, util::pretty::pretty_format_batches},
     sink::{
         RunManifest,
-        rows::{batch_to_json_rows, write_json_row},
+        rows::{batch_to_json_rows, decimal_text, write_json_row},
     },
 };
 
-/// Aligned text table (DataFusion style).
+/// Aligned text table (DataFusion style). Decimals are shown without trailing zeros
+/// (`3.91`, not `3.910000000000000000`).
 pub fn write_table(out: &mut impl Write, batches: &[RecordBatch]) -> Result<()> {
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     if batches.is_empty() {
         writeln!(out, "(0 rows)")?;
         return Ok(());
     }
-    writeln!(out, "{}", pretty_format_batches(batches)?)?;
+    let shown = batches
+        .iter()
+        .map(trim_decimals)
+        .collect::<Result<Vec<_>>>()?;
+    writeln!(out, "{}", pretty_format_batches(&shown)?)?;
     writeln!(out, "({rows} row{})", if rows == 1 { "" } else { "s" })?;
     Ok(())
+}
+
+fn trim_decimals(batch: &RecordBatch) -> Result<RecordBatch> {
+    use flatfhir::arrow::{
+        array::{Array, ArrayRef, Decimal128Array, StringArray},
+        datatypes::{DataType, Field, Schema},
+    };
+    let schema = batch.schema();
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Decimal128(..)))
+    {
+        return Ok(batch.clone());
+    }
+    let mut fields = Vec::new();
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for (f, c) in schema.fields().iter().zip(batch.columns()) {
+        match (f.data_type(), c.as_any().downcast_ref::<Decimal128Array>()) {
+            (DataType::Decimal128(_, s), Some(d)) => {
+                let text: StringArray = (0..d.len())
+                    .map(|i| d.is_valid(i).then(|| decimal_text(d.value(i), *s)))
+                    .collect();
+                fields.push(Field::new(f.name(), DataType::Utf8, true));
+                cols.push(std::sync::Arc::new(text));
+            }
+            _ => {
+                fields.push(f.as_ref().clone());
+                cols.push(c.clone());
+            }
+        }
+    }
+    Ok(RecordBatch::try_new(
+        std::sync::Arc::new(Schema::new(fields)),
+        cols,
+    )?)
 }
 
 /// CSV with a header.

@@ -340,3 +340,76 @@ async fn token_goes_only_where_the_ig_says() {
     );
     assert_exact(tmp.path(), &srv.counts()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_export_resumes_with_exact_counts() {
+    let srv = ServerBuilder::new(DataSource::Dir(data("sample")))
+        .with_delay(Duration::from_millis(200))
+        .with_resources_per_file(100)
+        .start()
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let bin = env!("CARGO_BIN_EXE_flatfhir");
+    let base = srv.base_url().to_string();
+    let args = [
+        "export",
+        "--base-url",
+        &base,
+        "--patients",
+        "--out",
+        out.to_str().unwrap(),
+        "--concurrency",
+        "1",
+        "--param",
+        "_flatfhirFault=slow:60",
+        "-q",
+    ];
+    let mut child = std::process::Command::new(bin).args(args).spawn().unwrap();
+    // Wait until some files are committed, then kill -9.
+    let jobs = out.join("_jobs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let committed = std::fs::read_dir(&jobs)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+            .map(|t| t.matches("\"committed\"").count())
+            .sum::<usize>();
+        if committed >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no file was committed in time"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "export finished before it could be killed"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // No run was published, so nothing is visible yet.
+    assert!(
+        !out.join("_runs").exists() || std::fs::read_dir(out.join("_runs")).unwrap().count() == 0
+    );
+
+    let o = std::process::Command::new(bin)
+        .args(["export", "--resume", out.to_str().unwrap(), "-q"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_exact(&out, &srv.counts()).await;
+    // Only one kick-off happened: the resumed run polled the saved status URL.
+    assert_eq!(
+        srv.log()
+            .iter()
+            .filter(|r| r.path.contains("/$export?") || r.path.ends_with("/$export"))
+            .count(),
+        1
+    );
+    srv.shutdown().await;
+}
