@@ -26,7 +26,6 @@ use std::{
 
 use bytes::Bytes;
 use futures::StreamExt;
-use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 use url::Url;
@@ -144,53 +143,13 @@ impl JobRecord {
 
     /// Save atomically.
     pub async fn save(&self, loc: &DatasetLocation) -> Result<(), SinkError> {
-        let rel = Self::path(&self.run_id);
-        let body = serde_json::to_vec_pretty(self).map_err(|source| SinkError::Manifest {
-            path: rel.clone(),
-            source,
-        })?;
-        loc.store
-            .put(&loc.child(&rel), PutPayload::from(body))
-            .await
-            .map_err(|source| SinkError::Store { path: rel, source })?;
-        Ok(())
+        loc.put_json(&Self::path(&self.run_id), self).await
     }
 
     /// The newest unfinished job of a dataset, if any.
     pub async fn latest_unfinished(loc: &DatasetLocation) -> Result<Option<JobRecord>, SinkError> {
-        use futures::TryStreamExt;
-        let metas: Vec<_> = loc
-            .store
-            .list(Some(&loc.child(JOBS_DIR)))
-            .try_collect()
-            .await
-            .map_err(|source| SinkError::Store {
-                path: JOBS_DIR.into(),
-                source,
-            })?;
-        let mut jobs = Vec::new();
-        for m in metas {
-            let path = m.location.to_string();
-            let bytes = loc
-                .store
-                .get(&m.location)
-                .await
-                .map_err(|source| SinkError::Store {
-                    path: path.clone(),
-                    source,
-                })?
-                .bytes()
-                .await
-                .map_err(|source| SinkError::Store {
-                    path: path.clone(),
-                    source,
-                })?;
-            let job: JobRecord = serde_json::from_slice(&bytes)
-                .map_err(|source| SinkError::Manifest { path, source })?;
-            if job.state != "complete" && job.state != "failed" {
-                jobs.push(job);
-            }
-        }
+        let mut jobs: Vec<JobRecord> = loc.list_json(JOBS_DIR).await?;
+        jobs.retain(|j| j.state != "complete" && j.state != "failed");
         jobs.sort_by(|a, b| a.started.cmp(&b.started));
         Ok(jobs.pop())
     }

@@ -3,8 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use futures::TryStreamExt;
-use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use super::{DatasetLocation, RUNS_DIR, SinkError, WrittenFile};
@@ -75,54 +73,12 @@ impl RunManifest {
 
     /// Write the manifest: the last step of a run.
     pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), SinkError> {
-        let rel = Self::path(&self.run_id);
-        let body = serde_json::to_vec_pretty(self).map_err(|source| SinkError::Manifest {
-            path: rel.clone(),
-            source,
-        })?;
-        loc.store
-            .put(&loc.child(&rel), PutPayload::from(body))
-            .await
-            .map_err(|source| SinkError::Store { path: rel, source })?;
-        Ok(())
+        loc.put_json(&Self::path(&self.run_id), self).await
     }
 
     /// Every published run of a dataset, oldest first.
     pub async fn list(loc: &DatasetLocation) -> Result<Vec<RunManifest>, SinkError> {
-        let dir = loc.child(RUNS_DIR);
-        let metas: Vec<_> = loc
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|source| SinkError::Store {
-                path: RUNS_DIR.into(),
-                source,
-            })?;
-        let mut runs = Vec::new();
-        for m in metas
-            .into_iter()
-            .filter(|m| m.location.as_ref().ends_with(".json"))
-        {
-            let path = m.location.to_string();
-            let bytes = loc
-                .store
-                .get(&m.location)
-                .await
-                .map_err(|source| SinkError::Store {
-                    path: path.clone(),
-                    source,
-                })?
-                .bytes()
-                .await
-                .map_err(|source| SinkError::Store {
-                    path: path.clone(),
-                    source,
-                })?;
-            let run: RunManifest = serde_json::from_slice(&bytes)
-                .map_err(|source| SinkError::Manifest { path, source })?;
-            runs.push(run);
-        }
+        let mut runs: Vec<RunManifest> = loc.list_json(RUNS_DIR).await?;
         runs.sort_by(|a, b| (&a.started, &a.run_id).cmp(&(&b.started, &b.run_id)));
         Ok(runs)
     }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use object_store::{ObjectStore, local::LocalFileSystem, path::Path};
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, local::LocalFileSystem, path::Path};
+use serde::{Serialize, de::DeserializeOwned};
 use url::Url;
 
 use super::SinkError;
@@ -48,6 +50,59 @@ impl DatasetLocation {
             prefix: Path::default(),
             url,
         })
+    }
+
+    /// Write a JSON document at `rel` (atomically: a put is all or nothing).
+    pub async fn put_json(&self, rel: &str, value: &impl Serialize) -> Result<(), SinkError> {
+        let body = serde_json::to_vec_pretty(value).map_err(|source| SinkError::Manifest {
+            path: rel.to_string(),
+            source,
+        })?;
+        self.store
+            .put(&self.child(rel), PutPayload::from(body))
+            .await
+            .map_err(|source| SinkError::Store {
+                path: rel.to_string(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Read every `*.json` document under the directory `rel` (none when it does not exist).
+    pub async fn list_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Vec<T>, SinkError> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&self.child(rel)))
+            .try_collect()
+            .await
+            .map_err(|source| SinkError::Store {
+                path: rel.to_string(),
+                source,
+            })?;
+        let mut out = Vec::new();
+        for m in metas
+            .into_iter()
+            .filter(|m| m.location.as_ref().ends_with(".json"))
+        {
+            let path = m.location.to_string();
+            let store_err = |source| SinkError::Store {
+                path: path.clone(),
+                source,
+            };
+            let bytes = self
+                .store
+                .get(&m.location)
+                .await
+                .map_err(store_err)?
+                .bytes()
+                .await
+                .map_err(store_err)?;
+            out.push(
+                serde_json::from_slice(&bytes)
+                    .map_err(|source| SinkError::Manifest { path, source })?,
+            );
+        }
+        Ok(out)
     }
 
     /// `prefix/child`.
