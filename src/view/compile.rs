@@ -753,4 +753,82 @@ mod tests {
             "{e}"
         );
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Arbitrary JSON shaped loosely like a ViewDefinition: keys drawn from the real ones so
+        /// the compiler gets past the first checks, values of any shape.
+        fn json() -> impl Strategy<Value = serde_json::Value> {
+            let keys = prop::sample::select(vec![
+                "resource",
+                "select",
+                "column",
+                "name",
+                "path",
+                "forEach",
+                "forEachOrNull",
+                "repeat",
+                "unionAll",
+                "where",
+                "constant",
+                "collection",
+                "type",
+                "tag",
+                "value",
+                "valueString",
+                "valueInteger",
+            ]);
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                prop::sample::select(vec![
+                    "Patient",
+                    "id",
+                    "name.given",
+                    "%c",
+                    "@@",
+                    "a[",
+                    "x",
+                    "DATE",
+                    ""
+                ])
+                .prop_map(serde_json::Value::from),
+                ".{0,12}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(5, 64, 6, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                    prop::collection::vec((keys.clone(), inner), 0..6).prop_map(|kv| {
+                        serde_json::Value::Object(
+                            kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                        )
+                    }),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+            /// Any JSON gives a view or an error naming the file — never a panic; a view that
+            /// compiles evaluates any resource without panicking.
+            #[test]
+            fn arbitrary_views_never_panic(select in json(), other in json(), resource in json()) {
+                // Half the time a plausible skeleton, so the select compiler is exercised too.
+                let view = if other.is_object() {
+                    serde_json::json!({"resource": "Patient", "select": [select]})
+                } else {
+                    select
+                };
+                if let Ok(v) = CompiledView::from_json(&view.to_string(), "fuzz.json") {
+                    let mut out = Vec::new();
+                    let _ = v.evaluate(&resource, &mut out);
+                } else if let Err(e) = CompiledView::from_json(&view.to_string(), "fuzz.json") {
+                    prop_assert!(e.to_string().contains("fuzz.json"));
+                }
+            }
+        }
+    }
 }
