@@ -14,8 +14,11 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb>=1.1,<2'
 fi
-(cd "$here" && cargo build --release --locked --quiet)
-bin="$CARGO_TARGET_DIR/release/flatfhir"
+# FLATFHIR_BIN overrides the binary (e.g. a debug build for a quick check of the script itself).
+if [ -z "${FLATFHIR_BIN:-}" ]; then
+  (cd "$here" && cargo build --release --locked --quiet)
+fi
+bin="${FLATFHIR_BIN:-$CARGO_TARGET_DIR/release/flatfhir}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
