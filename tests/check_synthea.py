@@ -38,4 +38,17 @@ print(f"observation value_quantity: {len(rows) - len(bad)}/{len(obs_values)} equ
 failed += bool(bad) or len(rows) != len(obs_values)
 kinds = con.sql(f"select distinct export from read_parquet('{ds}/observation/**/*.parquet', hive_partitioning=true)").fetchall()
 print(f"partition column export: {kinds}")
+if len(sys.argv) > 3:
+    # A second dataset written by `flatfhir export` from the same files: same rows per type.
+    def types(d):
+        runs = [json.load(open(f)) for f in glob.glob(os.path.join(d, "_runs", "*.json"))]
+        out = collections.Counter()
+        for r in runs:
+            for t, c in r["types"].items():
+                out[t] += c["rows"]
+        return out
+    a, b = types(ds), types(sys.argv[3])
+    same = a == b
+    failed += not same
+    print(f"export over loopback vs convert: {'same rows per type' if same else f'DIFFERENT: {a} vs {b}'} ({sum(b.values())} rows)")
 sys.exit(1 if failed else 0)
