@@ -26,7 +26,7 @@
 //! | GET, POST | `$export`, `Patient/$export`, `Group/{id}/$export` | kick-off; `202` + absolute `Content-Location` |
 //! | GET | `$export-status/{job}[?page=N]` | `202` while working, then `200` + manifest |
 //! | DELETE | `$export-status/{job}` | `202`; afterwards the status URL and files answer `404` |
-//! | GET | `$export-file/{job}/{n}.ndjson` | output, error and deleted files |
+//! | GET | `$export-file/{job}/{n}.ndjson` | output, error and deleted files; gzip on `Accept-Encoding`; `Range: bytes=…` → `206` (range offsets count plain ndjson bytes: a range request is answered without gzip) |
 //! | GET | `metadata` | minimal CapabilityStatement (never needs a token) |
 //!
 //! Kick-off requires `Accept: application/fhir+json` and a `Prefer` header with the

@@ -110,30 +110,40 @@ fn status_url(resp: &reqwest::Response) -> String {
         .to_string()
 }
 
-/// Poll until 200; returns the manifest. Panics on anything but 202/200.
-async fn poll(url: &str) -> Value {
-    for _ in 0..100 {
-        let resp = client().get(url).send().await.unwrap();
-        match resp.status() {
-            StatusCode::ACCEPTED => {
-                assert!(
-                    resp.headers()["x-progress"]
-                        .to_str()
-                        .unwrap()
-                        .ends_with("% complete")
-                );
-                assert!(resp.headers().contains_key("retry-after"));
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
-            StatusCode::OK => {
-                assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
-                assert!(resp.headers().contains_key("expires"));
-                return resp.json().await.unwrap();
-            }
-            other => panic!("status {other}: {}", resp.text().await.unwrap()),
+/// Poll (with an optional bearer token) until the answer is not `202`; checks the `202`s.
+async fn poll_until_done(url: &str, token: Option<&str>) -> reqwest::Response {
+    for _ in 0..200 {
+        let mut request = client().get(url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
         }
+        let resp = request.send().await.unwrap();
+        if resp.status() != StatusCode::ACCEPTED {
+            return resp;
+        }
+        let progress = resp.headers()["x-progress"].to_str().unwrap();
+        assert!(progress.ends_with("% complete"), "{progress}");
+        assert!(resp.headers().contains_key("retry-after"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("export never finished");
+}
+
+/// Poll until 200; returns the manifest. Panics on anything but 202/200.
+async fn poll_with(url: &str, token: Option<&str>) -> Value {
+    let resp = poll_until_done(url, token).await;
+    match resp.status() {
+        StatusCode::OK => {
+            assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+            assert!(resp.headers().contains_key("expires"));
+            resp.json().await.unwrap()
+        }
+        other => panic!("status {other}: {}", resp.text().await.unwrap()),
+    }
+}
+
+async fn poll(url: &str) -> Value {
+    poll_with(url, None).await
 }
 
 async fn download(url: &str) -> String {
@@ -308,6 +318,13 @@ async fn since_type_filter_and_elements() {
     )
     .await;
     assert_eq!(output_counts(&since).await, map(&[("Patient", 2)]));
+    let until = export(
+        &server,
+        "$export",
+        &[("_type", "Patient"), ("_until", "2021-03-01")],
+    )
+    .await;
+    assert_eq!(output_counts(&until).await, map(&[("Patient", 2)]));
 
     let filtered = export(
         &server,
@@ -483,16 +500,7 @@ async fn bearer_token_and_capability_urls() {
         client().get(&url).send().await.unwrap().status(),
         StatusCode::UNAUTHORIZED
     );
-    tokio::time::sleep(DELAY).await;
-    let manifest: Value = client()
-        .get(&url)
-        .bearer_auth("secret")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let manifest = poll_with(&url, Some("secret")).await;
     assert_eq!(manifest["requiresAccessToken"], false);
     let file = manifest["output"][0]["url"].as_str().unwrap();
     assert!(file.starts_with(server.files_base_url().as_str()));
@@ -523,16 +531,7 @@ async fn files_need_the_token_when_required() {
         .await
         .unwrap();
     let url = status_url(&resp);
-    tokio::time::sleep(DELAY).await;
-    let manifest: Value = client()
-        .get(&url)
-        .bearer_auth("secret")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let manifest = poll_with(&url, Some("secret")).await;
     assert_eq!(manifest["requiresAccessToken"], true);
     let file = manifest["output"][0]["url"].as_str().unwrap();
     assert_eq!(
@@ -620,8 +619,7 @@ async fn status_faults() {
 
     let fatal = kickoff(&server, "$export", &[("_flatfhirFault", "status-fatal")]).await;
     let url = status_url(&fatal);
-    tokio::time::sleep(DELAY).await;
-    let failed = client().get(&url).send().await.unwrap();
+    let failed = poll_until_done(&url, None).await;
     assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let oo: Value = failed.json().await.unwrap();
     assert_eq!(oo["issue"][0]["code"], "processing");
