@@ -26,6 +26,8 @@ pub struct DecoderBuilder {
     batch_size: usize,
     max_line_bytes: usize,
     only_viewed: bool,
+    first_line: u64,
+    start_offset: u64,
 }
 
 impl DecoderBuilder {
@@ -37,7 +39,19 @@ impl DecoderBuilder {
             batch_size: DEFAULT_BATCH_SIZE,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             only_viewed: false,
+            first_line: 1,
+            start_offset: 0,
         }
+    }
+    /// Where the input starts in its file (default line 1, offset 0): `line` is the 1-based
+    /// number of its first line and `offset` the absolute byte offset of its first byte, so that
+    /// rejects name the file's own line numbers and offsets when a file is decoded in byte
+    /// ranges. The input must start at the beginning of a line. [`DecodeStats::bytes`] and
+    /// `lines` count this input only.
+    pub fn with_start(mut self, line: u64, offset: u64) -> Self {
+        self.first_line = line.max(1);
+        self.start_offset = offset;
+        self
     }
     /// Skip (and count as `skipped`) resources of types no view reads, instead of landing them
     /// in a generic base table (default `false`). Used when running one view.
@@ -58,7 +72,11 @@ impl DecoderBuilder {
     /// Build the decoder.
     pub fn build(self) -> Decoder {
         Decoder {
-            lines: LineSplitter::new(self.max_line_bytes),
+            lines: LineSplitter::starting_at(
+                self.max_line_bytes,
+                self.first_line,
+                self.start_offset,
+            ),
             registry: self.registry,
             file: self.file,
             batch_size: self.batch_size,
@@ -336,4 +354,43 @@ pub fn generic_view(resource_type: &str, raw: bool) -> CompiledView {
         .unwrap_or_else(|e| unreachable!("the generic view is valid: {e}"));
     v.set_raw_column(raw);
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_start_locates_rejects_in_the_whole_file() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let input = concat!(
+            r#"{"resourceType":"Patient","id":"p1"}"#,
+            "\n",
+            "not json\n",
+            "\n",
+            r#"{"resourceType":"../x","id":"e"}"#,
+            "\n",
+        );
+        let decode = |b: DecoderBuilder| {
+            let mut d = b.build();
+            for c in input.as_bytes().chunks(5) {
+                d.decode(c).unwrap();
+            }
+            d.finish().unwrap();
+            let r: Vec<_> = d
+                .take_rejects()
+                .into_iter()
+                .map(|r| (r.line, r.byte_offset))
+                .collect();
+            (r, d.stats().clone())
+        };
+        let (r, stats) = decode(DecoderBuilder::new(reg.clone(), "f"));
+        assert_eq!(r, vec![(2, 37), (4, 47)]);
+        assert_eq!((stats.bytes, stats.lines), (input.len() as u64, 4));
+        let (r, stats) = decode(DecoderBuilder::new(reg, "f").with_start(101, 5000));
+        assert_eq!(r, vec![(102, 5037), (104, 5047)]);
+        assert_eq!((stats.bytes, stats.lines), (input.len() as u64, 4));
+        assert_eq!(stats.types["Patient"].rows, 1);
+        assert_eq!(stats.rejects(), 2);
+    }
 }

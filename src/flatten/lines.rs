@@ -27,18 +27,30 @@ pub struct LineSplitter {
     /// The current line is over the limit and its bytes are being skipped.
     skipping: bool,
     max_line: usize,
+    /// Number of the first line and offset of the first byte (see [`LineSplitter::starting_at`]).
+    first_line: u64,
+    start: u64,
 }
 
 impl LineSplitter {
     /// A splitter that hands out lines longer than `max_line` bytes as `bytes: None`.
     pub fn new(max_line: usize) -> Self {
+        Self::starting_at(max_line, 1, 0)
+    }
+
+    /// A splitter for input that starts mid-file, at the first byte of line number `line`
+    /// (1-based) and absolute byte offset `offset`: lines are numbered and located as in the
+    /// whole file. Used when one file is decoded in byte ranges by several workers.
+    pub fn starting_at(max_line: usize, line: u64, offset: u64) -> Self {
         LineSplitter {
             carry: Vec::new(),
-            number: 1,
-            pos: 0,
-            line_start: 0,
+            number: line,
+            pos: offset,
+            line_start: offset,
             skipping: false,
             max_line,
+            first_line: line,
+            start: offset,
         }
     }
 
@@ -136,12 +148,12 @@ impl LineSplitter {
 
     /// Lines completed so far.
     pub fn lines(&self) -> u64 {
-        self.number - 1
+        self.number - self.first_line
     }
 
-    /// Bytes pushed so far.
+    /// Bytes pushed so far (not counting the start offset).
     pub fn bytes(&self) -> u64 {
-        self.pos
+        self.pos - self.start
     }
 }
 
@@ -161,8 +173,13 @@ fn trim_len(len: u64, last: Option<&u8>) -> u64 {
 mod tests {
     use super::*;
 
-    fn split(input: &[u8], chunk: usize, max: usize) -> Vec<(u64, u64, Option<String>, u64)> {
-        let mut s = LineSplitter::new(max);
+    type Out = Vec<(u64, u64, Option<String>, u64)>;
+
+    fn split(input: &[u8], chunk: usize, max: usize) -> Out {
+        split_at(LineSplitter::new(max), input, chunk)
+    }
+
+    fn split_at(mut s: LineSplitter, input: &[u8], chunk: usize) -> Out {
         let mut out = Vec::new();
         let mut sink = |l: Line<'_>| -> Result<(), ()> {
             out.push((
@@ -204,5 +221,39 @@ mod tests {
             assert_eq!(got[2], (3, 23, Some("ok".into()), 2));
             assert_eq!(got[3], (4, 26, None, 10));
         }
+    }
+
+    #[test]
+    fn starting_at_numbers_lines_as_in_the_whole_file() {
+        let input = b"{\"a\":1}\r\n\n{\"b\":22}\nxyz\n0123456789abcdef\nlast";
+        for chunk in [1, 3, 100] {
+            let whole = split(input, chunk, 8);
+            // Cut after every newline; each tail, started at its line and offset, gives the same lines.
+            let mut line = 1;
+            for (i, _) in input.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+                line += 1;
+                let off = i as u64 + 1;
+                let mut s = LineSplitter::starting_at(8, line, off);
+                let mut got = Vec::new();
+                let mut sink = |l: Line<'_>| -> Result<(), ()> {
+                    got.push((l.number, l.offset));
+                    Ok(())
+                };
+                for c in input[i + 1..].chunks(chunk) {
+                    s.push(c, &mut sink).unwrap();
+                }
+                s.finish(&mut sink).unwrap();
+                assert_eq!(s.bytes(), (input.len() - i - 1) as u64);
+                assert_eq!(s.lines(), got.len() as u64);
+                let want: Vec<_> = whole[line as usize - 1..]
+                    .iter()
+                    .map(|(n, o, ..)| (*n, *o))
+                    .collect();
+                assert_eq!(got, want, "from line {line}, chunk {chunk}");
+            }
+        }
+        // The full tuple through the shared helper, for one cut.
+        let tail = split_at(LineSplitter::starting_at(1 << 20, 3, 10), &input[10..], 4);
+        assert_eq!(tail[0], (3, 10, Some("{\"b\":22}".to_string()), 8));
     }
 }

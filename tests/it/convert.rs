@@ -153,3 +153,113 @@ async fn unpublished_files_are_not_read_and_other_readers_see_the_partition_colu
     let b = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
     assert_eq!(count(&b), 4);
 }
+
+/// A big uncompressed file decoded in byte ranges by several workers gives exactly the result of
+/// decoding it whole: counts, rows, and rejects at the same file, line and byte offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_files_convert_exactly_like_whole_files() {
+    use flatfhir::arrow::util::pretty::pretty_format_batches;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("big.ndjson");
+    let mut text = String::new();
+    let mut bad = Vec::new(); // (line, byte offset)
+    for n in 1..=3000u64 {
+        let line = match n {
+            _ if n % 997 == 0 => r#"{"resourceType":"Patient","id":"broken","#.to_string(),
+            _ if n % 641 == 0 => r#"{"resourceType":"../x","id":"evil"}"#.to_string(),
+            _ if n % 503 == 0 => {
+                format!(r#"{{"resourceType":"Patient","id":"d{n}","birthDate":"05/06/1970"}}"#)
+            }
+            _ if n % 211 == 0 => String::new(),
+            _ if n % 3 == 0 => format!(
+                r#"{{"resourceType":"Patient","id":"p{n}","gender":"female","birthDate":"1970-05-01"}}"#
+            ),
+            _ => format!(
+                r#"{{"resourceType":"Observation","id":"o{n}","status":"final","code":{{"coding":[{{"system":"http://loinc.org","code":"4548-4"}}]}},"subject":{{"reference":"Patient/p{}"}},"valueQuantity":{{"value":{}.5,"unit":"%"}}}}"#,
+                n / 3 * 3,
+                n % 11
+            ),
+        };
+        if n % 997 == 0 || n % 641 == 0 || n % 503 == 0 {
+            bad.push((n, text.len() as u64));
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    std::fs::write(&input, &text).unwrap();
+    let ranges = pipeline::split_file(&input, 4096).unwrap();
+    assert!(ranges.len() > 20, "{} ranges", ranges.len());
+
+    let reg = Arc::new(ViewRegistry::builtin().unwrap());
+    let mut results = Vec::new();
+    for (split_bytes, threads) in [(0, 1), (4096, 3)] {
+        let out = tmp.path().join(format!("out-{split_bytes}"));
+        let loc = DatasetLocation::resolve(out.to_str().unwrap(), true).unwrap();
+        let opts = ConvertOptions {
+            batch_size: 100,
+            threads,
+            split_bytes,
+            ..Default::default()
+        };
+        let files = pipeline::expand_inputs(std::slice::from_ref(&input)).unwrap();
+        let m = pipeline::convert(files, reg.clone(), loc, opts, Arc::new(Progress::default()))
+            .await
+            .unwrap();
+        for (t, c) in &m.types {
+            if t != flatfhir::flatten::INVALID_TYPE_BUCKET {
+                assert_eq!(c.lines, c.rows + c.rejects + c.filtered, "{t}: {c:?}");
+            }
+        }
+        assert_eq!(m.inputs.len(), 1);
+        assert_eq!(m.inputs[0].bytes, text.len() as u64);
+        assert_eq!(m.inputs[0].lines, 3000);
+        assert_eq!(m.inputs[0].rejects, bad.len() as u64);
+        let ds = Dataset::open(&DatasetLocation::resolve(out.to_str().unwrap(), false).unwrap())
+            .await
+            .unwrap();
+        let rejects = ds
+            .sql("select file, line, byte_offset from _rejects order by line")
+            .await
+            .unwrap();
+        let lines = ds
+            .sql("select line, byte_offset from _rejects order by line")
+            .await
+            .unwrap();
+        let got: Vec<(u64, u64)> = {
+            let b = flatfhir::arrow::compute::concat_batches(&lines[0].schema(), &lines).unwrap();
+            let cast = |i: usize| {
+                flatfhir::arrow::compute::cast(
+                    b.column(i),
+                    &flatfhir::arrow::datatypes::DataType::UInt64,
+                )
+                .unwrap()
+            };
+            let (l, o) = (cast(0), cast(1));
+            let (l, o) = (
+                l.as_primitive::<flatfhir::arrow::datatypes::UInt64Type>(),
+                o.as_primitive::<flatfhir::arrow::datatypes::UInt64Type>(),
+            );
+            (0..b.num_rows())
+                .map(|i| (l.value(i), o.value(i)))
+                .collect()
+        };
+        assert_eq!(got, bad, "split {split_bytes}");
+        let mut view_rows = std::collections::BTreeMap::new();
+        for v in m.views.keys() {
+            let n = count(&ds.sql(&format!("select count(*) from {v}")).await.unwrap());
+            assert_eq!(n as u64, m.views[v], "{v}");
+            view_rows.insert(v.clone(), n);
+        }
+        results.push((
+            m.types.clone(),
+            m.views.clone(),
+            m.blank_lines,
+            m.inputs.clone(),
+            pretty_format_batches(&rejects).unwrap().to_string(),
+            view_rows,
+        ));
+    }
+    assert_eq!(results[0], results[1]);
+    assert!(results[0].1["observation"] > 1000);
+}
