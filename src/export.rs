@@ -69,6 +69,8 @@ pub struct ExportOptions {
     pub compression: parquet::basic::Compression,
     /// Send DELETE to the status URL after success (default true).
     pub delete_after: bool,
+    /// Also archive every downloaded file, as received, into this folder (`--keep-ndjson`).
+    pub keep_ndjson: Option<std::path::PathBuf>,
 }
 
 impl Default for ExportOptions {
@@ -79,6 +81,7 @@ impl Default for ExportOptions {
             batch_size: crate::flatten::DEFAULT_BATCH_SIZE,
             compression: parquet::basic::Compression::ZSTD(Default::default()),
             delete_after: true,
+            keep_ndjson: None,
         }
     }
 }
@@ -218,7 +221,14 @@ pub async fn run_export(
         rec.state = FileState::Committed;
     }
 
+    if let Some(dir) = &opts.keep_ndjson {
+        std::fs::create_dir_all(dir).map_err(|source| FlattenError::Read {
+            file: dir.display().to_string(),
+            source,
+        })?;
+    }
     let shared = Arc::new(Shared {
+        transaction_time: std::sync::OnceLock::new(),
         client: client.clone(),
         registry,
         location: location.clone(),
@@ -313,6 +323,7 @@ pub async fn run_export(
     let first = &manifest_pages[0];
     let requires_token = first.requires_access_token;
     job.transaction_time = Some(first.transaction_time.clone());
+    let _ = shared.transaction_time.set(first.transaction_time.clone());
     job.save(&location).await?;
     let mut all_items = Vec::new();
     for m in &manifest_pages {
@@ -436,6 +447,8 @@ fn items_of(m: &Manifest) -> Vec<(String, ManifestItem)> {
 }
 
 struct Shared {
+    /// The manifest's transactionTime once known (recorded with deleted entries).
+    transaction_time: std::sync::OnceLock<String>,
     client: BulkClient,
     registry: Arc<ViewRegistry>,
     location: DatasetLocation,
@@ -531,10 +544,35 @@ async fn stream_output(
     let batch_size = sh.opts.batch_size;
     let dlabel = label.clone();
     let progress = sh.progress.clone();
+    let archive = sh.opts.keep_ndjson.as_ref().map(|dir| {
+        let name: String = url
+            .path_segments()
+            .and_then(|mut s| s.next_back())
+            .unwrap_or("file")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        dir.join(format!("{n:04}-{name}{}", if gzip { ".gz" } else { "" }))
+    });
     let decode = tokio::task::spawn_blocking(move || -> Result<DecodeStats, FlattenError> {
         let read_err = |source| FlattenError::Read {
             file: dlabel.clone(),
             source,
+        };
+        let mut archive = match &archive {
+            Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(
+                |source| FlattenError::Read {
+                    file: p.display().to_string(),
+                    source,
+                },
+            )?)),
+            None => None,
         };
         let mut d = DecoderBuilder::new(registry, dlabel.clone())
             .with_batch_size(batch_size)
@@ -555,6 +593,9 @@ async fn stream_output(
                 )
             };
         while let Some(chunk) = brx.blocking_recv() {
+            if let Some(a) = archive.as_mut() {
+                a.write_all(&chunk).map_err(read_err)?;
+            }
             let ok = match gz.as_mut() {
                 Some(g) => {
                     g.write_all(&chunk).map_err(read_err)?;
@@ -571,6 +612,9 @@ async fn stream_output(
             g.try_finish().map_err(read_err)?;
             let out = std::mem::take(g.get_mut());
             feed(&mut d, &out)?;
+        }
+        if let Some(a) = archive.as_mut() {
+            a.flush().map_err(read_err)?;
         }
         let batches = d.finish()?;
         let rejects = d.take_rejects();
@@ -719,6 +763,7 @@ async fn small_file(
     let body = read_body(sh, url, requires_token).await?;
     let label = crate::client::error_redact(url);
     let mut extra: BTreeMap<String, u64> = BTreeMap::new();
+    let mut tt = StringBuilder::new();
     let (mut a, mut b, mut c, mut raw, mut file, mut line) = (
         StringBuilder::new(),
         StringBuilder::new(),
@@ -750,6 +795,7 @@ async fn small_file(
                 a.append_value(t);
                 b.append_value(id.split('/').next().unwrap_or(id));
                 c.append_option(v.pointer("/meta/lastUpdated").and_then(|x| x.as_str()));
+                tt.append_option(sh.transaction_time.get());
                 raw.append_value(&text);
                 file.append_value(&label);
                 line.append_value(i as u64 + 1);
@@ -777,6 +823,7 @@ async fn small_file(
                 raw.append_value(&text);
                 file.append_value(&label);
                 line.append_value(i as u64 + 1);
+                tt.append_option(sh.transaction_time.get());
                 *extra.entry(sev.to_string()).or_default() += 1;
             }
         }
@@ -793,6 +840,7 @@ async fn small_file(
         Field::new("raw", DataType::Utf8, true),
         Field::new("file", DataType::Utf8, true),
         Field::new("line", DataType::UInt64, true),
+        Field::new("transaction_time", DataType::Utf8, true),
     ]));
     let cols: Vec<ArrayRef> = vec![
         Arc::new(a.finish()),
@@ -801,6 +849,7 @@ async fn small_file(
         Arc::new(raw.finish()),
         Arc::new(file.finish()),
         Arc::new(line.finish()),
+        Arc::new(tt.finish()),
     ];
     let batch = RecordBatch::try_new(schema, cols).map_err(|e| Error::Internal(e.to_string()))?;
     let mut w = sh.writer(n);

@@ -147,6 +147,9 @@ struct ExportArgs {
     /// On Ctrl-C keep the server job (for --resume) instead of cancelling it with DELETE.
     #[arg(long)]
     keep_job: bool,
+    /// Also keep every downloaded file, as received (gzip stays gzip), in this folder.
+    #[arg(long, value_name = "DIR")]
+    keep_ndjson: Option<PathBuf>,
     #[command(flatten)]
     schema: SchemaArgs,
     /// Fail (exit code 1) when more than N lines are rejected; the run is still written.
@@ -462,6 +465,7 @@ async fn export(a: ExportArgs, quiet: bool) -> Result<Outcome> {
         concurrency: a.concurrency.max(1),
         timeout: a.timeout,
         delete_after: !a.no_delete,
+        keep_ndjson: a.keep_ndjson.clone(),
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());

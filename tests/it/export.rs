@@ -37,6 +37,16 @@ async fn export(
     out: &std::path::Path,
     auth: Auth,
 ) -> flatfhir::Result<ExportSummary> {
+    export_with(srv, req, out, auth, ExportOptions::default()).await
+}
+
+async fn export_with(
+    srv: &RunningServer,
+    req: ExportRequest,
+    out: &std::path::Path,
+    auth: Auth,
+    opts: ExportOptions,
+) -> flatfhir::Result<ExportSummary> {
     let client = BulkClientBuilder::new(srv.base_url().clone())
         .with_auth(auth)
         .with_retry(fast_retry())
@@ -48,7 +58,7 @@ async fn export(
         req,
         reg,
         loc,
-        ExportOptions::default(),
+        opts,
         Arc::new(Progress::default()),
         None,
     )
@@ -93,19 +103,50 @@ async fn assert_exact(out: &std::path::Path, expected: &BTreeMap<String, u64>) {
 async fn patient_export_equals_the_data() {
     let srv = server(Faults::default(), |b| b).await;
     let tmp = tempfile::tempdir().unwrap();
-    let s = export(&srv, patients(), tmp.path(), Auth::None)
+    let keep = tmp.path().join("raw");
+    let opts = ExportOptions {
+        keep_ndjson: Some(keep.clone()),
+        ..Default::default()
+    };
+    let s = export_with(&srv, patients(), &tmp.path().join("ds"), Auth::None, opts)
         .await
         .unwrap();
     let expected = srv.counts();
+    // --keep-ndjson archived every output file as received (gzip here): same line total.
+    let mut archived = 0;
+    for e in std::fs::read_dir(&keep).unwrap() {
+        let p = e.unwrap().path();
+        let raw = std::fs::read(&p).unwrap();
+        let mut text = String::new();
+        if p.extension().is_some_and(|x| x == "gz") {
+            std::io::Read::read_to_string(
+                &mut flate2::read::MultiGzDecoder::new(&raw[..]),
+                &mut text,
+            )
+            .unwrap();
+        } else {
+            text = String::from_utf8(raw).unwrap();
+        }
+        archived += text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    }
+    assert_eq!(archived, expected.values().sum::<u64>());
     for (t, n) in &expected {
         assert_eq!(s.manifest.types[t].rows, *n, "{t}");
     }
-    assert_exact(tmp.path(), &expected).await;
+    assert_exact(&tmp.path().join("ds"), &expected).await;
     assert!(s.manifest.transaction_time.is_some());
     // The finished job was deleted on the server (best effort) and the status URL is gone.
     let log = srv.log();
     assert!(log.iter().any(|r| r.method == "DELETE"));
-    // Kick-off carried the IG's headers; files were asked for with gzip.
+    // Files were asked for with gzip.
+    assert!(
+        log.iter()
+            .filter(|r| r.path.contains("$export-file"))
+            .all(|r| r
+                .accept_encoding
+                .as_deref()
+                .is_some_and(|a| a.contains("gzip")))
+    );
     srv.shutdown().await;
 }
 
