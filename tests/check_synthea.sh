@@ -22,7 +22,7 @@ trap 'rm -rf "$out"' EXIT
 # The same files through the export path: serve them, run a Patient-level export over loopback.
 "$bin" serve --data "$src" --addr 127.0.0.1:0 --delay 1s >"$out/serve.url" 2>"$out/serve.log" &
 serve_pid=$!
-trap 'kill $serve_pid 2>/dev/null; rm -rf "$out"' EXIT
+trap 'kill $serve_pid 2>/dev/null || true; rm -rf "$out"' EXIT
 for _ in $(seq 100); do [ -s "$out/serve.url" ] && break; sleep 0.2; done
 /usr/bin/time -f 'export over loopback: %e s, peak RSS %M KB' \
   "$bin" export --base-url "$(head -n 1 "$out/serve.url")" --patients --out "$out/exported" -q >/dev/null
