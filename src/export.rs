@@ -205,6 +205,7 @@ pub async fn run_export(
         None => {
             let s = client.kick_off(&job.request).await?;
             tracing::info!(status = %crate::client::error_redact(&s), "export accepted");
+            progress.set_state("export accepted");
             job.status_url = Some(s.to_string());
             job.save(&location).await?;
             s
@@ -276,6 +277,7 @@ pub async fn run_export(
             } => {
                 if let Some(p) = progress.filter(|p| *p != last_progress) {
                     tracing::info!(progress = %p, "export in progress");
+                    shared.progress.set_state(format!("server: {p}"));
                     last_progress = p;
                 }
                 if let Some(m) = partial {
@@ -330,6 +332,15 @@ pub async fn run_export(
         all_items.extend(items_of(m));
     }
     tracing::info!(files = all_items.len(), transaction_time = %first.transaction_time, "export complete; downloading");
+    shared.progress.files_total.store(
+        seen.len() as u64
+            + all_items
+                .iter()
+                .filter(|(_, i)| !seen.contains(&i.url))
+                .count() as u64,
+        Ordering::Relaxed,
+    );
+    shared.progress.set_state("downloading");
     spawn_items(all_items, requires_token, &mut tasks, &mut seen, &mut index);
 
     let mut failure: Option<Error> = None;
@@ -433,6 +444,13 @@ pub async fn run_export(
     })
 }
 
+/// FNV-1a, 64 bit: a stable (across runs and builds) name for a file URL.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 type Tasks = tokio::task::JoinSet<(ManifestItem, String, Result<FileRecord>)>;
 
 fn items_of(m: &Manifest) -> Vec<(String, ManifestItem)> {
@@ -459,10 +477,13 @@ struct Shared {
 }
 
 impl Shared {
-    fn writer(&self, n: usize) -> DatasetWriter {
+    /// The writer for one downloaded file. Its part names carry a hash of the file's URL, so
+    /// a resumed run writes a file's parts under the same names and can never overwrite the
+    /// committed parts of another file.
+    fn writer(&self, url: &Url) -> DatasetWriter {
         DatasetWriterBuilder::new(
             self.location.clone(),
-            format!("{}-{n:04}", self.run_id),
+            format!("{}-{:016x}", self.run_id, fnv1a(url.as_str().as_bytes())),
             &self.export,
         )
         .with_compression(self.opts.compression)
@@ -485,7 +506,7 @@ async fn process_item(
     loop {
         let r = match kind {
             "output" => stream_output(sh, &url, requires_token, n).await,
-            _ => small_file(sh, kind, &url, requires_token, n).await,
+            _ => small_file(sh, kind, &url, requires_token).await,
         };
         match r {
             Ok((parts, stats, extra)) => {
@@ -622,7 +643,7 @@ async fn stream_output(
         let _ = wtx.blocking_send(WMsg::Rejects(rejects));
         Ok(d.stats().clone())
     });
-    let mut writer = sh.writer(n);
+    let mut writer = sh.writer(url);
     let write = tokio::spawn(async move {
         let mut rejects = Vec::new();
         while let Some(m) = wrx.recv().await {
@@ -753,7 +774,6 @@ async fn small_file(
     kind: &str,
     url: &Url,
     requires_token: bool,
-    n: usize,
 ) -> Result<FileResult> {
     use datafusion::arrow::{
         array::{ArrayRef, StringBuilder, UInt64Builder},
@@ -852,7 +872,7 @@ async fn small_file(
         Arc::new(tt.finish()),
     ];
     let batch = RecordBatch::try_new(schema, cols).map_err(|e| Error::Internal(e.to_string()))?;
-    let mut w = sh.writer(n);
+    let mut w = sh.writer(url);
     w.write_batch(table, &batch).await?;
     let parts = w.finish().await?;
     Ok((parts, stats, extra))

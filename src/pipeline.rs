@@ -92,6 +92,24 @@ pub struct Progress {
     pub files: AtomicU64,
     /// Lines rejected.
     pub rejects: AtomicU64,
+    /// Files announced so far (exports: from the manifest; 0 when unknown).
+    pub files_total: AtomicU64,
+    /// A short state line (exports: "kicked off", the server's X-Progress, "downloading").
+    pub state: std::sync::Mutex<String>,
+}
+
+impl Progress {
+    /// Set the state line.
+    pub fn set_state(&self, s: impl Into<String>) {
+        if let Ok(mut g) = self.state.lock() {
+            *g = s.into();
+        }
+    }
+
+    /// The state line.
+    pub fn state(&self) -> String {
+        self.state.lock().map(|g| g.clone()).unwrap_or_default()
+    }
 }
 
 /// Expand inputs: files as given, directories searched recursively for `*.ndjson`,

@@ -45,8 +45,18 @@ impl ProgressDisplay {
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 bar.set_position(progress.bytes.load(Ordering::Relaxed));
+                let total = match progress.files_total.load(Ordering::Relaxed) {
+                    0 => total_files,
+                    n => n,
+                };
+                let state = progress.state();
                 bar.set_message(format!(
-                    "{}/{total_files} files, {} lines, {} rejects",
+                    "{}{}/{total} files, {} lines, {} rejects",
+                    if state.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{state} · ")
+                    },
                     progress.files.load(Ordering::Relaxed),
                     progress.lines.load(Ordering::Relaxed),
                     progress.rejects.load(Ordering::Relaxed)
