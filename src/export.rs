@@ -411,25 +411,16 @@ pub async fn run_export(
     files.sort_by(|a, b| a.path.cmp(&b.path));
     let server_errors = outcomes.get("fatal").is_some_and(|n| *n > 0)
         || outcomes.get("error").is_some_and(|n| *n > 0);
+    let ids = (job.run_id.clone(), job.export.clone(), job.started.clone());
     let manifest = RunManifest {
-        run_id: job.run_id.clone(),
-        export: job.export.clone(),
-        started: job.started.clone(),
-        finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        kind: "export".into(),
-        flatfhir_version: env!("CARGO_PKG_VERSION").into(),
-        inputs,
-        rejects: stats.rejects(),
-        types: stats.types,
-        views: stats.view_rows,
-        blank_lines: stats.blank_lines,
-        files,
         source: Some(job.base_url.clone()),
         transaction_time: job.transaction_time.clone(),
         outcomes,
         deleted,
         warnings,
+        ..RunManifest::finished("export", ids, stats, inputs, files)
     };
+
     manifest.publish(&location).await?;
     job.state = "complete".into();
     job.save(&location).await?;

@@ -293,21 +293,8 @@ pub async fn convert(
     }
     let files = writer.finish().await?;
     let inputs: Vec<InputRecord> = inputs.into_values().collect(); // sorted by source
-    let manifest = RunManifest {
-        run_id,
-        export,
-        started,
-        finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        kind: "convert".into(),
-        flatfhir_version: env!("CARGO_PKG_VERSION").into(),
-        inputs,
-        rejects: stats.rejects(),
-        types: stats.types,
-        views: stats.view_rows,
-        blank_lines: stats.blank_lines,
-        files,
-        ..Default::default()
-    };
+    let manifest =
+        RunManifest::finished("convert", (run_id, export, started), stats, inputs, files);
     manifest.publish(&location).await?;
     Ok(manifest)
 }

@@ -66,6 +66,31 @@ pub struct RunManifest {
 }
 
 impl RunManifest {
+    /// A finished run's manifest from what it read and wrote (finish time: now).
+    pub fn finished(
+        kind: &str,
+        (run_id, export, started): (String, String, String),
+        stats: crate::flatten::DecodeStats,
+        inputs: Vec<InputRecord>,
+        files: Vec<WrittenFile>,
+    ) -> RunManifest {
+        RunManifest {
+            run_id,
+            export,
+            started,
+            finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            kind: kind.to_string(),
+            flatfhir_version: env!("CARGO_PKG_VERSION").into(),
+            inputs,
+            rejects: stats.rejects(),
+            types: stats.types,
+            views: stats.view_rows,
+            blank_lines: stats.blank_lines,
+            files,
+            ..Default::default()
+        }
+    }
+
     /// Relative path of this run's manifest.
     pub fn path(run_id: &str) -> String {
         format!("{RUNS_DIR}/{run_id}.json")
