@@ -53,6 +53,9 @@ pub const OUTCOMES_TABLE: &str = "_outcomes";
 pub const DEFAULT_CONCURRENCY: usize = 4;
 /// Default limit for the whole job (exports of real EHRs run for hours, sometimes days).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+/// `--since auto`: continue from the last published run of the same export (see
+/// [`resolve_since_auto`]).
+pub const SINCE_AUTO: &str = "auto";
 /// Largest error/deleted file read into memory.
 const MAX_SMALL_FILE: usize = 256 << 20;
 
@@ -167,7 +170,84 @@ pub struct ExportSummary {
     pub server_errors: bool,
 }
 
-/// Run an export (or resume `resume`) into `location`.
+/// Replace `since: "auto"` ([`SINCE_AUTO`]) by the `transactionTime` of the newest published
+/// export run in `location` from the same server (`base_url`) with the same level, group, `_type`
+/// set, `_typeFilter` set and `patient` set; with no such run `since` is cleared and the export is
+/// a full one. Any other request is returned unchanged.
+pub async fn resolve_since_auto(
+    location: &DatasetLocation,
+    base_url: &str,
+    mut request: ExportRequest,
+) -> Result<ExportRequest, SinkError> {
+    if request.since.as_deref() != Some(SINCE_AUTO) {
+        return Ok(request);
+    }
+    let runs = RunManifest::list(location).await?;
+    let base = base_url.trim_end_matches('/');
+    let newest = runs
+        .iter()
+        .filter(|r| r.kind == "export")
+        .filter(|r| r.source.as_deref().map(|s| s.trim_end_matches('/')) == Some(base))
+        .filter(|r| {
+            r.request
+                .as_ref()
+                .is_some_and(|q| same_population(q, &request))
+        })
+        .filter_map(|r| {
+            let t = r.transaction_time.as_deref()?;
+            Some((chrono::DateTime::parse_from_rfc3339(t).ok()?, t))
+        })
+        .max_by_key(|(at, _)| *at);
+    match newest {
+        Some((_, t)) => {
+            tracing::info!(
+                since = t,
+                "--since auto: continuing from the last run's transactionTime"
+            );
+            request.since = Some(t.to_string());
+        }
+        None => {
+            tracing::info!(
+                "--since auto: no earlier run of this export in the dataset; full export"
+            );
+            request.since = None;
+        }
+    }
+    Ok(request)
+}
+
+/// New run ids whose `export` value no earlier run or job of the dataset has: the value orders
+/// runs (`<view>_latest`, tombstones), so two runs started within one second must not share it.
+async fn fresh_run_ids(location: &DatasetLocation) -> Result<(String, String, String), SinkError> {
+    let mut taken: HashSet<String> = RunManifest::list(location)
+        .await?
+        .into_iter()
+        .map(|r| r.export)
+        .collect();
+    let jobs: Vec<JobRecord> = location.list_json(JOBS_DIR).await?;
+    taken.extend(jobs.into_iter().map(|j| j.export));
+    loop {
+        let ids = new_run_ids();
+        if !taken.contains(&ids.1) {
+            return Ok(ids);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Same server-side population: level (and group), `_type`, `_typeFilter` and `patient`, as sets.
+fn same_population(a: &ExportRequest, b: &ExportRequest) -> bool {
+    fn set(v: &[String]) -> std::collections::BTreeSet<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    a.level() == b.level()
+        && set(&a.types) == set(&b.types)
+        && set(&a.type_filters) == set(&b.type_filters)
+        && set(&a.patients) == set(&b.patients)
+}
+
+/// Run an export (or resume `resume`) into `location`. A request with `since: "auto"` is
+/// resolved first ([`resolve_since_auto`]).
 pub async fn run_export(
     client: BulkClient,
     request: ExportRequest,
@@ -178,13 +258,14 @@ pub async fn run_export(
     resume: Option<JobRecord>,
 ) -> Result<ExportSummary> {
     let started_at = Instant::now();
+    let request = resolve_since_auto(&location, client.base().as_str(), request).await?;
     let mut job = match resume {
         Some(job) => {
             tracing::info!(run = job.run_id, "resuming export job");
             job
         }
         None => {
-            let (run_id, export, started) = new_run_ids();
+            let (run_id, export, started) = fresh_run_ids(&location).await?;
             JobRecord {
                 run_id,
                 export,
@@ -418,8 +499,10 @@ pub async fn run_export(
         outcomes,
         deleted,
         warnings,
+        request: Some(job.request.clone()),
         ..RunManifest::finished("export", ids, stats, inputs, files)
-    };
+    }
+    .with_view_keys(&shared.registry);
 
     manifest.publish(&location).await?;
     job.state = "complete".into();

@@ -18,12 +18,14 @@
 //!   through `object_store`, files published atomically and the run manifest written last.
 //! * [`query`] — a DataFusion `SessionContext` over a dataset, one table per view.
 //! * [`pipeline`] — wires the stages together for `convert`.
+//! * [`compact`] — rewrites many small files into fewer large ones, atomically for `query`.
 //!
 //! The arrow/parquet/datafusion/object_store versions are pinned together and re-exported, so
 //! downstream code never mixes two arrows.
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod client;
+pub mod compact;
 pub mod error;
 pub mod export;
 pub mod flatten;

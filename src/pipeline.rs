@@ -294,7 +294,8 @@ pub async fn convert(
     let files = writer.finish().await?;
     let inputs: Vec<InputRecord> = inputs.into_values().collect(); // sorted by source
     let manifest =
-        RunManifest::finished("convert", (run_id, export, started), stats, inputs, files);
+        RunManifest::finished("convert", (run_id, export, started), stats, inputs, files)
+            .with_view_keys(&registry);
     manifest.publish(&location).await?;
     Ok(manifest)
 }

@@ -55,6 +55,8 @@ enum Command {
     Schemas(SchemasCommand),
     /// Serve a folder of ndjson as a FHIR Bulk Data server (for tests and for other clients).
     Serve(ServeArgs),
+    /// Rewrite the many small files of a dataset into fewer large ones (atomically for `query`).
+    Compact(CompactArgs),
     /// Start the built-in server on the bundled sample, export a Group from it into
     /// ./flatfhir-demo through the whole pipeline, and query the result.
     Demo(DemoArgs),
@@ -75,17 +77,23 @@ struct ExportArgs {
     /// Group-level export: [base]/Group/ID/$export.
     #[arg(long, value_name = "ID")]
     group: Option<String>,
-    /// Output dataset folder.
+    /// Output dataset: a folder, or a URL (file://, s3://, gs://, az://, abfss://).
     #[arg(long, short, value_name = "DIR", required_unless_present = "resume")]
     out: Option<String>,
+    /// Object store option KEY=VALUE, e.g. aws_endpoint=http://127.0.0.1:9000 (repeatable;
+    /// credentials and endpoints also come from the cloud's standard environment variables).
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    store_options: Vec<(String, String)>,
     /// Continue the unfinished export job saved in DIR (polls its status URL, skips committed files).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "level"])]
     resume: Option<String>,
     /// _type: resource types to export (repeatable, or comma-separated).
     #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
     types: Vec<String>,
-    /// _since: only resources changed after this FHIR instant.
-    #[arg(long, value_name = "INSTANT")]
+    /// _since: only resources changed after this FHIR instant; `auto` uses the transactionTime
+    /// of the last published run of the same export (server, level, group, types, filters) in
+    /// the dataset, and runs a full export when there is none.
+    #[arg(long, value_name = "INSTANT|auto")]
     since: Option<String>,
     /// _until: only resources changed before this FHIR instant.
     #[arg(long, value_name = "INSTANT")]
@@ -210,9 +218,12 @@ struct ConvertArgs {
     /// Input ndjson files (.ndjson, .ndjson.gz) or folders searched recursively for them.
     #[arg(required = true, value_name = "INPUT")]
     inputs: Vec<PathBuf>,
-    /// Output dataset folder (created if missing).
+    /// Output dataset: a folder (created if missing) or a URL (s3://, gs://, az://, …).
     #[arg(long, short, value_name = "DIR")]
     out: String,
+    /// Object store option KEY=VALUE (repeatable; see `export --help`).
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    store_options: Vec<(String, String)>,
     #[command(flatten)]
     schema: SchemaArgs,
     /// Fail (exit code 1) when more than N lines are rejected; the run is still written.
@@ -247,9 +258,12 @@ enum QueryFormat {
 
 #[derive(Debug, Args)]
 struct QueryArgs {
-    /// Dataset folder written by `convert`.
+    /// Dataset written by `convert` or `export`: a folder or a URL (s3://, gs://, az://, …).
     #[arg(long, short, value_name = "DIR")]
     data: String,
+    /// Object store option KEY=VALUE (repeatable; see `export --help`).
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    store_options: Vec<(String, String)>,
     /// SQL statement; `-` or nothing reads it from stdin.
     sql: Option<String>,
     /// Read the SQL from a file.
@@ -258,6 +272,31 @@ struct QueryArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: QueryFormat,
+}
+
+#[derive(Debug, Args)]
+struct CompactArgs {
+    /// Dataset: a folder or a URL (s3://, gs://, az://, …).
+    #[arg(long, short, value_name = "DIR")]
+    data: String,
+    /// Object store option KEY=VALUE (repeatable; see `export --help`).
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    store_options: Vec<(String, String)>,
+    /// Rewrite a partition (one view, one run) when it has at least this many files.
+    #[arg(long, default_value_t = flatfhir::compact::DEFAULT_MIN_FILES)]
+    min_files: usize,
+    /// Only this view (repeatable, or comma-separated); default all.
+    #[arg(long = "view", value_name = "NAME", value_delimiter = ',')]
+    views: Vec<String>,
+    /// Keep only the rows of `<view>_latest` (drops older versions and deleted resources).
+    #[arg(long)]
+    latest_only: bool,
+    /// Parquet compression: zstd, zstd:LEVEL, snappy or none.
+    #[arg(long, default_value = "zstd", value_parser = parse_compression)]
+    compression: parquet::basic::Compression,
+    /// Print the compaction record as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -390,6 +429,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::View(a) => view(a),
         Command::Schemas(SchemasCommand::List(s)) => schemas_list(&s),
         Command::Schemas(SchemasCommand::Show { name, schema }) => schemas_show(&name, &schema),
+        Command::Compact(a) => rt.block_on(compact(a)),
         Command::Demo(a) => rt.block_on(demo(a, quiet)),
     }
 }
@@ -428,14 +468,14 @@ async fn export(a: ExportArgs, quiet: bool) -> Result<Outcome> {
         .clone()
         .or_else(|| a.out.clone())
         .context("--out DIR is required")?;
-    let location = DatasetLocation::resolve(&out, true)?;
+    let location = DatasetLocation::resolve_with_options(&out, &a.store_options, true)?;
     let unfinished = JobRecord::latest_unfinished(&location).await?;
     let (base, request, resume) = if a.resume.is_some() {
         let job = unfinished.context(format!("no unfinished export job in {out}"))?;
         (job.base_url.clone(), job.request.clone(), Some(job))
     } else {
         let base = a.base_url.clone().context("--base-url is required")?;
-        let request = a.request()?;
+        let request = flatfhir::export::resolve_since_auto(&location, &base, a.request()?).await?;
         // The same command again continues the job it left unfinished.
         let same = unfinished.filter(|j| {
             j.request == request && j.base_url.trim_end_matches('/') == base.trim_end_matches('/')
@@ -516,7 +556,10 @@ fn finish_export(
     } else {
         output::write_accounting(&mut stdout, m, out)?;
         if let Some(t) = &m.transaction_time {
-            writeln!(stdout, "transactionTime {t} (use it as the next --since)")?;
+            writeln!(
+                stdout,
+                "transactionTime {t} (the next run with --since auto starts here)"
+            )?;
         }
         if m.deleted > 0 {
             writeln!(
@@ -570,14 +613,14 @@ async fn serve(a: ServeArgs) -> Result<Outcome> {
 async fn run_convert(
     files: Vec<PathBuf>,
     registry: ViewRegistry,
-    out: &str,
+    (out, store_options): (&str, &[(String, String)]),
     opts: ConvertOptions,
     quiet: bool,
 ) -> Result<RunManifest> {
     if files.is_empty() {
         bail!("no input files (looked for *.ndjson, *.ndjson.gz, *.jsonl, *.jsonl.gz)");
     }
-    let location = DatasetLocation::resolve(out, true)?;
+    let location = DatasetLocation::resolve_with_options(out, store_options, true)?;
     let total: u64 = files
         .iter()
         .filter_map(|f| std::fs::metadata(f).ok())
@@ -604,7 +647,7 @@ async fn convert(a: ConvertArgs, quiet: bool) -> Result<Outcome> {
     if let Some(t) = a.threads {
         opts.threads = t.max(1);
     }
-    let manifest = run_convert(files, registry, &a.out, opts, quiet).await?;
+    let manifest = run_convert(files, registry, (&a.out, &a.store_options), opts, quiet).await?;
     let mut stdout = std::io::stdout().lock();
     if a.json {
         serde_json::to_writer_pretty(&mut stdout, &manifest)?;
@@ -643,7 +686,7 @@ async fn query(a: QueryArgs) -> Result<Outcome> {
             s
         }
     };
-    let location = DatasetLocation::resolve(&a.data, false)?;
+    let location = DatasetLocation::resolve_with_options(&a.data, &a.store_options, false)?;
     let ds = Dataset::open(&location).await?;
     if ds.tables().is_empty() {
         tracing::warn!(
@@ -688,6 +731,48 @@ fn split_statements(sql: &str) -> Vec<&str> {
                     .all(|l| l.trim().is_empty() || l.trim().starts_with("--"))
         })
         .collect()
+}
+
+async fn compact(a: CompactArgs) -> Result<Outcome> {
+    let location = DatasetLocation::resolve_with_options(&a.data, &a.store_options, false)?;
+    let opts = flatfhir::compact::CompactOptions {
+        min_files: a.min_files.max(1),
+        views: a.views.clone(),
+        latest_only: a.latest_only,
+        compression: a.compression,
+        ..Default::default()
+    };
+    let s = flatfhir::compact::compact(&location, &opts).await?;
+    let mut stdout = std::io::stdout().lock();
+    match (&s.manifest, a.json) {
+        (Some(m), true) => {
+            serde_json::to_writer_pretty(&mut stdout, m)?;
+            writeln!(stdout)?;
+        }
+        (Some(m), false) => writeln!(
+            stdout,
+            "compacted {} partitions of {}: {} files → {} ({} rows → {}); record _compactions/{}.json",
+            m.partitions.len(),
+            a.data,
+            s.files_before,
+            s.files_after,
+            s.rows.0,
+            s.rows.1,
+            m.id
+        )?,
+        (None, _) => writeln!(
+            stdout,
+            "nothing to compact in {} ({} files; no partition has {} or more)",
+            a.data, s.files_before, opts.min_files
+        )?,
+    }
+    if s.not_deleted > 0 {
+        eprintln!(
+            "warning: {} replaced files could not be deleted (not read any more; the next compact retries)",
+            s.not_deleted
+        );
+    }
+    Ok(Outcome::Success)
 }
 
 fn view(a: ViewArgs) -> Result<Outcome> {

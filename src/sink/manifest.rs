@@ -1,12 +1,33 @@
 //! The run manifest (`_runs/<run id>.json`): what a run read, wrote and rejected. Written last —
 //! its presence is what makes a run's files visible to `query`.
+//!
+//! Compactions (`_compactions/<id>.json`, see [`crate::compact`]) replace some files of published
+//! runs by fewer, larger ones. The files a reader should read are those of the published runs,
+//! minus the files compactions removed, plus the files they added: [`live_files`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use super::{DatasetLocation, RUNS_DIR, SinkError, WrittenFile};
-use crate::flatten::TypeCounts;
+use crate::{client::ExportRequest, flatten::TypeCounts, view::ViewRegistry};
+
+/// Directory of compaction records.
+pub const COMPACTIONS_DIR: &str = "_compactions";
+
+/// What `<view>_latest` needs to know about a view: the resource type it reads, the column
+/// holding the resource id and the column holding `meta.lastUpdated`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ViewKey {
+    /// FHIR resource type.
+    pub resource: String,
+    /// Column with the resource id (`getResourceKey()`), if the view has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_column: Option<String>,
+    /// Column with `meta.lastUpdated`, if the view has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_column: Option<String>,
+}
 
 /// One input of a run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -63,6 +84,13 @@ pub struct RunManifest {
     /// Warnings (e.g. a file's `count` that did not match the lines read).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// For exports: the kick-off request (`--since auto` looks for runs with the same level,
+    /// group, types and filters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<ExportRequest>,
+    /// Resource type and key columns of every view written (for `<view>_latest`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub view_keys: BTreeMap<String, ViewKey>,
 }
 
 impl RunManifest {
@@ -91,6 +119,31 @@ impl RunManifest {
         }
     }
 
+    /// Record the resource type and key columns of the views this run wrote.
+    pub fn with_view_keys(mut self, registry: &ViewRegistry) -> Self {
+        let written: BTreeSet<&str> = self.files.iter().map(|f| f.view.as_str()).collect();
+        for name in written {
+            let Some(view) = registry.get(name) else {
+                continue;
+            };
+            let column = |path: &str| {
+                view.columns()
+                    .iter()
+                    .find(|c| !c.collection && c.path.replace(' ', "") == path)
+                    .map(|c| c.name.clone())
+            };
+            self.view_keys.insert(
+                name.to_string(),
+                ViewKey {
+                    resource: view.resource().to_string(),
+                    id_column: column("getResourceKey()").or_else(|| column("id")),
+                    last_updated_column: column("meta.lastUpdated"),
+                },
+            );
+        }
+        self
+    }
+
     /// Relative path of this run's manifest.
     pub fn path(run_id: &str) -> String {
         format!("{RUNS_DIR}/{run_id}.json")
@@ -106,5 +159,168 @@ impl RunManifest {
         let mut runs: Vec<RunManifest> = loc.list_json(RUNS_DIR).await?;
         runs.sort_by(|a, b| (&a.started, &a.run_id).cmp(&(&b.started, &b.run_id)));
         Ok(runs)
+    }
+}
+
+/// One partition rewritten by a compaction.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompactedPartition {
+    /// View (table) name.
+    pub view: String,
+    /// Value of the `export` partition column.
+    pub export: String,
+    /// Files replaced (relative to the dataset root); deleted after the record is published.
+    pub removed: Vec<String>,
+    /// Files that replace them.
+    pub added: Vec<WrittenFile>,
+}
+
+/// A published compaction (`_compactions/<id>.json`): written after its new files are complete
+/// and before the files it replaces are deleted, so readers switch atomically.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompactionManifest {
+    /// Unique id (also in the new files' names).
+    pub id: String,
+    /// RFC 3339 start time.
+    pub started: String,
+    /// RFC 3339 end time.
+    pub finished: String,
+    /// Whether only the latest version of each resource was kept.
+    #[serde(default)]
+    pub latest_only: bool,
+    /// Partitions rewritten.
+    pub partitions: Vec<CompactedPartition>,
+}
+
+impl CompactionManifest {
+    /// Relative path of a compaction record.
+    pub fn path(id: &str) -> String {
+        format!("{COMPACTIONS_DIR}/{id}.json")
+    }
+
+    /// Publish the record: the commit point of a compaction.
+    pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), SinkError> {
+        loc.put_json(&Self::path(&self.id), self).await
+    }
+
+    /// Every published compaction, oldest first.
+    pub async fn list(loc: &DatasetLocation) -> Result<Vec<CompactionManifest>, SinkError> {
+        let mut all: Vec<CompactionManifest> = loc.list_json(COMPACTIONS_DIR).await?;
+        all.sort_by(|a, b| (&a.finished, &a.id).cmp(&(&b.finished, &b.id)));
+        Ok(all)
+    }
+}
+
+/// The files a reader should read, by path: every file of the published runs, minus the files
+/// compactions removed, plus the files they added (compactions applied oldest first).
+pub fn live_files(
+    runs: &[RunManifest],
+    compactions: &[CompactionManifest],
+) -> BTreeMap<String, WrittenFile> {
+    let mut live: BTreeMap<String, WrittenFile> = runs
+        .iter()
+        .flat_map(|r| r.files.iter())
+        .map(|f| (f.path.clone(), f.clone()))
+        .collect();
+    for c in compactions {
+        for p in &c.partitions {
+            for r in &p.removed {
+                live.remove(r);
+            }
+            for a in &p.added {
+                live.insert(a.path.clone(), a.clone());
+            }
+        }
+    }
+    live
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(view: &str, path: &str, rows: u64) -> WrittenFile {
+        WrittenFile {
+            view: view.into(),
+            path: path.into(),
+            rows,
+            bytes: 1,
+        }
+    }
+
+    #[test]
+    fn live_files_apply_compactions_in_order() {
+        let run = RunManifest {
+            files: vec![
+                file("patient", "patient/export=1/part-00000-a.parquet", 2),
+                file("patient", "patient/export=1/part-00001-a.parquet", 3),
+                file(
+                    "observation",
+                    "observation/export=1/part-00000-a.parquet",
+                    7,
+                ),
+            ],
+            ..Default::default()
+        };
+        let c1 = CompactionManifest {
+            id: "c1".into(),
+            partitions: vec![CompactedPartition {
+                view: "patient".into(),
+                export: "1".into(),
+                removed: vec![
+                    "patient/export=1/part-00000-a.parquet".into(),
+                    "patient/export=1/part-00001-a.parquet".into(),
+                ],
+                added: vec![file("patient", "patient/export=1/part-00000-c1.parquet", 5)],
+            }],
+            ..Default::default()
+        };
+        let c2 = CompactionManifest {
+            id: "c2".into(),
+            partitions: vec![CompactedPartition {
+                view: "patient".into(),
+                export: "1".into(),
+                removed: vec!["patient/export=1/part-00000-c1.parquet".into()],
+                added: vec![file("patient", "patient/export=1/part-00000-c2.parquet", 4)],
+            }],
+            ..Default::default()
+        };
+        let live = live_files(std::slice::from_ref(&run), &[c1, c2]);
+        assert_eq!(
+            live.keys().collect::<Vec<_>>(),
+            [
+                "observation/export=1/part-00000-a.parquet",
+                "patient/export=1/part-00000-c2.parquet"
+            ]
+        );
+        assert_eq!(live_files(&[run], &[]).len(), 3);
+    }
+
+    #[test]
+    fn view_keys_name_the_id_and_last_updated_columns() {
+        let registry = ViewRegistry::builtin().unwrap();
+        let m = RunManifest {
+            files: vec![
+                file("patient", "patient/export=1/p.parquet", 1),
+                file("patient_name", "patient_name/export=1/p.parquet", 1),
+                file("_rejects", "_rejects/export=1/p.parquet", 1),
+            ],
+            ..Default::default()
+        }
+        .with_view_keys(&registry);
+        assert_eq!(
+            m.view_keys["patient"],
+            ViewKey {
+                resource: "Patient".into(),
+                id_column: Some("id".into()),
+                last_updated_column: Some("last_updated".into()),
+            }
+        );
+        assert_eq!(
+            m.view_keys["patient_name"].id_column.as_deref(),
+            Some("patient_id")
+        );
+        assert_eq!(m.view_keys["patient_name"].last_updated_column, None);
+        assert!(!m.view_keys.contains_key("_rejects"));
     }
 }

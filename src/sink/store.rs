@@ -1,9 +1,48 @@
 //! Output locations: a URL or path resolved once into an object store plus a prefix.
+//!
+//! | Location | Store | Credentials and endpoint |
+//! |---|---|---|
+//! | `out`, `/abs/out`, `file:///abs/out` | [`LocalFileSystem`] (created when writing) | — |
+//! | `s3://bucket/prefix` | Amazon S3 or any S3-compatible server | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, … |
+//! | `gs://bucket/prefix` | Google Cloud Storage | `GOOGLE_SERVICE_ACCOUNT`, `GOOGLE_APPLICATION_CREDENTIALS`, … |
+//! | `az://container/prefix`, `abfss://container@account.dfs.core.windows.net/prefix` | Azure Blob Storage / ADLS Gen2 | `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, … |
+//! | `memory://name/prefix` | an in-process [`InMemory`] store, the same for every location with that `name` (tests) | — |
+//!
+//! Cloud stores read their standard environment variables (object_store's `from_env`), then the
+//! explicit options (`--store-option KEY=VALUE`, e.g. `aws_endpoint=http://127.0.0.1:9000`,
+//! `aws_allow_http=true`), which win. An option the store does not know is an error, not silently
+//! ignored. Requests are retried by object_store (5xx, 429, connection errors; ten retries with
+//! backoff within three minutes by default).
+//!
+//! # Example
+//! ```
+//! use flatfhir::sink::DatasetLocation;
+//! let loc = DatasetLocation::resolve("memory://doc/datasets/nightly", false).unwrap();
+//! assert_eq!(loc.url.as_str(), "memory://doc/datasets/nightly/");
+//! assert_eq!(loc.child("_runs/x.json").as_ref(), "datasets/nightly/_runs/x.json");
+//!
+//! let opts = [("aws_endpoint".to_string(), "http://127.0.0.1:9000".to_string())];
+//! let s3 = DatasetLocation::resolve_with_options("s3://bucket/out", &opts, false).unwrap();
+//! assert_eq!(s3.prefix.as_ref(), "out");
+//! assert!(DatasetLocation::resolve_with_options("s3://b/o", &[("nope".into(), "1".into())], false).is_err());
+//! ```
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, local::LocalFileSystem, path::Path};
+use object_store::{
+    ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload,
+    aws::{AmazonS3Builder, AmazonS3ConfigKey},
+    azure::{AzureConfigKey, MicrosoftAzureBuilder},
+    gcp::{GoogleCloudStorageBuilder, GoogleConfigKey},
+    http::HttpBuilder,
+    local::LocalFileSystem,
+    memory::InMemory,
+    path::Path,
+};
 use serde::{Serialize, de::DeserializeOwned};
 use url::Url;
 
@@ -16,26 +55,63 @@ pub struct DatasetLocation {
     pub store: Arc<dyn ObjectStore>,
     /// Prefix of the dataset inside the store.
     pub prefix: Path,
-    /// The dataset root as a URL (`file:///abs/dir/`), for DataFusion.
+    /// The dataset root as a URL ending in `/` (`file:///abs/dir/`, `s3://bucket/prefix/`).
     pub url: Url,
 }
 
 impl DatasetLocation {
-    /// Resolve a local path or `file://` URL; creates the directory when `create` is set.
+    /// Resolve a location (see the [module docs](self)) with no store options; a local directory
+    /// is created when `create` is set.
     pub fn resolve(location: &str, create: bool) -> Result<Self, SinkError> {
+        Self::resolve_with_options(location, &[], create)
+    }
+
+    /// Resolve a location with store options (`KEY=VALUE` pairs as in object_store's config keys,
+    /// case-insensitive, e.g. `aws_endpoint`, `aws_allow_http`, `aws_access_key_id`). Pure: no
+    /// request is sent; a local directory is created when `create` is set.
+    pub fn resolve_with_options(
+        location: &str,
+        options: &[(String, String)],
+        create: bool,
+    ) -> Result<Self, SinkError> {
         let err = |message: String| SinkError::Location {
             location: location.to_string(),
             message,
         };
-        let path = if let Some(rest) = location.strip_prefix("file://") {
-            std::path::PathBuf::from(rest)
-        } else if location.contains("://") {
-            return Err(err(
-                "only local paths and file:// URLs are supported so far".into(),
-            ));
-        } else {
-            std::path::PathBuf::from(location)
+        // `C:\data` parses as a URL with scheme `c`: only multi-letter schemes are URLs.
+        let url = Url::parse(location).ok().filter(|u| u.scheme().len() > 1);
+        match url {
+            None => Self::local(
+                location,
+                std::path::PathBuf::from(location),
+                options,
+                create,
+            ),
+            Some(u) if u.scheme() == "file" => {
+                let path = u
+                    .to_file_path()
+                    .map_err(|()| err("not a local file URL".into()))?;
+                Self::local(location, path, options, create)
+            }
+            Some(u) => Self::remote(location, u, options),
+        }
+    }
+
+    fn local(
+        location: &str,
+        path: std::path::PathBuf,
+        options: &[(String, String)],
+        create: bool,
+    ) -> Result<Self, SinkError> {
+        let err = |message: String| SinkError::Location {
+            location: location.to_string(),
+            message,
         };
+        if let Some((k, _)) = options.first() {
+            return Err(err(format!(
+                "store option {k:?} given, but a local directory takes no options"
+            )));
+        }
         if create {
             std::fs::create_dir_all(&path).map_err(|e| err(e.to_string()))?;
         }
@@ -50,6 +126,78 @@ impl DatasetLocation {
             prefix: Path::default(),
             url,
         })
+    }
+
+    fn remote(
+        location: &str,
+        mut url: Url,
+        options: &[(String, String)],
+    ) -> Result<Self, SinkError> {
+        let err = |message: String| SinkError::Location {
+            location: location.to_string(),
+            message,
+        };
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        if url.scheme() == "memory" {
+            let prefix = Path::from_url_path(url.path()).map_err(|e| err(e.to_string()))?;
+            return Ok(DatasetLocation {
+                store: memory_store(url.host_str().unwrap_or_default()),
+                prefix,
+                url,
+            });
+        }
+        let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|e| err(e.to_string()))?;
+        /// Apply `options` through a builder's `with_config`, rejecting unknown keys.
+        macro_rules! configure {
+            ($builder:expr, $key:ty) => {{
+                let mut b = $builder;
+                for (k, v) in options {
+                    let key: $key = k.to_ascii_lowercase().parse().map_err(|_| {
+                        err(format!(
+                            "unknown store option {k:?} for {}://",
+                            url.scheme()
+                        ))
+                    })?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|e| err(e.to_string()))?) as Arc<dyn ObjectStore>
+            }};
+        }
+        let store = match scheme {
+            ObjectStoreScheme::AmazonS3 => configure!(
+                AmazonS3Builder::from_env().with_url(url.as_str()),
+                AmazonS3ConfigKey
+            ),
+            ObjectStoreScheme::GoogleCloudStorage => configure!(
+                GoogleCloudStorageBuilder::from_env().with_url(url.as_str()),
+                GoogleConfigKey
+            ),
+            ObjectStoreScheme::MicrosoftAzure => configure!(
+                MicrosoftAzureBuilder::from_env().with_url(url.as_str()),
+                AzureConfigKey
+            ),
+            ObjectStoreScheme::Http => {
+                if let Some((k, _)) = options.first() {
+                    return Err(err(format!("store option {k:?}: http(s) takes no options")));
+                }
+                let root = format!("{}://{}", url.scheme(), url.authority());
+                Arc::new(
+                    HttpBuilder::new()
+                        .with_url(root)
+                        .build()
+                        .map_err(|e| err(e.to_string()))?,
+                ) as Arc<dyn ObjectStore>
+            }
+            _ => {
+                return Err(err(format!(
+                    "unsupported scheme {}:// (use a path, file://, s3://, gs://, az://, abfss:// or memory://)",
+                    url.scheme()
+                )));
+            }
+        };
+        Ok(DatasetLocation { store, prefix, url })
     }
 
     /// Write a JSON document at `rel` (atomically: a put is all or nothing).
@@ -113,4 +261,14 @@ impl DatasetLocation {
         }
         p
     }
+}
+
+/// The in-process store named `name` (one per name for the life of the process).
+fn memory_store(name: &str) -> Arc<dyn ObjectStore> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    let mut stores = STORES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    stores.entry(name.to_string()).or_default().clone()
 }

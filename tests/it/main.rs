@@ -5,4 +5,7 @@ mod conformance;
 mod convert;
 mod export;
 mod flatten;
+mod incremental;
+mod s3;
+mod store;
 mod support;
