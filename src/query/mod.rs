@@ -96,7 +96,15 @@ impl Dataset {
         let runs = RunManifest::list(location).await?;
         let compactions = CompactionManifest::list(location).await?;
         let live = live_files(&runs, &compactions);
-        let mut ctx = SessionContext::new();
+        // Strings are read as written (Utf8, not Utf8View), so files that `compact` rewrites from
+        // query results keep the schema of the files beside them.
+        let mut config = datafusion::prelude::SessionConfig::new();
+        config
+            .options_mut()
+            .execution
+            .parquet
+            .schema_force_view_types = false;
+        let mut ctx = SessionContext::new_with_config(config);
         datafusion_functions_json::register_all(&mut ctx)?;
         let root: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(
             location.store.clone(),
