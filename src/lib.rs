@@ -23,6 +23,7 @@
 //! downstream code never mixes two arrows.
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod auth;
 pub mod client;
 pub mod error;
 pub mod export;
