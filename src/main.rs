@@ -7,11 +7,6 @@ use clap::Parser;
 
 mod cli;
 
-/// Decoding allocates many small, short-lived values per line; mimalloc serves them faster than
-/// the system allocator (see the README's benchmark section).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     cli::logging::init(args.verbose, args.quiet);

@@ -28,13 +28,15 @@ pub const DEFAULT_ROW_GROUP_ROWS: usize = 65_536;
 pub const DEFAULT_MAX_ROWS_PER_FILE: usize = 2_000_000;
 /// Encoded bytes buffered for one row group before it is flushed early (bounds memory per view).
 const MAX_IN_PROGRESS_BYTES: usize = 64 << 20;
-/// Bytes an open file buffers before it switches to a multipart upload (5 MiB, the smallest
-/// part S3 accepts). object_store's default is 10 MiB; with one open file per view that alone
-/// could hold 400 MiB.
+/// Bytes an open file buffers before it switches to a multipart upload on a cloud store (5 MiB,
+/// the smallest part S3 accepts). object_store's default is 10 MiB; with one open file per view
+/// that alone could hold 400 MiB.
 const UPLOAD_BUFFER_BYTES: usize = 5 << 20;
+/// The same for local and in-memory stores, whose parts may be of any size.
+const LOCAL_UPLOAD_BUFFER_BYTES: usize = 1 << 20;
 /// Memory of all open row groups together (every view of a run has one open) before the largest
 /// is flushed early: the per-view bound alone lets 40 views hold 40 × 64 MiB.
-const MAX_BUFFERED_BYTES: usize = 96 << 20;
+const MAX_BUFFERED_BYTES: usize = 64 << 20;
 
 /// A file written by a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,7 +219,10 @@ impl DatasetWriter {
         let obj = BufWriter::with_capacity(
             self.cfg.location.store.clone(),
             self.cfg.location.child(&target),
-            UPLOAD_BUFFER_BYTES,
+            match self.cfg.location.url.scheme() {
+                "file" | "memory" => LOCAL_UPLOAD_BUFFER_BYTES,
+                _ => UPLOAD_BUFFER_BYTES,
+            },
         );
         let props = props_for(&self.props, &schema);
         let writer = AsyncArrowWriter::try_new(obj, schema, Some(props)).map_err(|source| {
