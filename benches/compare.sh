@@ -120,6 +120,7 @@ for n in "${sizes[@]}"; do
   if [ "$n" -gt 1 ]; then
     input="$work/input-x$n"
     python3 "$here/benches/replicate.py" "$src" "$input" "$n"
+    sync # else the first tool timed competes with the writeback of the input just written
   fi
   bytes=$(cat "$input"/*.ndjson | wc -c)
   lines=$(cat "$input"/*.ndjson | wc -l)
