@@ -221,7 +221,9 @@ pub async fn convert(
     queue.reverse(); // popped from the end
     let queue = Arc::new(Mutex::new(queue));
     let cancel = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = mpsc::channel::<Msg>(threads * 4);
+    // Two messages per worker: a batch message carries up to one batch per view (each at most
+    // `DEFAULT_BATCH_BYTES` of raw JSON), so the queue, not its count, is what costs memory.
+    let (tx, mut rx) = mpsc::channel::<Msg>(threads * 2);
     let mut handles = Vec::new();
     for _ in 0..threads {
         let (queue, cancel, tx, registry, progress) = (
