@@ -171,19 +171,14 @@ fn includes(big: &str, small: &str) -> bool {
 /// The intersection of requested and allowed scopes.
 pub(super) fn grant_scopes(requested: &[&str], allowed: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    let mut add = |s: &str| {
-        if !out.iter().any(|o| o == s) {
-            out.push(s.to_string());
-        }
-    };
     for r in requested {
-        if allowed.iter().any(|a| includes(a, r)) {
-            add(r);
+        if allowed.iter().any(|a| includes(a, r)) && !out.iter().any(|o| o == r) {
+            out.push(r.to_string());
         }
     }
     for a in allowed {
-        if requested.iter().any(|r| includes(r, a)) {
-            add(a);
+        if requested.iter().any(|r| includes(r, a)) && !out.iter().any(|o| includes(o, a)) {
+            out.push(a.clone());
         }
     }
     out
@@ -322,6 +317,8 @@ pub(super) async fn token(
 }
 
 /// Check a client assertion; the registered client it belongs to, or an OAuth error.
+// The error is the HTTP response itself, built once per refused request.
+#[allow(clippy::result_large_err)]
 fn verify_assertion<'a>(
     state: &AppState,
     smart: &'a SmartSettings,
@@ -356,10 +353,12 @@ fn verify_assertion<'a>(
         .filter(|c| c.id.as_deref().is_none_or(|id| id == iss))
         .flat_map(|c| c.jwks.keys.iter().map(move |k| (c, k)))
         .filter(|(_, k)| k.common.key_id.as_deref() == Some(kid))
-        .filter(|(_, k)| match (&k.algorithm, alg) {
-            (AlgorithmParameters::RSA(_), SigningAlg::Rs384) => true,
-            (AlgorithmParameters::EllipticCurve(_), SigningAlg::Es384) => true,
-            _ => false,
+        .filter(|(_, k)| {
+            matches!(
+                (&k.algorithm, alg),
+                (AlgorithmParameters::RSA(_), SigningAlg::Rs384)
+                    | (AlgorithmParameters::EllipticCurve(_), SigningAlg::Es384)
+            )
         })
         .collect();
     let (client, jwk) = match candidates.as_slice() {
@@ -426,6 +425,7 @@ fn verify_assertion<'a>(
 }
 
 /// The grant of the request's bearer token, or a `401`.
+#[allow(clippy::result_large_err)]
 pub(super) fn check_token(state: &AppState, headers: &HeaderMap) -> Result<Grant, Response> {
     let given = bearer(headers);
     let grant = given.and_then(|t| {

@@ -400,6 +400,7 @@ impl AppState {
 
     /// For a FHIR endpoint: the SMART grant of the request (`None` without SMART), or a `401`
     /// when the configured auth (SMART or a static token) is not satisfied.
+    #[allow(clippy::result_large_err)] // the error is the response to send, built once
     pub fn authorize(&self, headers: &HeaderMap) -> Result<Option<Grant>, Response> {
         if self.config.smart().is_some() {
             return auth::check_token(self, headers).map(Some);

@@ -124,10 +124,14 @@ async fn a_401_on_a_file_renews_the_token_once() {
     .await
     .unwrap();
     assert_exact(tmp.path(), &srv.counts()).await;
+    // Parallel downloads that all carried the revoked token renew it once (single-flight).
     assert_eq!(srv.tokens_issued(), 2);
     let refused: Vec<_> = srv.log().into_iter().filter(|r| r.status == 401).collect();
-    assert_eq!(refused.len(), 1, "{refused:?}");
-    assert!(refused[0].path.contains("$export-file"));
+    assert!(!refused.is_empty(), "the fault fired");
+    assert!(
+        refused.iter().all(|r| r.path.contains("$export-file")),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
