@@ -1,38 +1,57 @@
 #!/usr/bin/env bash
 # Times `flatfhir convert` beside DuckDB (read_ndjson_auto -> zstd Parquet per type, 2 threads) on
-# the same ndjson files in the same run, with peak RSS for both, and prints a table.
-#   usage: benches/compare.sh [NDJSON_DIR] [COPIES]
-#   NDJSON_DIR defaults to ../shared/data/synthea-100; COPIES (default 1) concatenates the input
-#   that many times with rewritten ids, for larger sizes (x10, x20, x100).
+# the same ndjson files in the same run, with peak RSS for both, at one or more input sizes, and
+# prints one table. With --export it also times `flatfhir export` against `flatfhir serve` on
+# loopback beside a plain download of the same files (same server, same gzip negotiation).
+#
+#   usage: benches/compare.sh [--export] [--no-duckdb] [NDJSON_DIR] [COPIES ...]
+#
+#   NDJSON_DIR defaults to ../shared/data/synthea-100. Each COPIES (default 1) concatenates the
+#   input that many times with rewritten ids (benches/replicate.py), e.g. `1 10 20 100`.
+#   FLATFHIR_BIN overrides the binary (default: a fresh `cargo build --release`).
+#   The machine is shared and noisy: compare rows of one run, never numbers of different runs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
+export_too=0
+duck=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --export) export_too=1; shift ;;
+    --no-duckdb) duck=0; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) break ;;
+  esac
+done
 src="${1:-$here/../shared/data/synthea-100}"
-copies="${2:-1}"
+shift || true
+sizes=("$@")
+[ ${#sizes[@]} -gt 0 ] || sizes=(1)
+
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flatfhir/target}"
 venv="${FLATFHIR_VENV:-$HOME/.cache/flatfhir/venv}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+if [ "$duck" = 1 ] && { [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; }; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb>=1.1,<2'
 fi
-# FLATFHIR_BIN overrides the binary (e.g. a debug build for a quick check of the script itself).
+py="$venv/bin/python"
+[ -x "$py" ] || py=python3
 if [ -z "${FLATFHIR_BIN:-}" ]; then
   (cd "$here" && cargo build --release --locked --quiet)
 fi
 bin="${FLATFHIR_BIN:-$CARGO_TARGET_DIR/release/flatfhir}"
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+server_pid=""
+cleanup() {
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
-input="$src"
-if [ "$copies" -gt 1 ]; then
-  input="$work/input"
-  "$venv/bin/python" "$here/benches/replicate.py" "$src" "$input" "$copies"
-fi
-bytes=$(cat "$input"/*.ndjson | wc -c)
-lines=$(cat "$input"/*.ndjson | wc -l)
-
-measure() { # name, command...
+# measure NAME COMMAND... -> "NAME SECONDS PEAK_RSS_KB" (/usr/bin/time -v's numbers)
+measure() {
   local name="$1"; shift
-  /usr/bin/time -f '%e %M' -o "$work/$name.time" "$@" >/dev/null 2>"$work/$name.err" || { cat "$work/$name.err"; exit 1; }
+  /usr/bin/time -f '%e %M' -o "$work/$name.time" "$@" >/dev/null 2>"$work/$name.err" \
+    || { cat "$work/$name.err" >&2; exit 1; }
   read -r secs rss < "$work/$name.time"
   echo "$name $secs $rss"
 }
@@ -49,15 +68,100 @@ for t in types:
                 f"TO '{out}/{t}/data.parquet' (FORMAT parquet, COMPRESSION zstd)")
 PY
 
-results=()
-results+=("$(measure flatfhir "$bin" convert "$input" --out "$work/ff" -q)")
-results+=("$(measure duckdb "$venv/bin/python" "$work/duck.py" "$input" "$work/duck")")
-echo
-printf 'input: %s x%s — %s MB, %s resources\n' "$src" "$copies" "$((bytes / 1000000))" "$lines"
-printf '%-10s %9s %9s %12s %10s %12s\n' tool seconds MB/s resources/s 'vs duckdb' 'peak RSS MB'
-duck_secs=$(echo "${results[1]}" | awk '{print $2}')
-for r in "${results[@]}"; do
-  read -r name secs rss <<<"$r"
-  awk -v n="$name" -v s="$secs" -v r="$rss" -v b="$bytes" -v l="$lines" -v d="$duck_secs" \
-    'BEGIN { printf "%-10s %9.2f %9.1f %12.0f %9.2fx %12.0f\n", n, s, b/1e6/s, l/s, d/s, r/1024 }'
+# A plain Bulk Data client: kick-off, poll, then GET every file (4 at a time, like `flatfhir
+# export`'s default concurrency, asking for gzip as it does) and save the bytes as received.
+cat > "$work/download.py" <<'PY'
+import json, os, sys, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+base, out = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
+def get(url, **h):
+    return urllib.request.urlopen(urllib.request.Request(url, headers=h))
+r = get(base + "/$export", Accept="application/fhir+json", Prefer="respond-async")
+status = r.headers["Content-Location"]
+while True:
+    r = get(status, Accept="application/json")
+    if r.status == 200:
+        manifest = json.load(r)
+        break
+    time.sleep(0.05)
+def fetch(item):
+    i, o = item
+    with get(o["url"], **{"Accept-Encoding": "gzip"}) as r, open(os.path.join(out, f"{i}.ndjson.gz"), "wb") as w:
+        while True:
+            b = r.read(1 << 20)
+            if not b:
+                break
+            w.write(b)
+with ThreadPoolExecutor(4) as pool:
+    list(pool.map(fetch, enumerate(manifest["output"])))
+PY
+
+start_server() { # DIR -> base URL in $base
+  local port
+  port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$bin" serve --data "$1" --addr "127.0.0.1:$port" --delay 0s -q >/dev/null 2>"$work/serve.err" &
+  server_pid=$!
+  base="http://127.0.0.1:$port/fhir"
+  for _ in $(seq 100); do
+    if "$py" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1])" "$base/metadata" 2>/dev/null; then
+      return
+    fi
+    sleep 0.1
+  done
+  cat "$work/serve.err" >&2
+  exit 1
+}
+stop_server() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; server_pid=""; }
+
+rows=()
+for n in "${sizes[@]}"; do
+  input="$src"
+  if [ "$n" -gt 1 ]; then
+    input="$work/input-x$n"
+    python3 "$here/benches/replicate.py" "$src" "$input" "$n"
+    sync # else the first tool timed competes with the writeback of the input just written
+  fi
+  bytes=$(cat "$input"/*.ndjson | wc -c)
+  lines=$(cat "$input"/*.ndjson | wc -l)
+  echo "x$n: $((bytes / 1000000)) MB, $lines resources" >&2
+  r=$(measure flatfhir "$bin" convert "$input" --out "$work/ff" -q)
+  rows+=("x$n $bytes $lines $r")
+  rm -rf "$work/ff"
+  if [ "$duck" = 1 ]; then
+    r=$(measure duckdb "$py" "$work/duck.py" "$input" "$work/duck")
+    rows+=("x$n $bytes $lines $r")
+    rm -rf "$work/duck"
+  fi
+  if [ "$export_too" = 1 ]; then
+    start_server "$input"
+    r=$(measure download "$py" "$work/download.py" "$base" "$work/dl")
+    rows+=("x$n $bytes $lines $r")
+    rm -rf "$work/dl"
+    r=$(measure export "$bin" export --base-url "$base" --system --out "$work/ex" -q)
+    rows+=("x$n $bytes $lines $r")
+    rm -rf "$work/ex"
+    stop_server
+  fi
+  [ "$input" = "$src" ] || rm -rf "$input"
 done
+
+echo
+echo "input: $src"
+printf '%-6s %-9s %9s %9s %12s %10s %12s %9s\n' \
+  size tool seconds MB/s resources/s ratio 'peak RSS MB' 'vs x10'
+printf '%s\n' "${rows[@]}" | awk '
+  { size[NR]=$1; b[NR]=$2; l[NR]=$3; tool[NR]=$4; s[NR]=$5; rss[NR]=$6; t[$1" "$4]=$5 }
+  END {
+    for (i = 1; i <= NR; i++) {
+      # ratio: convert vs DuckDB (>1 = flatfhir faster); export vs plain download (<=1.2 target)
+      ratio = "-"
+      if (tool[i] == "flatfhir" && (size[i]" duckdb") in t) ratio = sprintf("%.2fx", t[size[i]" duckdb"] / s[i])
+      if (tool[i] == "export" && (size[i]" download") in t) ratio = sprintf("%.2fx dl", s[i] / t[size[i]" download"])
+      lin = "-"
+      if (("x10 "tool[i]) in t && size[i] != "x10") lin = sprintf("%.2fx", s[i] / t["x10 "tool[i]])
+      printf "%-6s %-9s %9.2f %9.1f %12.0f %10s %12.0f %9s\n", size[i], tool[i], s[i], b[i]/1e6/s[i], l[i]/s[i], ratio, rss[i]/1024, lin
+    }
+  }'
+echo "ratio: flatfhir rows = DuckDB time / flatfhir time; export rows = export time / download time."
+echo "vs x10: this size's time / the same tool's time at x10 (linear = copies/10)."

@@ -1,7 +1,9 @@
-//! Decode + flatten throughput per resource type (bundled sample, default views), and Parquet
-//! encoding throughput. Inputs are built outside the timed loop.
+//! Decode + flatten throughput per resource type (bundled sample, default views), the parts of it
+//! (JSON parsing alone; FHIRPath evaluation of representative views over parsed resources), and
+//! Parquet encoding throughput. Inputs are built outside the timed loop.
 //!
 //!     cargo bench --bench flatten
+//!     cargo bench --bench flatten -- fhirpath     # one group
 // criterion's macros generate undocumented public functions.
 #![allow(missing_docs)]
 use std::{io::Read, sync::Arc};
@@ -33,6 +35,65 @@ fn decode(c: &mut Criterion) {
                 let mut d = DecoderBuilder::new(registry.clone(), "bench").build();
                 d.decode(bytes).expect("decodes");
                 d.finish().expect("finishes").len()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The DOM alone: what any design built on `serde_json::Value` pays before evaluating a view.
+fn parse_json(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parse_json");
+    for (ty, bytes) in sample().into_iter().filter(|(_, b)| b.len() > 100_000) {
+        g.throughput(Throughput::Bytes(bytes.len() as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(&ty), &bytes, |b, bytes| {
+            b.iter(|| {
+                bytes
+                    .split(|c| *c == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| {
+                        let v: serde_json::Value = serde_json::from_slice(l).expect("valid JSON");
+                        v.as_object().map_or(0, |o| o.len())
+                    })
+                    .sum::<usize>()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// FHIRPath evaluation of representative views (flat columns; a `forEach` child table; nested
+/// `forEach` with `%rowIndex`) over resources parsed outside the timed loop.
+fn fhirpath(c: &mut Criterion) {
+    let registry = ViewRegistry::builtin().expect("default views compile");
+    let files = sample();
+    let mut g = c.benchmark_group("fhirpath");
+    for (view, ty) in [
+        ("observation", "Observation"),
+        ("patient_name", "Patient"),
+        ("encounter", "Encounter"),
+        (
+            "explanation_of_benefit_item_adjudication",
+            "ExplanationOfBenefit",
+        ),
+    ] {
+        let Some((_, bytes)) = files.iter().find(|(t, _)| t == ty) else {
+            continue;
+        };
+        let compiled = registry.get(view).expect("default view exists").clone();
+        let resources: Vec<serde_json::Value> = bytes
+            .split(|c| *c == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("valid JSON"))
+            .collect();
+        g.throughput(Throughput::Bytes(bytes.len() as u64));
+        g.bench_function(view, |b| {
+            b.iter(|| {
+                let mut rows = Vec::new();
+                for r in &resources {
+                    compiled.evaluate(r, &mut rows).expect("evaluates");
+                }
+                rows.len()
             })
         });
     }
@@ -80,5 +141,5 @@ fn write_parquet(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, write_parquet);
+criterion_group!(benches, decode, parse_json, fhirpath, write_parquet);
 criterion_main!(benches);

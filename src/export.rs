@@ -117,6 +117,10 @@ pub struct FileRecord {
     /// Deleted entries or outcome issues by severity (for deleted / error files).
     #[serde(default)]
     pub extra: BTreeMap<String, u64>,
+    /// The URL the file was finally read from, when its manifest URL had expired (`404`/`410`)
+    /// and a re-fetched manifest gave a new one. A resumed run skips both URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshed_url: Option<String>,
 }
 
 /// The persistent record of an export job (`_jobs/<run id>.json`), written as the job advances.
@@ -310,6 +314,8 @@ pub async fn run_export(
         })?;
     }
     let shared = Arc::new(Shared {
+        status: status.clone(),
+        refresh: tokio::sync::Mutex::new(()),
         transaction_time: std::sync::OnceLock::new(),
         client: client.clone(),
         registry,
@@ -322,6 +328,7 @@ pub async fn run_export(
     let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut tasks = Tasks::new();
     let mut seen: HashSet<String> = job.files.keys().cloned().collect();
+    seen.extend(job.files.values().filter_map(|r| r.refreshed_url.clone()));
     let mut index = job.files.len();
     let spawn_items = |items: Vec<(String, ManifestItem)>,
                        requires_token: bool,
@@ -441,6 +448,14 @@ pub async fn run_export(
                 let rec = job.files.get_mut(&item.url).expect("inserted");
                 commit_staged(&location, &rec.parts).await?;
                 rec.state = FileState::Committed;
+                if rec.kind == "output" {
+                    shared.progress.add_rows(
+                        rec.resource_type.as_deref().unwrap_or("?"),
+                        rec.stats
+                            .lines
+                            .saturating_sub(rec.stats.blank_lines + rec.stats.rejects()),
+                    );
+                }
                 job.save(&location).await?;
             }
             Err(e) => {
@@ -539,6 +554,10 @@ fn items_of(m: &Manifest) -> Vec<(String, ManifestItem)> {
 }
 
 struct Shared {
+    /// The status URL (re-polled for fresh file URLs when one has expired).
+    status: Url,
+    /// One manifest re-fetch at a time.
+    refresh: tokio::sync::Mutex<()>,
     /// The manifest's transactionTime once known (recorded with deleted entries).
     transaction_time: std::sync::OnceLock<String>,
     client: BulkClient,
@@ -574,9 +593,10 @@ async fn process_item(
     requires_token: bool,
     n: usize,
 ) -> Result<FileRecord> {
-    let url = Url::parse(&item.url).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    let mut url = Url::parse(&item.url).map_err(|e| ClientError::Invalid(e.to_string()))?;
     let mut attempt = 0;
     let mut backoff = sh.client.retry().base;
+    let mut refreshed = false;
     loop {
         let r = match kind {
             "output" => stream_output(sh, &url, requires_token, n).await,
@@ -593,7 +613,16 @@ async fn process_item(
                     stats,
                     count: item.count,
                     extra,
+                    refreshed_url: refreshed.then(|| url.to_string()),
                 });
+            }
+            Err(Error::Client(ClientError::Status {
+                status: 404 | 410, ..
+            })) if !refreshed => {
+                // C15: the link expired; a re-fetched manifest may carry a fresh one.
+                refreshed = true;
+                tracing::info!(url = %crate::client::error_redact(&url), "file URL expired; re-fetching the manifest");
+                url = refreshed_url(sh, kind, item).await?;
             }
             Err(e) if attempt < sh.client.retry().max_retries && retryable(&e) => {
                 attempt += 1;
@@ -603,6 +632,60 @@ async fn process_item(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The URL of `item` in a freshly fetched manifest (all pages): the entry with the same URL
+/// path, else the only entry of the same kind, type and count.
+async fn refreshed_url(sh: &Shared, kind: &str, item: &ManifestItem) -> Result<Url> {
+    let _one_at_a_time = sh.refresh.lock().await;
+    let gone = || ClientError::Protocol {
+        url: crate::client::error_redact(&sh.status),
+        message: format!(
+            "the file {} expired and the re-fetched manifest has no replacement for it",
+            Url::parse(&item.url)
+                .map(|u| crate::client::error_redact(&u))
+                .unwrap_or_default()
+        ),
+    };
+    let mut items = Vec::new();
+    let mut page = Some(sh.status.clone());
+    while let Some(p) = page.take() {
+        match sh.client.poll(&p).await? {
+            PollOutcome::Complete(m) => {
+                items.extend(items_of(&m));
+                page = m
+                    .next_page()
+                    .map(|n| Url::parse(n).map_err(|e| ClientError::Invalid(e.to_string())))
+                    .transpose()?;
+            }
+            PollOutcome::InProgress { .. } => return Err(gone().into()),
+        }
+    }
+    let path = |u: &str| {
+        Url::parse(u)
+            .ok()
+            .map(|u| (u.origin(), u.path().to_string()))
+    };
+    let same_path: Vec<&ManifestItem> = items
+        .iter()
+        .filter(|(k, i)| k == kind && i.url != item.url && path(&i.url) == path(&item.url))
+        .map(|(_, i)| i)
+        .collect();
+    let candidates = if same_path.is_empty() {
+        items
+            .iter()
+            .filter(|(k, i)| {
+                k == kind && i.type_ == item.type_ && i.count == item.count && i.url != item.url
+            })
+            .map(|(_, i)| i)
+            .collect()
+    } else {
+        same_path
+    };
+    match candidates.as_slice() {
+        [one] => Ok(Url::parse(&one.url).map_err(|e| ClientError::Invalid(e.to_string()))?),
+        _ => Err(gone().into()),
     }
 }
 

@@ -24,6 +24,7 @@
 //! downstream code never mixes two arrows.
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod auth;
 pub mod client;
 pub mod compact;
 pub mod error;

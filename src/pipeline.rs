@@ -96,6 +96,8 @@ pub struct Progress {
     pub files_total: AtomicU64,
     /// A short state line (exports: "kicked off", the server's X-Progress, "downloading").
     pub state: std::sync::Mutex<String>,
+    /// Rows of finished files per resource type (exports; updated once per file).
+    pub rows_by_type: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Progress {
@@ -109,6 +111,31 @@ impl Progress {
     /// The state line.
     pub fn state(&self) -> String {
         self.state.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Count `rows` more of resource type `ty`.
+    pub fn add_rows(&self, ty: &str, rows: u64) {
+        if let Ok(mut g) = self.rows_by_type.lock() {
+            *g.entry(ty.to_string()).or_default() += rows;
+        }
+    }
+
+    /// `Type n, …` for the types with the most rows (at most `max`), for progress lines.
+    pub fn rows_summary(&self, max: usize) -> String {
+        let Ok(g) = self.rows_by_type.lock() else {
+            return String::new();
+        };
+        let mut v: Vec<(&String, &u64)> = g.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let mut s: Vec<String> = v
+            .iter()
+            .take(max)
+            .map(|(t, n)| format!("{t} {n}"))
+            .collect();
+        if v.len() > max {
+            s.push(format!("+{} types", v.len() - max));
+        }
+        s.join(", ")
     }
 }
 
@@ -194,7 +221,9 @@ pub async fn convert(
     queue.reverse(); // popped from the end
     let queue = Arc::new(Mutex::new(queue));
     let cancel = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = mpsc::channel::<Msg>(threads * 4);
+    // Two messages per worker: a batch message carries up to one batch per view (each at most
+    // `DEFAULT_BATCH_BYTES` of raw JSON), so the queue, not its count, is what costs memory.
+    let (tx, mut rx) = mpsc::channel::<Msg>(threads * 2);
     let mut handles = Vec::new();
     for _ in 0..threads {
         let (queue, cancel, tx, registry, progress) = (

@@ -16,12 +16,16 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use flatfhir::{
-    client::{Auth, BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig},
+    auth::{PrivateKey, SigningAlg},
+    client::{
+        Auth, BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig, SmartAuth, SmartConfig,
+        smart::export_scope,
+    },
     export::{ExportOptions, JobRecord},
     flatten::{DecodeStats, DecoderBuilder},
     pipeline::{self, ConvertOptions, Progress},
     query::Dataset,
-    serve::{DataSource, ServerBuilder},
+    serve::{AuthClient, DataSource, ServerBuilder},
     sink::{DatasetLocation, RunManifest},
     view::{CompiledView, ViewRegistry},
 };
@@ -60,6 +64,26 @@ enum Command {
     /// Start the built-in server on the bundled sample, export a Group from it into
     /// ./flatfhir-demo through the whole pipeline, and query the result.
     Demo(DemoArgs),
+    /// SMART Backend Services keys: generate a key pair and the JWKS to register.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Write a new private key (private-key.pem, mode 0600) and its public JWKS (jwks.json) into
+    /// DIR, and print the key id (kid). Register jwks.json with the FHIR server.
+    Generate {
+        /// Signing algorithm: ES384 (EC P-384) or RS384 (RSA 2048).
+        #[arg(long, value_enum, default_value = "ES384")]
+        alg: SigningAlg,
+        /// Folder for the key files.
+        #[arg(long, short, value_name = "DIR")]
+        out: PathBuf,
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -128,14 +152,67 @@ struct ExportArgs {
     /// Send `Prefer: handling=lenient` (the server may ignore parameters it does not support).
     #[arg(long)]
     lenient: bool,
+    /// Send `Prefer: separate-export-status` (STU3): status polls answer 200 and carry the job's
+    /// status in `X-Export-Status`.
+    #[arg(long)]
+    separate_export_status: bool,
     /// Extra HTTP header NAME:VALUE on every request (repeatable).
     #[arg(long = "header", value_name = "NAME:VALUE", value_parser = parse_header)]
     headers: Vec<(String, String)>,
     /// A static bearer token (prefer the environment variable to keep it off the command line).
-    #[arg(long, env = "FLATFHIR_BEARER_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "FLATFHIR_BEARER_TOKEN",
+        hide_env_values = true,
+        help_heading = "Authorization",
+        conflicts_with = "client_id"
+    )]
     bearer_token: Option<String>,
+    /// SMART Backend Services client id (registered with the server). Needs --private-key.
+    #[arg(
+        long,
+        env = "FLATFHIR_CLIENT_ID",
+        help_heading = "Authorization",
+        requires = "private_key"
+    )]
+    client_id: Option<String>,
+    /// Private key that signs client assertions: PEM (PKCS#8; RSA or EC P-384) or a JWK / JWKS
+    /// file (the key is picked by --kid). Create one with `flatfhir keys generate`.
+    #[arg(
+        long,
+        env = "FLATFHIR_PRIVATE_KEY",
+        value_name = "FILE",
+        help_heading = "Authorization",
+        requires = "client_id"
+    )]
+    private_key: Option<PathBuf>,
+    /// Key id sent as the assertion's `kid` (default: the JWK's kid, else the key's RFC 7638
+    /// thumbprint, which is what `flatfhir keys generate` registers).
+    #[arg(long, env = "FLATFHIR_KID", help_heading = "Authorization")]
+    kid: Option<String>,
+    /// Check that the key signs with this algorithm (the key type decides: RSA → RS384,
+    /// EC P-384 → ES384).
+    #[arg(long, value_enum, help_heading = "Authorization")]
+    alg: Option<SigningAlg>,
+    /// Scopes to request, space-separated [default: system/*.read, or system/*.rs with
+    /// --smart-v2; Group exports add system/Group.read or .rs].
+    #[arg(long, env = "FLATFHIR_SCOPE", help_heading = "Authorization")]
+    scope: Option<String>,
+    /// Ask for SMART v2 scopes (system/*.rs) instead of v1 (system/*.read).
+    #[arg(long, help_heading = "Authorization")]
+    smart_v2: bool,
+    /// Token endpoint (default: discovered from [base]/.well-known/smart-configuration, else the
+    /// CapabilityStatement).
+    #[arg(long, env = "FLATFHIR_TOKEN_URL", help_heading = "Authorization")]
+    token_url: Option<String>,
+    /// `jku` assertion header: the URL of the JWKS registered for this client, if it has one.
+    #[arg(long, help_heading = "Authorization")]
+    jku: Option<String>,
+    /// Allow a plain-HTTP token endpoint that is not on loopback (the assertion travels unencrypted).
+    #[arg(long, help_heading = "Authorization")]
+    allow_insecure_http: bool,
     /// Another host that may receive the access token for file downloads (repeatable).
-    #[arg(long, value_name = "HOST")]
+    #[arg(long, value_name = "HOST", help_heading = "Authorization")]
     allow_token_host: Vec<String>,
     /// Files downloaded in parallel.
     #[arg(long, default_value_t = flatfhir::export::DEFAULT_CONCURRENCY)]
@@ -191,6 +268,19 @@ struct ServeArgs {
     /// Set requiresAccessToken=true in manifests (file downloads then need the token).
     #[arg(long)]
     requires_access_token: bool,
+    /// SMART Backend Services: accept assertions signed by a key of this public JWKS, for any
+    /// client id (repeatable).
+    #[arg(long, value_name = "FILE")]
+    auth_jwks: Vec<PathBuf>,
+    /// SMART Backend Services: register client ID with the public keys in JWKS_FILE (repeatable).
+    #[arg(long, value_name = "ID=JWKS_FILE", value_parser = parse_kv)]
+    auth_client: Vec<(String, String)>,
+    /// Scopes registered clients may be granted (repeatable) [default: system/*.read, system/*.rs].
+    #[arg(long, value_name = "SCOPE")]
+    auth_scope: Vec<String>,
+    /// Lifetime of the access tokens the token endpoint issues.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    token_lifetime: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -431,7 +521,56 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Schemas(SchemasCommand::Show { name, schema }) => schemas_show(&name, &schema),
         Command::Compact(a) => rt.block_on(compact(a)),
         Command::Demo(a) => rt.block_on(demo(a, quiet)),
+        Command::Keys(KeysCommand::Generate { alg, out, force }) => keys_generate(alg, &out, force),
     }
+}
+
+fn keys_generate(alg: SigningAlg, out: &std::path::Path, force: bool) -> Result<Outcome> {
+    let (key, key_path, jwks_path) = flatfhir::auth::generate_key_files(alg, out, force)?;
+    eprintln!(
+        "flatfhir keys: wrote the private key {} (keep it secret) and the public JWKS {} \
+         (register it with the FHIR server); {alg} key id:",
+        key_path.display(),
+        jwks_path.display()
+    );
+    println!("{}", key.kid());
+    Ok(Outcome::Success)
+}
+
+/// The export's authorization from the command line: SMART Backend Services, a static bearer
+/// token, or none.
+fn export_auth(a: &ExportArgs, base: &url::Url, request: &ExportRequest) -> Result<Auth> {
+    if let (Some(client_id), Some(key_path)) = (&a.client_id, &a.private_key) {
+        flatfhir::auth::warn_if_key_readable_by_others(key_path);
+        let key = PrivateKey::load(key_path, a.kid.as_deref())?;
+        if let Some(alg) = a.alg
+            && alg != key.alg()
+        {
+            bail!(
+                "--alg {alg} does not fit the key in {} (it signs {})",
+                key_path.display(),
+                key.alg()
+            );
+        }
+        let token_url = a
+            .token_url
+            .as_deref()
+            .map(|u| url::Url::parse(u).with_context(|| format!("invalid --token-url {u:?}")))
+            .transpose()?;
+        let group = matches!(request.level, Some(ExportLevel::Group(_)));
+        let cfg = SmartConfig {
+            scope: export_scope(a.scope.as_deref(), a.smart_v2, group),
+            token_url,
+            jku: a.jku.clone(),
+            allow_insecure_http: a.allow_insecure_http,
+            ..SmartConfig::new(client_id.clone(), key)
+        };
+        return Ok(Auth::Smart(Arc::new(SmartAuth::new(cfg, base.clone())?)));
+    }
+    Ok(match &a.bearer_token {
+        Some(t) => Auth::Bearer(t.clone()),
+        None => Auth::None,
+    })
 }
 
 impl ExportArgs {
@@ -457,6 +596,7 @@ impl ExportArgs {
             params: self.params.clone(),
             post: self.post,
             lenient: self.lenient,
+            separate_export_status: self.separate_export_status,
         })
     }
 }
@@ -486,10 +626,7 @@ async fn export(a: ExportArgs, quiet: bool) -> Result<Outcome> {
         (base, request, same)
     };
     let base = url::Url::parse(&base).with_context(|| format!("invalid --base-url {base:?}"))?;
-    let auth = match &a.bearer_token {
-        Some(t) => Auth::Bearer(t.clone()),
-        None => Auth::None,
-    };
+    let auth = export_auth(&a, &base, &request)?;
     let retry = RetryConfig {
         max_retries: a.max_retries,
         max_poll_interval: a.max_poll_interval,
@@ -587,6 +724,29 @@ fn finish_export(
     Ok(check_rejects(m, max_rejects))
 }
 
+/// The SMART clients `serve` registers from `--auth-jwks` / `--auth-client`.
+fn serve_clients(a: &ServeArgs) -> Result<Vec<AuthClient>> {
+    let clients = a
+        .auth_jwks
+        .iter()
+        .map(|p| (None, PathBuf::from(p)))
+        .chain(
+            a.auth_client
+                .iter()
+                .map(|(id, p)| (Some(id.clone()), PathBuf::from(p))),
+        )
+        .map(|(id, path)| {
+            let c = AuthClient::from_jwks_file(id, &path)?;
+            Ok(if a.auth_scope.is_empty() {
+                c
+            } else {
+                c.with_allowed_scopes(a.auth_scope.clone())
+            })
+        })
+        .collect::<Result<Vec<_>, flatfhir::serve::ServeError>>()?;
+    Ok(clients)
+}
+
 async fn serve(a: ServeArgs) -> Result<Outcome> {
     let server = ServerBuilder::new(DataSource::Dir(a.data.clone()))
         .with_addr(a.addr)
@@ -594,9 +754,14 @@ async fn serve(a: ServeArgs) -> Result<Outcome> {
         .with_resources_per_file(a.resources_per_file.max(1))
         .with_files_per_page(a.files_per_page)
         .with_bearer_token(a.bearer_token.clone())
-        .with_requires_access_token(a.requires_access_token)
-        .start()
-        .await?;
+        .with_smart_clients(serve_clients(&a)?)
+        .with_token_lifetime(a.token_lifetime);
+    let server = if a.requires_access_token {
+        server.with_requires_access_token(true)
+    } else {
+        server
+    };
+    let server = server.start().await?;
     let counts = server.counts();
     eprintln!(
         "flatfhir serve: {} resources of {} types from {} at {} (Ctrl-C stops)",
@@ -605,6 +770,13 @@ async fn serve(a: ServeArgs) -> Result<Outcome> {
         a.data.display(),
         server.base_url()
     );
+    if !a.auth_jwks.is_empty() || !a.auth_client.is_empty() {
+        eprintln!(
+            "flatfhir serve: SMART Backend Services on; token endpoint {} (tokens last {:?})",
+            server.token_url(),
+            a.token_lifetime
+        );
+    }
     println!("{}", server.base_url());
     server.wait().await;
     Ok(Outcome::Success)
@@ -926,9 +1098,16 @@ async fn demo(a: DemoArgs, quiet: bool) -> Result<Outcome> {
         .iter()
         .map(|(name, bytes)| (name.to_string(), bytes::Bytes::from_static(bytes)))
         .collect();
+    // SMART Backend Services end to end: a key made for this run, registered with the server.
+    let key = PrivateKey::generate(SigningAlg::Es384)?;
+    let client_id = "flatfhir-demo";
+    let registered =
+        AuthClient::from_jwks_json(Some(client_id.into()), &key.public_jwks().to_string())?;
+    let kid = key.kid().to_string();
     let server = ServerBuilder::new(DataSource::Files(files))
         .with_delay(std::time::Duration::from_millis(1500))
         .with_resources_per_file(500)
+        .with_smart_clients(vec![registered])
         .start()
         .await?;
     eprintln!(
@@ -937,8 +1116,19 @@ async fn demo(a: DemoArgs, quiet: bool) -> Result<Outcome> {
         flatfhir::sample::DEMO_GROUP,
         a.out
     );
+    eprintln!(
+        "flatfhir demo: authorizing with SMART Backend Services as {client_id:?} (ES384 key generated for this run, kid {kid})"
+    );
     let location = DatasetLocation::resolve(&a.out, true)?;
+    let smart = SmartAuth::new(
+        SmartConfig {
+            scope: export_scope(None, false, true),
+            ..SmartConfig::new(client_id, key)
+        },
+        server.base_url().clone(),
+    )?;
     let client = BulkClientBuilder::new(server.base_url().clone())
+        .with_auth(Auth::Smart(Arc::new(smart)))
         .with_retry(RetryConfig {
             base: std::time::Duration::from_millis(200),
             ..Default::default()

@@ -50,8 +50,9 @@ impl ProgressDisplay {
                     n => n,
                 };
                 let state = progress.state();
+                let rows = progress.rows_summary(3);
                 bar.set_message(format!(
-                    "{}{}/{total} files, {} lines, {} rejects",
+                    "{}{}/{total} files, {} lines, {} rejects{}",
                     if state.is_empty() {
                         String::new()
                     } else {
@@ -59,7 +60,12 @@ impl ProgressDisplay {
                     },
                     progress.files.load(Ordering::Relaxed),
                     progress.lines.load(Ordering::Relaxed),
-                    progress.rejects.load(Ordering::Relaxed)
+                    progress.rejects.load(Ordering::Relaxed),
+                    if rows.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" · {rows}")
+                    }
                 ));
                 std::thread::sleep(Duration::from_millis(100));
             }

@@ -126,6 +126,15 @@ pub enum ClientError {
         /// What was wrong.
         message: String,
     },
+    /// Authorization failed: discovery, the token request, or a key problem. The message names
+    /// the cause (the server's `error` / `error_description`); it never contains a secret.
+    #[error("authorization failed ({url}): {message}")]
+    Auth {
+        /// The token endpoint or discovery URL, redacted.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
     /// `--timeout` expired.
     #[error("export did not finish within {0:?}")]
     Timeout(std::time::Duration),

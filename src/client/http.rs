@@ -1,24 +1,25 @@
 //! [`BulkClient`]: the HTTP side of kick-off, polling, downloads and DELETE, with retries and
 //! the token policy in one place.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use reqwest::{
     Method, Response, StatusCode,
     header::{
         ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LOCATION, CONTENT_TYPE,
-        RANGE, RETRY_AFTER,
+        HeaderValue, RANGE, RETRY_AFTER,
     },
 };
 use url::Url;
 
 use super::{
-    ClientError, ExportRequest, Manifest, RetryConfig,
+    ClientError, ExportRequest, Manifest, RetryConfig, SmartAuth,
     error::{OperationOutcome, body_detail, redact},
     parse_retry_after,
 };
 
-/// How requests are authorised. (SMART Backend Services plugs in here.)
+/// How requests are authorised.
 #[derive(Clone, Default)]
 pub enum Auth {
     /// No Authorization header.
@@ -26,6 +27,9 @@ pub enum Auth {
     None,
     /// A static bearer token.
     Bearer(String),
+    /// SMART Backend Services: a token obtained with a signed client assertion, renewed before
+    /// it expires and once more when the server answers `401`.
+    Smart(Arc<SmartAuth>),
 }
 
 impl std::fmt::Debug for Auth {
@@ -33,6 +37,7 @@ impl std::fmt::Debug for Auth {
         match self {
             Auth::None => f.write_str("Auth::None"),
             Auth::Bearer(_) => f.write_str("Auth::Bearer(<redacted>)"),
+            Auth::Smart(s) => write!(f, "Auth::Smart({s:?})"),
         }
     }
 }
@@ -157,18 +162,57 @@ impl BulkClient {
             })
     }
 
-    fn request(&self, method: Method, url: &Url, with_token: bool) -> reqwest::RequestBuilder {
+    /// A request with the user's headers and, when `with_token` and the origin is trusted, the
+    /// access token (marked sensitive so no debug output shows it). Returns the token used, for
+    /// [`renew_after_401`](Self::renew_after_401).
+    async fn request(
+        &self,
+        method: Method,
+        url: &Url,
+        with_token: bool,
+    ) -> Result<(reqwest::RequestBuilder, Option<Arc<str>>), ClientError> {
         let mut rb = self.http.request(method, url.clone());
         for (k, v) in &self.cfg.headers {
             rb = rb.header(k, v);
         }
-        if let Auth::Bearer(t) = &self.cfg.auth
-            && with_token
-            && self.token_allowed(url)
-        {
-            rb = rb.header(AUTHORIZATION, format!("Bearer {t}"));
+        let mut used = None;
+        if with_token && self.token_allowed(url) {
+            let token: Option<Arc<str>> = match &self.cfg.auth {
+                Auth::None => None,
+                Auth::Bearer(t) => Some(Arc::from(t.as_str())),
+                Auth::Smart(s) => Some(s.token().await?),
+            };
+            if let Some(t) = token {
+                let mut value = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                    ClientError::Invalid("the access token is not a valid header value".into())
+                })?;
+                value.set_sensitive(true);
+                rb = rb.header(AUTHORIZATION, value);
+                used = Some(t);
+            }
         }
-        rb
+        Ok((rb, used))
+    }
+
+    /// After a `401`: with SMART auth, drop the token that was refused (once per request) and
+    /// say the request should be sent again with a new one.
+    async fn renew_after_401(
+        &self,
+        resp: &Result<Response, ClientError>,
+        used: &Option<Arc<str>>,
+        renewed: &mut bool,
+    ) -> bool {
+        let Ok(resp) = resp else { return false };
+        if resp.status() != StatusCode::UNAUTHORIZED || *renewed {
+            return false;
+        }
+        if let (Auth::Smart(s), Some(t)) = (&self.cfg.auth, used) {
+            *renewed = true;
+            tracing::info!("The server answered 401; renewing the access token.");
+            s.invalidate(t).await;
+            return true;
+        }
+        false
     }
 
     async fn send(
@@ -211,23 +255,27 @@ impl BulkClient {
 
     /// Kick off an export; returns the status URL. 429 and 5xx are retried.
     pub async fn kick_off(&self, req: &ExportRequest) -> Result<Url, ClientError> {
+        req.validate()?;
         let (method, url) = if req.uses_post() {
             (Method::POST, req.endpoint(&self.cfg.base)?)
         } else {
             (Method::GET, req.get_url(&self.cfg.base)?)
         };
-        let prefer = if req.lenient {
-            "respond-async, handling=lenient"
-        } else {
-            "respond-async"
-        };
+        let mut prefer = String::from("respond-async");
+        if req.lenient {
+            prefer.push_str(", handling=lenient");
+        }
+        if req.separate_export_status {
+            prefer.push_str(", separate-export-status");
+        }
         let mut prev = self.cfg.retry.base;
         let mut attempt = 0;
+        let mut renewed = false;
         loop {
-            let mut rb = self
-                .request(method.clone(), &url, true)
+            let (rb, used) = self.request(method.clone(), &url, true).await?;
+            let mut rb = rb
                 .header(ACCEPT, "application/fhir+json")
-                .header("Prefer", prefer);
+                .header("Prefer", prefer.as_str());
             if method == Method::POST {
                 rb = rb
                     .header(CONTENT_TYPE, "application/fhir+json")
@@ -238,7 +286,11 @@ impl BulkClient {
             } else {
                 "GET"
             };
-            let (e, hint) = match self.send(name, &url, rb).await {
+            let sent = self.send(name, &url, rb).await;
+            if self.renew_after_401(&sent, &used, &mut renewed).await {
+                continue;
+            }
+            let (e, hint) = match sent {
                 Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
                     let loc = resp
                         .headers()
@@ -286,12 +338,16 @@ impl BulkClient {
     pub async fn poll(&self, status: &Url) -> Result<PollOutcome, ClientError> {
         let mut prev = self.cfg.retry.base;
         let mut attempt = 0;
+        let mut renewed = false;
         loop {
-            let rb = self
-                .request(Method::GET, status, true)
-                .header(ACCEPT, "application/json");
-            let err = match self.send("GET", status, rb).await {
-                Ok(resp) if resp.status() == StatusCode::OK => {
+            let (rb, used) = self.request(Method::GET, status, true).await?;
+            let rb = rb.header(ACCEPT, "application/json");
+            let sent = self.send("GET", status, rb).await;
+            if self.renew_after_401(&sent, &used, &mut renewed).await {
+                continue;
+            }
+            let err = match sent {
+                Ok(resp) if job_status(&resp) == StatusCode::OK => {
                     let body = resp.bytes().await.map_err(|source| ClientError::Network {
                         method: "GET",
                         url: redact(status),
@@ -299,7 +355,7 @@ impl BulkClient {
                     })?;
                     return Manifest::parse(&body, status).map(PollOutcome::Complete);
                 }
-                Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
+                Ok(resp) if job_status(&resp) == StatusCode::ACCEPTED => {
                     let progress = resp
                         .headers()
                         .get("x-progress")
@@ -330,7 +386,7 @@ impl BulkClient {
                 }
                 Ok(resp) => {
                     let hint = retry_after(&resp);
-                    let code = resp.status().as_u16();
+                    let code = job_status(&resp).as_u16();
                     let body = resp.bytes().await.unwrap_or_default();
                     let oo = OperationOutcome::parse(&body);
                     let transient = code == 429
@@ -377,17 +433,21 @@ impl BulkClient {
     ) -> Result<FileResponse, ClientError> {
         let mut prev = self.cfg.retry.base;
         let mut attempt = 0;
+        let mut renewed = false;
         loop {
-            let mut rb = self
-                .request(Method::GET, url, requires_token)
-                .header(ACCEPT, "application/fhir+ndjson");
+            let (rb, used) = self.request(Method::GET, url, requires_token).await?;
+            let mut rb = rb.header(ACCEPT, "application/fhir+ndjson");
             rb = if from > 0 {
                 rb.header(RANGE, format!("bytes={from}-"))
                     .header(ACCEPT_ENCODING, "identity")
             } else {
                 rb.header(ACCEPT_ENCODING, "gzip")
             };
-            let err = match self.send("GET", url, rb).await {
+            let sent = self.send("GET", url, rb).await;
+            if self.renew_after_401(&sent, &used, &mut renewed).await {
+                continue;
+            }
+            let err = match sent {
                 Ok(resp)
                     if resp.status() == StatusCode::OK
                         || resp.status() == StatusCode::PARTIAL_CONTENT =>
@@ -434,15 +494,36 @@ impl BulkClient {
 
     /// DELETE the status URL (cancel, or "done with the files"). Best effort for callers.
     pub async fn delete(&self, status: &Url) -> Result<(), ClientError> {
-        let resp = self
-            .send("DELETE", status, self.request(Method::DELETE, status, true))
-            .await?;
+        let mut renewed = false;
+        let resp = loop {
+            let (rb, used) = self.request(Method::DELETE, status, true).await?;
+            let sent = self.send("DELETE", status, rb).await;
+            if !self.renew_after_401(&sent, &used, &mut renewed).await {
+                break sent?;
+            }
+        };
         if resp.status().is_success() {
             Ok(())
         } else {
             Err(Self::status_error("DELETE", status, resp).await)
         }
     }
+}
+
+/// The job's status of a status response: the HTTP status, or — STU3 `separate-export-status`,
+/// a `200` whose `X-Export-Status` header carries it — the leading three digits of that header.
+fn job_status(resp: &Response) -> StatusCode {
+    if resp.status() == StatusCode::OK
+        && let Some(code) = resp
+            .headers()
+            .get("x-export-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().get(..3)?.parse::<u16>().ok())
+            .and_then(|c| StatusCode::from_u16(c).ok())
+    {
+        return code;
+    }
+    resp.status()
 }
 
 fn retry_after(resp: &Response) -> Option<Duration> {

@@ -16,15 +16,21 @@
 //! `Content-Location`s are resolved against the kick-off URL, the access token is never sent to
 //! another origin unless the user allowed that host, and server error bodies are shown through
 //! their OperationOutcome diagnostics (truncated).
+//!
+//! Authorization ([`Auth`]): none, a static bearer token, or SMART Backend Services
+//! ([`SmartAuth`]: signed client assertion → short-lived token, renewed before expiry and once
+//! more on a `401`).
 
 mod error;
 mod http;
 pub mod manifest;
 pub mod request;
 pub mod retry;
+pub mod smart;
 
 pub use error::{ClientError, OperationOutcome, redact as error_redact};
 pub use http::{Auth, BulkClient, BulkClientBuilder, FileResponse, PollOutcome};
 pub use manifest::{Manifest, ManifestItem};
 pub use request::{ExportLevel, ExportRequest};
 pub use retry::{RetryConfig, parse_retry_after};
+pub use smart::{SmartAuth, SmartConfig};

@@ -49,6 +49,10 @@ pub struct ExportRequest {
     pub post: bool,
     /// `Prefer: handling=lenient`.
     pub lenient: bool,
+    /// STU3 `Prefer: separate-export-status`: ask for status polls that answer `200` with the
+    /// job's status in `X-Export-Status` (followed whenever a server answers that way).
+    #[serde(default)]
+    pub separate_export_status: bool,
 }
 
 impl ExportRequest {
@@ -86,6 +90,72 @@ impl ExportRequest {
         };
         base.join(&rel)
             .map_err(|e| ClientError::Invalid(e.to_string()))
+    }
+
+    /// Check what the IG forbids a client to send, before anything is sent: `_type` names that
+    /// are not resource type names, and `_typeFilter` queries that are not one
+    /// `Type?search` query (C7: a single-type context) or that use search *result* parameters
+    /// (`_sort`, `_count`, `_include`, … — C7's SHALL NOT). A `_typeFilter` type missing from
+    /// `_type` is allowed (servers then include that type) but logged.
+    pub fn validate(&self) -> Result<(), ClientError> {
+        const RESULT_PARAMS: &[&str] = &[
+            "_sort",
+            "_count",
+            "_include",
+            "_revinclude",
+            "_summary",
+            "_total",
+            "_elements",
+            "_contained",
+            "_containedType",
+            "_maxresults",
+            "_graph",
+        ];
+        let is_type = |t: &str| {
+            t.len() <= 64
+                && t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                && t.chars().all(|c| c.is_ascii_alphanumeric())
+        };
+        for t in &self.types {
+            if !is_type(t) {
+                return Err(ClientError::Invalid(format!(
+                    "_type {t:?} is not a resource type name"
+                )));
+            }
+        }
+        for f in &self.type_filters {
+            let Some((ty, query)) = f.split_once('?') else {
+                return Err(ClientError::Invalid(format!(
+                    "_typeFilter {f:?} must be a search query like Observation?status=final"
+                )));
+            };
+            if !is_type(ty) {
+                return Err(ClientError::Invalid(format!(
+                    "_typeFilter {f:?}: {ty:?} is not a resource type (one type per query)"
+                )));
+            }
+            if query.is_empty() {
+                return Err(ClientError::Invalid(format!(
+                    "_typeFilter {f:?} has no search parameters"
+                )));
+            }
+            for (name, _) in url::form_urlencoded::parse(query.as_bytes()) {
+                let base = name.split(':').next().unwrap_or_default();
+                if RESULT_PARAMS.contains(&base) {
+                    return Err(ClientError::Invalid(format!(
+                        "_typeFilter {f:?} uses the search result parameter {base}, which the \
+                         Bulk Data IG does not allow in _typeFilter"
+                    )));
+                }
+            }
+            if !self.types.is_empty() && !self.types.iter().any(|t| t == ty) {
+                tracing::warn!(
+                    type_filter = %f,
+                    "_typeFilter names a type that is not in _type; servers may export it anyway"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// `(name, value)` pairs, one per value (repeated rather than comma-joined).
@@ -200,5 +270,33 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.endpoint(&base).is_err());
+    }
+
+    #[test]
+    fn type_filters_are_checked_before_sending() {
+        let ok = |f: &str| {
+            ExportRequest {
+                type_filters: vec![f.into()],
+                ..Default::default()
+            }
+            .validate()
+        };
+        assert!(ok("Observation?status=final&code=http://loinc.org|1234-5").is_ok());
+        for bad in [
+            "status=final",
+            "Observation,Condition?status=final",
+            "Observation?",
+            "Observation?status=final&_count=10",
+            "MedicationRequest?_include=MedicationRequest:medication",
+            "Observation?_sort=date",
+        ] {
+            let e = ok(bad).unwrap_err().to_string();
+            assert!(e.contains("_typeFilter"), "{bad}: {e}");
+        }
+        let bad_type = ExportRequest {
+            types: vec!["../etc".into()],
+            ..Default::default()
+        };
+        assert!(bad_type.validate().is_err());
     }
 }

@@ -16,9 +16,47 @@ use crate::view::{Cell, ColumnType, CompiledView};
 /// Builders for one view's columns (plus the raw `resource` column when the view has one).
 pub(crate) struct ViewBuilders {
     pub view: Arc<CompiledView>,
-    columns: Vec<(ColumnType, bool, Box<dyn ArrayBuilder>)>,
+    columns: Vec<Column>,
     raw: Option<StringBuilder>,
     pub rows: usize,
+}
+
+/// One column's builder, resolved to its concrete type once, so appending a cell is a `match`
+/// rather than a dynamic downcast per cell.
+enum Column {
+    Utf8(StringBuilder),
+    Boolean(BooleanBuilder),
+    Int32(Int32Builder),
+    Int64(Int64Builder),
+    Float64(Float64Builder),
+    Decimal(Decimal128Builder),
+    Date32(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder),
+    Time64(Time64MicrosecondBuilder),
+    /// A `collection: true` column (its item type).
+    List(ColumnType, ListBuilder<Box<dyn ArrayBuilder>>),
+}
+
+fn unbox<T: 'static>(b: Box<dyn ArrayBuilder>) -> Box<T> {
+    b.into_box_any()
+        .downcast::<T>()
+        .unwrap_or_else(|_| unreachable!("make_builder returns the builder of the data type"))
+}
+
+/// `make_builder` configures the builder for the exact data type (decimal precision, time zone);
+/// unbox it as the concrete builder of `ty`.
+fn concrete(ty: ColumnType, b: Box<dyn ArrayBuilder>) -> Column {
+    match ty {
+        ColumnType::Utf8 => Column::Utf8(*unbox(b)),
+        ColumnType::Boolean => Column::Boolean(*unbox(b)),
+        ColumnType::Int32 => Column::Int32(*unbox(b)),
+        ColumnType::Int64 => Column::Int64(*unbox(b)),
+        ColumnType::Float64 => Column::Float64(*unbox(b)),
+        ColumnType::Decimal(..) => Column::Decimal(*unbox(b)),
+        ColumnType::Date32 => Column::Date32(*unbox(b)),
+        ColumnType::Timestamp(_) => Column::Timestamp(*unbox(b)),
+        ColumnType::Time64 => Column::Time64(*unbox(b)),
+    }
 }
 
 impl ViewBuilders {
@@ -28,11 +66,12 @@ impl ViewBuilders {
             .iter()
             .zip(view.schema().fields())
             .map(|(c, f)| {
-                (
-                    c.column_type,
-                    c.collection,
-                    make_builder(f.data_type(), capacity),
-                )
+                let b = make_builder(f.data_type(), capacity);
+                if c.collection {
+                    Column::List(c.column_type, *unbox(b))
+                } else {
+                    concrete(c.column_type, b)
+                }
             })
             .collect();
         let raw = view
@@ -48,27 +87,58 @@ impl ViewBuilders {
 
     /// Append one row; `raw` is the resource's JSON text.
     pub fn append(&mut self, row: &[Cell<'_>], raw: &str) {
-        for ((ty, collection, b), cell) in self.columns.iter_mut().zip(row) {
-            if *collection {
-                let list = b
-                    .as_any_mut()
-                    .downcast_mut::<ListBuilder<Box<dyn ArrayBuilder>>>()
-                    .expect("list column has a list builder");
-                match cell {
-                    Cell::List(items) => {
-                        for i in items {
-                            append(list.values().as_mut(), *ty, i);
+        for (col, cell) in self.columns.iter_mut().zip(row) {
+            // Cells were produced by `types::convert` for this very column type, so the variant
+            // always matches; a mismatch is appended as null rather than panicking.
+            match col {
+                Column::Utf8(b) => match cell {
+                    Cell::Str(s) => b.append_value(s),
+                    _ => b.append_null(),
+                },
+                Column::Boolean(b) => b.append_option(match cell {
+                    Cell::Bool(v) => Some(*v),
+                    _ => None,
+                }),
+                Column::Int32(b) => b.append_option(match cell {
+                    Cell::Int(v) => i32::try_from(*v).ok(),
+                    _ => None,
+                }),
+                Column::Int64(b) => b.append_option(match cell {
+                    Cell::Int(v) => Some(*v),
+                    _ => None,
+                }),
+                Column::Float64(b) => b.append_option(match cell {
+                    Cell::Float(v) => Some(*v),
+                    _ => None,
+                }),
+                Column::Decimal(b) => b.append_option(match cell {
+                    Cell::Decimal(v) => Some(*v),
+                    _ => None,
+                }),
+                Column::Date32(b) => b.append_option(match cell {
+                    Cell::Date(v) => Some(*v),
+                    _ => None,
+                }),
+                Column::Timestamp(b) => b.append_option(match cell {
+                    Cell::Timestamp(v) => Some(*v),
+                    _ => None,
+                }),
+                Column::Time64(b) => b.append_option(match cell {
+                    Cell::Time(v) => Some(*v),
+                    _ => None,
+                }),
+                Column::List(ty, list) => {
+                    match cell {
+                        Cell::List(items) => {
+                            for i in items {
+                                append(list.values().as_mut(), *ty, i);
+                            }
                         }
-                        list.append(true);
+                        Cell::Null => {} // an empty collection is [], not null
+                        other => append(list.values().as_mut(), *ty, other),
                     }
-                    Cell::Null => list.append(true), // an empty collection is [], not null
-                    other => {
-                        append(list.values().as_mut(), *ty, other);
-                        list.append(true);
-                    }
+                    list.append(true);
                 }
-            } else {
-                append(b.as_mut(), *ty, cell);
             }
         }
         if let Some(r) = &mut self.raw {
@@ -77,12 +147,30 @@ impl ViewBuilders {
         self.rows += 1;
     }
 
+    /// Bytes in the raw `resource` column so far (0 without one).
+    pub fn raw_bytes(&self) -> usize {
+        self.raw.as_ref().map_or(0, |r| r.values_slice().len())
+    }
+
     /// Finish the rows so far into a batch (builders are reset).
     pub fn finish(&mut self) -> Result<RecordBatch, String> {
         let mut arrays: Vec<ArrayRef> = self
             .columns
             .iter_mut()
-            .map(|(_, _, b)| b.finish())
+            .map(|c| -> ArrayRef {
+                match c {
+                    Column::Utf8(b) => Arc::new(b.finish()),
+                    Column::Boolean(b) => Arc::new(b.finish()),
+                    Column::Int32(b) => Arc::new(b.finish()),
+                    Column::Int64(b) => Arc::new(b.finish()),
+                    Column::Float64(b) => Arc::new(b.finish()),
+                    Column::Decimal(b) => Arc::new(b.finish()),
+                    Column::Date32(b) => Arc::new(b.finish()),
+                    Column::Timestamp(b) => Arc::new(b.finish()),
+                    Column::Time64(b) => Arc::new(b.finish()),
+                    Column::List(_, b) => Arc::new(b.finish()),
+                }
+            })
             .collect();
         if let Some(r) = &mut self.raw {
             arrays.push(Arc::new(r.finish()));
@@ -100,6 +188,7 @@ macro_rules! downcast {
     };
 }
 
+/// Append one item of a list column.
 fn append(b: &mut dyn ArrayBuilder, ty: ColumnType, cell: &Cell<'_>) {
     // Cells were produced by `types::convert` for this very column type, so the variant always
     // matches; a mismatch is appended as null rather than panicking in release builds.

@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 use serde_json::Value;
 
 use super::{
-    DecodeStats, FlattenError, INVALID_TYPE_BUCKET, Reject, ViewBatch,
+    DecodeStats, FlattenError, INVALID_TYPE_BUCKET, Reject, TypeCounts, ViewBatch,
     builders::ViewBuilders,
     lines::{Line, LineSplitter},
 };
@@ -15,6 +15,10 @@ use crate::view::{
 
 /// Rows per RecordBatch handed out by the decoder.
 pub const DEFAULT_BATCH_SIZE: usize = 8192;
+/// A batch is also handed out once its raw `resource` column holds this many bytes (8 MiB), so
+/// that a batch of large resources (an ExplanationOfBenefit line is ~5 KB) stays small: batches
+/// wait in bounded channels and builders, so their size is what bounds memory, not their rows.
+pub const DEFAULT_BATCH_BYTES: usize = 8 << 20;
 /// Longest accepted ndjson line (64 MiB); longer lines are rejected without being buffered.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
 
@@ -24,6 +28,7 @@ pub struct DecoderBuilder {
     registry: Arc<ViewRegistry>,
     file: String,
     batch_size: usize,
+    batch_bytes: usize,
     max_line_bytes: usize,
     only_viewed: bool,
     first_line: u64,
@@ -37,6 +42,7 @@ impl DecoderBuilder {
             registry,
             file: file.into(),
             batch_size: DEFAULT_BATCH_SIZE,
+            batch_bytes: DEFAULT_BATCH_BYTES,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             only_viewed: false,
             first_line: 1,
@@ -64,6 +70,12 @@ impl DecoderBuilder {
         self.batch_size = n.max(1);
         self
     }
+    /// Raw `resource` bytes after which a batch is handed out before it has `batch_size` rows
+    /// (default [`DEFAULT_BATCH_BYTES`]).
+    pub fn with_batch_bytes(mut self, n: usize) -> Self {
+        self.batch_bytes = n.max(1);
+        self
+    }
     /// Longest accepted line (default [`DEFAULT_MAX_LINE_BYTES`]).
     pub fn with_max_line_bytes(mut self, n: usize) -> Self {
         self.max_line_bytes = n.max(1);
@@ -80,9 +92,12 @@ impl DecoderBuilder {
             registry: self.registry,
             file: self.file,
             batch_size: self.batch_size,
+            batch_bytes: self.batch_bytes,
             only_viewed: self.only_viewed,
-            outputs: HashMap::new(),
-            generic: HashMap::new(),
+            slots: Vec::new(),
+            slot_index: HashMap::new(),
+            outputs: Vec::new(),
+            output_index: HashMap::new(),
             ready: Vec::new(),
             rejects: Vec::new(),
             stats: DecodeStats::default(),
@@ -96,22 +111,61 @@ pub struct Decoder {
     registry: Arc<ViewRegistry>,
     file: String,
     batch_size: usize,
+    batch_bytes: usize,
     only_viewed: bool,
-    outputs: HashMap<String, ViewBuilders>,
-    /// Generic base views for resource types that have no base view.
-    generic: HashMap<String, Arc<CompiledView>>,
+    /// One per resource type seen, resolved on its first line (see [`TypeSlot`]).
+    slots: Vec<TypeSlot>,
+    slot_index: HashMap<String, usize>,
+    /// One per view that received rows, in first-seen order.
+    outputs: Vec<Output>,
+    output_index: HashMap<String, usize>,
     ready: Vec<ViewBatch>,
     rejects: Vec<Reject>,
     stats: DecodeStats,
+}
+
+/// What the decoder knows about one resource type, resolved once on its first line, so that a
+/// line costs no registry scan, no name formatting and no map insert: the views to evaluate
+/// (with the index of their output) and the line counts since they were last folded into
+/// [`DecodeStats`] (once per [`Decoder::decode`] call).
+struct TypeSlot {
+    resource_type: String,
+    kind: SlotKind,
+    /// `(view, output index, is the base view)`, registry views in name order, then the
+    /// generic base view when the type has none.
+    views: Vec<(Arc<CompiledView>, usize, bool)>,
+    counts: TypeCounts,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SlotKind {
+    /// Evaluated by its views.
+    Viewed,
+    /// No view reads it and `only_viewed` is set: counted as skipped.
+    Skipped,
+    /// No view reads it and it is not an R4 type: rejected.
+    Unknown,
+}
+
+/// The builders of one view, created on its first row.
+struct Output {
+    name: Arc<str>,
+    view: Arc<CompiledView>,
+    builders: Option<ViewBuilders>,
+    /// Rows since the counts were last folded into [`DecodeStats::view_rows`].
+    rows: u64,
 }
 
 struct LineCx<'d> {
     registry: &'d ViewRegistry,
     file: &'d str,
     batch_size: usize,
+    batch_bytes: usize,
     only_viewed: bool,
-    outputs: &'d mut HashMap<String, ViewBuilders>,
-    generic: &'d mut HashMap<String, Arc<CompiledView>>,
+    slots: &'d mut Vec<TypeSlot>,
+    slot_index: &'d mut HashMap<String, usize>,
+    outputs: &'d mut Vec<Output>,
+    output_index: &'d mut HashMap<String, usize>,
     ready: &'d mut Vec<ViewBatch>,
     rejects: &'d mut Vec<Reject>,
     stats: &'d mut DecodeStats,
@@ -124,7 +178,28 @@ impl Decoder {
         let mut cx = self.cx();
         let r = lines.push(buf, |line| cx.line(line));
         self.lines = lines;
+        self.fold_counts();
         r.map(|_| buf.len())
+    }
+
+    /// Add the per-type and per-view counts gathered since the last call to the stats.
+    fn fold_counts(&mut self) {
+        for slot in &mut self.slots {
+            let c = std::mem::take(&mut slot.counts);
+            if c != TypeCounts::default() {
+                self.stats
+                    .types
+                    .entry(slot.resource_type.clone())
+                    .or_default()
+                    .add(&c);
+            }
+        }
+        for o in &mut self.outputs {
+            if o.rows > 0 {
+                *self.stats.view_rows.entry(o.name.to_string()).or_default() += o.rows;
+                o.rows = 0;
+            }
+        }
     }
 
     /// End of input: decode a last line without newline and flush every view's rows.
@@ -134,17 +209,19 @@ impl Decoder {
         let r = lines.finish(|line| cx.line(line));
         self.stats.bytes = lines.bytes();
         self.lines = lines;
+        self.fold_counts();
         r?;
-        let mut names: Vec<_> = self.outputs.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            if let Some(b) = self.outputs.get_mut(&name).filter(|b| b.rows > 0) {
+        let mut order: Vec<usize> = (0..self.outputs.len()).collect();
+        order.sort_by(|a, b| self.outputs[*a].name.cmp(&self.outputs[*b].name));
+        for i in order {
+            let o = &mut self.outputs[i];
+            if let Some(b) = o.builders.as_mut().filter(|b| b.rows > 0) {
                 let batch = b.finish().map_err(|message| FlattenError::Internal {
-                    view: name.clone(),
+                    view: o.name.to_string(),
                     message,
                 })?;
                 self.ready.push(ViewBatch {
-                    view: name.as_str().into(),
+                    view: o.name.clone(),
                     batch,
                 });
             }
@@ -172,9 +249,12 @@ impl Decoder {
             registry: &self.registry,
             file: &self.file,
             batch_size: self.batch_size,
+            batch_bytes: self.batch_bytes,
             only_viewed: self.only_viewed,
+            slots: &mut self.slots,
+            slot_index: &mut self.slot_index,
             outputs: &mut self.outputs,
-            generic: &mut self.generic,
+            output_index: &mut self.output_index,
             ready: &mut self.ready,
             rejects: &mut self.rejects,
             stats: &mut self.stats,
@@ -256,54 +336,45 @@ impl LineCx<'_> {
                 return Ok(());
             }
         };
-        let registry = self.registry;
-        let has_views = registry.views_for(rt).next().is_some();
-        if !has_views && self.only_viewed {
-            self.stats.skipped += 1;
-            return Ok(());
+        let slot = self.slot(rt);
+        match self.slots[slot].kind {
+            SlotKind::Viewed => {}
+            SlotKind::Skipped => {
+                self.stats.skipped += 1;
+                return Ok(());
+            }
+            SlotKind::Unknown => {
+                self.stats
+                    .types
+                    .entry(INVALID_TYPE_BUCKET.into())
+                    .or_default()
+                    .lines += 1;
+                self.reject(
+                    &line,
+                    None,
+                    format!("unknown resource type {rt:?} (not FHIR R4, and no view reads it)"),
+                );
+                return Ok(());
+            }
         }
-        if !has_views && !is_r4_resource_type(rt) {
-            self.stats
-                .types
-                .entry(INVALID_TYPE_BUCKET.into())
-                .or_default()
-                .lines += 1;
-            self.reject(
-                &line,
-                None,
-                format!("unknown resource type {rt:?} (not FHIR R4, and no view reads it)"),
-            );
-            return Ok(());
-        }
-        self.stats.types.entry(rt.to_string()).or_default().lines += 1;
+        self.slots[slot].counts.lines += 1;
         let text = std::str::from_utf8(bytes).unwrap_or_default(); // valid: serde_json checked it
-        let base_name = snake_case(rt);
-        let generic = if registry.base_view(rt).is_none() {
-            let v = self
-                .generic
-                .entry(rt.to_string())
-                .or_insert_with(|| Arc::new(generic_view(rt, registry.raw())));
-            Some(v.clone())
-        } else {
-            None
-        };
         // Evaluate every view first; append only when all succeeded.
-        let mut results: Vec<(&Arc<CompiledView>, Vec<Row<'_>>, bool)> = Vec::new();
-        let views = registry.views_for(rt).chain(generic.as_ref());
-        for view in views {
+        let views = &self.slots[slot].views;
+        let mut results: Vec<(usize, bool, Vec<Row<'_>>, bool)> = Vec::with_capacity(views.len());
+        for (view, output, base) in views {
             let mut rows = Vec::new();
             match view.evaluate(&value, &mut rows) {
-                Ok(included) => results.push((view, rows, included)),
+                Ok(included) => results.push((*output, *base, rows, included)),
                 Err(e) => {
                     self.reject(&line, Some(rt), e.to_string());
                     return Ok(());
                 }
             }
         }
-        for (view, rows, included) in results {
-            let name = view.name();
-            if name == base_name {
-                let t = self.stats.types.entry(rt.to_string()).or_default();
+        for (output, base, rows, included) in results {
+            if base {
+                let t = &mut self.slots[slot].counts;
                 if included {
                     t.rows += rows.len() as u64
                 } else {
@@ -313,26 +384,82 @@ impl LineCx<'_> {
             if rows.is_empty() {
                 continue;
             }
-            *self.stats.view_rows.entry(name.to_string()).or_default() += rows.len() as u64;
-            let out = self
-                .outputs
-                .entry(name.to_string())
-                .or_insert_with(|| ViewBuilders::new(view.clone(), self.batch_size));
+            let o = &mut self.outputs[output];
+            o.rows += rows.len() as u64;
+            let batch_size = self.batch_size;
+            let out = o
+                .builders
+                .get_or_insert_with(|| ViewBuilders::new(o.view.clone(), batch_size));
             for row in &rows {
                 out.append(row, text);
-                if out.rows >= self.batch_size {
+                if out.rows >= batch_size || out.raw_bytes() >= self.batch_bytes {
                     let batch = out.finish().map_err(|message| FlattenError::Internal {
-                        view: name.to_string(),
+                        view: o.name.to_string(),
                         message,
                     })?;
                     self.ready.push(ViewBatch {
-                        view: name.into(),
+                        view: o.name.clone(),
                         batch,
                     });
                 }
             }
         }
         Ok(())
+    }
+
+    /// The slot of `rt`, resolved from the registry on the type's first line.
+    fn slot(&mut self, rt: &str) -> usize {
+        if let Some(&i) = self.slot_index.get(rt) {
+            return i;
+        }
+        let registry = self.registry;
+        let has_views = registry.views_for(rt).next().is_some();
+        let kind = if has_views {
+            SlotKind::Viewed
+        } else if self.only_viewed {
+            SlotKind::Skipped
+        } else if !is_r4_resource_type(rt) {
+            SlotKind::Unknown
+        } else {
+            SlotKind::Viewed
+        };
+        let base_name = snake_case(rt);
+        let mut views: Vec<Arc<CompiledView>> = Vec::new();
+        if kind == SlotKind::Viewed {
+            views.extend(registry.views_for(rt).cloned());
+            if registry.base_view(rt).is_none() {
+                views.push(Arc::new(generic_view(rt, registry.raw())));
+            }
+        }
+        let views = views
+            .into_iter()
+            .map(|v| {
+                let output = match self.output_index.get(v.name()) {
+                    Some(&o) => o,
+                    None => {
+                        self.outputs.push(Output {
+                            name: v.name().into(),
+                            view: v.clone(),
+                            builders: None,
+                            rows: 0,
+                        });
+                        self.output_index
+                            .insert(v.name().to_string(), self.outputs.len() - 1);
+                        self.outputs.len() - 1
+                    }
+                };
+                let base = v.name() == base_name;
+                (v, output, base)
+            })
+            .collect();
+        self.slots.push(TypeSlot {
+            resource_type: rt.to_string(),
+            kind,
+            views,
+            counts: TypeCounts::default(),
+        });
+        self.slot_index.insert(rt.to_string(), self.slots.len() - 1);
+        self.slots.len() - 1
     }
 }
 

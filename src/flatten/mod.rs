@@ -32,7 +32,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
-pub use decoder::{DEFAULT_BATCH_SIZE, DEFAULT_MAX_LINE_BYTES, Decoder, DecoderBuilder};
+pub use decoder::{
+    DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LINE_BYTES, Decoder, DecoderBuilder,
+};
 
 /// Errors that stop the decoding of a whole input (single bad lines become [`Reject`]s instead).
 #[non_exhaustive]

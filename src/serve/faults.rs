@@ -39,6 +39,9 @@ pub struct Faults {
     pub outcome_fatal: bool,
     /// Leave `Content-Location` out of the kick-off `202`.
     pub missing_content_location: bool,
+    /// Revoke the access token presented with a job's first file download and answer it `401`
+    /// (as a server does whose tokens were revoked or expired early). SMART auth only.
+    pub file_401: bool,
 }
 
 /// Faults of one kick-off request, plus the `paged` option that only exists per request.
@@ -92,6 +95,7 @@ impl RequestFaults {
                 "outcome-warning" => f.outcome_warning = true,
                 "outcome-fatal" => f.outcome_fatal = true,
                 "missing-content-location" => f.missing_content_location = true,
+                "file-401" => f.file_401 = true,
                 "paged" => out.files_per_page = Some(number(1)?.max(1) as usize),
                 other => return Err(format!("unknown _flatfhirFault {other:?}")),
             }
@@ -118,6 +122,7 @@ impl Faults {
             outcome_warning: self.outcome_warning || job.outcome_warning,
             outcome_fatal: self.outcome_fatal || job.outcome_fatal,
             missing_content_location: self.missing_content_location || job.missing_content_location,
+            file_401: self.file_401 || job.file_401,
         }
     }
 }

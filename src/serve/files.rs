@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::outcome::{Issue, Rejection};
-use super::server::{AppState, bearer_rejection};
+use super::server::AppState;
 
 /// Body chunk size when the `slow` fault is on.
 const SLOW_CHUNK_BYTES: usize = 8 * 1024;
@@ -31,9 +31,12 @@ pub(super) async fn download(
             .into_response();
     };
     if job.requires_access_token
-        && let Some(resp) = bearer_rejection(&headers, state.config.bearer_token.as_deref())
+        && let Some(resp) = state.file_rejection(&headers)
     {
         return resp;
+    }
+    if job.faults.file_401 && !std::mem::replace(&mut job.state().revoked, true) {
+        return state.revoke_token(&headers);
     }
     let n = file
         .strip_suffix(".ndjson")

@@ -58,6 +58,8 @@ pub(super) struct JobState {
     pub downloaded: HashSet<usize>,
     /// The `file_gone` file has answered `410`, so manifests now list a fresh URL.
     pub gone_served: bool,
+    /// The `file_401` fault has fired.
+    pub revoked: bool,
 }
 
 /// One accepted kick-off.
@@ -71,6 +73,9 @@ pub(super) struct Job {
     pub requires_access_token: bool,
     pub faults: Faults,
     pub files_per_page: Option<usize>,
+    /// STU3 `Prefer: separate-export-status`: polls answer `200` with the job's status in
+    /// `X-Export-Status`.
+    pub separate_status: bool,
     /// Set once the files are built (`Err` if building them panicked).
     pub output: OnceLock<Result<Arc<JobOutput>, String>>,
     state: Mutex<JobState>,
@@ -92,6 +97,7 @@ impl Job {
             requires_access_token,
             faults,
             files_per_page,
+            separate_status: false,
             output: OnceLock::new(),
             state: Mutex::new(JobState::default()),
         }

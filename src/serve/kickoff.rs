@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use super::auth;
 use super::job::Job;
 use super::outcome::{FHIR_JSON, Issue, Rejection};
 use super::request::{ExportRequest, Level};
@@ -57,14 +58,34 @@ async fn kickoff(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(resp) = state.bearer_rejection(&headers) {
-        return resp;
-    }
+    let grant = match state.authorize(&headers) {
+        Ok(g) => g,
+        Err(resp) => return resp,
+    };
     let post = method == Method::POST;
     let (request, lenient) = match parse(&state, &level, post, &uri, &headers, &body) {
         Ok(parsed) => parsed,
         Err(rejection) => return rejection.into_response(),
     };
+    if let Some(grant) = &grant {
+        let mut types: Vec<String> = match &request.types {
+            Some(t) => t.iter().cloned().collect(),
+            None => state.data.counts().into_keys().collect(),
+        };
+        if matches!(level, Level::Group(_)) {
+            types.push("Group".into());
+        }
+        if let Some(t) = types.iter().find(|t| !auth::covers_read(&grant.scopes, t)) {
+            return Issue::error(
+                "forbidden",
+                format!(
+                    "the access token's scopes ({}) do not allow reading {t}",
+                    grant.scopes.join(" ")
+                ),
+            )
+            .response(StatusCode::FORBIDDEN);
+        }
+    }
     let faults = state.config.faults.combine(&request.faults.faults);
 
     if faults.kickoff_500 {
@@ -103,12 +124,20 @@ async fn kickoff(
         .faults
         .files_per_page
         .or(state.config.files_per_page);
-    let job = Arc::new(Job::new(
+    let separate_status = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .any(|t| t.trim() == "separate-export-status");
+    let mut job = Job::new(
         request_url,
         state.requires_access_token(),
         faults.clone(),
         files_per_page,
-    ));
+    );
+    job.separate_status = separate_status;
+    let job = Arc::new(job);
     lock(&state.jobs).insert(job.id.clone(), job.clone());
     tracing::debug!(job = %job.id, lenient, "Accepted an export.");
 
@@ -136,6 +165,12 @@ async fn kickoff(
         if let Ok(v) = HeaderValue::from_str(&status_url) {
             resp.headers_mut().insert(header::CONTENT_LOCATION, v);
         }
+    }
+    if separate_status {
+        resp.headers_mut().insert(
+            "preference-applied",
+            HeaderValue::from_static("separate-export-status"),
+        );
     }
     resp
 }

@@ -73,6 +73,7 @@
 //! | `outcome-warning` | `outcome_warning` | the `error` file carries a `warning` OperationOutcome |
 //! | `outcome-fatal` | `outcome_fatal` | the `error` file carries a `fatal` OperationOutcome (the manifest is still `200`) |
 //! | `missing-content-location` | `missing_content_location` | the kick-off `202` has no `Content-Location` |
+//! | `file-401` | `file_401` | the first file download of the job answers `401` and revokes the token it carried (SMART auth) |
 //! | `paged[:N]` | [`ServerBuilder::with_files_per_page`] | manifest pages of N (default 1) output files, chained by `link[next]` |
 //!
 //! # Auth
@@ -80,7 +81,13 @@
 //! With [`ServerBuilder::with_bearer_token`] every FHIR endpoint except `metadata` needs
 //! `Authorization: Bearer <token>` (`401` + OperationOutcome otherwise). File downloads need it
 //! only when the manifest says `requiresAccessToken: true`; with `false` the file URLs are
-//! capability URLs that work without credentials. [`RunningServer::log`] records whether each
+//! capability URLs that work without credentials.
+//!
+//! With [`ServerBuilder::with_smart_clients`] the server does SMART Backend Services instead:
+//! `GET .well-known/smart-configuration`, `POST /auth/token` (client assertion → opaque token,
+//! lifetime [`ServerBuilder::with_token_lifetime`]), and every FHIR endpoint needs a token that is
+//! valid and unexpired; a kick-off also needs scopes that cover every exported type (`403`
+//! otherwise). See [`auth`](self::AuthClient) for what the token endpoint verifies. [`RunningServer::log`] records whether each
 //! request carried an `Authorization` header (never its value), so tests can assert that a client
 //! did not send its token where it must not.
 //!
@@ -99,6 +106,7 @@
 //! # });
 //! ```
 
+mod auth;
 mod data;
 mod faults;
 mod files;
@@ -115,6 +123,7 @@ mod tests;
 
 use std::path::PathBuf;
 
+pub use auth::{AuthClient, DEFAULT_ALLOWED_SCOPES, DEFAULT_TOKEN_LIFETIME};
 pub use faults::Faults;
 pub use server::{
     DEFAULT_ADDR, DEFAULT_DELAY, DEFAULT_RESOURCES_PER_FILE, DEFAULT_RETRY_AFTER_SECS,
@@ -154,6 +163,9 @@ pub enum ServeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A configuration problem (an unreadable JWKS, …).
+    #[error("server configuration: {0}")]
+    Config(String),
     /// A broken invariant: this is a bug in flatfhir, please report it.
     #[error("internal error (this is a bug in flatfhir): {0}")]
     Internal(String),

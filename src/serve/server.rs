@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use url::Url;
 
+use super::auth::{self, AuthClient, AuthState, Grant, SmartSettings};
 use super::data::Dataset;
 use super::faults::Faults;
 use super::job::Job;
@@ -60,8 +61,16 @@ pub(super) struct Config {
     pub files_per_page: Option<usize>,
     pub requires_access_token: Option<bool>,
     pub bearer_token: Option<String>,
+    pub smart: SmartSettings,
     pub files_on_separate_origin: bool,
     pub faults: Faults,
+}
+
+impl Config {
+    /// The SMART settings, when SMART clients are registered.
+    pub fn smart(&self) -> Option<&SmartSettings> {
+        (!self.smart.clients.is_empty()).then_some(&self.smart)
+    }
 }
 
 impl ServerBuilder {
@@ -79,6 +88,10 @@ impl ServerBuilder {
                 files_per_page: None,
                 requires_access_token: None,
                 bearer_token: None,
+                smart: SmartSettings {
+                    clients: Vec::new(),
+                    token_lifetime: auth::DEFAULT_TOKEN_LIFETIME,
+                },
                 files_on_separate_origin: false,
                 faults: Faults::default(),
             },
@@ -134,6 +147,22 @@ impl ServerBuilder {
         self
     }
 
+    /// SMART Backend Services with these registered clients (default none: no SMART auth).
+    /// Every FHIR endpoint except `metadata` and discovery then needs an access token from the
+    /// token endpoint, and manifests say `requiresAccessToken: true` unless
+    /// [`with_requires_access_token`](Self::with_requires_access_token) says otherwise.
+    pub fn with_smart_clients(mut self, clients: Vec<AuthClient>) -> Self {
+        self.config.smart.clients = clients;
+        self
+    }
+
+    /// Lifetime of issued access tokens (default [`auth::DEFAULT_TOKEN_LIFETIME`], five
+    /// minutes). Short lifetimes make token renewal during an export testable.
+    pub fn with_token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.config.smart.token_lifetime = lifetime;
+        self
+    }
+
     /// Serve file downloads from a second listener (same IP, another port = another origin),
     /// as servers that put files on S3 or a CDN do. Default `false`.
     pub fn with_files_on_separate_origin(mut self, separate: bool) -> Self {
@@ -181,6 +210,7 @@ impl ServerBuilder {
             jobs: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
             kickoffs: Mutex::new(KickoffCounters::default()),
+            auth: AuthState::default(),
         });
         let (shutdown, signal) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -240,6 +270,11 @@ fn router(state: &Arc<AppState>, with_files: bool, with_fhir: bool) -> Router {
     if with_fhir {
         router = router
             .route("/fhir/metadata", get(metadata))
+            .route(
+                "/fhir/.well-known/smart-configuration",
+                get(auth::smart_configuration),
+            )
+            .route("/auth/token", axum::routing::post(auth::token))
             .route("/fhir/$export", get(kickoff::system).post(kickoff::system))
             .route(
                 "/fhir/Patient/$export",
@@ -270,7 +305,7 @@ async fn not_found() -> Response {
 /// `GET metadata`: a minimal CapabilityStatement naming the export operations.
 async fn metadata(State(state): State<Arc<AppState>>) -> Response {
     let op = |name: &str, def: &str| json!({ "name": name, "definition": format!("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{def}") });
-    let body = json!({
+    let mut body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -289,6 +324,16 @@ async fn metadata(State(state): State<Arc<AppState>>) -> Response {
             "operation": [op("export", "export")],
         }],
     });
+    if state.config.smart().is_some() {
+        // The legacy (pre-well-known) way of advertising the token endpoint.
+        body["rest"][0]["security"] = json!({
+            "service": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR" }] }],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{ "url": "token", "valueUri": state.token_url().as_str() }],
+            }],
+        });
+    }
     let mut resp = axum::Json(body).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
@@ -332,6 +377,7 @@ pub(super) struct AppState {
     pub jobs: Mutex<HashMap<String, Arc<Job>>>,
     pub log: Mutex<Vec<RequestRecord>>,
     pub kickoffs: Mutex<KickoffCounters>,
+    pub auth: AuthState,
 }
 
 /// Lock a mutex whose data stays valid even if a handler panicked while holding it.
@@ -345,17 +391,60 @@ impl AppState {
         lock(&self.jobs).get(id).cloned()
     }
 
-    /// A `401` unless the request carries the configured bearer token (if one is configured).
+    /// The token endpoint (`/auth/token` on the FHIR listener).
+    pub fn token_url(&self) -> Url {
+        self.base_url
+            .join("/auth/token")
+            .unwrap_or_else(|_| self.base_url.clone())
+    }
+
+    /// For a FHIR endpoint: the SMART grant of the request (`None` without SMART), or a `401`
+    /// when the configured auth (SMART or a static token) is not satisfied.
+    #[allow(clippy::result_large_err)] // the error is the response to send, built once
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<Option<Grant>, Response> {
+        if self.config.smart().is_some() {
+            return auth::check_token(self, headers).map(Some);
+        }
+        match self.config.bearer_token.as_deref() {
+            Some(token) => match bearer_rejection(headers, Some(token)) {
+                Some(resp) => Err(resp),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// A `401` unless the request satisfies the configured auth (see [`authorize`](Self::authorize)).
     pub fn bearer_rejection(&self, headers: &HeaderMap) -> Option<Response> {
-        let token = self.config.bearer_token.as_deref()?;
-        bearer_rejection(headers, Some(token))
+        self.authorize(headers).err()
+    }
+
+    /// For a file of a job with `requiresAccessToken: true`: a `401` unless the request carries
+    /// a valid token (any bearer token when the server has no auth configured).
+    pub fn file_rejection(&self, headers: &HeaderMap) -> Option<Response> {
+        if self.config.smart().is_some() {
+            return auth::check_token(self, headers).err();
+        }
+        bearer_rejection(headers, self.config.bearer_token.as_deref())
+    }
+
+    /// Revoke the request's access token and answer `401` (the `file_401` fault).
+    pub fn revoke_token(&self, headers: &HeaderMap) -> Response {
+        auth::revoke(self, headers);
+        let mut resp = Issue::error("login", "the access token was revoked (fault file-401)")
+            .response(StatusCode::UNAUTHORIZED);
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+        resp
     }
 
     /// `requiresAccessToken` for new jobs.
     pub fn requires_access_token(&self) -> bool {
         self.config
             .requires_access_token
-            .unwrap_or(self.config.bearer_token.is_some())
+            .unwrap_or(self.config.bearer_token.is_some() || self.config.smart().is_some())
     }
 
     /// `Retry-After`: delta-seconds, or an HTTP-date that many seconds (rounded up) from now.
@@ -453,6 +542,22 @@ impl RunningServer {
     /// Every request served so far, in completion order.
     pub fn log(&self) -> Vec<RequestRecord> {
         lock(&self.state.log).clone()
+    }
+
+    /// Access tokens the SMART token endpoint has issued so far.
+    pub fn tokens_issued(&self) -> u64 {
+        self.state.auth.issued()
+    }
+
+    /// Every access token issued so far, revoked and expired ones included — for tests that
+    /// check a client never logs one.
+    pub fn access_tokens(&self) -> Vec<String> {
+        self.state.auth.all_issued()
+    }
+
+    /// The SMART token endpoint (served whether or not SMART clients are configured).
+    pub fn token_url(&self) -> Url {
+        self.state.token_url()
     }
 
     /// Resources per type in the loaded data.

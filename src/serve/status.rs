@@ -52,6 +52,39 @@ pub(super) async fn poll(
         .response(StatusCode::INTERNAL_SERVER_ERROR);
     }
 
+    let resp = job_status(&state, &job, &uri, &id, page);
+    if job.separate_status {
+        separate(resp)
+    } else {
+        resp
+    }
+}
+
+/// STU3 `separate-export-status`: the poll itself succeeded (`200`); the job's status goes into
+/// `X-Export-Status` (`202 Accepted`, `200 OK`, or the failure) and its body stays as it was.
+fn separate(mut resp: Response) -> Response {
+    let status = resp.status();
+    let text = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    if let Ok(v) = HeaderValue::from_str(text.trim()) {
+        resp.headers_mut().insert("x-export-status", v);
+    }
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}
+
+/// The job's own status: `202` while working, the manifest, or its failure.
+fn job_status(
+    state: &AppState,
+    job: &super::job::Job,
+    uri: &Uri,
+    id: &str,
+    page: usize,
+) -> Response {
+    let faults = &job.faults;
     let elapsed = job.started.elapsed();
     let delay = state.config.delay;
     let output = match job.output.get() {

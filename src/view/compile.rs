@@ -272,17 +272,20 @@ impl CompiledView {
             row_index: parent_index,
         };
         let one = std::slice::from_ref(focus);
+        let computed: Vec<Item<'a>>;
         let (foci, iterating) = match &node.iteration {
-            Iteration::Once => (vec![focus.clone()], false),
-            Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => (
-                e.evaluate(one, &env)
-                    .map_err(|m| self.error("forEach", m))?,
-                true,
-            ),
+            Iteration::Once => (one, false),
+            Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => {
+                computed = e
+                    .evaluate(one, &env)
+                    .map_err(|m| self.error("forEach", m))?;
+                (computed.as_slice(), true)
+            }
             Iteration::Repeat(paths) => {
                 let mut acc = Vec::new();
                 self.repeat(paths, focus, &env, &mut acc, 0)?;
-                (acc, true)
+                computed = acc;
+                (computed.as_slice(), true)
             }
         };
         if foci.is_empty() {
@@ -398,9 +401,9 @@ pub fn raw_field() -> Field {
 fn product<'a>(acc: Vec<Row<'a>>, part: Vec<Row<'a>>, cols: &[usize]) -> Vec<Row<'a>> {
     if acc.len() == 1 && part.len() == 1 {
         let mut acc = acc;
-        let p = part.into_iter().next().unwrap_or_default();
+        let mut p = part.into_iter().next().unwrap_or_default();
         for &c in cols {
-            acc[0][c] = p[c].clone();
+            acc[0][c] = std::mem::replace(&mut p[c], Cell::Null);
         }
         return acc;
     }

@@ -15,7 +15,10 @@ use flatfhir::{
 
 use crate::support::data;
 
-async fn server(faults: Faults, f: impl FnOnce(ServerBuilder) -> ServerBuilder) -> RunningServer {
+pub(crate) async fn server(
+    faults: Faults,
+    f: impl FnOnce(ServerBuilder) -> ServerBuilder,
+) -> RunningServer {
     let b = ServerBuilder::new(DataSource::Dir(data("sample")))
         .with_delay(Duration::from_millis(300))
         .with_resources_per_file(400)
@@ -23,7 +26,7 @@ async fn server(faults: Faults, f: impl FnOnce(ServerBuilder) -> ServerBuilder) 
     f(b).start().await.unwrap()
 }
 
-fn fast_retry() -> RetryConfig {
+pub(crate) fn fast_retry() -> RetryConfig {
     RetryConfig {
         base: Duration::from_millis(50),
         max_backoff: Duration::from_millis(400),
@@ -31,7 +34,7 @@ fn fast_retry() -> RetryConfig {
     }
 }
 
-async fn export(
+pub(crate) async fn export(
     srv: &RunningServer,
     req: ExportRequest,
     out: &std::path::Path,
@@ -40,7 +43,7 @@ async fn export(
     export_with(srv, req, out, auth, ExportOptions::default()).await
 }
 
-async fn export_with(
+pub(crate) async fn export_with(
     srv: &RunningServer,
     req: ExportRequest,
     out: &std::path::Path,
@@ -65,14 +68,14 @@ async fn export_with(
     .await
 }
 
-fn patients() -> ExportRequest {
+pub(crate) fn patients() -> ExportRequest {
     ExportRequest {
         level: Some(ExportLevel::Patients),
         ..Default::default()
     }
 }
 
-fn with_fault(fault: &str) -> ExportRequest {
+pub(crate) fn with_fault(fault: &str) -> ExportRequest {
     ExportRequest {
         params: vec![("_flatfhirFault".into(), fault.into())],
         ..patients()
@@ -80,7 +83,7 @@ fn with_fault(fault: &str) -> ExportRequest {
 }
 
 /// Rows per resource type read back with SQL must equal the server's data, with no duplicate ids.
-async fn assert_exact(out: &std::path::Path, expected: &BTreeMap<String, u64>) {
+pub(crate) async fn assert_exact(out: &std::path::Path, expected: &BTreeMap<String, u64>) {
     let ds = Dataset::open(&DatasetLocation::resolve(out.to_str().unwrap(), false).unwrap())
         .await
         .unwrap();
@@ -216,6 +219,53 @@ async fn kickoff_429_is_retried() {
 async fn cut_downloads_are_restarted_without_duplicates() {
     let (_t, s, _srv) = fault_case("cut-file").await;
     assert_eq!(s.manifest.rejects, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_file_urls_are_refreshed_from_the_manifest() {
+    // C15: file 0 answers 410; the client re-fetches the manifest and reads the fresh URL.
+    let (_t, s, srv) = fault_case("file-gone:0").await;
+    assert_eq!(s.manifest.rejects, 0);
+    let log = srv.log();
+    assert!(log.iter().any(|r| r.status == 410), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|r| r.path.contains("fresh") && r.status == 200),
+        "the fresh URL was downloaded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_export_status_is_followed() {
+    // STU3: every poll answers 200; the job status travels in X-Export-Status.
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let req = ExportRequest {
+        separate_export_status: true,
+        ..patients()
+    };
+    export(&srv, req.clone(), tmp.path(), Auth::None)
+        .await
+        .unwrap();
+    assert_exact(tmp.path(), &srv.counts()).await;
+    let polls: Vec<_> = srv
+        .log()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.contains("$export-status"))
+        .collect();
+    assert!(polls.len() >= 2, "{polls:?}");
+    assert!(polls.iter().all(|r| r.status == 200), "{polls:?}");
+    // A failed job is still a failure when the poll itself is 200.
+    let tmp = tempfile::tempdir().unwrap();
+    let failing = ExportRequest {
+        params: vec![("_flatfhirFault".into(), "status-fatal".into())],
+        ..req
+    };
+    let e = export(&srv, failing, tmp.path(), Auth::None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("status-fatal"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! flatfhir's integration tests: one binary, a module per stage.
 
+mod auth;
 mod cli;
 mod conformance;
 mod convert;

@@ -196,9 +196,14 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
         out.push(item.clone());
         return;
     }
+    // A choice element is `name` followed by an upper-case type name: test that byte first, so
+    // the common miss (an absent optional element) costs one length check per key.
+    let n = name.len();
     for (k, v) in m {
-        if let Some(suffix) = k.strip_prefix(name)
-            && let Some(t) = choice_suffix_type(suffix)
+        if k.len() > n
+            && k.as_bytes()[n].is_ascii_uppercase()
+            && k.as_bytes()[..n] == *name.as_bytes()
+            && let Some(t) = choice_suffix_type(&k[n..])
         {
             push_flat(v, Some(t), out);
         }
