@@ -137,7 +137,8 @@ impl Dataset {
         for (view, (mut exports, rows)) in per_view {
             exports.sort();
             let table_url = ListingTableUrl::parse(format!("{DATASET_URL}{view}/"))?;
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            let format = ParquetFormat::default().with_force_view_types(false);
+            let options = ListingOptions::new(Arc::new(format))
                 .with_file_extension(".parquet")
                 .with_table_partition_cols(vec![(PARTITION_COLUMN.to_string(), DataType::Utf8)]);
             let schema = options.infer_schema(&ctx.state(), &table_url).await?;
