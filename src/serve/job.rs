@@ -76,6 +76,9 @@ pub(super) struct Job {
     /// STU3 `Prefer: separate-export-status`: polls answer `200` with the job's status in
     /// `X-Export-Status`.
     pub separate_status: bool,
+    /// `allowPartialManifests=true`: once the files are built, `202` polls in the second half
+    /// of the delay list the first half of the output files.
+    pub allow_partial: bool,
     /// Set once the files are built (`Err` if building them panicked).
     pub output: OnceLock<Result<Arc<JobOutput>, String>>,
     state: Mutex<JobState>,
@@ -98,6 +101,7 @@ impl Job {
             faults,
             files_per_page,
             separate_status: false,
+            allow_partial: false,
             output: OnceLock::new(),
             state: Mutex::new(JobState::default()),
         }
@@ -118,6 +122,32 @@ impl Job {
             url.push_str("?fresh=1");
         }
         url
+    }
+
+    /// A partial manifest (STU3 `allowPartialManifests`): the first half of the output files,
+    /// no `error`/`deleted` entries and no `link` (the final manifest lists everything).
+    pub fn partial_manifest(&self, output: &JobOutput, files_base: &Url) -> Value {
+        let outputs: Vec<Value> = output
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.kind == FileKind::Output)
+            .map(|(n, f)| {
+                json!({
+                    "type": f.resource_type,
+                    "url": self.file_url(files_base, n, false),
+                    "count": f.lines.len(),
+                })
+            })
+            .collect();
+        let half = outputs.len().div_ceil(2);
+        json!({
+            "transactionTime": self.transaction_time.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "request": self.request_url,
+            "requiresAccessToken": self.requires_access_token,
+            "output": &outputs[..half],
+            "error": [],
+        })
     }
 
     /// Manifest page `page` (1-based), or `None` past the last page.

@@ -137,6 +137,7 @@ async fn kickoff(
         files_per_page,
     );
     job.separate_status = separate_status;
+    job.allow_partial = request.allow_partial;
     let job = Arc::new(job);
     lock(&state.jobs).insert(job.id.clone(), job.clone());
     tracing::debug!(job = %job.id, lenient, "Accepted an export.");

@@ -37,7 +37,8 @@
 //! `_typeFilter` (`Type?element=value[&…]`, string elements or `code` / `system|code` on
 //! CodeableConcept and Coding elements, `reference` on References; a comma in a value means OR),
 //! `includeAssociatedData` (ignored, noted in the error file), `organizeOutputBy` (not
-//! supported), `allowPartialManifests` (accepted; the manifest is always complete) and
+//! supported), `allowPartialManifests` (`true`: in the second half of the delay, `202` polls carry a JSON
+//! manifest of the first half of the output files) and
 //! `_flatfhirFault` (below). Unknown or unsupported parameters are a `400` OperationOutcome
 //! unless the request says `Prefer: handling=lenient`; then they are ignored and each one is
 //! reported as an OperationOutcome line in the manifest's `error` file.

@@ -56,6 +56,8 @@ pub(super) struct ExportRequest {
     pub type_filters: BTreeMap<String, Vec<TypeFilter>>,
     /// OperationOutcome issues for the manifest's `error` file.
     pub notes: Vec<Issue>,
+    /// `allowPartialManifests=true`: `202` polls may carry a manifest of the files ready so far.
+    pub allow_partial: bool,
     pub faults: RequestFaults,
 }
 
@@ -188,13 +190,14 @@ impl ExportRequest {
                 format!("organizeOutputBy={by} is not supported"),
             )?;
         }
-        if let Some(v) = single("allowPartialManifests")?
-            && v != "true"
-            && v != "false"
-        {
-            return Err(Rejection::invalid(format!(
-                "allowPartialManifests {v:?} is not a boolean"
-            )));
+        match single("allowPartialManifests")? {
+            Some("true") => req.allow_partial = true,
+            Some("false") | None => {}
+            Some(v) => {
+                return Err(Rejection::invalid(format!(
+                    "allowPartialManifests {v:?} is not a boolean"
+                )));
+            }
         }
         req.faults = RequestFaults::parse(values("_flatfhirFault")).map_err(Rejection::invalid)?;
 

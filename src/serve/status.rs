@@ -94,7 +94,16 @@ fn job_status(
                 .checked_div(delay.as_millis())
                 .unwrap_or(99)
                 .min(99);
-            let mut resp = StatusCode::ACCEPTED.into_response();
+            let partial = match job.output.get() {
+                Some(Ok(output)) if job.allow_partial && elapsed >= delay / 2 => {
+                    Some(job.partial_manifest(output, &state.files_base_url))
+                }
+                _ => None,
+            };
+            let mut resp = match partial {
+                Some(m) => (StatusCode::ACCEPTED, axum::Json(m)).into_response(),
+                None => StatusCode::ACCEPTED.into_response(),
+            };
             let h = resp.headers_mut();
             if let Ok(v) = HeaderValue::from_str(&format!("{percent}% complete")) {
                 h.insert("x-progress", v);

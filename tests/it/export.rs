@@ -269,6 +269,43 @@ async fn separate_export_status_is_followed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_manifests_start_downloads_early() {
+    // STU3 allowPartialManifests: a 202 poll lists half the files; the client downloads them
+    // before the job completes and does not read them again from the final manifest.
+    let srv = server(Faults::default(), |b| {
+        b.with_delay(Duration::from_millis(1600))
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let req = ExportRequest {
+        allow_partial_manifests: true,
+        ..patients()
+    };
+    export(&srv, req, tmp.path(), Auth::None).await.unwrap();
+    assert_exact(tmp.path(), &srv.counts()).await;
+    let log = srv.log();
+    let first_file = log
+        .iter()
+        .position(|r| r.path.contains("$export-file"))
+        .unwrap();
+    let complete = log
+        .iter()
+        .position(|r| r.method == "GET" && r.path.contains("$export-status") && r.status == 200)
+        .unwrap();
+    assert!(
+        first_file < complete,
+        "a file was read before the job completed: {log:?}"
+    );
+    let files: Vec<&str> = log
+        .iter()
+        .filter(|r| r.path.contains("$export-file"))
+        .map(|r| r.path.as_str())
+        .collect();
+    let unique: std::collections::HashSet<&&str> = files.iter().collect();
+    assert_eq!(unique.len(), files.len(), "each file read once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paged_manifests_and_slow_bytes() {
     fault_case("paged:2").await;
     fault_case("slow:5").await;
