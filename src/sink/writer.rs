@@ -127,6 +127,19 @@ struct OpenFile {
     rows: u64,
 }
 
+impl OpenFile {
+    /// Close the row group in progress (bounds the writer's memory).
+    async fn flush_row_group(&mut self) -> Result<(), SinkError> {
+        self.writer
+            .flush()
+            .await
+            .map_err(|source| SinkError::Parquet {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
 /// Writes view batches into Parquet files; [`finish`](Self::finish) closes them. Publishing the
 /// run (the manifest) is the caller's separate, last step.
 pub struct DatasetWriter {
@@ -165,13 +178,7 @@ impl DatasetWriter {
         f.writer.write(batch).await.map_err(pq)?;
         f.rows += batch.num_rows() as u64;
         if f.writer.in_progress_size() > MAX_IN_PROGRESS_BYTES {
-            f.writer
-                .flush()
-                .await
-                .map_err(|source| SinkError::Parquet {
-                    path: f.path.clone(),
-                    source,
-                })?;
+            f.flush_row_group().await?;
         }
         if f.rows >= self.cfg.max_rows_per_file as u64 {
             let f = self.open.remove(view).expect("present");
@@ -196,13 +203,7 @@ impl DatasetWriter {
             else {
                 return Ok(());
             };
-            f.writer
-                .flush()
-                .await
-                .map_err(|source| SinkError::Parquet {
-                    path: f.path.clone(),
-                    source,
-                })?;
+            f.flush_row_group().await?;
         }
     }
 
