@@ -44,7 +44,4 @@ pub use parquet;
 
 pub use error::{Error, Result};
 
-/// Files compiled into the binary by `build.rs`: the default views and the sample export.
-mod embedded {
-    include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
-}
+mod embedded;

@@ -2,15 +2,15 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use serde_json::Value;
-
 use super::{
     DecodeStats, FlattenError, INVALID_TYPE_BUCKET, Reject, TypeCounts, ViewBatch,
     builders::ViewBuilders,
     lines::{Line, LineSplitter},
 };
 use crate::view::{
-    CompiledView, Row, ViewRegistry, is_r4_resource_type, is_valid_resource_type, snake_case,
+    CompiledView, Row, ViewRegistry, is_r4_resource_type, is_valid_resource_type,
+    json::{JsonBuffers, JsonDoc, JsonRef, member, to_json_text},
+    snake_case,
 };
 
 /// Rows per RecordBatch handed out by the decoder.
@@ -101,6 +101,7 @@ impl DecoderBuilder {
             ready: Vec::new(),
             rejects: Vec::new(),
             stats: DecodeStats::default(),
+            json: JsonBuffers::default(),
         }
     }
 }
@@ -122,6 +123,8 @@ pub struct Decoder {
     ready: Vec<ViewBatch>,
     rejects: Vec<Reject>,
     stats: DecodeStats,
+    /// Parse buffers reused from line to line.
+    json: JsonBuffers,
 }
 
 /// What the decoder knows about one resource type, resolved once on its first line, so that a
@@ -169,6 +172,7 @@ struct LineCx<'d> {
     ready: &'d mut Vec<ViewBatch>,
     rejects: &'d mut Vec<Reject>,
     stats: &'d mut DecodeStats,
+    json: &'d mut JsonBuffers,
 }
 
 impl Decoder {
@@ -258,6 +262,7 @@ impl Decoder {
             ready: &mut self.ready,
             rejects: &mut self.rejects,
             stats: &mut self.stats,
+            json: &mut self.json,
         }
     }
 }
@@ -284,55 +289,70 @@ impl LineCx<'_> {
         });
     }
 
+    /// Reject a line whose resource type is unknown (counted in the invalid-type bucket).
+    fn reject_untyped(&mut self, line: &Line<'_>, reason: String) {
+        self.stats
+            .types
+            .entry(INVALID_TYPE_BUCKET.into())
+            .or_default()
+            .lines += 1;
+        self.reject(line, None, reason);
+    }
+
     fn line(&mut self, line: Line<'_>) -> Result<(), FlattenError> {
         self.stats.lines += 1;
         let Some(bytes) = line.bytes else {
-            self.stats
-                .types
-                .entry(INVALID_TYPE_BUCKET.into())
-                .or_default()
-                .lines += 1;
             let reason = format!("line is {} bytes, longer than the limit", line.len);
-            self.reject(&line, None, reason);
+            self.reject_untyped(&line, reason);
             return Ok(());
         };
         if bytes.iter().all(u8::is_ascii_whitespace) {
             self.stats.blank_lines += 1;
             return Ok(());
         }
-        let value: Value = match serde_json::from_slice(bytes) {
-            Ok(v) => v,
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
             Err(e) => {
-                self.stats
-                    .types
-                    .entry(INVALID_TYPE_BUCKET.into())
-                    .or_default()
-                    .lines += 1;
-                self.reject(&line, None, format!("malformed JSON: {e}"));
+                let at = e.valid_up_to() + 1;
+                self.reject_untyped(
+                    &line,
+                    format!("malformed JSON: invalid UTF-8 at column {at}"),
+                );
                 return Ok(());
             }
         };
-        let rt = match value.get("resourceType") {
-            Some(Value::String(s)) if is_valid_resource_type(s) => s.as_str(),
+        let doc = match JsonDoc::parse_with(text, std::mem::take(self.json)) {
+            Ok(d) => d,
+            Err(e) => {
+                self.reject_untyped(&line, format!("malformed JSON: {e}"));
+                return Ok(());
+            }
+        };
+        let value = doc.root();
+        let rt = match member(value, "resourceType").map(|v| v.kind()) {
+            Some(JsonRef::String(s)) if is_valid_resource_type(s) => s,
             other => {
-                self.stats
-                    .types
-                    .entry(INVALID_TYPE_BUCKET.into())
-                    .or_default()
-                    .lines += 1;
                 let reason = match other {
-                    None if !value.is_object() => {
+                    None if !matches!(value.kind(), JsonRef::Object(_)) => {
                         "not a FHIR resource: the line is not a JSON object".to_string()
                     }
                     None => "not a FHIR resource: no `resourceType`".to_string(),
                     Some(v) => {
-                        let shown: String = v.to_string().chars().take(80).collect();
+                        let text = match v {
+                            JsonRef::Number(n) => to_json_text(n),
+                            JsonRef::String(s) => format!("{s:?}"),
+                            JsonRef::Bool(b) => b.to_string(),
+                            JsonRef::Null => "null".to_string(),
+                            JsonRef::Array(_) => "[...]".to_string(),
+                            JsonRef::Object(_) => "{...}".to_string(),
+                        };
+                        let shown: String = text.chars().take(80).collect();
                         format!(
                             "invalid `resourceType` {shown}: must match ^[A-Z][A-Za-z0-9]{{0,63}}$"
                         )
                     }
                 };
-                self.reject(&line, None, reason);
+                self.reject_untyped(&line, reason);
                 return Ok(());
             }
         };
@@ -341,30 +361,24 @@ impl LineCx<'_> {
             SlotKind::Viewed => {}
             SlotKind::Skipped => {
                 self.stats.skipped += 1;
+                *self.json = doc.into_buffers();
                 return Ok(());
             }
             SlotKind::Unknown => {
-                self.stats
-                    .types
-                    .entry(INVALID_TYPE_BUCKET.into())
-                    .or_default()
-                    .lines += 1;
-                self.reject(
+                self.reject_untyped(
                     &line,
-                    None,
                     format!("unknown resource type {rt:?} (not FHIR R4, and no view reads it)"),
                 );
                 return Ok(());
             }
         }
         self.slots[slot].counts.lines += 1;
-        let text = std::str::from_utf8(bytes).unwrap_or_default(); // valid: serde_json checked it
         // Evaluate every view first; append only when all succeeded.
         let views = &self.slots[slot].views;
         let mut results: Vec<(usize, bool, Vec<Row<'_>>, bool)> = Vec::with_capacity(views.len());
         for (view, output, base) in views {
             let mut rows = Vec::new();
-            match view.evaluate(&value, &mut rows) {
+            match view.evaluate(value, &mut rows) {
                 Ok(included) => results.push((*output, *base, rows, included)),
                 Err(e) => {
                     self.reject(&line, Some(rt), e.to_string());
@@ -404,6 +418,7 @@ impl LineCx<'_> {
                 }
             }
         }
+        *self.json = doc.into_buffers();
         Ok(())
     }
 

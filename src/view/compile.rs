@@ -11,6 +11,7 @@ use std::{collections::HashMap, sync::Arc};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde_json::Value;
 
+use super::json::{Json, JsonRef, json_ref};
 use super::{
     ViewError,
     definition::{ColumnDef, Select, ViewDefinition},
@@ -222,7 +223,7 @@ impl CompiledView {
     /// Returns `false` when the resource was filtered out by `where`.
     pub fn evaluate<'a>(
         &self,
-        resource: &'a Value,
+        resource: Json<'a>,
         out: &mut Vec<Row<'a>>,
     ) -> Result<bool, EvalError> {
         let env = Env {
@@ -264,7 +265,7 @@ impl CompiledView {
         node: &SelectNode,
         focus: &Item<'a>,
         parent_index: i64,
-        resource: &'a Value,
+        resource: Json<'a>,
         out: &mut Vec<Row<'a>>,
     ) -> Result<(), EvalError> {
         let env = Env {
@@ -424,13 +425,10 @@ fn product<'a>(acc: Vec<Row<'a>>, part: Vec<Row<'a>>, cols: &[usize]) -> Vec<Row
 fn truth(items: &[Item<'_>]) -> Result<bool, String> {
     match items {
         [] => Ok(false),
-        [Item::Boolean(b)]
-        | [
-            Item::Json {
-                value: Value::Bool(b),
-                ..
-            },
-        ] => Ok(*b),
+        [Item::Boolean(b)] => Ok(*b),
+        [Item::Json { value, .. }] if matches!(json_ref(value), JsonRef::Bool(_)) => {
+            Ok(matches!(json_ref(value), JsonRef::Bool(true)))
+        }
         [other] => Err(format!(
             "must return a boolean, got {}",
             super::types::item_text(other)
@@ -672,7 +670,7 @@ mod tests {
         res: serde_json::Value,
     ) -> Result<Vec<Vec<Cell<'static>>>, String> {
         let v = CompiledView::from_json(&view.to_string(), "test").map_err(|e| e.to_string())?;
-        let res: &'static Value = Box::leak(Box::new(res));
+        let res = super::super::json::leak_json(&res.to_string()).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         v.evaluate(res, &mut out).map_err(|e| e.to_string())?;
         Ok(out)
@@ -826,8 +824,10 @@ mod tests {
                     select
                 };
                 if let Ok(v) = CompiledView::from_json(&view.to_string(), "fuzz.json") {
+                    let text = resource.to_string();
+                    let doc = crate::view::json::JsonDoc::parse(&text).expect("valid JSON");
                     let mut out = Vec::new();
-                    let _ = v.evaluate(&resource, &mut out);
+                    let _ = v.evaluate(doc.root(), &mut out);
                 } else if let Err(e) = CompiledView::from_json(&view.to_string(), "fuzz.json") {
                     prop_assert!(e.to_string().contains("fuzz.json"));
                 }

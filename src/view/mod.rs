@@ -19,6 +19,7 @@
 pub mod compile;
 pub mod definition;
 pub mod fhirpath;
+pub mod json;
 pub mod types;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};

@@ -15,9 +15,9 @@
 
 use std::borrow::Cow;
 
+use super::json::{JsonRef, json_ref, number_text, to_json_text};
 use chrono::NaiveDate;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
-use serde_json::Value;
 
 use super::fhirpath::Item;
 
@@ -138,22 +138,19 @@ pub fn convert<'a>(item: &Item<'a>, ty: ColumnType) -> Result<Cell<'a>, ConvertE
         ColumnType::Utf8 => Ok(Cell::Str(item_text(item))),
         ColumnType::Boolean => match item {
             Item::Boolean(b) => Ok(Cell::Bool(*b)),
-            Item::Json {
-                value: Value::Bool(b),
-                ..
-            } => Ok(Cell::Bool(*b)),
+            Item::Json { value, .. } if matches!(json_ref(value), JsonRef::Bool(_)) => {
+                Ok(Cell::Bool(matches!(json_ref(value), JsonRef::Bool(true))))
+            }
             other => Err(format!("expected a boolean, got {}", describe(other))),
         },
         ColumnType::Int32 | ColumnType::Int64 => {
             let v: i64 = match item {
                 Item::Integer(i) => *i,
-                Item::Json {
-                    value: Value::Number(n),
-                    ..
-                } => n
-                    .as_str()
-                    .parse()
-                    .map_err(|_| format!("expected an integer, got {n}"))?,
+                Item::Json { value, .. } if matches!(json_ref(value), JsonRef::Number(_)) => {
+                    let n = number_text(value);
+                    n.parse()
+                        .map_err(|_| format!("expected an integer, got {n}"))?
+                }
                 other => return Err(format!("expected an integer, got {}", describe(other))),
             };
             if ty == ColumnType::Int32 && i32::try_from(v).is_err() {
@@ -195,12 +192,12 @@ fn describe(item: &Item<'_>) -> String {
 /// The FHIR lexical text of an item; objects and arrays as compact JSON.
 pub fn item_text<'a>(item: &Item<'a>) -> Cow<'a, str> {
     match item {
-        Item::Json { value, .. } => match value {
-            Value::String(s) => Cow::Borrowed(s.as_str()),
-            Value::Number(n) => Cow::Borrowed(n.as_str()),
-            Value::Bool(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
-            Value::Null => Cow::Borrowed(""),
-            other => Cow::Owned(other.to_string()),
+        Item::Json { value, .. } => match json_ref(value) {
+            JsonRef::String(s) => Cow::Borrowed(s),
+            JsonRef::Number(n) => number_text(n),
+            JsonRef::Bool(b) => Cow::Borrowed(if b { "true" } else { "false" }),
+            JsonRef::Null => Cow::Borrowed(""),
+            JsonRef::Array(_) | JsonRef::Object(_) => Cow::Owned(to_json_text(value)),
         },
         Item::Boolean(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
         Item::Integer(i) => Cow::Owned(i.to_string()),
@@ -212,10 +209,9 @@ pub fn item_text<'a>(item: &Item<'a>) -> Cow<'a, str> {
 
 fn numeric_text<'a>(item: &Item<'a>) -> Result<Cow<'a, str>, ConvertError> {
     match item {
-        Item::Json {
-            value: Value::Number(n),
-            ..
-        } => Ok(Cow::Borrowed(n.as_str())),
+        Item::Json { value, .. } if matches!(json_ref(value), JsonRef::Number(_)) => {
+            Ok(number_text(value))
+        }
         Item::Integer(_) | Item::Decimal(_) => Ok(item_text(item)),
         other => Err(format!("expected a number, got {}", describe(other))),
     }
@@ -223,10 +219,9 @@ fn numeric_text<'a>(item: &Item<'a>) -> Result<Cow<'a, str>, ConvertError> {
 
 fn temporal_text<'a>(item: &Item<'a>) -> Result<Cow<'a, str>, ConvertError> {
     match item {
-        Item::Json {
-            value: Value::String(s),
-            ..
-        } => Ok(Cow::Borrowed(s.as_str())),
+        Item::Json { value, .. } if matches!(json_ref(value), JsonRef::String(_)) => {
+            Ok(item_text(item))
+        }
         Item::String(_) | Item::Date(_) | Item::DateTime(_) | Item::Time(_) => Ok(item_text(item)),
         other => Err(format!(
             "expected a date/time string, got {}",

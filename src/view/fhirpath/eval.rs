@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::cmp::Ordering;
 
-use serde_json::Value;
+use crate::view::json::{Json, JsonRef, json_ref, member_str, number_text};
 
 use super::functions;
 use super::parser::{BinOp, EnvVar, Func, Node, SystemType, TypeSpec};
@@ -164,26 +164,28 @@ pub(crate) fn decimal_item(d: Decimal) -> Item<'static> {
 }
 
 /// Push `v` (flattening arrays, skipping nulls) typed as `fhir_type`.
-fn push_flat<'a>(v: &'a Value, fhir_type: Option<&'a str>, out: &mut Vec<Item<'a>>) {
-    match v {
-        Value::Null => {}
-        Value::Array(a) => out.extend(
+fn push_flat<'a>(v: Json<'a>, fhir_type: Option<&'a str>, out: &mut Vec<Item<'a>>) {
+    match json_ref(v) {
+        JsonRef::Null => {}
+        JsonRef::Array(a) => out.extend(
             a.iter()
-                .filter(|x| !x.is_null())
+                .filter(|x| !matches!(json_ref(x), JsonRef::Null))
                 .map(|value| Item::Json { value, fhir_type }),
         ),
-        value => out.push(Item::Json { value, fhir_type }),
+        _ => out.push(Item::Json {
+            value: v,
+            fhir_type,
+        }),
     }
 }
 
 /// Navigate to child `name` of `item`: a direct key, the resource itself for a matching
 /// resource-type prefix, or a choice element `name[Type]`.
 pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>) {
-    let Item::Json {
-        value: Value::Object(m),
-        ..
-    } = item
-    else {
+    let Item::Json { value, .. } = item else {
+        return;
+    };
+    let JsonRef::Object(m) = json_ref(value) else {
         return;
     };
     if let Some(v) = m.get(name) {
@@ -191,7 +193,7 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
         return;
     }
     if name.starts_with(|c: char| c.is_ascii_uppercase())
-        && m.get("resourceType").and_then(Value::as_str) == Some(name)
+        && member_str(value, "resourceType") == Some(name)
     {
         out.push(item.clone());
         return;
@@ -218,13 +220,8 @@ pub(crate) fn navigate_typed<'a>(
     ty: &TypeSpec,
     out: &mut Vec<Item<'a>>,
 ) {
-    if let (
-        Item::Json {
-            value: Value::Object(m),
-            ..
-        },
-        Some(f),
-    ) = (item, ty.fhir)
+    if let (Item::Json { value, .. }, Some(f)) = (item, ty.fhir)
+        && let JsonRef::Object(m) = json_ref(value)
     {
         let mut key = String::with_capacity(name.len() + f.len());
         key.push_str(name);
@@ -247,13 +244,12 @@ pub(crate) fn navigate_typed<'a>(
 pub(crate) fn is_type(item: &Item<'_>, ty: &TypeSpec) -> bool {
     if let Some(f) = ty.fhir {
         return match item {
-            Item::Json { value, fhir_type } => match (fhir_type, value) {
+            Item::Json { value, fhir_type } => match (fhir_type, json_ref(value)) {
                 (Some(t), _) => fhir_type_is(t, f),
-                (None, Value::String(_)) => is_json_string_type(f),
-                (None, Value::Bool(_)) => f == "boolean",
-                (None, Value::Number(n)) => {
-                    let s = n.as_str();
-                    if s.contains(['.', 'e', 'E']) {
+                (None, JsonRef::String(_)) => is_json_string_type(f),
+                (None, JsonRef::Bool(_)) => f == "boolean",
+                (None, JsonRef::Number(n)) => {
+                    if number_text(n).contains(['.', 'e', 'E']) {
                         f == "decimal"
                     } else {
                         matches!(f, "integer" | "positiveInt" | "unsignedInt" | "decimal")
@@ -293,7 +289,7 @@ pub(crate) fn is_type(item: &Item<'_>, ty: &TypeSpec) -> bool {
             if *fhir_type == Some(ty.name.as_str()) {
                 return true;
             }
-            let rt = value.get("resourceType").and_then(Value::as_str);
+            let rt = member_str(value, "resourceType");
             match rt {
                 Some(rt) => {
                     rt == ty.name
@@ -321,7 +317,7 @@ pub(crate) fn as_type<'a>(item: &Item<'a>, ty: &TypeSpec) -> Option<Item<'a>> {
             },
             Some(f),
         ) => Item::Json {
-            value,
+            value: *value,
             fhir_type: Some(f),
         },
         _ => item.clone(),
@@ -349,10 +345,10 @@ pub(crate) fn to_bool(items: &[Item<'_>], what: &str) -> EvalResult<Option<bool>
     Ok(match singleton(items, what)? {
         None => None,
         Some(Item::Boolean(b)) => Some(*b),
-        Some(Item::Json {
-            value: Value::Bool(b),
-            ..
-        }) => Some(*b),
+        Some(Item::Json { value, .. }) => match json_ref(value) {
+            JsonRef::Bool(b) => Some(b),
+            _ => Some(true),
+        },
         Some(_) => Some(true),
     })
 }
@@ -576,11 +572,11 @@ fn arithmetic(op: BinOp, a: &Val<'_>, b: &Val<'_>) -> EvalResult<Option<Item<'st
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::view::json::json_doc as json;
 
-    fn nav<'a>(v: &'a Value, name: &str) -> Vec<Item<'a>> {
+    fn nav<'a>(v: &Json<'a>, name: &str) -> Vec<Item<'a>> {
         let mut out = Vec::new();
-        navigate(&Item::json(v), name, &mut out);
+        navigate(&Item::json(*v), name, &mut out);
         out
     }
 
@@ -622,17 +618,17 @@ mod tests {
     fn type_tests() {
         let s = json!("x");
         let n = json!(1);
-        let d: Value = serde_json::from_str("1.5").unwrap_or_default();
+        let d = crate::view::json::leak_json("1.5").expect("valid");
         let o = json!({"a": 1});
-        assert!(is_type(&Item::json(&s), &ty("code")));
-        assert!(is_type(&Item::json(&s), &ty("dateTime")));
-        assert!(!is_type(&Item::json(&s), &ty("integer")));
-        assert!(is_type(&Item::json(&n), &ty("integer")));
-        assert!(is_type(&Item::json(&n), &ty("decimal")));
-        assert!(!is_type(&Item::json(&d), &ty("integer")));
-        assert!(!is_type(&Item::json(&o), &ty("Quantity")));
+        assert!(is_type(&Item::json(s), &ty("code")));
+        assert!(is_type(&Item::json(s), &ty("dateTime")));
+        assert!(!is_type(&Item::json(s), &ty("integer")));
+        assert!(is_type(&Item::json(n), &ty("integer")));
+        assert!(is_type(&Item::json(n), &ty("decimal")));
+        assert!(!is_type(&Item::json(d), &ty("integer")));
+        assert!(!is_type(&Item::json(o), &ty("Quantity")));
         let typed = Item::Json {
-            value: &o,
+            value: o,
             fhir_type: Some("Age"),
         };
         assert!(is_type(&typed, &ty("Quantity")));

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use serde_json::Value;
+use crate::view::json::{JsonRef, json_ref, member_str};
 
 use super::eval::{Ctx, as_type, decimal_item, eval, is_type, navigate, singleton, to_bool};
 use super::parser::{Func, Node};
@@ -315,7 +315,9 @@ pub(crate) fn call<'a>(
             .into_iter()
             .collect()),
         Func::HasValue => bool_out(match items.as_slice() {
-            [Item::Json { value, .. }] => !matches!(value, Value::Object(_) | Value::Array(_)),
+            [Item::Json { value, .. }] => {
+                !matches!(json_ref(value), JsonRef::Object(_) | JsonRef::Array(_))
+            }
             [_] => true,
             _ => false,
         }),
@@ -344,9 +346,7 @@ pub(crate) fn call<'a>(
             Ok(exts
                 .into_iter()
                 .filter(|e| match e {
-                    Item::Json { value, .. } => {
-                        value.get("url").and_then(Value::as_str) == Some(url.as_ref())
-                    }
+                    Item::Json { value, .. } => member_str(value, "url") == Some(url.as_ref()),
                     _ => false,
                 })
                 .map(|e| match e {
@@ -363,15 +363,15 @@ pub(crate) fn call<'a>(
             let mut any_resource = false;
             for i in &items {
                 if let Item::Json { value, .. } = i
-                    && value.get("resourceType").is_some()
+                    && member_str(value, "resourceType").is_some()
                 {
                     any_resource = true;
-                    if let Some(id) = value.get("id").and_then(Value::as_str) {
+                    if let Some(id) = member_str(value, "id") {
                         out.push(Item::String(Cow::Borrowed(id)));
                     }
                 }
             }
-            if !any_resource && let Some(id) = ctx.env.resource.get("id").and_then(Value::as_str) {
+            if !any_resource && let Some(id) = member_str(ctx.env.resource, "id") {
                 out.push(Item::String(Cow::Borrowed(id)));
             }
             Ok(out)
@@ -423,14 +423,14 @@ fn repeat<'a>(
     mut step: impl FnMut(&Item<'a>, usize) -> EvalResult<Vec<Item<'a>>>,
 ) -> EvalResult<Vec<Item<'a>>> {
     let mut out: Vec<Item<'a>> = Vec::new();
-    let mut seen_nodes: HashSet<*const Value> = HashSet::new();
+    let mut seen_nodes: HashSet<(usize, u32)> = HashSet::new();
     let mut seen_values: Vec<Item<'a>> = Vec::new();
     let mut queue = start;
     let mut next_index = 0;
     while !queue.is_empty() {
         for item in queue {
             let fresh = match &item {
-                Item::Json { value, .. } => seen_nodes.insert(std::ptr::from_ref(*value)),
+                Item::Json { value, .. } => seen_nodes.insert(value.identity()),
                 other => {
                     let new = !seen_values.iter().any(|o| items_equal(o, other));
                     if new {
@@ -724,10 +724,8 @@ fn math_fn<'a>(
 
 /// Children of a node: every property value (arrays flattened; choice elements typed).
 fn children<'a>(item: &Item<'a>, out: &mut Vec<Item<'a>>) {
-    if let Item::Json {
-        value: Value::Object(m),
-        ..
-    } = item
+    if let Item::Json { value, .. } = item
+        && let JsonRef::Object(m) = json_ref(value)
     {
         for (k, v) in m {
             if k == "resourceType" || k.starts_with('_') {
@@ -738,16 +736,18 @@ fn children<'a>(item: &Item<'a>, out: &mut Vec<Item<'a>>) {
                 .char_indices()
                 .find(|(_, c)| c.is_ascii_uppercase())
                 .and_then(|(i, _)| choice_suffix_type(&k[i..]));
-            match v {
-                Value::Null => {}
-                Value::Array(a) => {
-                    out.extend(a.iter().filter(|x| !x.is_null()).map(|value| Item::Json {
-                        value,
-                        fhir_type: ty,
-                    }))
-                }
-                value => out.push(Item::Json {
-                    value,
+            match json_ref(v) {
+                JsonRef::Null => {}
+                JsonRef::Array(a) => out.extend(
+                    a.iter()
+                        .filter(|x| !matches!(json_ref(x), JsonRef::Null))
+                        .map(|value| Item::Json {
+                            value,
+                            fhir_type: ty,
+                        }),
+                ),
+                _ => out.push(Item::Json {
+                    value: v,
                     fhir_type: ty,
                 }),
             }
@@ -780,8 +780,8 @@ fn boundary<'a>(item: &Item<'a>, high: bool, precision: Option<i64>) -> Option<I
             }
         }
         // A Period: low boundary of `start`, high boundary of `end`.
-        Val::Node(Value::Object(m)) => {
-            let v = m.get(if high { "end" } else { "start" })?.as_str()?;
+        Val::Node(node) => {
+            let v = member_str(node, if high { "end" } else { "start" })?;
             Temporal::parse(v, TemporalKind::DateTime)
                 .map(|t| Item::DateTime(owned(t.boundary(high))))
         }
@@ -819,14 +819,11 @@ fn decimal_boundary<'a>(d: Decimal, high: bool, precision: Option<i64>) -> Optio
 /// type matches `ty`.
 fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a str> {
     let reference = match item {
-        Item::Json {
-            value: Value::Object(m),
-            ..
-        } => m.get("reference")?.as_str()?,
-        Item::Json {
-            value: Value::String(s),
-            ..
-        } => s.as_str(),
+        Item::Json { value, .. } => match json_ref(value) {
+            JsonRef::Object(_) => member_str(value, "reference")?,
+            JsonRef::String(s) => s,
+            _ => return None,
+        },
         _ => return None,
     };
     if reference.starts_with('#') || reference.starts_with("urn:") {
@@ -855,7 +852,6 @@ fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn reference_keys() {
@@ -872,11 +868,11 @@ mod tests {
             ("Patient/", None, None),
         ];
         for (r, ty, want) in cases {
-            let v = json!({ "reference": r });
-            assert_eq!(reference_key(&Item::json(&v), ty), want, "{r} {ty:?}");
+            let v = crate::view::json::json_doc!({ "reference": r });
+            assert_eq!(reference_key(&Item::json(v), ty), want, "{r} {ty:?}");
         }
-        let v = json!({"display": "x"});
-        assert_eq!(reference_key(&Item::json(&v), None), None);
+        let v = crate::view::json::json_doc!({"display": "x"});
+        assert_eq!(reference_key(&Item::json(v), None), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! expression runs once per resource (or per `forEach` item), so expressions are compiled once
 //! into an [`Expression`] — parsed, with functions, arities, type names and user constants
 //! resolved, so that a typo fails when the view is loaded rather than on the millionth resource
-//! — and then evaluated directly over `serde_json::Value` trees without copying them: results
+//! — and then evaluated directly over the parsed [`Json`](crate::view::json::Json) tree without copying it: results
 //! are [`Item`]s that borrow the input.
 //!
 //! What is covered: the SQL-on-FHIR "shareable" subset (navigation, `where`, `exists`, `empty`,
@@ -40,7 +40,7 @@
 //!   most [`MAX_EVAL_WORK`] units of work, so no expression runs away on a large resource.
 //!
 //! ```ignore
-//! use serde_json::json;
+//! use sonic_rs::json;
 //! use crate::view::fhirpath::{Constants, Env, Expression, Item, Literal};
 //!
 //! let mut constants = Constants::new();
@@ -51,7 +51,7 @@
 //!                      "name": [{"use": "official", "family": "Doe"}]});
 //! let env = Env { resource: &patient, row_index: 0 };
 //! let out = expr.evaluate(&[Item::json(&patient)], &env)?;
-//! assert!(matches!(&out[..], [Item::Json { value, .. }] if *value == "Doe"));
+//! assert!(matches!(&out[..], [Item::Json { value, .. }] if value.as_str() == Some("Doe")));
 //! assert_eq!(expr.result_type(), None);
 //! assert_eq!(Expression::compile("name.exists()", &constants)?.result_type(), Some("boolean"));
 //! ```

@@ -2,11 +2,24 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::*;
+use crate::view::json::{Json, JsonRef, json_ref, leak_json};
 
-fn patient() -> Value {
+/// The evaluator's document for a serde_json test value.
+fn dom(v: &Value) -> Json<'static> {
+    leak_json(&v.to_string()).expect("valid JSON")
+}
+
+/// `serde_json::json!`, as the evaluator's document.
+macro_rules! json {
+    ($($t:tt)+) => {
+        dom(&serde_json::json!($($t)+))
+    };
+}
+
+fn patient() -> Json<'static> {
     json!({
         "resourceType": "Patient",
         "id": "pt1",
@@ -49,10 +62,10 @@ fn constants() -> Constants {
 }
 
 /// Evaluate `src` on `res` and render the result as JSON-ish text.
-fn run_on(res: &Value, src: &str) -> Result<Vec<String>, FhirPathError> {
+fn run_on(res: &Json<'_>, src: &str) -> Result<Vec<String>, FhirPathError> {
     let expr = Expression::compile(src, &constants())?;
     let env = Env {
-        resource: res,
+        resource: *res,
         row_index: 7,
     };
     let out = expr.evaluate(&[Item::json(res)], &env)?;
@@ -61,9 +74,9 @@ fn run_on(res: &Value, src: &str) -> Result<Vec<String>, FhirPathError> {
 
 fn render(i: &Item<'_>) -> String {
     match i {
-        Item::Json { value, .. } => match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
+        Item::Json { value, .. } => match json_ref(value) {
+            JsonRef::String(s) => s.to_string(),
+            _ => value.to_string(),
         },
         Item::Boolean(b) => b.to_string(),
         Item::Integer(n) => n.to_string(),
@@ -139,7 +152,7 @@ fn choice_types() {
     assert_eq!(one("active.ofType(boolean)"), "true");
     assert_eq!(one("ofType(Patient).id"), "pt1");
     assert_eq!(one("ofType(Resource).id"), "pt1");
-    let obs: Value = serde_json::from_str(
+    let obs = leak_json(
         r#"{"resourceType": "Observation", "valueQuantity": {"value": 1.50},
             "effectiveInstant": "2015-02-07T13:28:17.239+02:00",
             "component": [{"valueString": "a"}, {"valueInteger": 3}]}"#,
@@ -166,9 +179,9 @@ fn choice_types() {
 #[test]
 fn item_types() {
     let obs = json!({"resourceType": "Observation", "valueQuantity": {"value": 1}});
-    let env = Env::new(&obs);
+    let env = Env::new(obs);
     let e = Expression::compile("value", &Constants::new()).expect("compiles");
-    let out = e.evaluate(&[Item::json(&obs)], &env).expect("evaluates");
+    let out = e.evaluate(&[Item::json(obs)], &env).expect("evaluates");
     assert!(matches!(
         out.as_slice(),
         [Item::Json {
@@ -177,7 +190,7 @@ fn item_types() {
         }]
     ));
     let e = Expression::compile("value.value.ofType(integer)", &Constants::new()).expect("ok");
-    let out = e.evaluate(&[Item::json(&obs)], &env).expect("evaluates");
+    let out = e.evaluate(&[Item::json(obs)], &env).expect("evaluates");
     assert!(matches!(
         out.as_slice(),
         [Item::Json {
@@ -446,9 +459,13 @@ fn fhir_functions() {
     // Inside a forEach the focus is not the resource: the key is still the resource's.
     let res = patient();
     let e = Expression::compile("getResourceKey()", &Constants::new()).expect("ok");
-    let env = Env::new(&res);
-    let names: Vec<&Value> = res["name"].as_array().into_iter().flatten().collect();
-    let out = e.evaluate(&[Item::json(names[0])], &env).expect("ok");
+    let env = Env::new(res);
+    let JsonRef::Array(names) = json_ref(crate::view::json::member(res, "name").expect("name"))
+    else {
+        panic!("name is an array")
+    };
+    let first = names.iter().next().expect("a name");
+    let out = e.evaluate(&[Item::json(first)], &env).expect("ok");
     assert_eq!(out.iter().map(render).collect::<Vec<_>>(), ["pt1"]);
 }
 
@@ -543,7 +560,7 @@ fn errors_name_the_expression() {
     let res = patient();
     let e = Expression::compile("name.family.single()", &c).expect("ok");
     let err = e
-        .evaluate(&[Item::json(&res)], &Env::new(&res))
+        .evaluate(&[Item::json(res)], &Env::new(res))
         .expect_err("two families");
     assert!(matches!(err, FhirPathError::Eval { .. }));
     assert!(err.to_string().contains("name.family.single()"));
@@ -578,7 +595,7 @@ fn deepest_allowed_expressions_evaluate_on_a_small_stack() {
         .stack_size(2 << 20)
         .spawn(|| {
             let res = json!({"a": {"a": 1}});
-            let env = Env::new(&res);
+            let env = Env::new(res);
             let n = MAX_DEPTH - 2;
             let cases = [
                 format!("{}1{}", "(".repeat(n), ")".repeat(n)),
@@ -592,7 +609,7 @@ fn deepest_allowed_expressions_evaluate_on_a_small_stack() {
             for src in cases {
                 let e =
                     Expression::compile(&src, &Constants::new()).unwrap_or_else(|e| panic!("{e}"));
-                let _ = e.evaluate(&[Item::json(&res)], &env);
+                let _ = e.evaluate(&[Item::json(res)], &env);
             }
         })
         .expect("spawn");
@@ -615,11 +632,11 @@ fn module_doc_example() -> Result<(), FhirPathError> {
     let patient = json!({"resourceType": "Patient", "id": "p1",
                          "name": [{"use": "official", "family": "Doe"}]});
     let env = Env {
-        resource: &patient,
+        resource: patient,
         row_index: 0,
     };
-    let out = expr.evaluate(&[Item::json(&patient)], &env)?;
-    assert!(matches!(&out[..], [Item::Json { value, .. }] if *value == "Doe"));
+    let out = expr.evaluate(&[Item::json(patient)], &env)?;
+    assert!(matches!(&out[..], [Item::Json { value, .. }] if value.as_str() == Some("Doe")));
     assert_eq!(expr.result_type(), None);
     assert_eq!(
         Expression::compile("name.exists()", &constants)?.result_type(),
@@ -631,17 +648,17 @@ fn module_doc_example() -> Result<(), FhirPathError> {
 #[test]
 fn runaway_evaluation_hits_the_work_limit() {
     // 400 nodes; the select would produce 160 000 items, over a limit of 100 000.
-    let res = json!({"a": (0..200).map(|i| json!({"b": i})).collect::<Vec<_>>()});
+    let res = json!({"a": (0..200).map(|i| serde_json::json!({"b": i})).collect::<Vec<_>>()});
     let e = Expression::compile(
         "descendants().select(%resource.descendants()).count()",
         &Constants::new(),
     )
     .expect("compiles");
     let err = e
-        .evaluate_with_budget(&[Item::json(&res)], &Env::new(&res), 100_000)
+        .evaluate_with_budget(&[Item::json(res)], &Env::new(res), 100_000)
         .expect_err("too much work");
     assert!(
-        e.evaluate(&[Item::json(&res)], &Env::new(&res)).is_ok(),
+        e.evaluate(&[Item::json(res)], &Env::new(res)).is_ok(),
         "the default limit allows it"
     );
     assert!(err.to_string().contains("work limit"), "{err}");
@@ -806,9 +823,9 @@ fn suite_expressions_compile() {
 
 fn item_to_json(i: &Item<'_>) -> Value {
     match i {
-        Item::Json { value, .. } => (*value).clone(),
+        Item::Json { value, .. } => serde_json::from_str(&value.to_string()).expect("JSON"),
         Item::Boolean(b) => Value::Bool(*b),
-        Item::Integer(n) => json!(n),
+        Item::Integer(n) => serde_json::json!(n),
         Item::Decimal(s) => serde_json::from_str(s).unwrap_or(Value::Null),
         Item::String(s) | Item::Date(s) | Item::DateTime(s) | Item::Time(s) => {
             Value::String(s.to_string())
@@ -868,6 +885,7 @@ fn suite_simple_views_evaluate() {
             let mut rows = Vec::new();
             let mut error = None;
             'res: for res in resources.iter().filter(|r| r["resourceType"] == rtype) {
+                let res = dom(res);
                 let env = Env::new(res);
                 let focus = [Item::json(res)];
                 for w in view["where"].as_array().into_iter().flatten() {
@@ -877,10 +895,7 @@ fn suite_simple_views_evaluate() {
                         Ok(v)
                             if matches!(
                                 v.as_slice(),
-                                [Item::Json {
-                                    value: Value::Bool(true),
-                                    ..
-                                }]
+                                [Item::Json { value, .. }] if matches!(json_ref(value), JsonRef::Bool(true))
                             ) => {}
                         Ok(_) => continue 'res,
                         Err(e) => {
@@ -1040,12 +1055,12 @@ mod fuzz {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|i| json!(i)),
+            any::<i64>().prop_map(|i| serde_json::json!(i)),
             "-?[0-9]{1,40}(\\.[0-9]{1,30})?(e-?[0-9]{1,3})?"
                 .prop_map(|s| { serde_json::from_str::<Value>(&s).unwrap_or(Value::Null) }),
             "[a-zA-Z0-9:/#._ -]{0,20}".prop_map(Value::String),
-            Just(json!("2020-01-01T10:00:00.5+02:00")),
-            Just(json!("Patient/1")),
+            Just(serde_json::json!("2020-01-01T10:00:00.5+02:00")),
+            Just(serde_json::json!("Patient/1")),
         ];
         leaf.prop_recursive(4, 40, 6, |inner| {
             prop_oneof![
@@ -1134,7 +1149,7 @@ mod fuzz {
         fn arithmetic_never_panics(src in arith_expr()) {
             let res = json!({});
             if let Ok(e) = Expression::compile(&src, &Constants::new()) {
-                let _ = e.evaluate(&[Item::json(&res)], &Env::new(&res));
+                let _ = e.evaluate(&[Item::json(res)], &Env::new(res));
             }
         }
 
@@ -1146,11 +1161,12 @@ mod fuzz {
         #[test]
         fn token_soup_never_panics(toks in prop::collection::vec(0..TOKENS.len(), 0..25),
                                    res in json_value()) {
+            let res = dom(&res);
             let src: Vec<&str> = toks.iter().map(|i| TOKENS[*i]).collect();
             let src = src.join(" ");
             if let Ok(e) = Expression::compile(&src, &Constants::new()) {
-                let env = Env::new(&res);
-                let _ = e.evaluate(&[Item::json(&res)], &env);
+                let env = Env::new(res);
+                let _ = e.evaluate(&[Item::json(res)], &env);
             }
         }
 
@@ -1166,7 +1182,8 @@ mod fuzz {
 
         #[test]
         fn suite_expressions_on_random_resources(res in json_value()) {
-            let env = Env::new(&res);
+            let res = dom(&res);
+            let env = Env::new(res);
             for src in [
                 "name.given.join(', ')", "value.ofType(Quantity).value.lowBoundary()",
                 "value.ofType(dateTime).highBoundary()", "a.getReferenceKey(Patient)",
@@ -1178,7 +1195,7 @@ mod fuzz {
                 let e = Expression::compile(src, &Constants::new());
                 prop_assert!(e.is_ok(), "{}", src);
                 if let Ok(e) = e {
-                    let _ = e.evaluate(&[Item::json(&res)], &env);
+                    let _ = e.evaluate(&[Item::json(res)], &env);
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use serde_json::Value;
+use crate::view::json::{Json, JsonRef, json_ref, member_str, number_text};
 
 /// One item of a FHIRPath collection.
 ///
@@ -16,7 +16,7 @@ pub enum Item<'a> {
     /// "instant") or from `ofType(T)`.
     Json {
         /// The JSON node (never `null`: nulls are skipped during navigation).
-        value: &'a Value,
+        value: Json<'a>,
         /// FHIR type name when known (always one of the static type names, or the
         /// `resourceType` of a resource).
         fhir_type: Option<&'a str>,
@@ -39,9 +39,9 @@ pub enum Item<'a> {
 
 impl<'a> Item<'a> {
     /// An input node with unknown type.
-    pub fn json(value: &'a Value) -> Item<'a> {
+    pub fn json(value: impl std::borrow::Borrow<Json<'a>>) -> Item<'a> {
         Item::Json {
-            value,
+            value: *value.borrow(),
             fhir_type: None,
         }
     }
@@ -51,10 +51,9 @@ impl<'a> Item<'a> {
     /// (`boolean`, `integer`, `decimal`, `string`, `date`, `dateTime`, `time`).
     pub fn type_name(&self) -> Option<&'a str> {
         match self {
-            Item::Json { value, fhir_type } => fhir_type.or_else(|| match value {
-                Value::Object(m) => m.get("resourceType").and_then(Value::as_str),
-                _ => None,
-            }),
+            Item::Json { value, fhir_type } => {
+                fhir_type.or_else(|| member_str(value, "resourceType"))
+            }
             Item::Boolean(_) => Some("boolean"),
             Item::Integer(_) => Some("integer"),
             Item::Decimal(_) => Some("decimal"),
@@ -69,10 +68,10 @@ impl<'a> Item<'a> {
     /// `true`/`false`); `None` for objects and arrays.
     pub fn primitive_text(&self) -> Option<Cow<'a, str>> {
         match self {
-            Item::Json { value, .. } => match value {
-                Value::String(s) => Some(Cow::Borrowed(s.as_str())),
-                Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
-                Value::Number(n) => Some(Cow::Borrowed(n.as_str())),
+            Item::Json { value, .. } => match json_ref(value) {
+                JsonRef::String(s) => Some(Cow::Borrowed(s)),
+                JsonRef::Bool(b) => Some(Cow::Borrowed(if b { "true" } else { "false" })),
+                JsonRef::Number(n) => Some(number_text(n)),
                 _ => None,
             },
             Item::Boolean(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
@@ -189,14 +188,15 @@ impl Constants {
 #[derive(Clone, Copy, Debug)]
 pub struct Env<'a> {
     /// The resource being flattened.
-    pub resource: &'a Value,
+    pub resource: Json<'a>,
     /// The value of `%rowIndex` (0-based index of the current `forEach` item).
     pub row_index: i64,
 }
 
 impl<'a> Env<'a> {
     /// An environment for `resource` with `%rowIndex` = 0.
-    pub fn new(resource: &'a Value) -> Env<'a> {
+    pub fn new(resource: impl std::borrow::Borrow<Json<'a>>) -> Env<'a> {
+        let resource = *resource.borrow();
         Env {
             resource,
             row_index: 0,
@@ -503,8 +503,8 @@ mod tests {
 
     #[test]
     fn item_type_names() {
-        let v = serde_json::json!({"resourceType": "Patient"});
-        assert_eq!(Item::json(&v).type_name(), Some("Patient"));
+        let v = crate::view::json::json_doc!({"resourceType": "Patient"});
+        assert_eq!(Item::json(v).type_name(), Some("Patient"));
         assert_eq!(Item::Integer(1).type_name(), Some("integer"));
     }
 }

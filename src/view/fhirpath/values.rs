@@ -8,7 +8,7 @@
 
 use std::cmp::Ordering;
 
-use serde_json::Value;
+use crate::view::json::{Json, JsonRef, json_ref, number_text};
 
 use super::types::Item;
 
@@ -593,7 +593,7 @@ pub(crate) enum Val<'v> {
     DateTime(&'v str),
     Time(&'v str),
     /// An object or array node.
-    Node(&'v Value),
+    Node(Json<'v>),
 }
 
 /// Classify an item. `None` for JSON `null`.
@@ -606,24 +606,25 @@ pub(crate) fn val<'v>(item: &'v Item<'_>) -> Option<Val<'v>> {
         Item::Date(s) => Val::Date(s),
         Item::DateTime(s) => Val::DateTime(s),
         Item::Time(s) => Val::Time(s),
-        Item::Json { value, fhir_type } => match value {
-            Value::Null => return None,
-            Value::Bool(b) => Val::Bool(*b),
-            Value::Number(n) => {
-                let s = n.as_str();
+        Item::Json { value, fhir_type } => match json_ref(value) {
+            JsonRef::Null => return None,
+            JsonRef::Bool(b) => Val::Bool(b),
+            JsonRef::Number(n) => {
+                let text = number_text(n);
+                let s = text.as_ref();
                 let is_int = !s.contains(['.', 'e', 'E']) && *fhir_type != Some("decimal");
                 match (is_int, s.parse::<i64>()) {
                     (true, Ok(i)) => Val::Int(i),
                     _ => Decimal::parse(s).map_or(Val::BadNumber, Val::Dec),
                 }
             }
-            Value::String(s) => match fhir_type.unwrap_or("string") {
+            JsonRef::String(s) => match fhir_type.unwrap_or("string") {
                 "date" => Val::Date(s),
                 "dateTime" | "instant" => Val::DateTime(s),
                 "time" => Val::Time(s),
                 _ => Val::Str(s),
             },
-            Value::Array(_) | Value::Object(_) => Val::Node(value),
+            JsonRef::Array(_) | JsonRef::Object(_) => Val::Node(*value),
         },
     })
 }
@@ -692,7 +693,7 @@ pub(crate) fn equals(a: &Val<'_>, b: &Val<'_>) -> Option<bool> {
     match (a, b) {
         (Val::Bool(x), Val::Bool(y)) => Some(x == y),
         (Val::Str(x), Val::Str(y)) => Some(x == y),
-        (Val::Node(x), Val::Node(y)) => Some(json_equal(x, y)),
+        (Val::Node(x), Val::Node(y)) => Some(json_equal(*x, *y)),
         _ => {
             let Some(hint) = temporal_kind(a).or_else(|| temporal_kind(b)) else {
                 return Some(false);
@@ -712,23 +713,27 @@ pub(crate) fn equals(a: &Val<'_>, b: &Val<'_>) -> Option<bool> {
 }
 
 /// Deep equality of JSON nodes with numbers compared by value.
-fn json_equal(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            match (Decimal::parse(x.as_str()), Decimal::parse(y.as_str())) {
+fn json_equal(a: Json<'_>, b: Json<'_>) -> bool {
+    match (json_ref(a), json_ref(b)) {
+        (JsonRef::Number(x), JsonRef::Number(y)) => {
+            let (x, y) = (number_text(x), number_text(y));
+            match (Decimal::parse(&x), Decimal::parse(&y)) {
                 (Some(p), Some(q)) => p.cmp_value(q) == Ordering::Equal,
                 _ => x == y,
             }
         }
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_equal(p, q))
+        (JsonRef::Array(x), JsonRef::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y.iter()).all(|(p, q)| json_equal(p, q))
         }
-        (Value::Object(x), Value::Object(y)) => {
+        (JsonRef::Object(x), JsonRef::Object(y)) => {
             x.len() == y.len()
                 && x.iter()
                     .all(|(k, v)| y.get(k).is_some_and(|w| json_equal(v, w)))
         }
-        _ => a == b,
+        (JsonRef::Null, JsonRef::Null) => true,
+        (JsonRef::Bool(x), JsonRef::Bool(y)) => x == y,
+        (JsonRef::String(x), JsonRef::String(y)) => x == y,
+        _ => false,
     }
 }
 

@@ -1,0 +1,885 @@
+//! The JSON document that views are evaluated over: one flat tape per resource, borrowing the
+//! input line.
+//!
+//! Building a `serde_json::Value` tree was most of the cost of flattening: in a `convert` profile
+//! of synthea ×10 with the default views, ≈70% of the time went to the tree (a heap `String` per
+//! key and string, a `BTreeMap` per object, then as many frees) and only a few percent to the
+//! views themselves. A [`JsonDoc`] is instead a `Vec` of fixed-size nodes in document order
+//! (a container records where its subtree ends), whose strings, keys and numbers are spans of the
+//! input text; only strings with escapes are decoded, into one side buffer. The node and scratch
+//! buffers are reused from line to line ([`JsonBuffers`]), so parsing a resource allocates
+//! nothing once the buffers have grown.
+//!
+//! Numbers keep their lexical form (`1.50` stays `1.50`), which the FHIRPath decimal semantics and
+//! the decimal columns rely on. Objects keep their keys in input order and are searched linearly:
+//! FHIR objects are small, so that is faster than hashing. The parser is strict RFC 8259 (the
+//! input must already be valid UTF-8, which the decoder checks anyway for the raw column): no
+//! trailing commas, comments, leading zeros or raw control characters in strings; nesting is
+//! limited to [`MAX_DEPTH`] so a hostile line cannot exhaust the stack. On duplicate keys the
+//! first one wins.
+
+use std::borrow::{Borrow, Cow};
+use std::fmt;
+
+/// Deepest nesting accepted (the same limit serde_json applies).
+pub const MAX_DEPTH: usize = 128;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tag {
+    Null,
+    False,
+    True,
+    Number,
+    /// A string without escapes: a span of the source.
+    Str,
+    /// A string with escapes, decoded into the scratch buffer.
+    StrScratch,
+    Array,
+    Object,
+}
+
+/// One node of the tape. For scalars `a`/`b` are the value's start and length (in the source or
+/// the scratch buffer); for containers `a` is the index one past the subtree and `b` the number
+/// of children. `key_*` is the member name when the node is an object member.
+#[derive(Clone, Copy, Debug)]
+struct Node {
+    tag: Tag,
+    key_in_scratch: bool,
+    key_start: u32,
+    key_len: u32,
+    a: u32,
+    b: u32,
+}
+
+/// Reusable node and scratch buffers, so that parsing line after line does not allocate.
+#[derive(Debug, Default)]
+pub struct JsonBuffers {
+    nodes: Vec<Node>,
+    scratch: String,
+}
+
+/// A parsed JSON document borrowing its source text.
+#[derive(Debug)]
+pub struct JsonDoc<'s> {
+    src: &'s str,
+    nodes: Vec<Node>,
+    scratch: String,
+}
+
+/// A node of a [`JsonDoc`]: a copyable handle.
+#[derive(Clone, Copy)]
+pub struct Json<'a> {
+    doc: &'a JsonDoc<'a>,
+    idx: u32,
+}
+
+/// A borrowed view of one JSON node, one variant per JSON kind.
+#[derive(Clone, Copy, Debug)]
+pub enum JsonRef<'a> {
+    /// `null`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// A number; [`number_text`] gives its lexical form.
+    Number(Json<'a>),
+    /// A string (escapes decoded).
+    String(&'a str),
+    /// An array.
+    Array(JsonArray<'a>),
+    /// An object.
+    Object(JsonObject<'a>),
+}
+
+/// An array node.
+#[derive(Clone, Copy, Debug)]
+pub struct JsonArray<'a>(Json<'a>);
+
+/// An object node.
+#[derive(Clone, Copy, Debug)]
+pub struct JsonObject<'a>(Json<'a>);
+
+/// Why a line is not valid JSON, with the byte column (1-based) where parsing stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonError {
+    /// What was expected or found.
+    pub message: &'static str,
+    /// 1-based byte column in the line.
+    pub column: usize,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at column {}", self.message, self.column)
+    }
+}
+
+impl std::error::Error for JsonError {}
+
+impl<'s> JsonDoc<'s> {
+    /// Parse `src` (one JSON value, surrounding whitespace allowed) using `buffers`' storage.
+    /// Give the storage back with [`JsonDoc::into_buffers`] to reuse it.
+    pub fn parse_with(src: &'s str, buffers: JsonBuffers) -> Result<JsonDoc<'s>, JsonError> {
+        let JsonBuffers {
+            mut nodes,
+            mut scratch,
+        } = buffers;
+        nodes.clear();
+        scratch.clear();
+        let mut p = Parser {
+            src: src.as_bytes(),
+            pos: 0,
+            nodes,
+            scratch,
+        };
+        let r = p.document();
+        let doc = JsonDoc {
+            src,
+            nodes: p.nodes,
+            scratch: p.scratch,
+        };
+        r.map(|()| doc)
+    }
+
+    /// Parse `src` with fresh buffers.
+    pub fn parse(src: &'s str) -> Result<JsonDoc<'s>, JsonError> {
+        Self::parse_with(src, JsonBuffers::default())
+    }
+
+    /// The root value.
+    pub fn root(&self) -> Json<'_> {
+        Json { doc: self, idx: 0 }
+    }
+
+    /// The node and scratch buffers, for the next document.
+    pub fn into_buffers(self) -> JsonBuffers {
+        JsonBuffers {
+            nodes: self.nodes,
+            scratch: self.scratch,
+        }
+    }
+
+    fn text(&self, in_scratch: bool, start: u32, len: u32) -> &str {
+        let (s, e) = (start as usize, start as usize + len as usize);
+        let t = if in_scratch {
+            self.scratch.get(s..e)
+        } else {
+            self.src.get(s..e)
+        };
+        t.unwrap_or_default()
+    }
+}
+
+impl<'a> Json<'a> {
+    fn node(&self) -> &'a Node {
+        &self.doc.nodes[self.idx as usize]
+    }
+
+    /// The kind of this node, borrowed.
+    #[inline]
+    pub fn kind(&self) -> JsonRef<'a> {
+        let n = self.node();
+        match n.tag {
+            Tag::Null => JsonRef::Null,
+            Tag::False => JsonRef::Bool(false),
+            Tag::True => JsonRef::Bool(true),
+            Tag::Number => JsonRef::Number(*self),
+            Tag::Str => JsonRef::String(self.doc.text(false, n.a, n.b)),
+            Tag::StrScratch => JsonRef::String(self.doc.text(true, n.a, n.b)),
+            Tag::Array => JsonRef::Array(JsonArray(*self)),
+            Tag::Object => JsonRef::Object(JsonObject(*self)),
+        }
+    }
+
+    /// The string value, when this is a string.
+    pub fn as_str(&self) -> Option<&'a str> {
+        match self.kind() {
+            JsonRef::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// `true` for `null`.
+    pub fn is_null(&self) -> bool {
+        self.node().tag == Tag::Null
+    }
+
+    /// The member `key` when this is an object.
+    pub fn get(&self, key: &str) -> Option<Json<'a>> {
+        match self.kind() {
+            JsonRef::Object(o) => o.get(key),
+            _ => None,
+        }
+    }
+
+    /// A value identifying this node within its document (for "seen" sets).
+    pub fn identity(&self) -> (usize, u32) {
+        (std::ptr::from_ref(self.doc) as usize, self.idx)
+    }
+
+    fn key(&self) -> &'a str {
+        let n = self.node();
+        self.doc.text(n.key_in_scratch, n.key_start, n.key_len)
+    }
+
+    /// Index of the node after this one's subtree.
+    fn next_sibling(&self) -> u32 {
+        let n = self.node();
+        match n.tag {
+            Tag::Array | Tag::Object => n.a,
+            _ => self.idx + 1,
+        }
+    }
+
+    fn children(&self) -> Children<'a> {
+        let n = self.node();
+        Children {
+            doc: self.doc,
+            next: self.idx + 1,
+            left: n.b,
+        }
+    }
+}
+
+impl fmt::Debug for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&to_json_text(self))
+    }
+}
+
+impl fmt::Display for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&to_json_text(self))
+    }
+}
+
+/// The children of a container node, in order.
+#[derive(Clone)]
+pub struct Children<'a> {
+    doc: &'a JsonDoc<'a>,
+    next: u32,
+    left: u32,
+}
+
+impl<'a> Iterator for Children<'a> {
+    type Item = Json<'a>;
+    #[inline]
+    fn next(&mut self) -> Option<Json<'a>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let j = Json {
+            doc: self.doc,
+            idx: self.next,
+        };
+        self.next = j.next_sibling();
+        Some(j)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left as usize, Some(self.left as usize))
+    }
+}
+
+impl<'a> JsonArray<'a> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.0.node().b as usize
+    }
+    /// `true` when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The elements.
+    pub fn iter(&self) -> Children<'a> {
+        self.0.children()
+    }
+}
+
+impl<'a> JsonObject<'a> {
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.0.node().b as usize
+    }
+    /// `true` when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The member `key` (the first one, if the key is repeated).
+    #[inline]
+    pub fn get(&self, key: impl AsRef<str>) -> Option<Json<'a>> {
+        let key = key.as_ref();
+        self.0.children().find(|c| {
+            let n = c.node();
+            n.key_len as usize == key.len() && c.key() == key
+        })
+    }
+    /// The members in input order.
+    pub fn iter(&self) -> Members<'a> {
+        Members(self.0.children())
+    }
+}
+
+/// The members of an object: `(key, value)` in input order.
+#[derive(Clone)]
+pub struct Members<'a>(Children<'a>);
+
+impl<'a> Iterator for Members<'a> {
+    type Item = (&'a str, Json<'a>);
+    #[inline]
+    fn next(&mut self) -> Option<(&'a str, Json<'a>)> {
+        self.0.next().map(|c| (c.key(), c))
+    }
+}
+
+impl<'a> IntoIterator for JsonObject<'a> {
+    type Item = (&'a str, Json<'a>);
+    type IntoIter = Members<'a>;
+    fn into_iter(self) -> Members<'a> {
+        self.iter()
+    }
+}
+
+/// A leaked document for tests: `Json<'static>` of `text`.
+#[cfg(test)]
+pub(crate) fn leak_json(text: &str) -> Result<Json<'static>, JsonError> {
+    let src: &'static str = Box::leak(text.to_string().into_boxed_str());
+    let doc: &'static JsonDoc<'static> = Box::leak(Box::new(JsonDoc::parse(src)?));
+    Ok(doc.root())
+}
+
+/// `serde_json::json!` as a leaked [`Json`] document (tests).
+#[cfg(test)]
+macro_rules! json_doc {
+    ($($t:tt)+) => {
+        $crate::view::json::leak_json(&serde_json::json!($($t)+).to_string()).expect("valid JSON")
+    };
+}
+#[cfg(test)]
+pub(crate) use json_doc;
+
+/// The kind of `v`, borrowed.
+#[inline]
+pub fn json_ref<'a>(v: impl Borrow<Json<'a>>) -> JsonRef<'a> {
+    v.borrow().kind()
+}
+
+/// The lexical text of a number node as it appeared in the input (`1.50`, `1e3`); the JSON text
+/// for other nodes.
+pub fn number_text<'a>(v: impl Borrow<Json<'a>>) -> Cow<'a, str> {
+    let v = v.borrow();
+    let n = v.node();
+    match n.tag {
+        Tag::Number => Cow::Borrowed(v.doc.text(false, n.a, n.b)),
+        _ => Cow::Owned(to_json_text(v)),
+    }
+}
+
+/// The member `key` of an object node (`None` for other nodes).
+#[inline]
+pub fn member<'a>(v: impl Borrow<Json<'a>>, key: &str) -> Option<Json<'a>> {
+    v.borrow().get(key)
+}
+
+/// The string member `key` of an object node.
+#[inline]
+pub fn member_str<'a>(v: impl Borrow<Json<'a>>, key: &str) -> Option<&'a str> {
+    member(v, key).and_then(|m| m.as_str())
+}
+
+/// Compact JSON text of a node: numbers in their lexical form, keys in input order.
+pub fn to_json_text<'a>(v: impl Borrow<Json<'a>>) -> String {
+    let mut out = String::new();
+    write_json(v.borrow(), &mut out);
+    out
+}
+
+fn write_str(s: &str, out: &mut String) {
+    // serde_json's string escaping; writing a &str cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+}
+
+fn write_json(v: &Json<'_>, out: &mut String) {
+    match v.kind() {
+        JsonRef::Null => out.push_str("null"),
+        JsonRef::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+        JsonRef::Number(n) => out.push_str(&number_text(n)),
+        JsonRef::String(s) => write_str(s, out),
+        JsonRef::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(&x, out);
+            }
+            out.push(']');
+        }
+        JsonRef::Object(o) => {
+            out.push('{');
+            for (i, (k, x)) in o.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_str(k, out);
+                out.push(':');
+                write_json(&x, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+struct Parser<'s> {
+    src: &'s [u8],
+    pos: usize,
+    nodes: Vec<Node>,
+    scratch: String,
+}
+
+type PResult<T> = Result<T, JsonError>;
+
+/// Where a parsed string ended up.
+struct StrSpan {
+    in_scratch: bool,
+    start: u32,
+    len: u32,
+}
+
+impl Parser<'_> {
+    fn err<T>(&self, message: &'static str) -> PResult<T> {
+        Err(JsonError {
+            message,
+            column: self.pos + 1,
+        })
+    }
+
+    #[inline]
+    fn skip_ws(&mut self) {
+        while let Some(&b) = self.src.get(self.pos) {
+            if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn document(&mut self) -> PResult<()> {
+        if self.src.len() > u32::MAX as usize / 2 {
+            return self.err("document larger than 2 GiB");
+        }
+        self.skip_ws();
+        self.value(false, 0, 0, 0)?;
+        self.skip_ws();
+        if self.pos < self.src.len() {
+            return self.err("trailing characters after the JSON value");
+        }
+        Ok(())
+    }
+
+    fn value(
+        &mut self,
+        key_in_scratch: bool,
+        key_start: u32,
+        key_len: u32,
+        depth: usize,
+    ) -> PResult<()> {
+        let mut node = Node {
+            tag: Tag::Null,
+            key_in_scratch,
+            key_start,
+            key_len,
+            a: 0,
+            b: 0,
+        };
+        match self.src.get(self.pos) {
+            None => return self.err("unexpected end of input, expected a value"),
+            Some(b'{') | Some(b'[') => return self.container(node, depth),
+            Some(b'"') => {
+                let s = self.string()?;
+                node.tag = if s.in_scratch {
+                    Tag::StrScratch
+                } else {
+                    Tag::Str
+                };
+                node.a = s.start;
+                node.b = s.len;
+            }
+            Some(b't') => {
+                self.literal(b"true")?;
+                node.tag = Tag::True;
+            }
+            Some(b'f') => {
+                self.literal(b"false")?;
+                node.tag = Tag::False;
+            }
+            Some(b'n') => {
+                self.literal(b"null")?;
+                node.tag = Tag::Null;
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.pos;
+                self.number()?;
+                node.tag = Tag::Number;
+                node.a = start as u32;
+                node.b = (self.pos - start) as u32;
+            }
+            Some(_) => return self.err("expected a value"),
+        }
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    fn container(&mut self, mut node: Node, depth: usize) -> PResult<()> {
+        if depth >= MAX_DEPTH {
+            return self.err("nesting deeper than 128 levels");
+        }
+        let object = self.src[self.pos] == b'{';
+        node.tag = if object { Tag::Object } else { Tag::Array };
+        let close = if object { b'}' } else { b']' };
+        let me = self.nodes.len();
+        self.nodes.push(node);
+        self.pos += 1;
+        self.skip_ws();
+        let mut count: u32 = 0;
+        if self.src.get(self.pos) == Some(&close) {
+            self.pos += 1;
+        } else {
+            loop {
+                if object {
+                    if self.src.get(self.pos) != Some(&b'"') {
+                        return self.err("expected a member name (a string)");
+                    }
+                    let k = self.string()?;
+                    self.skip_ws();
+                    if self.src.get(self.pos) != Some(&b':') {
+                        return self.err("expected ':' after the member name");
+                    }
+                    self.pos += 1;
+                    self.skip_ws();
+                    self.value(k.in_scratch, k.start, k.len, depth + 1)?;
+                } else {
+                    self.value(false, 0, 0, depth + 1)?;
+                }
+                count += 1;
+                self.skip_ws();
+                match self.src.get(self.pos) {
+                    Some(b',') => {
+                        self.pos += 1;
+                        self.skip_ws();
+                    }
+                    Some(&c) if c == close => {
+                        self.pos += 1;
+                        break;
+                    }
+                    _ if object => return self.err("expected ',' or '}' in the object"),
+                    _ => return self.err("expected ',' or ']' in the array"),
+                }
+            }
+        }
+        let end = self.nodes.len() as u32;
+        let n = &mut self.nodes[me];
+        n.a = end;
+        n.b = count;
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &'static [u8]) -> PResult<()> {
+        if self.src[self.pos..].starts_with(word) {
+            self.pos += word.len();
+            Ok(())
+        } else {
+            self.err("invalid literal (expected true, false or null)")
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.pos;
+        while self.src.get(self.pos).is_some_and(u8::is_ascii_digit) {
+            self.pos += 1;
+        }
+        self.pos - start
+    }
+
+    fn number(&mut self) -> PResult<()> {
+        if self.src[self.pos] == b'-' {
+            self.pos += 1;
+        }
+        match self.src.get(self.pos) {
+            Some(b'0') => {
+                self.pos += 1;
+                if self.src.get(self.pos).is_some_and(u8::is_ascii_digit) {
+                    return self.err("invalid number (leading zero)");
+                }
+            }
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return self.err("invalid number"),
+        }
+        if self.src.get(self.pos) == Some(&b'.') {
+            self.pos += 1;
+            if self.digits() == 0 {
+                return self.err("invalid number (no digits after '.')");
+            }
+        }
+        if matches!(self.src.get(self.pos), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if matches!(self.src.get(self.pos), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            if self.digits() == 0 {
+                return self.err("invalid number (no digits in the exponent)");
+            }
+        }
+        Ok(())
+    }
+
+    /// A string starting at the opening quote; returns where its (decoded) text is.
+    fn string(&mut self) -> PResult<StrSpan> {
+        self.pos += 1;
+        let start = self.pos;
+        let rest = &self.src[start..];
+        let Some(i) = memchr::memchr2(b'"', b'\\', rest) else {
+            self.pos = self.src.len();
+            return self.err("unterminated string");
+        };
+        if rest[i] == b'"' {
+            if has_control(&rest[..i]) {
+                self.pos = start + rest[..i].iter().position(|b| *b < 0x20).unwrap_or(0);
+                return self.err("control character in a string");
+            }
+            self.pos = start + i + 1;
+            return Ok(StrSpan {
+                in_scratch: false,
+                start: start as u32,
+                len: i as u32,
+            });
+        }
+        self.escaped_string(start)
+    }
+
+    /// The slow path: a string with escapes, decoded into the scratch buffer.
+    fn escaped_string(&mut self, start: usize) -> PResult<StrSpan> {
+        let out_start = self.scratch.len();
+        let mut run = start;
+        self.pos = start;
+        loop {
+            let rest = &self.src[self.pos..];
+            let Some(i) = memchr::memchr2(b'"', b'\\', rest) else {
+                self.pos = self.src.len();
+                return self.err("unterminated string");
+            };
+            if has_control(&rest[..i]) {
+                self.pos += rest[..i].iter().position(|b| *b < 0x20).unwrap_or(0);
+                return self.err("control character in a string");
+            }
+            self.pos += i;
+            // The source is valid UTF-8 and `run..pos` ends before an ASCII quote/backslash,
+            // so this slice is on character boundaries.
+            self.push_src(run, self.pos)?;
+            if self.src[self.pos] == b'"' {
+                self.pos += 1;
+                break;
+            }
+            self.pos += 1; // the backslash
+            let Some(&e) = self.src.get(self.pos) else {
+                return self.err("unterminated string");
+            };
+            self.pos += 1;
+            let c = match e {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                b'u' => self.unicode_escape()?,
+                _ => {
+                    self.pos -= 1;
+                    return self.err("invalid escape in a string");
+                }
+            };
+            self.scratch.push(c);
+            run = self.pos;
+        }
+        Ok(StrSpan {
+            in_scratch: true,
+            start: out_start as u32,
+            len: (self.scratch.len() - out_start) as u32,
+        })
+    }
+
+    fn push_src(&mut self, from: usize, to: usize) -> PResult<()> {
+        match std::str::from_utf8(&self.src[from..to]) {
+            Ok(s) => {
+                self.scratch.push_str(s);
+                Ok(())
+            }
+            Err(_) => self.err("invalid UTF-8 in a string"),
+        }
+    }
+
+    fn hex4(&mut self) -> PResult<u32> {
+        let Some(h) = self.src.get(self.pos..self.pos + 4) else {
+            return self.err("truncated \\u escape");
+        };
+        let mut v = 0u32;
+        for &b in h {
+            let d = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'f' => b - b'a' + 10,
+                b'A'..=b'F' => b - b'A' + 10,
+                _ => return self.err("invalid \\u escape"),
+            };
+            v = v * 16 + u32::from(d);
+        }
+        self.pos += 4;
+        Ok(v)
+    }
+
+    fn unicode_escape(&mut self) -> PResult<char> {
+        let hi = self.hex4()?;
+        let code = if (0xD800..0xDC00).contains(&hi) {
+            if self.src.get(self.pos..self.pos + 2) != Some(b"\\u") {
+                return self.err("unpaired surrogate in a \\u escape");
+            }
+            self.pos += 2;
+            let lo = self.hex4()?;
+            if !(0xDC00..0xE000).contains(&lo) {
+                return self.err("unpaired surrogate in a \\u escape");
+            }
+            0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+        } else if (0xDC00..0xE000).contains(&hi) {
+            return self.err("unpaired surrogate in a \\u escape");
+        } else {
+            hi
+        };
+        match char::from_u32(code) {
+            Some(c) => Ok(c),
+            None => self.err("invalid \\u escape"),
+        }
+    }
+}
+
+/// Any byte below 0x20 (raw control characters are not allowed in JSON strings). Written as a
+/// fold so that it vectorises.
+#[inline]
+fn has_control(b: &[u8]) -> bool {
+    b.iter().fold(false, |acc, &c| acc | (c < 0x20))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<String, JsonError> {
+        JsonDoc::parse(s).map(|d| to_json_text(d.root()))
+    }
+
+    #[test]
+    fn round_trips_and_keeps_lexical_numbers() {
+        let src = r#" {"a":1.50,"b":[1e3,-0.0,12345678901234567890123,true,false,null],"c":"x","d":{},"e":[]} "#;
+        assert_eq!(parse(src).unwrap(), src.trim());
+        let doc = JsonDoc::parse(src).unwrap();
+        let root = doc.root();
+        assert_eq!(number_text(member(root, "a").unwrap()), "1.50");
+        let JsonRef::Array(b) = json_ref(member(root, "b").unwrap()) else {
+            panic!("array")
+        };
+        assert_eq!(b.len(), 6);
+        assert_eq!(
+            number_text(b.iter().nth(2).unwrap()),
+            "12345678901234567890123"
+        );
+        assert_eq!(member_str(root, "c"), Some("x"));
+        assert!(member(root, "zz").is_none());
+        let JsonRef::Object(o) = root.kind() else {
+            panic!("object")
+        };
+        let keys: Vec<_> = o.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["a", "b", "c", "d", "e"]);
+    }
+
+    #[test]
+    fn escapes_are_decoded() {
+        let doc =
+            JsonDoc::parse(r#"{"k\u00e9y":"a\"b\\c\/d\n\u00e9\ud83d\ude00","plain":"é"}"#).unwrap();
+        let root = doc.root();
+        assert_eq!(member_str(root, "kéy"), Some("a\"b\\c/d\né😀"));
+        assert_eq!(member_str(root, "plain"), Some("é"));
+        assert_eq!(
+            to_json_text(root),
+            r#"{"kéy":"a\"b\\c/d\né😀","plain":"é"}"#
+        );
+    }
+
+    #[test]
+    fn buffers_are_reused() {
+        let mut buf = JsonBuffers::default();
+        for line in [r#"{"a":"\n"}"#, r#"{"b":[1,2]}"#] {
+            let doc = JsonDoc::parse_with(line, buf).unwrap();
+            assert_eq!(to_json_text(doc.root()), line);
+            buf = doc.into_buffers();
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_with_a_column() {
+        for (bad, col) in [
+            ("{\"a\":", 6),
+            ("{\"a\":1} x", 9),
+            ("[1,]", 4),
+            ("{\"a\" 1}", 6),
+            ("{'a':1}", 2),
+            ("01", 2),
+            ("1.", 3),
+            ("-", 2),
+            ("1e", 3),
+            ("\"a\u{1}\"", 3),
+            ("\"\\x\"", 3),
+            ("\"\\ud800\"", 8),
+            ("\"abc", 5),
+            ("tru", 1),
+            ("", 1),
+            ("{\"a\":1,}", 8),
+        ] {
+            let e = parse(bad).expect_err(bad);
+            assert_eq!(e.column, col, "{bad:?}: {e}");
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(parse(&deep).unwrap_err().message.contains("nesting"));
+        let ok = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_what_is_valid() {
+        for s in [
+            "0",
+            "-0",
+            "1E+2",
+            "1e-2",
+            "[]",
+            "{}",
+            "\"\"",
+            "[[[]]]",
+            " true ",
+            "null",
+            "{\"a\":[{\"b\":null}]}",
+            "1.5e",
+            "+1",
+            ".5",
+            "[1 2]",
+            "{\"a\"}",
+            "\"\t\"",
+            "nul",
+        ] {
+            let ours = parse(s).is_ok();
+            let theirs = serde_json::from_str::<serde_json::Value>(s).is_ok();
+            assert_eq!(ours, theirs, "{s:?}");
+        }
+    }
+}
