@@ -307,11 +307,33 @@ impl<'a> JsonObject<'a> {
     /// The member `key` (the first one, if the key is repeated).
     #[inline]
     pub fn get(&self, key: impl AsRef<str>) -> Option<Json<'a>> {
-        let key = key.as_ref();
-        self.0.children().find(|c| {
-            let n = c.node();
-            n.key_len as usize == key.len() && c.key() == key
-        })
+        let key = key.as_ref().as_bytes();
+        let doc = self.0.doc;
+        let (src, scratch) = (doc.src.as_bytes(), doc.scratch.as_bytes());
+        let mut idx = self.0.idx + 1;
+        for _ in 0..self.0.node().b {
+            let n = doc.nodes.get(idx as usize)?;
+            if n.key_len as usize == key.len() {
+                let text = if n.key_in_scratch { scratch } else { src };
+                let start = n.key_start as usize;
+                // First byte, then the rest: most candidates differ at once.
+                if (key.is_empty() || text.get(start) == key.first())
+                    && text.get(start..start + key.len()) == Some(key)
+                {
+                    return Some(Json { doc, idx });
+                }
+            }
+            idx = match n.tag {
+                Tag::Array | Tag::Object => n.a,
+                _ => idx + 1,
+            };
+        }
+        None
+    }
+    /// The members in input order with their keys as bytes: cheaper than [`JsonObject::iter`]
+    /// for scans that compare keys (no UTF-8 boundary checks).
+    pub fn raw_members(&self) -> RawMembers<'a> {
+        RawMembers(self.0.children())
     }
     /// The members in input order.
     pub fn iter(&self) -> Members<'a> {
@@ -328,6 +350,29 @@ impl<'a> Iterator for Members<'a> {
     #[inline]
     fn next(&mut self) -> Option<(&'a str, Json<'a>)> {
         self.0.next().map(|c| (c.key(), c))
+    }
+}
+
+/// The members of an object with keys as bytes; see [`JsonObject::raw_members`].
+#[derive(Clone)]
+pub struct RawMembers<'a>(Children<'a>);
+
+impl<'a> Iterator for RawMembers<'a> {
+    type Item = (&'a [u8], Json<'a>);
+    #[inline]
+    fn next(&mut self) -> Option<(&'a [u8], Json<'a>)> {
+        let c = self.0.next()?;
+        let n = c.node();
+        let text = if n.key_in_scratch {
+            c.doc.scratch.as_bytes()
+        } else {
+            c.doc.src.as_bytes()
+        };
+        let start = n.key_start as usize;
+        let key = text
+            .get(start..start + n.key_len as usize)
+            .unwrap_or_default();
+        Some((key, c))
     }
 }
 
@@ -796,6 +841,8 @@ mod tests {
         );
         assert_eq!(member_str(root, "c"), Some("x"));
         assert!(member(root, "zz").is_none());
+        let empty_key = JsonDoc::parse(r#"{"x":1,"":2}"#).unwrap();
+        assert_eq!(number_text(member(empty_key.root(), "").unwrap()), "2");
         let JsonRef::Object(o) = root.kind() else {
             panic!("object")
         };

@@ -201,11 +201,12 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
     // A choice element is `name` followed by an upper-case type name: test that byte first, so
     // the common miss (an absent optional element) costs one length check per key.
     let n = name.len();
-    for (k, v) in m {
+    for (k, v) in m.raw_members() {
         if k.len() > n
-            && k.as_bytes()[n].is_ascii_uppercase()
-            && k.as_bytes()[..n] == *name.as_bytes()
-            && let Some(t) = choice_suffix_type(&k[n..])
+            && k[n].is_ascii_uppercase()
+            && k[..n] == *name.as_bytes()
+            && let Ok(suffix) = std::str::from_utf8(&k[n..])
+            && let Some(t) = choice_suffix_type(suffix)
         {
             push_flat(v, Some(t), out);
         }
@@ -223,14 +224,16 @@ pub(crate) fn navigate_typed<'a>(
     if let (Item::Json { value, .. }, Some(f)) = (item, ty.fhir)
         && let JsonRef::Object(m) = json_ref(value)
     {
-        let mut key = String::with_capacity(name.len() + f.len());
-        key.push_str(name);
-        let mut chars = f.chars();
-        if let Some(c) = chars.next() {
-            key.push(c.to_ascii_uppercase());
-            key.push_str(chars.as_str());
-        }
-        if let Some(v) = m.get(&key) {
+        // The key `name` + `f` with its first letter upper-cased, compared in place.
+        let (n, t) = (name.as_bytes(), f.as_bytes());
+        let hit = m.raw_members().find(|(k, _)| {
+            k.len() == n.len() + t.len()
+                && !t.is_empty()
+                && k[n.len()] == t[0].to_ascii_uppercase()
+                && k[n.len() + 1..] == t[1..]
+                && k[..n.len()] == *n
+        });
+        if let Some((_, v)) = hit {
             push_flat(v, Some(f), out);
             return;
         }

@@ -8,7 +8,7 @@ use crate::view::json::{JsonRef, json_ref, member_str};
 use super::eval::{Ctx, as_type, decimal_item, eval, is_type, navigate, singleton, to_bool};
 use super::parser::{Func, Node};
 use super::regex::Regex;
-use super::types::{EvalError, EvalResult, Item, choice_suffix_type};
+use super::types::{Env, EvalError, EvalResult, Item, choice_suffix_type};
 use super::values::{Decimal, Temporal, TemporalKind, Val, civil_from_days, items_equal, val};
 
 /// Upper bound on the items `repeat()`/`descendants()` may produce, so a self-feeding projection
@@ -360,20 +360,7 @@ pub(crate) fn call<'a>(
         }
         Func::GetResourceKey => {
             let mut out = Vec::new();
-            let mut any_resource = false;
-            for i in &items {
-                if let Item::Json { value, .. } = i
-                    && member_str(value, "resourceType").is_some()
-                {
-                    any_resource = true;
-                    if let Some(id) = member_str(value, "id") {
-                        out.push(Item::String(Cow::Borrowed(id)));
-                    }
-                }
-            }
-            if !any_resource && let Some(id) = member_str(ctx.env.resource, "id") {
-                out.push(Item::String(Cow::Borrowed(id)));
-            }
+            resource_keys(&items, ctx.env, &mut out);
             Ok(out)
         }
         Func::GetReferenceKey(ty) => Ok(items
@@ -381,6 +368,25 @@ pub(crate) fn call<'a>(
             .filter_map(|i| reference_key(i, ty.as_deref()))
             .map(|id| Item::String(Cow::Borrowed(id)))
             .collect()),
+    }
+}
+
+/// `getResourceKey()`: the `id` of each resource in `items`, or of the environment's resource
+/// when `items` holds none (e.g. inside a `forEach`).
+pub(crate) fn resource_keys<'a>(items: &[Item<'a>], env: &Env<'a>, out: &mut Vec<Item<'a>>) {
+    let mut any_resource = false;
+    for i in items {
+        if let Item::Json { value, .. } = i
+            && member_str(value, "resourceType").is_some()
+        {
+            any_resource = true;
+            if let Some(id) = member_str(value, "id") {
+                out.push(Item::String(Cow::Borrowed(id)));
+            }
+        }
+    }
+    if !any_resource && let Some(id) = member_str(env.resource, "id") {
+        out.push(Item::String(Cow::Borrowed(id)));
     }
 }
 
@@ -817,7 +823,7 @@ fn decimal_boundary<'a>(d: Decimal, high: bool, precision: Option<i64>) -> Optio
 
 /// The id in a literal reference (`Type/id`, `.../Type/id`, `Type/id/_history/v`), when its
 /// type matches `ty`.
-fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a str> {
+pub(crate) fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a str> {
     let reference = match item {
         Item::Json { value, .. } => match json_ref(value) {
             JsonRef::Object(_) => member_str(value, "reference")?,
@@ -829,7 +835,10 @@ fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a str> {
     if reference.starts_with('#') || reference.starts_with("urn:") {
         return None;
     }
-    let path = match reference.find("/_history/") {
+    // `memchr` for the `_` first: the substring search is only needed when there is one.
+    let history =
+        memchr::memchr(b'_', reference.as_bytes()).and_then(|_| reference.find("/_history/"));
+    let path = match history {
         Some(i) => &reference[..i],
         None => reference,
     };

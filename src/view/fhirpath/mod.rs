@@ -60,6 +60,7 @@ mod eval;
 mod functions;
 mod lexer;
 mod parser;
+mod path;
 mod regex;
 mod types;
 mod values;
@@ -77,6 +78,8 @@ use parser::{BinOp, EnvVar, Func, Node};
 pub struct Expression {
     src: String,
     root: Node,
+    /// The fast path, when the expression is a plain member chain (see `path.rs`).
+    plan: Option<path::PathPlan>,
     result_type: Option<String>,
 }
 
@@ -90,9 +93,11 @@ impl Expression {
     pub fn compile(src: &str, constants: &Constants) -> Result<Expression, FhirPathError> {
         let root = parser::parse(src, constants)?;
         let result_type = static_type(&root).map(str::to_string);
+        let plan = path::PathPlan::of(&root);
         Ok(Expression {
             src: src.to_string(),
             root,
+            plan,
             result_type,
         })
     }
@@ -109,6 +114,28 @@ impl Expression {
 
     /// [`Expression::evaluate`] with a work limit other than [`MAX_EVAL_WORK`].
     pub(crate) fn evaluate_with_budget<'a>(
+        &self,
+        focus: &[Item<'a>],
+        env: &Env<'a>,
+        work: usize,
+    ) -> Result<Vec<Item<'a>>, FhirPathError> {
+        if let Some(plan) = &self.plan {
+            return Ok(plan.evaluate(focus, env));
+        }
+        self.evaluate_tree_with_budget(focus, env, work)
+    }
+
+    /// The tree-walking evaluation, without the fast path (tests compare the two).
+    #[cfg(test)]
+    pub(crate) fn evaluate_tree<'a>(
+        &self,
+        focus: &[Item<'a>],
+        env: &Env<'a>,
+    ) -> Result<Vec<Item<'a>>, FhirPathError> {
+        self.evaluate_tree_with_budget(focus, env, MAX_EVAL_WORK)
+    }
+
+    fn evaluate_tree_with_budget<'a>(
         &self,
         focus: &[Item<'a>],
         env: &Env<'a>,
