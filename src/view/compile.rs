@@ -15,7 +15,7 @@ use super::json::{Json, JsonRef, json_ref};
 use super::{
     ViewError,
     definition::{ColumnDef, Select, ViewDefinition},
-    fhirpath::{Constants, Env, Expression, Item, Literal},
+    fhirpath::{Constants, Env, Expression, Item, Literal, Step},
     types::{Cell, ColumnType, convert},
 };
 
@@ -67,7 +67,13 @@ enum Iteration {
 #[derive(Debug)]
 struct SelectNode {
     iteration: Iteration,
+    /// Columns whose paths are member chains, sharing their common prefixes.
+    planned: Vec<TrieNode>,
+    /// The other columns, evaluated one by one.
     columns: Vec<(usize, Expression)>,
+    /// No iteration, no `unionAll`, and every nested select simple too: the node yields exactly
+    /// one row per focus, so its cells are written into the parent's row (no product).
+    simple: bool,
     selects: Vec<SelectNode>,
     union_all: Vec<SelectNode>,
     /// Every column index this subtree sets.
@@ -75,6 +81,44 @@ struct SelectNode {
     /// Columns whose path is `%rowIndex` (they are 0 in a forEachOrNull null row).
     row_index_cols: Vec<usize>,
 }
+
+/// One step of a trie of member-chain columns (`code.coding.first().system` and
+/// `code.coding.first().code` share `code`, `coding`, `first()`): each distinct prefix of the
+/// node's planned columns is navigated once per focus rather than once per column.
+#[derive(Debug)]
+struct TrieNode {
+    step: Step,
+    /// Columns whose path ends here.
+    columns: Vec<usize>,
+    children: Vec<TrieNode>,
+}
+
+impl TrieNode {
+    fn insert(nodes: &mut Vec<TrieNode>, steps: &[Step], column: usize) {
+        let Some((step, rest)) = steps.split_first() else {
+            return;
+        };
+        let i = match nodes.iter().position(|n| n.step == *step) {
+            Some(i) => i,
+            None => {
+                nodes.push(TrieNode {
+                    step: step.clone(),
+                    columns: Vec::new(),
+                    children: Vec::new(),
+                });
+                nodes.len() - 1
+            }
+        };
+        if rest.is_empty() {
+            nodes[i].columns.push(column);
+        } else {
+            TrieNode::insert(&mut nodes[i].children, rest, column);
+        }
+    }
+}
+
+/// Item buffers reused across the steps of one evaluation.
+type Pool<'a> = Vec<Vec<Item<'a>>>;
 
 /// A row under construction: one cell per view column.
 pub type Row<'a> = Vec<Cell<'a>>;
@@ -245,7 +289,8 @@ impl CompiledView {
             }
         }
         let start = out.len();
-        let r = self.process(&self.root, &focus[0], 0, resource, out);
+        let mut pool = Pool::new();
+        let r = self.process(&self.root, &focus[0], 0, resource, out, &mut pool);
         if r.is_err() {
             out.truncate(start);
         }
@@ -267,6 +312,7 @@ impl CompiledView {
         parent_index: i64,
         resource: Json<'a>,
         out: &mut Vec<Row<'a>>,
+        pool: &mut Pool<'a>,
     ) -> Result<(), EvalError> {
         let env = Env {
             resource,
@@ -299,6 +345,7 @@ impl CompiledView {
             }
             return Ok(());
         }
+        let nested_rows = node.selects.iter().any(|s| !s.simple) || !node.union_all.is_empty();
         for (i, f) in foci.iter().enumerate() {
             let index = if iterating { i as i64 } else { parent_index };
             let env = Env {
@@ -306,25 +353,92 @@ impl CompiledView {
                 row_index: index,
             };
             let mut base = vec![Cell::Null; self.columns.len()];
-            for (c, expr) in &node.columns {
-                base[*c] = self.column_value(*c, expr, f, &env)?;
+            let mut first_error = None;
+            self.fill_cells(node, f, &env, &mut base, pool, &mut first_error);
+            if let Some((_, e)) = first_error {
+                return Err(e);
+            }
+            if !nested_rows {
+                out.push(base);
+                continue;
             }
             let mut acc = vec![base];
-            for s in &node.selects {
+            for s in node.selects.iter().filter(|s| !s.simple) {
                 let mut part = Vec::new();
-                self.process(s, f, index, resource, &mut part)?;
+                self.process(s, f, index, resource, &mut part, pool)?;
                 acc = product(acc, part, &s.subtree);
             }
             if !node.union_all.is_empty() {
                 let mut part = Vec::new();
                 for u in &node.union_all {
-                    self.process(u, f, index, resource, &mut part)?;
+                    self.process(u, f, index, resource, &mut part, pool)?;
                 }
                 acc = product(acc, part, &node.union_all[0].subtree);
             }
             out.extend(acc);
         }
         Ok(())
+    }
+
+    /// Write the cells of `node`'s own columns and of its simple nested selects (which yield
+    /// exactly one row each, so a product with them changes nothing) into `row`. Failures are
+    /// noted in `first_error`, which keeps the first column in view order.
+    fn fill_cells<'a>(
+        &self,
+        node: &SelectNode,
+        focus: &Item<'a>,
+        env: &Env<'a>,
+        row: &mut Row<'a>,
+        pool: &mut Pool<'a>,
+        first_error: &mut Option<(usize, EvalError)>,
+    ) {
+        let one = std::slice::from_ref(focus);
+        self.walk(&node.planned, one, env, row, pool, first_error);
+        for (c, expr) in &node.columns {
+            let cell = expr
+                .evaluate(one, env)
+                .map_err(|m| self.error(&format!("column `{}`", self.columns[*c].name), m))
+                .and_then(|items| self.cell(*c, &items));
+            match cell {
+                Ok(cell) => row[*c] = cell,
+                Err(e) => note_error(first_error, *c, e),
+            }
+        }
+        for s in node.selects.iter().filter(|s| s.simple) {
+            self.fill_cells(s, focus, env, row, pool, first_error);
+        }
+    }
+
+    /// Evaluate a trie of member-chain columns over `input`, each shared prefix once.
+    fn walk<'a>(
+        &self,
+        nodes: &[TrieNode],
+        input: &[Item<'a>],
+        env: &Env<'a>,
+        row: &mut Row<'a>,
+        pool: &mut Pool<'a>,
+        first_error: &mut Option<(usize, EvalError)>,
+    ) {
+        for n in nodes {
+            let mut buf = pool.pop().unwrap_or_default();
+            let items: &[Item<'a>] = if let Step::First = n.step {
+                &input[..input.len().min(1)]
+            } else {
+                n.step.apply(input, env, &mut buf);
+                &buf
+            };
+            for &c in &n.columns {
+                match self.cell(c, items) {
+                    Ok(cell) => row[c] = cell,
+                    Err(e) => note_error(first_error, c, e),
+                }
+            }
+            if !n.children.is_empty() {
+                self.walk(&n.children, items, env, row, pool, first_error);
+            }
+            buf.clear();
+            pool.push(buf);
+        }
     }
 
     fn repeat<'a>(
@@ -350,18 +464,10 @@ impl CompiledView {
         Ok(())
     }
 
-    fn column_value<'a>(
-        &self,
-        c: usize,
-        expr: &Expression,
-        focus: &Item<'a>,
-        env: &Env<'a>,
-    ) -> Result<Cell<'a>, EvalError> {
+    /// The cell of column `c` for the items its path returned.
+    fn cell<'a>(&self, c: usize, items: &[Item<'a>]) -> Result<Cell<'a>, EvalError> {
         let spec = &self.columns[c];
         let locus = || format!("column `{}`", spec.name);
-        let items = expr
-            .evaluate(std::slice::from_ref(focus), env)
-            .map_err(|m| self.error(&locus(), m))?;
         if spec.collection {
             let cells = items
                 .iter()
@@ -370,7 +476,7 @@ impl CompiledView {
                 .map_err(|m| self.error(&locus(), m))?;
             return Ok(Cell::List(cells));
         }
-        match items.as_slice() {
+        match items {
             [] => Ok(Cell::Null),
             [one] => convert(one, spec.column_type).map_err(|m| self.error(&locus(), m)),
             many => Err(self.error(
@@ -382,6 +488,13 @@ impl CompiledView {
                 ),
             )),
         }
+    }
+}
+
+/// Keep the error of the lowest column index (the first in view order).
+fn note_error(first: &mut Option<(usize, EvalError)>, column: usize, e: EvalError) {
+    if first.as_ref().is_none_or(|(c, _)| column < *c) {
+        *first = Some((column, e));
     }
 }
 
@@ -540,13 +653,18 @@ impl Compiler<'_> {
         };
         let first_col = self.columns.len();
         let mut columns = Vec::new();
+        let mut planned = Vec::new();
         let mut row_index_cols = Vec::new();
         for c in &s.column {
             let idx = self.add_column(c, locus)?;
             if c.path.trim() == "%rowIndex" {
                 row_index_cols.push(idx);
             }
-            columns.push((idx, self.expr(&c.path, &format!("column `{}`", c.name))?));
+            let expr = self.expr(&c.path, &format!("column `{}`", c.name))?;
+            match expr.plan() {
+                Some(plan) => TrieNode::insert(&mut planned, plan.steps(), idx),
+                None => columns.push((idx, expr)),
+            }
         }
         let mut selects = Vec::new();
         for (i, n) in s.select.iter().enumerate() {
@@ -582,9 +700,14 @@ impl Compiler<'_> {
         }
         let mut subtree: Vec<usize> = (first_col..self.columns.len()).collect();
         subtree.dedup();
+        let simple = matches!(iteration, Iteration::Once)
+            && union_all.is_empty()
+            && selects.iter().all(|n: &SelectNode| n.simple);
         Ok(SelectNode {
             iteration,
+            planned,
             columns,
+            simple,
             selects,
             union_all,
             subtree,
@@ -647,6 +770,15 @@ impl SelectNode {
         for (c, _) in &mut self.columns {
             *c += by;
         }
+        fn shift_trie(nodes: &mut [TrieNode], by: usize) {
+            for n in nodes {
+                for c in &mut n.columns {
+                    *c += by;
+                }
+                shift_trie(&mut n.children, by);
+            }
+        }
+        shift_trie(&mut self.planned, by);
         for c in self
             .subtree
             .iter_mut()
@@ -678,6 +810,59 @@ mod tests {
 
     fn s(x: &str) -> Cell<'static> {
         Cell::Str(x.to_string().into())
+    }
+
+    /// Member-chain columns sharing prefixes (evaluated as a trie), simple nested selects
+    /// (written into the parent row) and a forEach beside them give the rows the processing
+    /// algorithm defines, and the first failing column in view order names the error.
+    #[test]
+    fn shared_prefixes_and_simple_selects() {
+        let view = json!({"resource": "Observation", "select": [
+            {"column": [
+                {"name": "id", "path": "getResourceKey()"},
+                {"name": "sys", "path": "code.coding.first().system"},
+                {"name": "code", "path": "code.coding.first().code"},
+                {"name": "codes", "path": "code.coding.code", "collection": true},
+                {"name": "text", "path": "code.text"},
+                {"name": "first_code", "path": "code.coding.code.first()"},
+                {"name": "displays", "path": "code.coding.display"}
+            ], "select": [
+                {"column": [{"name": "start", "path": "effective.ofType(Period).start"}]},
+                {"column": [{"name": "dt", "path": "effective.ofType(dateTime)"}]}
+            ]},
+            {"forEach": "component", "column": [
+                {"name": "c_code", "path": "code.coding.first().code"},
+                {"name": "c_text", "path": "code.text"}
+            ]}
+        ]});
+        let o = json!({"resourceType": "Observation", "id": "o1",
+            "code": {"coding": [{"system": "s", "code": "a"}, {"code": "b"}], "text": "t"},
+            "effectivePeriod": {"start": "2020-01-01"},
+            "component": [{"code": {"coding": [{"code": "x"}]}}, {"code": {"text": "y"}}]});
+        let r = rows(view.clone(), o).unwrap();
+        let list = |v: &[&str]| Cell::List(v.iter().map(|x| s(x)).collect());
+        // The observation's own cells, then one (c_code, c_text) per component.
+        let own = [
+            s("o1"),
+            s("s"),
+            s("a"),
+            list(&["a", "b"]),
+            s("t"),
+            s("a"),
+            Cell::Null,
+            s("2020-01-01"),
+            Cell::Null,
+        ];
+        let row = |c: Cell<'static>, t: Cell<'static>| [&own[..], &[c, t]].concat();
+        assert_eq!(r, vec![row(s("x"), Cell::Null), row(Cell::Null, s("y"))]);
+        // Three failing columns (`text`, `displays`, `start`): the error names the first in view
+        // order, though the trie reaches `displays` (under `code.coding`) first.
+        let bad = json!({"resourceType": "Observation", "id": "o2",
+            "code": {"coding": [{"code": "a", "display": "d1"}, {"display": "d2"}],
+                     "text": ["t1", "t2"]},
+            "effectivePeriod": {"start": ["x", "y"]}});
+        let e = rows(view, bad).unwrap_err();
+        assert!(e.contains("column `text`"), "{e}");
     }
 
     #[test]

@@ -68,6 +68,7 @@ mod values;
 pub use eval::MAX_EVAL_WORK;
 pub use functions::MAX_REPEAT_ITEMS;
 pub use parser::MAX_DEPTH;
+pub(crate) use path::{PathPlan, Step};
 pub use types::{Constants, Env, FhirPathError, Item, Literal};
 pub use values::DIV_SCALE;
 
@@ -100,6 +101,11 @@ impl Expression {
             plan,
             result_type,
         })
+    }
+
+    /// The member-chain plan, when the expression is one (see `path.rs`).
+    pub(crate) fn plan(&self) -> Option<&PathPlan> {
+        self.plan.as_ref()
     }
 
     /// Evaluate with `focus` as the input collection (usually the resource or the current

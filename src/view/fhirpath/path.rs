@@ -15,8 +15,8 @@ use super::functions::{reference_key, resource_keys};
 use super::parser::{Func, Node, TypeSpec};
 use super::types::{Env, Item};
 
-#[derive(Clone, Debug)]
-enum Step {
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Step {
     /// `.name`
     Member(String),
     /// `.first()`
@@ -45,6 +45,11 @@ impl PathPlan {
         (!steps.is_empty()).then_some(PathPlan { steps })
     }
 
+    /// The steps, in order.
+    pub(crate) fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
     /// Evaluate over `focus`, as the tree-walking evaluator would.
     pub(crate) fn evaluate<'a>(&self, focus: &[Item<'a>], env: &Env<'a>) -> Vec<Item<'a>> {
         let mut cur: Vec<Item<'a>> = Vec::new();
@@ -57,31 +62,39 @@ impl PathPlan {
             }
             let input: &[Item<'a>] = if at_focus { focus } else { &cur };
             next.clear();
-            match step {
-                Step::Member(name) => {
-                    for item in input {
-                        navigate(item, name, &mut next);
-                    }
-                }
-                Step::First => next.extend(input.first().cloned()),
-                Step::TypedMember(name, ty) => {
-                    for item in input {
-                        navigate_typed(item, name, ty, &mut next);
-                    }
-                }
-                Step::OfType(ty) => next.extend(input.iter().filter_map(|i| as_type(i, ty))),
-                Step::ReferenceKey(ty) => next.extend(
-                    input
-                        .iter()
-                        .filter_map(|i| reference_key(i, ty.as_deref()))
-                        .map(|id| Item::String(Cow::Borrowed(id))),
-                ),
-                Step::ResourceKey => resource_keys(input, env, &mut next),
-            }
+            step.apply(input, env, &mut next);
             std::mem::swap(&mut cur, &mut next);
             at_focus = false;
         }
         cur
+    }
+}
+
+impl Step {
+    /// Apply this step to `input`, appending the result to `out`.
+    #[inline]
+    pub(crate) fn apply<'a>(&self, input: &[Item<'a>], env: &Env<'a>, out: &mut Vec<Item<'a>>) {
+        match self {
+            Step::Member(name) => {
+                for item in input {
+                    navigate(item, name, out);
+                }
+            }
+            Step::First => out.extend(input.first().cloned()),
+            Step::TypedMember(name, ty) => {
+                for item in input {
+                    navigate_typed(item, name, ty, out);
+                }
+            }
+            Step::OfType(ty) => out.extend(input.iter().filter_map(|i| as_type(i, ty))),
+            Step::ReferenceKey(ty) => out.extend(
+                input
+                    .iter()
+                    .filter_map(|i| reference_key(i, ty.as_deref()))
+                    .map(|id| Item::String(Cow::Borrowed(id))),
+            ),
+            Step::ResourceKey => resource_keys(input, env, out),
+        }
     }
 }
 
