@@ -318,7 +318,9 @@ impl<'a> JsonObject<'a> {
                 let start = n.key_start as usize;
                 // First byte, then the rest: most candidates differ at once.
                 if (key.is_empty() || text.get(start) == key.first())
-                    && text.get(start..start + key.len()) == Some(key)
+                    && text
+                        .get(start..start + key.len())
+                        .is_some_and(|k| bytes_eq(k, key))
                 {
                     return Some(Json { doc, idx });
                 }
@@ -401,6 +403,25 @@ macro_rules! json_doc {
 }
 #[cfg(test)]
 pub(crate) use json_doc;
+
+/// `a == b` for short byte strings (member names), inline: a `memcmp` call costs more than
+/// comparing a dozen bytes in place.
+#[inline]
+pub(crate) fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (mut a, mut b) = (a, b);
+    while let (Some((x, ra)), Some((y, rb))) =
+        (a.split_first_chunk::<8>(), b.split_first_chunk::<8>())
+    {
+        if x != y {
+            return false;
+        }
+        (a, b) = (ra, rb);
+    }
+    a.iter().zip(b).all(|(x, y)| x == y)
+}
 
 /// The kind of `v`, borrowed.
 #[inline]
@@ -861,6 +882,23 @@ mod tests {
             to_json_text(root),
             r#"{"kéy":"a\"b\\c/d\né😀","plain":"é"}"#
         );
+    }
+
+    #[test]
+    fn bytes_eq_is_slice_equality() {
+        let words: Vec<Vec<u8>> = (0..40)
+            .map(|n| (0..n).map(|i| b'a' + (i % 26) as u8).collect())
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(bytes_eq(a, b), a == b);
+                for i in 0..b.len() {
+                    let mut c = b.clone();
+                    c[i] ^= 1;
+                    assert_eq!(bytes_eq(a, &c), *a == c, "{a:?} {c:?}");
+                }
+            }
+        }
     }
 
     #[test]

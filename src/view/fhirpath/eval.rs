@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::cmp::Ordering;
 
-use crate::view::json::{Json, JsonRef, json_ref, member_str, number_text};
+use crate::view::json::{Json, JsonObject, JsonRef, bytes_eq, json_ref, member_str, number_text};
 
 use super::functions;
 use super::parser::{BinOp, EnvVar, Func, Node, SystemType, TypeSpec};
@@ -188,25 +188,51 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
     let JsonRef::Object(m) = json_ref(value) else {
         return;
     };
-    if let Some(v) = m.get(name) {
-        push_flat(v, None, out);
+    if name.starts_with(|c: char| c.is_ascii_uppercase()) {
+        if let Some(v) = m.get(name) {
+            push_flat(v, None, out);
+        } else if member_str(value, "resourceType") == Some(name) {
+            out.push(item.clone());
+        } else {
+            push_choices(m, name.as_bytes(), out);
+        }
         return;
     }
-    if name.starts_with(|c: char| c.is_ascii_uppercase())
-        && member_str(value, "resourceType") == Some(name)
-    {
-        out.push(item.clone());
-        return;
-    }
-    // A choice element is `name` followed by an upper-case type name: test that byte first, so
-    // the common miss (an absent optional element) costs one length check per key.
-    let n = name.len();
+    // One pass over the keys for both the exact member (which wins) and the choice elements
+    // `name[Type]`: most lookups of optional elements miss, and a miss then costs one scan.
+    let n = name.as_bytes();
+    let start = out.len();
     for (k, v) in m.raw_members() {
-        if k.len() > n
-            && k[n].is_ascii_uppercase()
-            && k[..n] == *name.as_bytes()
-            && let Ok(suffix) = std::str::from_utf8(&k[n..])
-            && let Some(t) = choice_suffix_type(suffix)
+        if k.len() == n.len() {
+            if bytes_eq(k, n) {
+                out.truncate(start);
+                push_flat(v, None, out);
+                return;
+            }
+        } else if k.len() > n.len()
+            && k[n.len()].is_ascii_uppercase()
+            && bytes_eq(&k[..n.len()], n)
+            && let Some(t) = choice_type(&k[n.len()..])
+        {
+            push_flat(v, Some(t), out);
+        }
+    }
+}
+
+/// The FHIR type of a choice-element key suffix (`Quantity` of `valueQuantity`).
+fn choice_type(suffix: &[u8]) -> Option<&'static str> {
+    std::str::from_utf8(suffix)
+        .ok()
+        .and_then(choice_suffix_type)
+}
+
+/// Push the choice elements `name[Type]` of `m`.
+fn push_choices<'a>(m: JsonObject<'a>, n: &[u8], out: &mut Vec<Item<'a>>) {
+    for (k, v) in m.raw_members() {
+        if k.len() > n.len()
+            && k[n.len()].is_ascii_uppercase()
+            && bytes_eq(&k[..n.len()], n)
+            && let Some(t) = choice_type(&k[n.len()..])
         {
             push_flat(v, Some(t), out);
         }
@@ -230,17 +256,25 @@ pub(crate) fn navigate_typed<'a>(
             k.len() == n.len() + t.len()
                 && !t.is_empty()
                 && k[n.len()] == t[0].to_ascii_uppercase()
-                && k[n.len() + 1..] == t[1..]
-                && k[..n.len()] == *n
+                && bytes_eq(&k[n.len() + 1..], &t[1..])
+                && bytes_eq(&k[..n.len()], n)
         });
         if let Some((_, v)) = hit {
             push_flat(v, Some(f), out);
             return;
         }
     }
-    let mut tmp = Vec::new();
-    navigate(item, name, &mut tmp);
-    out.extend(tmp.iter().filter_map(|i| as_type(i, ty)));
+    // Navigate into `out`, then keep (and type) the items of type `ty` in place.
+    let start = out.len();
+    navigate(item, name, out);
+    let mut kept = start;
+    for i in start..out.len() {
+        if let Some(typed) = as_type(&out[i], ty) {
+            out[kept] = typed;
+            kept += 1;
+        }
+    }
+    out.truncate(kept);
 }
 
 /// `item is T`.
