@@ -249,24 +249,56 @@ pub(crate) fn navigate_typed<'a>(
 ) {
     if let (Item::Json { value, .. }, Some(f)) = (item, ty.fhir)
         && let JsonRef::Object(m) = json_ref(value)
+        && !name.starts_with(|c: char| c.is_ascii_uppercase())
+        && !f.is_empty()
     {
-        // The key `name` + `f` with its first letter upper-cased, compared in place.
+        // One pass: the key `name` + `f` (first letter upper-cased) wins; failing that the
+        // plain member `name` (typed by `ofType` below); failing that the choice elements
+        // `name[T]` whose type `T` is (a profile of) `f` — what navigating to `name` and
+        // filtering by type would give, without a second scan when the element is absent.
         let (n, t) = (name.as_bytes(), f.as_bytes());
-        let hit = m.raw_members().find(|(k, _)| {
-            k.len() == n.len() + t.len()
-                && !t.is_empty()
-                && k[n.len()] == t[0].to_ascii_uppercase()
-                && bytes_eq(&k[n.len() + 1..], &t[1..])
+        let start = out.len();
+        let mut plain = None;
+        for (k, v) in m.raw_members() {
+            if k.len() == n.len() {
+                if plain.is_none() && bytes_eq(k, n) {
+                    plain = Some(v);
+                }
+            } else if k.len() > n.len()
+                && k[n.len()].is_ascii_uppercase()
                 && bytes_eq(&k[..n.len()], n)
-        });
-        if let Some((_, v)) = hit {
-            push_flat(v, Some(f), out);
-            return;
+            {
+                let suffix = &k[n.len()..];
+                if suffix.len() == t.len()
+                    && suffix[0] == t[0].to_ascii_uppercase()
+                    && bytes_eq(&suffix[1..], &t[1..])
+                {
+                    out.truncate(start);
+                    push_flat(v, Some(f), out);
+                    return;
+                }
+                if plain.is_none()
+                    && let Some(actual) = choice_type(suffix)
+                    && fhir_type_is(actual, f)
+                {
+                    push_flat(v, Some(actual), out);
+                }
+            }
         }
+        if let Some(v) = plain {
+            out.truncate(start);
+            push_flat(v, None, out);
+            keep_of_type(out, start, ty);
+        }
+        return;
     }
-    // Navigate into `out`, then keep (and type) the items of type `ty` in place.
     let start = out.len();
     navigate(item, name, out);
+    keep_of_type(out, start, ty);
+}
+
+/// Keep (and type) the items of `out[start..]` that are of type `ty`, in place.
+pub(crate) fn keep_of_type(out: &mut Vec<Item<'_>>, start: usize, ty: &TypeSpec) {
     let mut kept = start;
     for i in start..out.len() {
         if let Some(typed) = as_type(&out[i], ty) {

@@ -152,6 +152,68 @@ mod tests {
     use super::*;
     use crate::view::json::json_doc;
 
+    /// `navigate_typed`'s one-pass scan gives what two scans give: the key `nameT` when
+    /// present, else navigating to `name` (the plain member, else every choice element) and
+    /// keeping the items of type T or a profile of it.
+    #[test]
+    fn typed_member_scan_matches_navigate_then_filter() {
+        use super::super::eval::keep_of_type;
+        let objects = [
+            json_doc!({"valueQuantity": {"value": 1}, "valueString": "s"}),
+            json_doc!({"valueAge": {"value": 2}, "valueString": "s"}),
+            json_doc!({"value": "plain", "valueString": "s"}),
+            json_doc!({"valueString": "s", "value": "plain"}),
+            json_doc!({"value": {"value": 3}}),
+            json_doc!({"valueQuantity": [{"value": 1}, null, {"value": 2}]}),
+            json_doc!({"valueCode": "c", "valueBoolean": true}),
+            json_doc!({"other": 1}),
+            json_doc!({"valueQuantity": {"value": 1}, "value": {"value": 9}}),
+        ];
+        for obj in objects {
+            let item = Item::json(obj);
+            for t in [
+                "Quantity",
+                "string",
+                "code",
+                "boolean",
+                "CodeableConcept",
+                "integer",
+            ] {
+                let ty = parser::parse(&format!("ofType({t})"), &Constants::new())
+                    .ok()
+                    .and_then(|n| match n {
+                        parser::Node::Call {
+                            func: Func::OfType(ty),
+                            ..
+                        } => Some(ty),
+                        _ => None,
+                    })
+                    .expect(t);
+                let mut fast = Vec::new();
+                navigate_typed(&item, "value", &ty, &mut fast);
+                // The two-scan definition: the key `value` + T if present, else navigate and
+                // filter.
+                let mut slow = Vec::new();
+                let direct = format!("value{}{}", t[..1].to_uppercase(), &t[1..]);
+                match obj.get(&direct) {
+                    Some(v) if !matches!(v.kind(), crate::view::json::JsonRef::Null) => {
+                        navigate(&item, &direct, &mut slow);
+                        for i in &mut slow {
+                            if let Item::Json { fhir_type, .. } = i {
+                                *fhir_type = ty.fhir;
+                            }
+                        }
+                    }
+                    _ => {
+                        navigate(&item, "value", &mut slow);
+                        keep_of_type(&mut slow, 0, &ty);
+                    }
+                }
+                assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{obj:?} as {t}");
+            }
+        }
+    }
+
     /// The plan and the tree-walking evaluator agree on every supported shape.
     #[test]
     fn plans_agree_with_the_evaluator() {
