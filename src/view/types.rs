@@ -250,29 +250,42 @@ pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, Conve
     {
         return Err(format!("{text:?} is not a decimal number"));
     }
-    let digits: String = format!("{int_part}{frac_part}");
-    // value = digits * 10^(exp - frac_len); we want value * 10^scale.
-    let shift = exp - frac_part.len() as i32 + scale as i32;
-    let mut digits = digits.trim_start_matches('0').to_string();
-    if shift < 0 {
-        let drop = (-shift) as usize;
-        let keep = digits.len().saturating_sub(drop);
-        if digits[keep..].bytes().any(|b| b != b'0') {
+    // value = digits × 10^(exp − frac_len); we want value × 10^scale, i.e. the digits shifted
+    // by `shift`: the last −shift digits are dropped (and must be zeros), or shift zeros added.
+    // Digits are accumulated without allocating; at most `precision` (≤ 38) significant digits
+    // are kept, so the i128 cannot overflow.
+    let shift = i64::from(exp) - frac_part.len() as i64 + i64::from(scale);
+    let total = int_part.len() + frac_part.len();
+    let keep = if shift < 0 {
+        total.saturating_sub(usize::try_from(-shift).unwrap_or(usize::MAX))
+    } else {
+        total
+    };
+    let (mut v, mut significant) = (0i128, 0usize);
+    for (i, b) in int_part.bytes().chain(frac_part.bytes()).enumerate() {
+        let d = i128::from(b - b'0');
+        if i >= keep {
+            if d != 0 {
+                return Err(err());
+            }
+        } else if significant > 0 || d != 0 {
+            significant += 1;
+            if significant > usize::from(precision) {
+                return Err(err());
+            }
+            v = v * 10 + d;
+        }
+    }
+    if shift > 0 && v != 0 {
+        let zeros = usize::try_from(shift).unwrap_or(usize::MAX);
+        if significant.saturating_add(zeros) > usize::from(precision) {
             return Err(err());
         }
-        digits.truncate(keep);
-    } else {
-        digits.extend(std::iter::repeat_n('0', shift as usize));
+        v = 10i128
+            .checked_pow(zeros as u32)
+            .and_then(|p| v.checked_mul(p))
+            .ok_or_else(err)?;
     }
-    let digits = digits.trim_start_matches('0');
-    if digits.len() > precision as usize {
-        return Err(err());
-    }
-    let v: i128 = if digits.is_empty() {
-        0
-    } else {
-        digits.parse().map_err(|_| err())?
-    };
     Ok(if neg { -v } else { v })
 }
 
@@ -382,6 +395,12 @@ mod tests {
 
     #[test]
     fn decimals_are_exact_or_rejected() {
+        assert_eq!(parse_decimal("0.000", 38, 2), Ok(0));
+        assert_eq!(parse_decimal("-0", 38, 2), Ok(0));
+        assert_eq!(parse_decimal("1E-2", 38, 2), Ok(1));
+        assert!(parse_decimal("1e40", 38, 0).is_err());
+        assert!(parse_decimal("1e2147483647", 38, 0).is_err());
+        assert_eq!(parse_decimal("0e2147483647", 38, 0), Ok(0));
         assert_eq!(parse_decimal("1.5", 38, 2), Ok(150));
         assert_eq!(parse_decimal("-0.25", 38, 2), Ok(-25));
         assert_eq!(parse_decimal("1.50", 38, 1), Ok(15));
@@ -395,6 +414,101 @@ mod tests {
         assert!(parse_decimal("123", 2, 0).is_err());
         assert!(parse_decimal("abc", 38, 2).is_err());
         assert!(parse_decimal(".", 38, 2).is_err());
+    }
+
+    /// The allocation-free parser agrees with the earlier string-shifting one.
+    #[test]
+    fn decimal_parser_agrees_with_the_string_version() {
+        let mantissas = [
+            "0",
+            "1",
+            "10",
+            "1.5",
+            "1.50",
+            "0.001",
+            "123.456",
+            "007.700",
+            "99999999999999999999",
+            "1234567890123456789012345678901234567",
+            ".5",
+            "5.",
+            "",
+            ".",
+            "1.2.3",
+            "a1",
+        ];
+        let exps = ["", "e0", "e2", "E-3", "e+1", "e40", "e-40", "ex"];
+        for m in mantissas {
+            for e in exps {
+                for sign in ["", "-", "+"] {
+                    let text = format!("{sign}{m}{e}");
+                    for (p, sc) in [
+                        (38, 0),
+                        (38, 2),
+                        (38, 18),
+                        (10, 2),
+                        (5, 0),
+                        (3, 1),
+                        (38, -2),
+                    ] {
+                        assert_eq!(
+                            parse_decimal(&text, p, sc).ok(),
+                            parse_decimal_with_strings(&text, p, sc).ok(),
+                            "{text} as DECIMAL({p},{sc})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn parse_decimal_with_strings(
+        text: &str,
+        precision: u8,
+        scale: i8,
+    ) -> Result<i128, ConvertError> {
+        let err = || format!("{text:?} does not fit DECIMAL({precision},{scale})");
+        let (neg, body) = match text.as_bytes().first() {
+            Some(b'-') => (true, &text[1..]),
+            Some(b'+') => (false, &text[1..]),
+            _ => (false, text),
+        };
+        // Exponent form (allowed in JSON numbers).
+        let (mantissa, exp) = match body.find(['e', 'E']) {
+            Some(i) => (&body[..i], body[i + 1..].parse::<i32>().map_err(|_| err())?),
+            None => (body, 0),
+        };
+        let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        if int_part.is_empty() && frac_part.is_empty()
+            || !int_part.bytes().all(|b| b.is_ascii_digit())
+            || !frac_part.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(format!("{text:?} is not a decimal number"));
+        }
+        let digits: String = format!("{int_part}{frac_part}");
+        // value = digits * 10^(exp - frac_len); we want value * 10^scale.
+        let shift = exp - frac_part.len() as i32 + scale as i32;
+        let mut digits = digits.trim_start_matches('0').to_string();
+        if shift < 0 {
+            let drop = (-shift) as usize;
+            let keep = digits.len().saturating_sub(drop);
+            if digits[keep..].bytes().any(|b| b != b'0') {
+                return Err(err());
+            }
+            digits.truncate(keep);
+        } else {
+            digits.extend(std::iter::repeat_n('0', shift as usize));
+        }
+        let digits = digits.trim_start_matches('0');
+        if digits.len() > precision as usize {
+            return Err(err());
+        }
+        let v: i128 = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().map_err(|_| err())?
+        };
+        Ok(if neg { -v } else { v })
     }
 
     #[test]

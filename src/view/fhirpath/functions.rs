@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use crate::view::json::{JsonRef, json_ref, member_str};
+use crate::view::json::{JsonRef, bytes_eq, json_ref, member_str};
 
 use super::eval::{Ctx, as_type, decimal_item, eval, is_type, navigate, singleton, to_bool};
 use super::parser::{Func, Node};
@@ -835,27 +835,26 @@ pub(crate) fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a
     if reference.starts_with('#') || reference.starts_with("urn:") {
         return None;
     }
+    let bytes = reference.as_bytes();
     // `memchr` for the `_` first: the substring search is only needed when there is one.
-    let history =
-        memchr::memchr(b'_', reference.as_bytes()).and_then(|_| reference.find("/_history/"));
-    let path = match history {
-        Some(i) => &reference[..i],
-        None => reference,
-    };
-    let mut parts = path.rsplit('/');
-    let id = parts.next()?;
-    let rtype = parts.next()?;
-    let valid_type = rtype.starts_with(|c: char| c.is_ascii_uppercase())
-        && rtype.bytes().all(|b| b.is_ascii_alphanumeric());
+    let end = memchr::memchr(b'_', bytes)
+        .and_then(|_| reference.find("/_history/"))
+        .unwrap_or(bytes.len());
+    // `[base/]Type/id`: byte scans from the end (every delimiter is ASCII).
+    let slash = memchr::memrchr(b'/', &bytes[..end])?;
+    let type_start = memchr::memrchr(b'/', &bytes[..slash]).map_or(0, |i| i + 1);
+    let (rtype, id) = (&bytes[type_start..slash], &bytes[slash + 1..end]);
+    let valid_type = rtype.first().is_some_and(u8::is_ascii_uppercase)
+        && rtype.iter().all(u8::is_ascii_alphanumeric);
     let valid_id = !id.is_empty()
         && id.len() <= 64
         && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if !valid_type || !valid_id || ty.is_some_and(|t| t != rtype) {
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !valid_type || !valid_id || ty.is_some_and(|t| !bytes_eq(t.as_bytes(), rtype)) {
         return None;
     }
-    Some(id)
+    reference.get(slash + 1..end)
 }
 
 #[cfg(test)]
