@@ -233,23 +233,8 @@ fn temporal_text<'a>(item: &Item<'a>) -> Result<Cow<'a, str>, ConvertError> {
 /// Parse a decimal's lexical form into an unscaled i128 at `scale`, exactly.
 pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, ConvertError> {
     let err = || format!("{text:?} does not fit DECIMAL({precision},{scale})");
-    let (neg, body) = match text.as_bytes().first() {
-        Some(b'-') => (true, &text[1..]),
-        Some(b'+') => (false, &text[1..]),
-        _ => (false, text),
-    };
-    // Exponent form (allowed in JSON numbers).
-    let (mantissa, exp) = match body.find(['e', 'E']) {
-        Some(i) => (&body[..i], body[i + 1..].parse::<i32>().map_err(|_| err())?),
-        None => (body, 0),
-    };
-    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if int_part.is_empty() && frac_part.is_empty()
-        || !int_part.bytes().all(|b| b.is_ascii_digit())
-        || !frac_part.bytes().all(|b| b.is_ascii_digit())
-    {
-        return Err(format!("{text:?} is not a decimal number"));
-    }
+    let (neg, int_part, frac_part, exp) =
+        decimal_parts(text).ok_or_else(|| format!("{text:?} is not a decimal number"))?;
     // value = digits × 10^(exp − frac_len); we want value × 10^scale, i.e. the digits shifted
     // by `shift`: the last −shift digits are dropped (and must be zeros), or shift zeros added.
     // Digits are accumulated without allocating; at most `precision` (≤ 38) significant digits
@@ -287,6 +272,25 @@ pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, Conve
             .ok_or_else(err)?;
     }
     Ok(if neg { -v } else { v })
+}
+
+/// `[+-]int[.frac][e[+-]exp]` as (negative, int digits, fraction digits, exponent); `None`
+/// when `text` is not a decimal number.
+fn decimal_parts(text: &str) -> Option<(bool, &str, &str, i32)> {
+    let (neg, body) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    // Exponent form (allowed in JSON numbers).
+    let (mantissa, exp) = match body.find(['e', 'E']) {
+        Some(i) => (&body[..i], body[i + 1..].parse::<i32>().ok()?),
+        None => (body, 0),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    (!(int_part.is_empty() && frac_part.is_empty()) && digits(int_part) && digits(frac_part))
+        .then_some((neg, int_part, frac_part, exp))
 }
 
 fn two(s: &str, at: usize) -> Option<u32> {
@@ -453,7 +457,7 @@ mod tests {
                     ] {
                         assert_eq!(
                             parse_decimal(&text, p, sc).ok(),
-                            parse_decimal_with_strings(&text, p, sc).ok(),
+                            parse_decimal_with_strings(&text, p, sc),
                             "{text} as DECIMAL({p},{sc})"
                         );
                     }
@@ -462,38 +466,17 @@ mod tests {
         }
     }
 
-    fn parse_decimal_with_strings(
-        text: &str,
-        precision: u8,
-        scale: i8,
-    ) -> Result<i128, ConvertError> {
-        let err = || format!("{text:?} does not fit DECIMAL({precision},{scale})");
-        let (neg, body) = match text.as_bytes().first() {
-            Some(b'-') => (true, &text[1..]),
-            Some(b'+') => (false, &text[1..]),
-            _ => (false, text),
-        };
-        // Exponent form (allowed in JSON numbers).
-        let (mantissa, exp) = match body.find(['e', 'E']) {
-            Some(i) => (&body[..i], body[i + 1..].parse::<i32>().map_err(|_| err())?),
-            None => (body, 0),
-        };
-        let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-        if int_part.is_empty() && frac_part.is_empty()
-            || !int_part.bytes().all(|b| b.is_ascii_digit())
-            || !frac_part.bytes().all(|b| b.is_ascii_digit())
-        {
-            return Err(format!("{text:?} is not a decimal number"));
-        }
-        let digits: String = format!("{int_part}{frac_part}");
-        // value = digits * 10^(exp - frac_len); we want value * 10^scale.
+    /// The earlier implementation's shifting, on strings, as an oracle.
+    fn parse_decimal_with_strings(text: &str, precision: u8, scale: i8) -> Option<i128> {
+        let (neg, int_part, frac_part, exp) = decimal_parts(text)?;
         let shift = exp - frac_part.len() as i32 + scale as i32;
-        let mut digits = digits.trim_start_matches('0').to_string();
+        let mut digits = format!("{int_part}{frac_part}")
+            .trim_start_matches('0')
+            .to_string();
         if shift < 0 {
-            let drop = (-shift) as usize;
-            let keep = digits.len().saturating_sub(drop);
+            let keep = digits.len().saturating_sub((-shift) as usize);
             if digits[keep..].bytes().any(|b| b != b'0') {
-                return Err(err());
+                return None;
             }
             digits.truncate(keep);
         } else {
@@ -501,14 +484,14 @@ mod tests {
         }
         let digits = digits.trim_start_matches('0');
         if digits.len() > precision as usize {
-            return Err(err());
+            return None;
         }
         let v: i128 = if digits.is_empty() {
             0
         } else {
-            digits.parse().map_err(|_| err())?
+            digits.parse().ok()?
         };
-        Ok(if neg { -v } else { v })
+        Some(if neg { -v } else { v })
     }
 
     #[test]
