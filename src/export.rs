@@ -581,6 +581,11 @@ impl Shared {
         )
         .with_compression(self.opts.compression)
         .with_staging(true)
+        // Up to `concurrency` files are written at once, each by its own writer: they share
+        // the one budget a `convert` writer has, so memory does not grow with --concurrency.
+        .with_max_buffered_bytes(
+            crate::sink::DEFAULT_MAX_BUFFERED_BYTES / self.opts.concurrency.max(1),
+        )
         .build()
     }
 }
@@ -720,6 +725,9 @@ async fn stream_output(
     let (wtx, mut wrx) = mpsc::channel::<WMsg>(4);
     let registry = sh.registry.clone();
     let batch_size = sh.opts.batch_size;
+    // The decoders of parallel downloads share what two `convert` workers would hold.
+    let batch_bytes = (2 * crate::flatten::DEFAULT_BATCH_BYTES / sh.opts.concurrency.max(1))
+        .min(crate::flatten::DEFAULT_BATCH_BYTES);
     let dlabel = label.clone();
     let progress = sh.progress.clone();
     let archive = sh.opts.keep_ndjson.as_ref().map(|dir| {
@@ -754,6 +762,7 @@ async fn stream_output(
         };
         let mut d = DecoderBuilder::new(registry, dlabel.clone())
             .with_batch_size(batch_size)
+            .with_batch_bytes(batch_bytes)
             .build();
         let mut gz = gzip.then(|| flate2::write::MultiGzDecoder::new(Vec::new()));
         let mut lines = 0;

@@ -23,8 +23,9 @@ mod writer;
 pub use manifest::RunManifest;
 pub use store::DatasetLocation;
 pub use writer::{
-    DEFAULT_MAX_ROWS_PER_FILE, DEFAULT_ROW_GROUP_ROWS, DatasetWriter, DatasetWriterBuilder,
-    STAGED_SUFFIX, WrittenFile, commit_staged, discard_staged, rejects_batch, rejects_schema,
+    DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_MAX_ROWS_PER_FILE, DEFAULT_ROW_GROUP_ROWS, DatasetWriter,
+    DatasetWriterBuilder, STAGED_SUFFIX, WrittenFile, commit_staged, discard_staged, rejects_batch,
+    rejects_schema,
 };
 
 /// Directory of run manifests.

@@ -36,7 +36,7 @@ const UPLOAD_BUFFER_BYTES: usize = 5 << 20;
 const LOCAL_UPLOAD_BUFFER_BYTES: usize = 1 << 20;
 /// Memory of all open row groups together (every view of a run has one open) before the largest
 /// is flushed early: the per-view bound alone lets 40 views hold 40 × 64 MiB.
-const MAX_BUFFERED_BYTES: usize = 64 << 20;
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 << 20;
 
 /// A file written by a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +61,7 @@ pub struct DatasetWriterBuilder {
     row_group_rows: usize,
     max_rows_per_file: usize,
     staged: bool,
+    max_buffered_bytes: usize,
 }
 
 /// Suffix of a staged file: written completely, not yet committed.
@@ -81,6 +82,7 @@ impl DatasetWriterBuilder {
             row_group_rows: DEFAULT_ROW_GROUP_ROWS,
             max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
             staged: false,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
         }
     }
     /// Write files under a staged name (`<path>.staged`, invisible to readers); the caller makes
@@ -102,6 +104,13 @@ impl DatasetWriterBuilder {
     /// Rows per file (default [`DEFAULT_MAX_ROWS_PER_FILE`]).
     pub fn with_max_rows_per_file(mut self, n: usize) -> Self {
         self.max_rows_per_file = n.max(1);
+        self
+    }
+    /// Memory of all open row groups together before the largest is flushed early (default
+    /// [`DEFAULT_MAX_BUFFERED_BYTES`]). Writers that run side by side (an export's parallel
+    /// downloads) share one budget by each taking a part of it.
+    pub fn with_max_buffered_bytes(mut self, n: usize) -> Self {
+        self.max_buffered_bytes = n.max(1 << 20);
         self
     }
     /// Build.
@@ -188,11 +197,11 @@ impl DatasetWriter {
     }
 
     /// Flush the largest open row group while all of them together use more than
-    /// [`MAX_BUFFERED_BYTES`].
+    /// [`DatasetWriterBuilder::with_max_buffered_bytes`].
     async fn bound_memory(&mut self) -> Result<(), SinkError> {
         loop {
             let total: usize = self.open.values().map(|f| f.writer.memory_size()).sum();
-            if total <= MAX_BUFFERED_BYTES {
+            if total <= self.cfg.max_buffered_bytes {
                 return Ok(());
             }
             let Some(f) = self
@@ -374,4 +383,58 @@ pub fn rejects_batch(rejects: &[Reject]) -> RecordBatch {
         Arc::new(raw.finish()),
     ];
     RecordBatch::try_new(rejects_schema(), cols).expect("columns match the rejects schema")
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::{
+        array::StringArray,
+        datatypes::{DataType, Field, Schema},
+    };
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    use super::*;
+
+    /// Row groups of a view written in 8 batches of ~1 MiB of incompressible-ish text.
+    async fn row_groups(budget: Option<usize>) -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let location = DatasetLocation::resolve(dir.path().to_str().unwrap(), true).unwrap();
+        let mut b = DatasetWriterBuilder::new(location, "r1", "e1");
+        if let Some(n) = budget {
+            b = b.with_max_buffered_bytes(n);
+        }
+        let mut w = b.build();
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Utf8, true)]));
+        let mut seed = 1u64;
+        for _ in 0..8 {
+            let values: Vec<String> = (0..256)
+                .map(|_| {
+                    (0..4096)
+                        .map(|_| {
+                            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                            char::from(b'a' + (seed >> 59) as u8)
+                        })
+                        .collect()
+                })
+                .collect();
+            let batch =
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(values))])
+                    .unwrap();
+            w.write_batch("v", &batch).await.unwrap();
+        }
+        let files = w.finish().await.unwrap();
+        assert_eq!(files.len(), 1);
+        let file = std::fs::File::open(dir.path().join(&files[0].path)).unwrap();
+        SerializedFileReader::new(file)
+            .unwrap()
+            .metadata()
+            .num_row_groups()
+    }
+
+    /// The shared budget flushes row groups early; the default one holds all 8 MiB.
+    #[tokio::test]
+    async fn buffered_bytes_bound_row_groups() {
+        assert_eq!(row_groups(None).await, 1);
+        assert!(row_groups(Some(1 << 20)).await >= 4);
+    }
 }
