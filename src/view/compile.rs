@@ -5,6 +5,12 @@
 //! select computes its foci (`forEach`, `forEachOrNull`, `repeat`, or the node itself), and for
 //! every focus emits the Cartesian product of its parts (its own columns, each nested select,
 //! and the concatenated `unionAll` branches).
+//!
+//! Two shortcuts keep that cheap without changing its result: the member-chain columns of a
+//! select are compiled into a trie of steps, so a shared prefix (`code.coding.first()` under
+//! `code_system`, `code` and `code_display`) is navigated once per focus; and a nested select
+//! that yields exactly one row (no iteration, no `unionAll`) writes its cells into the parent's
+//! row, since a product with one row changes nothing.
 
 use std::{collections::HashMap, sync::Arc};
 
