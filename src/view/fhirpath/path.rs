@@ -123,23 +123,17 @@ fn push_steps(node: &Node, steps: &mut Vec<Step>) -> Option<()> {
                 base(member_base, steps)?;
                 steps.push(Step::TypedMember(name.clone(), ty.clone()));
             }
-            (Func::OfType(ty), _) => {
+            (func, _) => {
+                let step = match func {
+                    Func::OfType(ty) => Step::OfType(ty.clone()),
+                    Func::First => Step::First,
+                    Func::GetReferenceKey(ty) => Step::ReferenceKey(ty.clone()),
+                    Func::GetResourceKey => Step::ResourceKey,
+                    _ => return None,
+                };
                 base(b, steps)?;
-                steps.push(Step::OfType(ty.clone()));
+                steps.push(step);
             }
-            (Func::First, _) => {
-                base(b, steps)?;
-                steps.push(Step::First);
-            }
-            (Func::GetReferenceKey(ty), _) => {
-                base(b, steps)?;
-                steps.push(Step::ReferenceKey(ty.clone()));
-            }
-            (Func::GetResourceKey, _) => {
-                base(b, steps)?;
-                steps.push(Step::ResourceKey);
-            }
-            _ => return None,
         },
         _ => return None,
     }
