@@ -9,7 +9,8 @@ use crate::view::json::{Json, JsonObject, JsonRef, bytes_eq, json_ref, member_st
 use super::functions;
 use super::parser::{BinOp, EnvVar, Func, Node, SystemType, TypeSpec};
 use super::types::{
-    Env, EvalError, EvalResult, Item, choice_suffix_type, fhir_type_is, is_json_string_type,
+    Env, EvalError, EvalResult, Item, choice_suffix_type, fhir_type_is, has_specialisations,
+    is_json_string_type,
 };
 use super::values::{Decimal, Val, compare, equals, equivalent, items_equal, val};
 
@@ -257,6 +258,8 @@ pub(crate) fn navigate_typed<'a>(
         // `name[T]` whose type `T` is (a profile of) `f` — what navigating to `name` and
         // filtering by type would give, without a second scan when the element is absent.
         let (n, t) = (name.as_bytes(), f.as_bytes());
+        // Other choice elements can only be of type `f` when `f` has specialisations.
+        let profiles = has_specialisations(f);
         let start = out.len();
         let mut plain = None;
         for (k, v) in m.raw_members() {
@@ -278,6 +281,7 @@ pub(crate) fn navigate_typed<'a>(
                     return;
                 }
                 if plain.is_none()
+                    && profiles
                     && let Some(actual) = choice_type(suffix)
                     && fhir_type_is(actual, f)
                 {

@@ -836,30 +836,90 @@ pub(crate) fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a
         return None;
     }
     let bytes = reference.as_bytes();
-    // `memchr` for the `_` first: the substring search is only needed when there is one.
-    let end = memchr::memchr(b'_', bytes)
-        .and_then(|_| reference.find("/_history/"))
-        .unwrap_or(bytes.len());
-    // `[base/]Type/id`: byte scans from the end (every delimiter is ASCII).
-    let slash = memchr::memrchr(b'/', &bytes[..end])?;
-    let type_start = memchr::memrchr(b'/', &bytes[..slash]).map_or(0, |i| i + 1);
+    let (type_start, slash, end) = match last_two_segments(bytes) {
+        Some((t, slash)) if !bytes[..t].contains(&b'_') => (t, slash, bytes.len()),
+        _ => {
+            // A version (`/_history/`) or a malformed reference: the general path.
+            let end = reference.find("/_history/").unwrap_or(bytes.len());
+            let slash = memchr::memrchr(b'/', &bytes[..end])?;
+            let type_start = memchr::memrchr(b'/', &bytes[..slash]).map_or(0, |i| i + 1);
+            let valid = bytes[type_start..slash]
+                .iter()
+                .all(u8::is_ascii_alphanumeric)
+                && bytes[slash + 1..end].iter().copied().all(is_id_byte);
+            if !valid {
+                return None;
+            }
+            (type_start, slash, end)
+        }
+    };
     let (rtype, id) = (&bytes[type_start..slash], &bytes[slash + 1..end]);
-    let valid_type = rtype.first().is_some_and(u8::is_ascii_uppercase)
-        && rtype.iter().all(u8::is_ascii_alphanumeric);
-    let valid_id = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if !valid_type || !valid_id || ty.is_some_and(|t| !bytes_eq(t.as_bytes(), rtype)) {
+    if !rtype.first().is_some_and(u8::is_ascii_uppercase)
+        || id.is_empty()
+        || id.len() > 64
+        || ty.is_some_and(|t| !bytes_eq(t.as_bytes(), rtype))
+    {
         return None;
     }
     reference.get(slash + 1..end)
 }
 
+/// A byte of a FHIR id (`[A-Za-z0-9\-\.]`).
+fn is_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'.'
+}
+
+/// `(type start, slash)` of a reference ending in `[.../]Type/id`, found in one backward pass
+/// over the id's and the type's bytes (which it checks): `None` when the last segment has a
+/// byte no id has, or the one before it a non-alphanumeric byte.
+fn last_two_segments(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut i = bytes.len();
+    while i > 0 && is_id_byte(bytes[i - 1]) {
+        i -= 1;
+    }
+    let slash = i.checked_sub(1).filter(|&s| bytes[s] == b'/')?;
+    let mut t = slash;
+    while t > 0 && bytes[t - 1].is_ascii_alphanumeric() {
+        t -= 1;
+    }
+    (t == 0 || bytes[t - 1] == b'/').then_some((t, slash))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The straightforward reading of a reference, the oracle for [`reference_key`]'s scans.
+    fn reference_key_oracle<'a>(reference: &'a str, ty: Option<&str>) -> Option<&'a str> {
+        if reference.starts_with('#') || reference.starts_with("urn:") {
+            return None;
+        }
+        let end = reference.find("/_history/").unwrap_or(reference.len());
+        let (rest, id) = reference[..end].rsplit_once('/')?;
+        let rtype = rest.rsplit('/').next().unwrap_or(rest);
+        let valid = rtype.starts_with(|c: char| c.is_ascii_uppercase())
+            && rtype.bytes().all(|b| b.is_ascii_alphanumeric())
+            && (1..=64).contains(&id.len())
+            && id.bytes().all(is_id_byte)
+            && ty.is_none_or(|t| t == rtype);
+        valid.then_some(id)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn reference_key_matches_oracle(
+            r in "(http://[a-z_]{1,3}/)?[A-Pa-p]{0,3}(/[A-Pa-p0-9._#:-]{0,4}){0,3}(/_history/[0-9]?)?",
+        ) {
+            let v = crate::view::json::json_doc!({ "reference": r });
+            for ty in [None, Some("P"), Some("Pa")] {
+                proptest::prop_assert_eq!(
+                    reference_key(&Item::json(v), ty),
+                    reference_key_oracle(&r, ty),
+                    "{} {:?}", r, ty
+                );
+            }
+        }
+    }
 
     #[test]
     fn reference_keys() {
@@ -874,6 +934,12 @@ mod tests {
             ("123", None, None),
             ("patient/123", None, None),
             ("Patient/", None, None),
+            ("Patient/a_b", None, None),
+            ("http://x_y.org/fhir/Patient/1", Some("Patient"), Some("1")),
+            ("http://x.org/fhir/Patient/1/_history/2", None, Some("1")),
+            ("Patient/1/_history/", None, Some("1")),
+            ("x:Patient/1", None, None),
+            ("/Patient/1", None, Some("1")),
         ];
         for (r, ty, want) in cases {
             let v = crate::view::json::json_doc!({ "reference": r });

@@ -429,6 +429,12 @@ pub(crate) fn fhir_base_type(name: &str) -> Option<&'static str> {
     })
 }
 
+/// True when some type has `name` as its base ([`fhir_base_type`]): only then can a value of
+/// another type be of type `name`.
+pub(crate) fn has_specialisations(name: &str) -> bool {
+    matches!(name, "string" | "uri" | "integer" | "Quantity")
+}
+
 /// True when `actual` is `wanted` or a specialisation of it.
 pub(crate) fn fhir_type_is(actual: &str, wanted: &str) -> bool {
     let mut cur = actual;
@@ -489,6 +495,12 @@ mod tests {
         assert!(fhir_type_is("Age", "Quantity"));
         assert!(!fhir_type_is("url", "id"));
         assert!(!fhir_type_is("string", "code"));
+        // `has_specialisations` names every base type there is.
+        for t in PRIMITIVE_TYPES.iter().chain(COMPLEX_TYPES) {
+            if let Some(base) = fhir_base_type(t) {
+                assert!(has_specialisations(base), "{t} -> {base}");
+            }
+        }
     }
 
     #[test]
