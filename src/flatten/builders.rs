@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use datafusion::arrow::{
     array::{
-        ArrayBuilder, ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder,
-        Int32Builder, Int64Builder, ListBuilder, StringBuilder, Time64MicrosecondBuilder,
-        TimestampMicrosecondBuilder, make_builder,
+        Array, ArrayBuilder, ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder,
+        Float64Builder, Int32Builder, Int64Builder, ListBuilder, StringArray, StringBuilder,
+        Time64MicrosecondBuilder, TimestampMicrosecondBuilder, make_builder,
     },
     record_batch::RecordBatch,
 };
@@ -159,7 +159,7 @@ impl ViewBuilders {
             .iter_mut()
             .map(|c| -> ArrayRef {
                 match c {
-                    Column::Utf8(b) => Arc::new(b.finish()),
+                    Column::Utf8(b) => Arc::new(finish_presized(b)),
                     Column::Boolean(b) => Arc::new(b.finish()),
                     Column::Int32(b) => Arc::new(b.finish()),
                     Column::Int64(b) => Arc::new(b.finish()),
@@ -173,11 +173,21 @@ impl ViewBuilders {
             })
             .collect();
         if let Some(r) = &mut self.raw {
-            arrays.push(Arc::new(r.finish()));
+            arrays.push(Arc::new(finish_presized(r)));
         }
         self.rows = 0;
         RecordBatch::try_new(self.view.schema().clone(), arrays).map_err(|e| e.to_string())
     }
+}
+
+/// Finish a string builder and start the next batch with room for what this one held (plus an
+/// eighth): a builder that starts empty grows its value buffer by doubling, and each growth of
+/// a large buffer (the raw `resource` column's is megabytes) is a copy.
+fn finish_presized(b: &mut StringBuilder) -> StringArray {
+    let array = b.finish();
+    let bytes = array.value_data().len();
+    *b = StringBuilder::with_capacity(array.len(), bytes + bytes / 8);
+    array
 }
 
 macro_rules! downcast {
