@@ -10,7 +10,7 @@ mod cli;
 /// jemalloc rather than the system allocator: with glibc's, peak RSS grew with input size
 /// (~250 MB at synthea-100 ×10, ~370 MB at ×100) as its dynamic mmap threshold moved large
 /// batch buffers onto a fragmenting heap; jemalloc returns freed pages and keeps it flat.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
