@@ -8,7 +8,8 @@ use super::{
     lines::{Line, LineSplitter},
 };
 use crate::view::{
-    CompiledView, Row, ViewRegistry, is_r4_resource_type, is_valid_resource_type,
+    CompiledView, EvalBuffers, EvalScratch, RowId, ViewRegistry, is_r4_resource_type,
+    is_valid_resource_type,
     json::{JsonBuffers, JsonDoc, JsonRef, member, to_json_text},
     snake_case,
 };
@@ -105,6 +106,9 @@ impl DecoderBuilder {
             rejects: Vec::new(),
             stats: DecodeStats::default(),
             json: JsonBuffers::default(),
+            scratch: EvalScratch::new(),
+            line_rows: Vec::new(),
+            line_views: Vec::new(),
         }
     }
 }
@@ -128,6 +132,25 @@ pub struct Decoder {
     stats: DecodeStats,
     /// Parse buffers reused from line to line.
     json: JsonBuffers,
+    /// Evaluation buffers reused from line to line.
+    scratch: EvalScratch,
+    /// The row ids of the line being decoded, and which views they belong to.
+    line_rows: Vec<RowId>,
+    line_views: Vec<ViewRows>,
+}
+
+/// The rows one view produced for the current line.
+struct ViewRows {
+    /// Index into [`Decoder::outputs`].
+    output: usize,
+    /// The view is the type's base view (its rows count as the type's rows).
+    base: bool,
+    /// `false` when `where` filtered the resource out.
+    included: bool,
+    /// Range of the line's row ids.
+    rows: std::ops::Range<usize>,
+    /// Cells per row.
+    width: usize,
 }
 
 /// What the decoder knows about one resource type, resolved once on its first line, so that a
@@ -176,6 +199,9 @@ struct LineCx<'d> {
     rejects: &'d mut Vec<Reject>,
     stats: &'d mut DecodeStats,
     json: &'d mut JsonBuffers,
+    scratch: &'d mut EvalScratch,
+    line_rows: &'d mut Vec<RowId>,
+    line_views: &'d mut Vec<ViewRows>,
 }
 
 impl Decoder {
@@ -266,6 +292,9 @@ impl Decoder {
             rejects: &mut self.rejects,
             stats: &mut self.stats,
             json: &mut self.json,
+            scratch: &mut self.scratch,
+            line_rows: &mut self.line_rows,
+            line_views: &mut self.line_views,
         }
     }
 }
@@ -376,23 +405,49 @@ impl LineCx<'_> {
             }
         }
         self.slots[slot].counts.lines += 1;
-        // Evaluate every view first; append only when all succeeded.
+        // Evaluate every view first; append only when all succeeded. The rows of all views
+        // live in one arena (`bufs`); `ids` holds each view's row ids, `results` their ranges.
         let views = &self.slots[slot].views;
-        let mut results: Vec<(usize, bool, Vec<Row<'_>>, bool)> = Vec::with_capacity(views.len());
+        let mut bufs = self.scratch.lend();
+        let (ids, results) = (&mut *self.line_rows, &mut *self.line_views);
+        ids.clear();
+        results.clear();
         for (view, output, base) in views {
-            let mut rows = Vec::new();
-            match view.evaluate(value, &mut rows) {
-                Ok(included) => results.push((*output, *base, rows, included)),
+            let start = ids.len();
+            match view.evaluate_with(value, ids, &mut bufs) {
+                Ok(included) => results.push(ViewRows {
+                    output: *output,
+                    base: *base,
+                    included,
+                    rows: start..ids.len(),
+                    width: view.columns().len(),
+                }),
                 Err(e) => {
+                    self.scratch.restore(bufs);
                     self.reject(&line, Some(rt), e.to_string());
+                    *self.json = doc.into_buffers();
                     return Ok(());
                 }
             }
         }
-        for (output, base, rows, included) in results {
-            if base {
+        let r = self.append_rows(slot, &bufs, text);
+        self.scratch.restore(bufs);
+        *self.json = doc.into_buffers();
+        r
+    }
+
+    /// Append the rows of one line, evaluated into `bufs`, to the builders of their views.
+    fn append_rows(
+        &mut self,
+        slot: usize,
+        bufs: &EvalBuffers<'_>,
+        text: &str,
+    ) -> Result<(), FlattenError> {
+        for v in self.line_views.iter() {
+            let rows = &self.line_rows[v.rows.clone()];
+            if v.base {
                 let t = &mut self.slots[slot].counts;
-                if included {
+                if v.included {
                     t.rows += rows.len() as u64
                 } else {
                     t.filtered += 1
@@ -401,14 +456,14 @@ impl LineCx<'_> {
             if rows.is_empty() {
                 continue;
             }
-            let o = &mut self.outputs[output];
+            let o = &mut self.outputs[v.output];
             o.rows += rows.len() as u64;
             let batch_size = self.batch_size;
             let out = o
                 .builders
                 .get_or_insert_with(|| ViewBuilders::new(o.view.clone(), batch_size));
-            for row in &rows {
-                out.append(row, text);
+            for &row in rows {
+                out.append(bufs.row(row, v.width), text);
                 if out.rows >= batch_size || out.raw_bytes() >= self.batch_bytes {
                     let batch = out.finish().map_err(|message| FlattenError::Internal {
                         view: o.name.to_string(),
@@ -421,7 +476,6 @@ impl LineCx<'_> {
                 }
             }
         }
-        *self.json = doc.into_buffers();
         Ok(())
     }
 

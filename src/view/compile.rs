@@ -12,7 +12,7 @@
 //! that yields exactly one row (no iteration, no `unionAll`) writes its cells into the parent's
 //! row, since a product with one row changes nothing.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde_json::Value;
@@ -123,11 +123,133 @@ impl TrieNode {
     }
 }
 
-/// Item buffers reused across the steps of one evaluation.
-type Pool<'a> = Vec<Vec<Item<'a>>>;
-
 /// A row under construction: one cell per view column.
 pub type Row<'a> = Vec<Cell<'a>>;
+
+/// Item buffers an [`EvalScratch`] keeps between resources; more are freed.
+const SPARE_ITEM_BUFFERS: usize = 64;
+
+/// Allocations kept from resource to resource, so that evaluating views allocates nothing of
+/// its own once they have grown (a fresh `Vec` per path step, per row and per product cost
+/// about a tenth of the decoder's time):
+///
+/// - item buffers for the steps of member chains;
+/// - one arena of cells in which every row of the resource lives, as `width` consecutive cells
+///   from a start index: a row is that index ([`RowId`]), and a product copies cells within the
+///   arena;
+/// - lists of row ids.
+///
+/// Between resources the buffers are stored empty, so they borrow nothing.
+/// [`EvalScratch::lend`] hands them out as [`EvalBuffers`] for one resource (a `'static`
+/// element type shortens to any lifetime for free), and [`EvalScratch::restore`] takes them
+/// back, emptied and relabelled `'static` in place (see [`relabel`]). Each decode worker owns
+/// one.
+#[derive(Debug, Default)]
+pub struct EvalScratch {
+    items: Vec<Vec<Item<'static>>>,
+    cells: Vec<Cell<'static>>,
+    lists: Vec<Vec<RowId>>,
+}
+
+/// A row in an [`EvalBuffers`] arena: the index of its first cell.
+pub type RowId = usize;
+
+/// The buffers of an [`EvalScratch`] while one resource (lifetime `'a`) is evaluated.
+#[derive(Debug, Default)]
+pub struct EvalBuffers<'a> {
+    items: Vec<Vec<Item<'a>>>,
+    cells: Vec<Cell<'a>>,
+    lists: Vec<Vec<RowId>>,
+}
+
+impl EvalScratch {
+    /// A new, empty scratch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The buffers, for evaluating one resource.
+    pub fn lend<'a>(&mut self) -> EvalBuffers<'a> {
+        EvalBuffers {
+            items: std::mem::take(&mut self.items),
+            cells: std::mem::take(&mut self.cells),
+            lists: std::mem::take(&mut self.lists),
+        }
+    }
+
+    /// Take the buffers back once the resource's rows have been used.
+    pub fn restore(&mut self, b: EvalBuffers<'_>) {
+        let EvalBuffers {
+            items,
+            mut cells,
+            lists,
+        } = b;
+        self.items = items
+            .into_iter()
+            .take(SPARE_ITEM_BUFFERS)
+            .map(emptied)
+            .collect();
+        clear_cells(&mut cells);
+        self.cells = emptied(cells);
+        self.lists = lists;
+    }
+}
+
+/// `v` emptied, with its element type relabelled (`Item<'a>` → `Item<'static>`) in `v`'s
+/// allocation: std collects `into_iter().map()` (and `filter_map`) in place when both element
+/// types have the same size and alignment, as one type with two lifetimes has
+/// (`scratch_reuses_allocations` checks it).
+fn emptied<T, U>(v: Vec<T>) -> Vec<U> {
+    v.into_iter().filter_map(|_| None).collect()
+}
+
+/// Empty `cells`, dropping only those that own memory: a plain `clear` calls the drop glue of
+/// every cell, most of which are nulls and borrowed strings.
+fn clear_cells(cells: &mut Vec<Cell<'_>>) {
+    for c in cells.drain(..) {
+        match c {
+            Cell::Str(Cow::Owned(_)) | Cell::List(_) => drop(c),
+            other => std::mem::forget(other),
+        }
+    }
+}
+
+impl<'a> EvalBuffers<'a> {
+    /// The `width` cells of row `id`.
+    pub fn row(&self, id: RowId, width: usize) -> &[Cell<'a>] {
+        &self.cells[id..id + width]
+    }
+
+    /// A new row of `width` null cells.
+    fn new_row(&mut self, width: usize) -> RowId {
+        let id = self.cells.len();
+        self.cells.resize(id + width, Cell::Null);
+        id
+    }
+
+    /// A new row with the cells of row `from`.
+    fn copy_row(&mut self, from: RowId, width: usize) -> RowId {
+        let id = self.cells.len();
+        self.cells.extend_from_within(from..from + width);
+        id
+    }
+
+    /// An empty list of rows.
+    pub fn list(&mut self) -> Vec<RowId> {
+        self.lists.pop().unwrap_or_default()
+    }
+
+    /// Give back a list of rows.
+    pub fn put_list(&mut self, mut list: Vec<RowId>) {
+        if list.capacity() > 0 {
+            list.clear();
+            self.lists.push(list);
+        }
+    }
+}
+
+/// Item buffers reused across the steps of one resource.
+type Pool<'a> = Vec<Vec<Item<'a>>>;
 
 /// Why one resource could not be evaluated (the resource is rejected, the run goes on).
 #[derive(Debug, Clone, PartialEq)]
@@ -276,6 +398,22 @@ impl CompiledView {
         resource: Json<'a>,
         out: &mut Vec<Row<'a>>,
     ) -> Result<bool, EvalError> {
+        let mut bufs = EvalBuffers::default();
+        let mut ids = Vec::new();
+        let included = self.evaluate_with(resource, &mut ids, &mut bufs)?;
+        let width = self.columns.len();
+        out.extend(ids.iter().map(|&id| bufs.row(id, width).to_vec()));
+        Ok(included)
+    }
+
+    /// [`CompiledView::evaluate`] with buffers reused across calls (see [`EvalScratch`]): the
+    /// rows are appended to `out` as ids in `bufs`, each [`Self::columns`]`.len()` cells wide.
+    pub fn evaluate_with<'a>(
+        &self,
+        resource: Json<'a>,
+        out: &mut Vec<RowId>,
+        bufs: &mut EvalBuffers<'a>,
+    ) -> Result<bool, EvalError> {
         let env = Env {
             resource,
             row_index: 0,
@@ -295,9 +433,9 @@ impl CompiledView {
             }
         }
         let start = out.len();
-        let mut pool = Pool::new();
-        let r = self.process(&self.root, &focus[0], 0, resource, out, &mut pool);
+        let r = self.process(&self.root, &focus[0], 0, resource, out, bufs);
         if r.is_err() {
+            // The rows stay in the arena until it is cleared, unreferenced.
             out.truncate(start);
         }
         r.map(|_| true)
@@ -317,35 +455,54 @@ impl CompiledView {
         focus: &Item<'a>,
         parent_index: i64,
         resource: Json<'a>,
-        out: &mut Vec<Row<'a>>,
-        pool: &mut Pool<'a>,
+        out: &mut Vec<RowId>,
+        bufs: &mut EvalBuffers<'a>,
     ) -> Result<(), EvalError> {
+        let one = std::slice::from_ref(focus);
+        let mut computed = bufs.items.pop().unwrap_or_default();
+        let r = self.process_foci(node, one, &mut computed, parent_index, resource, out, bufs);
+        computed.clear();
+        bufs.items.push(computed);
+        r
+    }
+
+    /// [`CompiledView::process`] with `computed` as the buffer for the node's foci.
+    #[allow(clippy::too_many_arguments)]
+    fn process_foci<'a>(
+        &self,
+        node: &SelectNode,
+        one: &[Item<'a>],
+        computed: &mut Vec<Item<'a>>,
+        parent_index: i64,
+        resource: Json<'a>,
+        out: &mut Vec<RowId>,
+        bufs: &mut EvalBuffers<'a>,
+    ) -> Result<(), EvalError> {
+        let width = self.columns.len();
         let env = Env {
             resource,
             row_index: parent_index,
         };
-        let one = std::slice::from_ref(focus);
-        let computed: Vec<Item<'a>>;
         let (foci, iterating) = match &node.iteration {
             Iteration::Once => (one, false),
             Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => {
-                computed = e
-                    .evaluate(one, &env)
-                    .map_err(|m| self.error("forEach", m))?;
+                let mut tmp = bufs.items.pop().unwrap_or_default();
+                let r = e.evaluate_into(one, &env, computed, &mut tmp);
+                tmp.clear();
+                bufs.items.push(tmp);
+                r.map_err(|m| self.error("forEach", m))?;
                 (computed.as_slice(), true)
             }
             Iteration::Repeat(paths) => {
-                let mut acc = Vec::new();
-                self.repeat(paths, focus, &env, &mut acc, 0)?;
-                computed = acc;
+                self.repeat(paths, &one[0], &env, computed, 0)?;
                 (computed.as_slice(), true)
             }
         };
         if foci.is_empty() {
             if let Iteration::ForEachOrNull(_) = node.iteration {
-                let mut row = vec![Cell::Null; self.columns.len()];
+                let row = bufs.new_row(width);
                 for &c in &node.row_index_cols {
-                    row[c] = Cell::Int(0);
+                    bufs.cells[row + c] = Cell::Int(0);
                 }
                 out.push(row);
             }
@@ -358,9 +515,10 @@ impl CompiledView {
                 resource,
                 row_index: index,
             };
-            let mut base = vec![Cell::Null; self.columns.len()];
+            let base = bufs.new_row(width);
             let mut first_error = None;
-            self.fill_cells(node, f, &env, &mut base, pool, &mut first_error);
+            let row = &mut bufs.cells[base..base + width];
+            self.fill_cells(node, f, &env, row, &mut bufs.items, &mut first_error);
             if let Some((_, e)) = first_error {
                 return Err(e);
             }
@@ -368,20 +526,53 @@ impl CompiledView {
                 out.push(base);
                 continue;
             }
-            let mut acc = vec![base];
-            for s in node.selects.iter().filter(|s| !s.simple) {
-                let mut part = Vec::new();
-                self.process(s, f, index, resource, &mut part, pool)?;
-                acc = product(acc, part, &s.subtree);
+            let mut acc = bufs.list();
+            acc.push(base);
+            let r = self.nested_rows(node, f, index, resource, &mut acc, bufs);
+            if r.is_ok() {
+                out.extend_from_slice(&acc);
             }
-            if !node.union_all.is_empty() {
-                let mut part = Vec::new();
-                for u in &node.union_all {
-                    self.process(u, f, index, resource, &mut part, pool)?;
+            bufs.put_list(acc);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Multiply the rows in `acc` (one focus's own row) by the rows of the focus's nested
+    /// selects and `unionAll` branches.
+    fn nested_rows<'a>(
+        &self,
+        node: &SelectNode,
+        focus: &Item<'a>,
+        index: i64,
+        resource: Json<'a>,
+        acc: &mut Vec<RowId>,
+        bufs: &mut EvalBuffers<'a>,
+    ) -> Result<(), EvalError> {
+        let width = self.columns.len();
+        for s in node.selects.iter().filter(|s| !s.simple) {
+            let mut part = bufs.list();
+            let r = self.process(s, focus, index, resource, &mut part, bufs);
+            if r.is_ok() {
+                product(acc, &part, &s.subtree, width, bufs);
+            }
+            bufs.put_list(part);
+            r?;
+        }
+        if !node.union_all.is_empty() {
+            let mut part = bufs.list();
+            let mut r = Ok(());
+            for u in &node.union_all {
+                r = self.process(u, focus, index, resource, &mut part, bufs);
+                if r.is_err() {
+                    break;
                 }
-                acc = product(acc, part, &node.union_all[0].subtree);
             }
-            out.extend(acc);
+            if r.is_ok() {
+                product(acc, &part, &node.union_all[0].subtree, width, bufs);
+            }
+            bufs.put_list(part);
+            r?;
         }
         Ok(())
     }
@@ -394,17 +585,23 @@ impl CompiledView {
         node: &SelectNode,
         focus: &Item<'a>,
         env: &Env<'a>,
-        row: &mut Row<'a>,
+        row: &mut [Cell<'a>],
         pool: &mut Pool<'a>,
         first_error: &mut Option<(usize, EvalError)>,
     ) {
         let one = std::slice::from_ref(focus);
         self.walk(&node.planned, one, env, row, pool, first_error);
         for (c, expr) in &node.columns {
+            let mut items = pool.pop().unwrap_or_default();
+            let mut tmp = pool.pop().unwrap_or_default();
             let cell = expr
-                .evaluate(one, env)
+                .evaluate_into(one, env, &mut items, &mut tmp)
                 .map_err(|m| self.error(&format!("column `{}`", self.columns[*c].name), m))
-                .and_then(|items| self.cell(*c, &items));
+                .and_then(|()| self.cell(*c, &items));
+            for mut v in [items, tmp] {
+                v.clear();
+                pool.push(v);
+            }
             match cell {
                 Ok(cell) => row[*c] = cell,
                 Err(e) => note_error(first_error, *c, e),
@@ -421,7 +618,7 @@ impl CompiledView {
         nodes: &[TrieNode],
         input: &[Item<'a>],
         env: &Env<'a>,
-        row: &mut Row<'a>,
+        row: &mut [Cell<'a>],
         pool: &mut Pool<'a>,
         first_error: &mut Option<(usize, EvalError)>,
     ) {
@@ -518,26 +715,36 @@ pub fn raw_field() -> Field {
     ]))
 }
 
-fn product<'a>(acc: Vec<Row<'a>>, part: Vec<Row<'a>>, cols: &[usize]) -> Vec<Row<'a>> {
-    if acc.len() == 1 && part.len() == 1 {
-        let mut acc = acc;
-        let mut p = part.into_iter().next().unwrap_or_default();
+/// Replace `acc` by its product with `part`: every row of `acc` once per row of `part`, with
+/// the columns `cols` taken from the `part` row.
+fn product(
+    acc: &mut Vec<RowId>,
+    part: &[RowId],
+    cols: &[usize],
+    width: usize,
+    bufs: &mut EvalBuffers<'_>,
+) {
+    if let (&[a], &[p]) = (acc.as_slice(), part) {
+        // One row each: move the part's cells into the row.
         for &c in cols {
-            acc[0][c] = std::mem::replace(&mut p[c], Cell::Null);
+            let cell = std::mem::replace(&mut bufs.cells[p + c], Cell::Null);
+            bufs.cells[a + c] = cell;
         }
-        return acc;
+        return;
     }
-    let mut res = Vec::with_capacity(acc.len() * part.len());
-    for a in &acc {
-        for p in &part {
-            let mut row = a.clone();
+    let mut res = bufs.list();
+    res.reserve(acc.len() * part.len());
+    for &a in acc.iter() {
+        for &p in part {
+            let row = bufs.copy_row(a, width);
             for &c in cols {
-                row[c] = p[c].clone();
+                bufs.cells[row + c] = bufs.cells[p + c].clone();
             }
             res.push(row);
         }
     }
-    res
+    std::mem::swap(acc, &mut res);
+    bufs.put_list(res);
 }
 
 /// FHIRPath truth of a `where` result: `[true]` / `[false]` / `[]` (false); anything else is an error.
@@ -802,6 +1009,49 @@ impl SelectNode {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn scratch_reuses_allocations() {
+        // The scratch keeps its buffers across resources only if relabelling a vector's
+        // lifetime reuses its allocation (std's in-place collection).
+        let text = String::from("x");
+        let mut cells: Vec<Cell<'_>> = Vec::with_capacity(100);
+        cells.push(Cell::Str(Cow::Borrowed(&text)));
+        cells.push(Cell::Str(Cow::Owned(text.clone())));
+        let ptr = cells.as_ptr() as usize;
+        clear_cells(&mut cells);
+        let kept: Vec<Cell<'static>> = emptied(cells);
+        assert_eq!((kept.as_ptr() as usize, kept.capacity()), (ptr, 100));
+
+        let view = CompiledView::from_json(
+            &json!({"resource": "Patient", "select": [
+                {"column": [{"name": "id", "path": "id"}]},
+                {"forEach": "name", "column": [{"name": "family", "path": "family"}]}
+            ]})
+            .to_string(),
+            "test",
+        )
+        .unwrap();
+        let mut scratch = EvalScratch::new();
+        let mut arenas = Vec::new();
+        for n in 0..3 {
+            let src = json!({"resourceType": "Patient", "id": format!("p{n}"),
+                "name": [{"family": "a"}, {"family": "b"}]})
+            .to_string();
+            let doc = super::super::json::JsonDoc::parse(&src).unwrap();
+            let mut bufs = scratch.lend();
+            let mut ids = Vec::new();
+            assert!(view.evaluate_with(doc.root(), &mut ids, &mut bufs).unwrap());
+            let rows: Vec<_> = ids.iter().map(|&i| bufs.row(i, 2).to_vec()).collect();
+            assert_eq!(rows.len(), 2);
+            assert_eq!(rows[1][0], Cell::Str(Cow::Owned(format!("p{n}"))));
+            assert_eq!(rows[1][1], Cell::Str(Cow::Borrowed("b")));
+            arenas.push(bufs.cells.as_ptr() as usize);
+            scratch.restore(bufs);
+        }
+        assert_eq!(arenas[1], arenas[2], "the cell arena is reused");
+        assert!(!scratch.items.is_empty() && scratch.cells.capacity() >= 4);
+    }
 
     fn rows(
         view: serde_json::Value,

@@ -24,7 +24,7 @@ pub mod types;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-pub use compile::{ColumnSpec, CompiledView, EvalError, Row};
+pub use compile::{ColumnSpec, CompiledView, EvalBuffers, EvalError, EvalScratch, Row, RowId};
 pub use types::{Cell, ColumnType};
 
 use crate::embedded::DEFAULT_VIEWS;

@@ -118,6 +118,23 @@ impl Expression {
         self.evaluate_with_budget(focus, env, MAX_EVAL_WORK)
     }
 
+    /// [`Expression::evaluate`] appending to `out`, with `tmp` as a step buffer: member chains
+    /// then allocate nothing once the two buffers have grown. On error `out` is unchanged.
+    pub(crate) fn evaluate_into<'a>(
+        &self,
+        focus: &[Item<'a>],
+        env: &Env<'a>,
+        out: &mut Vec<Item<'a>>,
+        tmp: &mut Vec<Item<'a>>,
+    ) -> Result<(), FhirPathError> {
+        if let Some(plan) = &self.plan {
+            plan.evaluate_into(focus, env, out, tmp);
+            return Ok(());
+        }
+        out.extend(self.evaluate_tree_with_budget(focus, env, MAX_EVAL_WORK)?);
+        Ok(())
+    }
+
     /// [`Expression::evaluate`] with a work limit other than [`MAX_EVAL_WORK`].
     pub(crate) fn evaluate_with_budget<'a>(
         &self,

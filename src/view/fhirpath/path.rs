@@ -52,8 +52,29 @@ impl PathPlan {
 
     /// Evaluate over `focus`, as the tree-walking evaluator would.
     pub(crate) fn evaluate<'a>(&self, focus: &[Item<'a>], env: &Env<'a>) -> Vec<Item<'a>> {
-        let mut cur: Vec<Item<'a>> = Vec::new();
-        let mut next: Vec<Item<'a>> = Vec::new();
+        let mut out = Vec::new();
+        self.evaluate_into(focus, env, &mut out, &mut Vec::new());
+        out
+    }
+
+    /// [`PathPlan::evaluate`] appending to `out`, with `tmp` (left empty) as the second step
+    /// buffer: when `out` starts empty the two trade places step by step and nothing is
+    /// allocated once they have grown.
+    pub(crate) fn evaluate_into<'a>(
+        &self,
+        focus: &[Item<'a>],
+        env: &Env<'a>,
+        out: &mut Vec<Item<'a>>,
+        tmp: &mut Vec<Item<'a>>,
+    ) {
+        if !out.is_empty() {
+            let mut fresh = Vec::new();
+            self.evaluate_into(focus, env, &mut fresh, tmp);
+            out.append(&mut fresh);
+            return;
+        }
+        let mut cur = std::mem::take(out);
+        let mut next = std::mem::take(tmp);
         let mut at_focus = true;
         for step in &self.steps {
             if let (Step::First, false) = (step, at_focus) {
@@ -66,13 +87,15 @@ impl PathPlan {
             std::mem::swap(&mut cur, &mut next);
             at_focus = false;
         }
-        cur
+        next.clear();
+        *out = cur;
+        *tmp = next;
     }
 }
 
 impl Step {
     /// Apply this step to `input`, appending the result to `out`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn apply<'a>(&self, input: &[Item<'a>], env: &Env<'a>, out: &mut Vec<Item<'a>>) {
         match self {
             Step::Member(name) => {
