@@ -175,7 +175,7 @@ impl<'a> Json<'a> {
     }
 
     /// The kind of this node, borrowed.
-    #[inline]
+    #[inline(always)]
     pub fn kind(&self) -> JsonRef<'a> {
         let n = self.node();
         match n.tag {

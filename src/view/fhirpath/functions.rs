@@ -866,8 +866,33 @@ pub(crate) fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a
 
 /// A byte of a FHIR id (`[A-Za-z0-9\-\.]`).
 fn is_id_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'-' || b == b'.'
+    BYTE_CLASS[b as usize] & ID_BYTE != 0
 }
+
+/// A byte of a resource type name (`[A-Za-z0-9]`).
+fn is_type_byte(b: u8) -> bool {
+    BYTE_CLASS[b as usize] & TYPE_BYTE != 0
+}
+
+const ID_BYTE: u8 = 1;
+const TYPE_BYTE: u8 = 2;
+
+/// [`ID_BYTE`] and [`TYPE_BYTE`] flags per byte value: one load per byte in the scans of
+/// references, which run for several columns of nearly every resource.
+static BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] = ID_BYTE | TYPE_BYTE;
+        } else if c == b'-' || c == b'.' {
+            t[b] = ID_BYTE;
+        }
+        b += 1;
+    }
+    t
+};
 
 /// `(type start, slash)` of a reference ending in `[.../]Type/id`, found in one backward pass
 /// over the id's and the type's bytes (which it checks): `None` when the last segment has a
@@ -879,7 +904,7 @@ fn last_two_segments(bytes: &[u8]) -> Option<(usize, usize)> {
     }
     let slash = i.checked_sub(1).filter(|&s| bytes[s] == b'/')?;
     let mut t = slash;
-    while t > 0 && bytes[t - 1].is_ascii_alphanumeric() {
+    while t > 0 && is_type_byte(bytes[t - 1]) {
         t -= 1;
     }
     (t == 0 || bytes[t - 1] == b'/').then_some((t, slash))
