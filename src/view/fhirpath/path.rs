@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use super::eval::{as_type, navigate, navigate_typed};
 use super::functions::{reference_key, resource_keys};
-use super::parser::{Func, Node, TypeSpec};
+use super::parser::{EnvVar, Func, Node, TypeSpec};
 use super::types::{Env, Item};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -29,6 +29,10 @@ pub(crate) enum Step {
     ReferenceKey(Option<String>),
     /// `.getResourceKey()`
     ResourceKey,
+    /// `.count()`
+    Count,
+    /// `%rowIndex` (only as the first step: it ignores its input)
+    RowIndex,
 }
 
 /// A compiled member chain; see the [module docs](self).
@@ -117,6 +121,10 @@ impl Step {
                     .map(|id| Item::String(Cow::Borrowed(id))),
             ),
             Step::ResourceKey => resource_keys(input, env, out),
+            Step::Count => out.push(Item::Integer(
+                i64::try_from(input.len()).unwrap_or(i64::MAX),
+            )),
+            Step::RowIndex => out.push(Item::Integer(env.row_index)),
         }
     }
 }
@@ -152,12 +160,14 @@ fn push_steps(node: &Node, steps: &mut Vec<Step>) -> Option<()> {
                     Func::First => Step::First,
                     Func::GetReferenceKey(ty) => Step::ReferenceKey(ty.clone()),
                     Func::GetResourceKey => Step::ResourceKey,
+                    Func::Count => Step::Count,
                     _ => return None,
                 };
                 base(b, steps)?;
                 steps.push(step);
             }
         },
+        Node::Var(EnvVar::RowIndex) => steps.push(Step::RowIndex),
         _ => return None,
     }
     Some(())
@@ -244,7 +254,10 @@ mod tests {
             "valueQuantity": {"value": 1.50, "unit": "mg"},
             "component": [{"valueString": "a"}, {"valueInteger": 3}, {"code": {"text": "x"}}]
         });
-        let env = Env::new(res);
+        let env = Env {
+            row_index: 3,
+            ..Env::new(res)
+        };
         let focus = [Item::json(res)];
         let mut planned = 0;
         for src in [
@@ -271,6 +284,11 @@ mod tests {
             "component.code.first().text",
             "value.ofType(FHIR.Quantity).unit",
             "code.ofType(CodeableConcept).text",
+            "%rowIndex",
+            "component.count()",
+            "missing.count()",
+            "count()",
+            "category.coding.count()",
         ] {
             let expr = Expression::compile(src, &Constants::new()).expect(src);
             let node = parser::parse(src, &Constants::new()).expect(src);
@@ -281,11 +299,11 @@ mod tests {
             let show = |v: &[Item<'_>]| format!("{v:?}");
             assert_eq!(show(&fast), show(&slow), "{src}");
         }
-        assert_eq!(planned, 23);
+        assert_eq!(planned, 28);
         for src in [
             "name.where(use = 'x')",
             "a | b",
-            "%rowIndex",
+            "%rowIndex + 1",
             "a[0]",
             "a.exists()",
         ] {
