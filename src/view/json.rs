@@ -424,7 +424,7 @@ pub(crate) fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The kind of `v`, borrowed.
-#[inline]
+#[inline(always)]
 pub fn json_ref<'a>(v: impl Borrow<Json<'a>>) -> JsonRef<'a> {
     v.borrow().kind()
 }
