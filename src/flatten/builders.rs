@@ -86,7 +86,7 @@ impl ViewBuilders {
     }
 
     /// Append one row; `raw` is the resource's JSON text.
-    pub fn append(&mut self, row: &[Cell<'_>], raw: &str) {
+    pub fn append<'c, 'a: 'c>(&mut self, row: impl IntoIterator<Item = &'c Cell<'a>>, raw: &str) {
         for (col, cell) in self.columns.iter_mut().zip(row) {
             // Cells were produced by `types::convert` for this very column type, so the variant
             // always matches; a mismatch is appended as null rather than panicking.

@@ -12,7 +12,7 @@
 //! that yields exactly one row (no iteration, no `unionAll`) writes its cells into the parent's
 //! row, since a product with one row changes nothing.
 
-use std::{borrow::Cow, collections::HashMap, sync::Arc};
+use std::{collections::HashMap, mem::ManuallyDrop, sync::Arc};
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde_json::Value;
@@ -136,7 +136,8 @@ const SPARE_ITEM_BUFFERS: usize = 64;
 /// - item buffers for the steps of member chains;
 /// - one arena of cells in which every row of the resource lives, as `width` consecutive cells
 ///   from a start index: a row is that index ([`RowId`]), and a product copies cells within the
-///   arena;
+///   arena. Its cells are `ManuallyDrop`, so that emptying it is free unless a cell that owns
+///   memory (a computed string, a list) was stored, which `owned` records;
 /// - lists of row ids.
 ///
 /// Between resources the buffers are stored empty, so they borrow nothing.
@@ -147,7 +148,7 @@ const SPARE_ITEM_BUFFERS: usize = 64;
 #[derive(Debug, Default)]
 pub struct EvalScratch {
     items: Vec<Vec<Item<'static>>>,
-    cells: Vec<Cell<'static>>,
+    cells: Vec<ManuallyDrop<Cell<'static>>>,
     lists: Vec<Vec<RowId>>,
 }
 
@@ -158,8 +159,16 @@ pub type RowId = usize;
 #[derive(Debug, Default)]
 pub struct EvalBuffers<'a> {
     items: Vec<Vec<Item<'a>>>,
-    cells: Vec<Cell<'a>>,
+    cells: Vec<ManuallyDrop<Cell<'a>>>,
+    /// Some cell in `cells` owns memory (see [`Cell::owns_memory`]).
+    owned: bool,
     lists: Vec<Vec<RowId>>,
+}
+
+impl Drop for EvalBuffers<'_> {
+    fn drop(&mut self) {
+        clear_cells(&mut self.cells, self.owned);
+    }
 }
 
 impl EvalScratch {
@@ -173,25 +182,21 @@ impl EvalScratch {
         EvalBuffers {
             items: std::mem::take(&mut self.items),
             cells: std::mem::take(&mut self.cells),
+            owned: false,
             lists: std::mem::take(&mut self.lists),
         }
     }
 
     /// Take the buffers back once the resource's rows have been used.
-    pub fn restore(&mut self, b: EvalBuffers<'_>) {
-        let EvalBuffers {
-            items,
-            mut cells,
-            lists,
-        } = b;
-        self.items = items
+    pub fn restore(&mut self, mut b: EvalBuffers<'_>) {
+        self.items = std::mem::take(&mut b.items)
             .into_iter()
             .take(SPARE_ITEM_BUFFERS)
             .map(emptied)
             .collect();
-        clear_cells(&mut cells);
-        self.cells = emptied(cells);
-        self.lists = lists;
+        clear_cells(&mut b.cells, b.owned);
+        self.cells = emptied(std::mem::take(&mut b.cells));
+        self.lists = std::mem::take(&mut b.lists);
     }
 }
 
@@ -203,27 +208,27 @@ fn emptied<T, U>(v: Vec<T>) -> Vec<U> {
     v.into_iter().filter_map(|_| None).collect()
 }
 
-/// Empty `cells`, dropping only those that own memory: a plain `clear` calls the drop glue of
-/// every cell, most of which are nulls and borrowed strings.
-fn clear_cells(cells: &mut Vec<Cell<'_>>) {
-    for c in cells.drain(..) {
-        match c {
-            Cell::Str(Cow::Owned(_)) | Cell::List(_) => drop(c),
-            other => std::mem::forget(other),
+/// Empty `cells`, dropping the cells when `owned` says some own memory (otherwise there is
+/// nothing to drop, and clearing a vector of `ManuallyDrop` costs nothing).
+fn clear_cells(cells: &mut Vec<ManuallyDrop<Cell<'_>>>, owned: bool) {
+    if owned {
+        for c in cells.drain(..) {
+            drop(ManuallyDrop::into_inner(c));
         }
     }
+    cells.clear();
 }
 
 impl<'a> EvalBuffers<'a> {
     /// The `width` cells of row `id`.
-    pub fn row(&self, id: RowId, width: usize) -> &[Cell<'a>] {
-        &self.cells[id..id + width]
+    pub fn row(&self, id: RowId, width: usize) -> impl Iterator<Item = &Cell<'a>> + '_ {
+        self.cells[id..id + width].iter().map(|c| &**c)
     }
 
     /// A new row of `width` null cells.
     fn new_row(&mut self, width: usize) -> RowId {
         let id = self.cells.len();
-        self.cells.resize(id + width, Cell::Null);
+        self.cells.resize(id + width, ManuallyDrop::new(Cell::Null));
         id
     }
 
@@ -250,6 +255,20 @@ impl<'a> EvalBuffers<'a> {
 
 /// Item buffers reused across the steps of one resource.
 type Pool<'a> = Vec<Vec<Item<'a>>>;
+
+/// The cells of one row in the arena, and the arena's [`EvalBuffers::owned`] flag.
+struct RowMut<'r, 'a> {
+    cells: &'r mut [ManuallyDrop<Cell<'a>>],
+    owned: &'r mut bool,
+}
+
+impl<'a> RowMut<'_, 'a> {
+    #[inline]
+    fn set(&mut self, c: usize, cell: Cell<'a>) {
+        *self.owned |= cell.owns_memory();
+        *self.cells[c] = cell;
+    }
+}
 
 /// Why one resource could not be evaluated (the resource is rejected, the run goes on).
 #[derive(Debug, Clone, PartialEq)]
@@ -402,7 +421,7 @@ impl CompiledView {
         let mut ids = Vec::new();
         let included = self.evaluate_with(resource, &mut ids, &mut bufs)?;
         let width = self.columns.len();
-        out.extend(ids.iter().map(|&id| bufs.row(id, width).to_vec()));
+        out.extend(ids.iter().map(|&id| bufs.row(id, width).cloned().collect()));
         Ok(included)
     }
 
@@ -502,7 +521,7 @@ impl CompiledView {
             if let Iteration::ForEachOrNull(_) = node.iteration {
                 let row = bufs.new_row(width);
                 for &c in &node.row_index_cols {
-                    bufs.cells[row + c] = Cell::Int(0);
+                    *bufs.cells[row + c] = Cell::Int(0);
                 }
                 out.push(row);
             }
@@ -517,8 +536,11 @@ impl CompiledView {
             };
             let base = bufs.new_row(width);
             let mut first_error = None;
-            let row = &mut bufs.cells[base..base + width];
-            self.fill_cells(node, f, &env, row, &mut bufs.items, &mut first_error);
+            let mut row = RowMut {
+                cells: &mut bufs.cells[base..base + width],
+                owned: &mut bufs.owned,
+            };
+            self.fill_cells(node, f, &env, &mut row, &mut bufs.items, &mut first_error);
             if let Some((_, e)) = first_error {
                 return Err(e);
             }
@@ -585,7 +607,7 @@ impl CompiledView {
         node: &SelectNode,
         focus: &Item<'a>,
         env: &Env<'a>,
-        row: &mut [Cell<'a>],
+        row: &mut RowMut<'_, 'a>,
         pool: &mut Pool<'a>,
         first_error: &mut Option<(usize, EvalError)>,
     ) {
@@ -603,7 +625,7 @@ impl CompiledView {
                 pool.push(v);
             }
             match cell {
-                Ok(cell) => row[*c] = cell,
+                Ok(cell) => row.set(*c, cell),
                 Err(e) => note_error(first_error, *c, e),
             }
         }
@@ -618,7 +640,7 @@ impl CompiledView {
         nodes: &[TrieNode],
         input: &[Item<'a>],
         env: &Env<'a>,
-        row: &mut [Cell<'a>],
+        row: &mut RowMut<'_, 'a>,
         pool: &mut Pool<'a>,
         first_error: &mut Option<(usize, EvalError)>,
     ) {
@@ -632,7 +654,7 @@ impl CompiledView {
             };
             for &c in &n.columns {
                 match self.cell(c, items) {
-                    Ok(cell) => row[c] = cell,
+                    Ok(cell) => row.set(c, cell),
                     Err(e) => note_error(first_error, c, e),
                 }
             }
@@ -727,8 +749,8 @@ fn product(
     if let (&[a], &[p]) = (acc.as_slice(), part) {
         // One row each: move the part's cells into the row.
         for &c in cols {
-            let cell = std::mem::replace(&mut bufs.cells[p + c], Cell::Null);
-            bufs.cells[a + c] = cell;
+            let cell = std::mem::replace(&mut *bufs.cells[p + c], Cell::Null);
+            *bufs.cells[a + c] = cell;
         }
         return;
     }
@@ -738,7 +760,7 @@ fn product(
         for &p in part {
             let row = bufs.copy_row(a, width);
             for &c in cols {
-                bufs.cells[row + c] = bufs.cells[p + c].clone();
+                *bufs.cells[row + c] = Cell::clone(&bufs.cells[p + c]);
             }
             res.push(row);
         }
@@ -1009,23 +1031,25 @@ impl SelectNode {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::borrow::Cow;
 
     #[test]
     fn scratch_reuses_allocations() {
         // The scratch keeps its buffers across resources only if relabelling a vector's
         // lifetime reuses its allocation (std's in-place collection).
         let text = String::from("x");
-        let mut cells: Vec<Cell<'_>> = Vec::with_capacity(100);
-        cells.push(Cell::Str(Cow::Borrowed(&text)));
-        cells.push(Cell::Str(Cow::Owned(text.clone())));
+        let mut cells: Vec<ManuallyDrop<Cell<'_>>> = Vec::with_capacity(100);
+        cells.push(ManuallyDrop::new(Cell::Str(Cow::Borrowed(&text))));
+        cells.push(ManuallyDrop::new(Cell::Str(Cow::Owned(text.clone()))));
         let ptr = cells.as_ptr() as usize;
-        clear_cells(&mut cells);
-        let kept: Vec<Cell<'static>> = emptied(cells);
+        clear_cells(&mut cells, true);
+        let kept: Vec<ManuallyDrop<Cell<'static>>> = emptied(cells);
         assert_eq!((kept.as_ptr() as usize, kept.capacity()), (ptr, 100));
 
         let view = CompiledView::from_json(
             &json!({"resource": "Patient", "select": [
-                {"column": [{"name": "id", "path": "id"}]},
+                {"column": [{"name": "id", "path": "id"},
+                            {"name": "all", "path": "name.family", "collection": true}]},
                 {"forEach": "name", "column": [{"name": "family", "path": "family"}]}
             ]})
             .to_string(),
@@ -1042,10 +1066,16 @@ mod tests {
             let mut bufs = scratch.lend();
             let mut ids = Vec::new();
             assert!(view.evaluate_with(doc.root(), &mut ids, &mut bufs).unwrap());
-            let rows: Vec<_> = ids.iter().map(|&i| bufs.row(i, 2).to_vec()).collect();
+            let rows: Vec<Vec<Cell<'_>>> = ids
+                .iter()
+                .map(|&i| bufs.row(i, 3).cloned().collect())
+                .collect();
             assert_eq!(rows.len(), 2);
             assert_eq!(rows[1][0], Cell::Str(Cow::Owned(format!("p{n}"))));
-            assert_eq!(rows[1][1], Cell::Str(Cow::Borrowed("b")));
+            let all = Cell::List(vec![Cell::Str("a".into()), Cell::Str("b".into())]);
+            assert_eq!(rows[1][1], all);
+            assert_eq!(rows[1][2], Cell::Str(Cow::Borrowed("b")));
+            assert!(bufs.owned, "the list cell owns memory");
             arenas.push(bufs.cells.as_ptr() as usize);
             scratch.restore(bufs);
         }

@@ -129,6 +129,14 @@ pub enum Cell<'a> {
     List(Vec<Cell<'a>>),
 }
 
+impl Cell<'_> {
+    /// `true` for the cells that own heap memory (a computed string, a list).
+    #[inline]
+    pub fn owns_memory(&self) -> bool {
+        matches!(self, Cell::Str(Cow::Owned(_)) | Cell::List(_))
+    }
+}
+
 /// Why a value does not fit its column.
 pub type ConvertError = String;
 
