@@ -12,7 +12,7 @@
 //! that yields exactly one row (no iteration, no `unionAll`) writes its cells into the parent's
 //! row, since a product with one row changes nothing.
 
-use std::{collections::HashMap, mem::ManuallyDrop, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, mem::ManuallyDrop, sync::Arc};
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde_json::Value;
@@ -21,7 +21,7 @@ use super::json::{Json, JsonRef, json_ref};
 use super::{
     ViewError,
     definition::{ColumnDef, Select, ViewDefinition},
-    fhirpath::{Constants, Env, Expression, Item, Literal, Step},
+    fhirpath::{Constants, Env, Expression, Item, Literal, ParsedReference, Step, parse_reference},
     types::{Cell, ColumnType, convert},
 };
 
@@ -148,6 +148,7 @@ const SPARE_ITEM_BUFFERS: usize = 64;
 #[derive(Debug, Default)]
 pub struct EvalScratch {
     items: Vec<Vec<Item<'static>>>,
+    refs: Vec<RefMemo<'static>>,
     cells: Vec<ManuallyDrop<Cell<'static>>>,
     lists: Vec<Vec<RowId>>,
 }
@@ -158,7 +159,7 @@ pub type RowId = usize;
 /// The buffers of an [`EvalScratch`] while one resource (lifetime `'a`) is evaluated.
 #[derive(Debug, Default)]
 pub struct EvalBuffers<'a> {
-    items: Vec<Vec<Item<'a>>>,
+    items: Pool<'a>,
     cells: Vec<ManuallyDrop<Cell<'a>>>,
     /// Some cell in `cells` owns memory (see [`Cell::owns_memory`]).
     owned: bool,
@@ -180,7 +181,10 @@ impl EvalScratch {
     /// The buffers, for evaluating one resource.
     pub fn lend<'a>(&mut self) -> EvalBuffers<'a> {
         EvalBuffers {
-            items: std::mem::take(&mut self.items),
+            items: Pool {
+                items: std::mem::take(&mut self.items),
+                refs: std::mem::take(&mut self.refs),
+            },
             cells: std::mem::take(&mut self.cells),
             owned: false,
             lists: std::mem::take(&mut self.lists),
@@ -189,7 +193,10 @@ impl EvalScratch {
 
     /// Take the buffers back once the resource's rows have been used.
     pub fn restore(&mut self, mut b: EvalBuffers<'_>) {
-        self.items = std::mem::take(&mut b.items)
+        let mut refs = std::mem::take(&mut b.items.refs);
+        refs.clear();
+        self.refs = emptied(refs);
+        self.items = std::mem::take(&mut b.items.items)
             .into_iter()
             .take(SPARE_ITEM_BUFFERS)
             .map(emptied)
@@ -253,8 +260,54 @@ impl<'a> EvalBuffers<'a> {
     }
 }
 
-/// Item buffers reused across the steps of one resource.
-type Pool<'a> = Vec<Vec<Item<'a>>>;
+/// What the steps of one resource share: item buffers, and the references parsed so far.
+#[derive(Debug, Default)]
+struct Pool<'a> {
+    items: Vec<Vec<Item<'a>>>,
+    /// `getReferenceKey` results by reference node: the views of a type ask for the same
+    /// references (each Observation view reads `subject`), so each is parsed once per resource.
+    refs: Vec<RefMemo<'a>>,
+}
+
+/// A reference node ([`Json::identity`]) and what [`parse_reference`] made of it.
+type RefMemo<'a> = ((usize, u32), Option<ParsedReference<'a>>);
+
+impl<'a> Pool<'a> {
+    #[inline]
+    fn pop(&mut self) -> Vec<Item<'a>> {
+        self.items.pop().unwrap_or_default()
+    }
+
+    #[inline]
+    fn push(&mut self, mut v: Vec<Item<'a>>) {
+        v.clear();
+        self.items.push(v);
+    }
+
+    /// `getReferenceKey(ty)` over `input`, as [`Step::apply`] computes it, with each reference
+    /// node parsed once per resource.
+    fn reference_keys(&mut self, input: &[Item<'a>], ty: Option<&str>, out: &mut Vec<Item<'a>>) {
+        for item in input {
+            let parsed = match item {
+                Item::Json { value, .. } => {
+                    let id = value.identity();
+                    match self.refs.iter().find(|(k, _)| *k == id) {
+                        Some(&(_, p)) => p,
+                        None => {
+                            let p = parse_reference(item);
+                            self.refs.push((id, p));
+                            p
+                        }
+                    }
+                }
+                _ => None,
+            };
+            if let Some(key) = parsed.and_then(|p| p.key(ty)) {
+                out.push(Item::String(Cow::Borrowed(key)));
+            }
+        }
+    }
+}
 
 /// The cells of one row in the arena, and the arena's [`EvalBuffers::owned`] flag.
 struct RowMut<'r, 'a> {
@@ -478,9 +531,8 @@ impl CompiledView {
         bufs: &mut EvalBuffers<'a>,
     ) -> Result<(), EvalError> {
         let one = std::slice::from_ref(focus);
-        let mut computed = bufs.items.pop().unwrap_or_default();
+        let mut computed = bufs.items.pop();
         let r = self.process_foci(node, one, &mut computed, parent_index, resource, out, bufs);
-        computed.clear();
         bufs.items.push(computed);
         r
     }
@@ -505,9 +557,8 @@ impl CompiledView {
         let (foci, iterating) = match &node.iteration {
             Iteration::Once => (one, false),
             Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => {
-                let mut tmp = bufs.items.pop().unwrap_or_default();
+                let mut tmp = bufs.items.pop();
                 let r = e.evaluate_into(one, &env, computed, &mut tmp);
-                tmp.clear();
                 bufs.items.push(tmp);
                 r.map_err(|m| self.error("forEach", m))?;
                 (computed.as_slice(), true)
@@ -614,16 +665,14 @@ impl CompiledView {
         let one = std::slice::from_ref(focus);
         self.walk(&node.planned, one, env, row, pool, first_error);
         for (c, expr) in &node.columns {
-            let mut items = pool.pop().unwrap_or_default();
-            let mut tmp = pool.pop().unwrap_or_default();
+            let mut items = pool.pop();
+            let mut tmp = pool.pop();
             let cell = expr
                 .evaluate_into(one, env, &mut items, &mut tmp)
                 .map_err(|m| self.error(&format!("column `{}`", self.columns[*c].name), m))
                 .and_then(|()| self.cell(*c, &items));
-            for mut v in [items, tmp] {
-                v.clear();
-                pool.push(v);
-            }
+            pool.push(items);
+            pool.push(tmp);
             match cell {
                 Ok(cell) => row.set(*c, cell),
                 Err(e) => note_error(first_error, *c, e),
@@ -645,12 +694,17 @@ impl CompiledView {
         first_error: &mut Option<(usize, EvalError)>,
     ) {
         for n in nodes {
-            let mut buf = pool.pop().unwrap_or_default();
-            let items: &[Item<'a>] = if let Step::First = n.step {
-                &input[..input.len().min(1)]
-            } else {
-                n.step.apply(input, env, &mut buf);
-                &buf
+            let mut buf = pool.pop();
+            let items: &[Item<'a>] = match &n.step {
+                Step::First => &input[..input.len().min(1)],
+                Step::ReferenceKey(ty) => {
+                    pool.reference_keys(input, ty.as_deref(), &mut buf);
+                    &buf
+                }
+                step => {
+                    step.apply(input, env, &mut buf);
+                    &buf
+                }
             };
             for &c in &n.columns {
                 match self.cell(c, items) {
@@ -661,7 +715,6 @@ impl CompiledView {
             if !n.children.is_empty() {
                 self.walk(&n.children, items, env, row, pool, first_error);
             }
-            buf.clear();
             pool.push(buf);
         }
     }
@@ -1031,7 +1084,6 @@ impl SelectNode {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::borrow::Cow;
 
     #[test]
     fn scratch_reuses_allocations() {
@@ -1049,7 +1101,10 @@ mod tests {
         let view = CompiledView::from_json(
             &json!({"resource": "Patient", "select": [
                 {"column": [{"name": "id", "path": "id"},
-                            {"name": "all", "path": "name.family", "collection": true}]},
+                            {"name": "all", "path": "name.family", "collection": true},
+                            {"name": "org", "path": "managingOrganization.getReferenceKey()"},
+                            {"name": "org2",
+                             "path": "managingOrganization.getReferenceKey(Organization)"}]},
                 {"forEach": "name", "column": [{"name": "family", "path": "family"}]}
             ]})
             .to_string(),
@@ -1060,7 +1115,8 @@ mod tests {
         let mut arenas = Vec::new();
         for n in 0..3 {
             let src = json!({"resourceType": "Patient", "id": format!("p{n}"),
-                "name": [{"family": "a"}, {"family": "b"}]})
+                "name": [{"family": "a"}, {"family": "b"}],
+                "managingOrganization": {"reference": "Organization/o1"}})
             .to_string();
             let doc = super::super::json::JsonDoc::parse(&src).unwrap();
             let mut bufs = scratch.lend();
@@ -1068,19 +1124,23 @@ mod tests {
             assert!(view.evaluate_with(doc.root(), &mut ids, &mut bufs).unwrap());
             let rows: Vec<Vec<Cell<'_>>> = ids
                 .iter()
-                .map(|&i| bufs.row(i, 3).cloned().collect())
+                .map(|&i| bufs.row(i, 5).cloned().collect())
                 .collect();
             assert_eq!(rows.len(), 2);
             assert_eq!(rows[1][0], Cell::Str(Cow::Owned(format!("p{n}"))));
             let all = Cell::List(vec![Cell::Str("a".into()), Cell::Str("b".into())]);
             assert_eq!(rows[1][1], all);
-            assert_eq!(rows[1][2], Cell::Str(Cow::Borrowed("b")));
+            assert_eq!(rows[1][2], Cell::Str(Cow::Borrowed("o1")));
+            assert_eq!(rows[1][3], Cell::Str(Cow::Borrowed("o1")));
+            assert_eq!(rows[1][4], Cell::Str(Cow::Borrowed("b")));
+            assert_eq!(bufs.items.refs.len(), 1, "the reference is parsed once");
             assert!(bufs.owned, "the list cell owns memory");
             arenas.push(bufs.cells.as_ptr() as usize);
             scratch.restore(bufs);
         }
         assert_eq!(arenas[1], arenas[2], "the cell arena is reused");
         assert!(!scratch.items.is_empty() && scratch.cells.capacity() >= 4);
+        assert!(scratch.refs.is_empty() && scratch.refs.capacity() > 0);
     }
 
     fn rows(

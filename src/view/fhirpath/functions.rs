@@ -824,6 +824,33 @@ fn decimal_boundary<'a>(d: Decimal, high: bool, precision: Option<i64>) -> Optio
 /// The id in a literal reference (`Type/id`, `.../Type/id`, `Type/id/_history/v`), when its
 /// type matches `ty`.
 pub(crate) fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a str> {
+    parse_reference(item)?.key(ty)
+}
+
+/// A literal reference split into its type and id (see [`parse_reference`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ParsedReference<'a> {
+    /// The resource type (`Patient`).
+    pub rtype: &'a str,
+    /// The id (`123`).
+    pub id: &'a str,
+}
+
+impl<'a> ParsedReference<'a> {
+    /// The id when the type matches `ty` (any type for `None`).
+    #[inline]
+    pub(crate) fn key(self, ty: Option<&str>) -> Option<&'a str> {
+        match ty {
+            Some(t) if !bytes_eq(t.as_bytes(), self.rtype.as_bytes()) => None,
+            _ => Some(self.id),
+        }
+    }
+}
+
+/// The type and id of the literal reference `item` holds (a `Reference` object's `reference`,
+/// or the string itself): `None` for contained (`#x`) and `urn:` references and anything that is
+/// not `[...]/Type/id[/_history/v]` with a FHIR type name and id.
+pub(crate) fn parse_reference<'a>(item: &Item<'a>) -> Option<ParsedReference<'a>> {
     let reference = match item {
         Item::Json { value, .. } => match json_ref(value) {
             JsonRef::Object(_) => member_str(value, "reference")?,
@@ -853,15 +880,19 @@ pub(crate) fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a
             (type_start, slash, end)
         }
     };
-    let (rtype, id) = (&bytes[type_start..slash], &bytes[slash + 1..end]);
-    if !rtype.first().is_some_and(u8::is_ascii_uppercase)
-        || id.is_empty()
-        || id.len() > 64
-        || ty.is_some_and(|t| !bytes_eq(t.as_bytes(), rtype))
+    let id_len = end - slash - 1;
+    if !bytes[type_start..slash]
+        .first()
+        .is_some_and(u8::is_ascii_uppercase)
+        || id_len == 0
+        || id_len > 64
     {
         return None;
     }
-    reference.get(slash + 1..end)
+    Some(ParsedReference {
+        rtype: reference.get(type_start..slash)?,
+        id: reference.get(slash + 1..end)?,
+    })
 }
 
 /// A byte of a FHIR id (`[A-Za-z0-9\-\.]`).

@@ -67,6 +67,7 @@ mod values;
 
 pub use eval::MAX_EVAL_WORK;
 pub use functions::MAX_REPEAT_ITEMS;
+pub(crate) use functions::{ParsedReference, parse_reference};
 pub use parser::MAX_DEPTH;
 pub(crate) use path::{PathPlan, Step};
 pub use types::{Constants, Env, FhirPathError, Item, Literal};
