@@ -133,7 +133,8 @@ const SPARE_ITEM_BUFFERS: usize = 64;
 /// its own once they have grown (a fresh `Vec` per path step, per row and per product cost
 /// about a tenth of the decoder's time):
 ///
-/// - item buffers for the steps of member chains;
+/// - item buffers for the steps of member chains, and the references parsed so far (the views
+///   of a type read the same ones: every Observation view reads `subject`);
 /// - one arena of cells in which every row of the resource lives, as `width` consecutive cells
 ///   from a start index: a row is that index ([`RowId`]), and a product copies cells within the
 ///   arena. Its cells are `ManuallyDrop`, so that emptying it is free unless a cell that owns
@@ -143,8 +144,8 @@ const SPARE_ITEM_BUFFERS: usize = 64;
 /// Between resources the buffers are stored empty, so they borrow nothing.
 /// [`EvalScratch::lend`] hands them out as [`EvalBuffers`] for one resource (a `'static`
 /// element type shortens to any lifetime for free), and [`EvalScratch::restore`] takes them
-/// back, emptied and relabelled `'static` in place (see [`relabel`]). Each decode worker owns
-/// one.
+/// back, emptied and relabelled `'static` in place (std collects `into_iter().map()` into the
+/// same allocation when the element types have one layout). Each decode worker owns one.
 #[derive(Debug, Default)]
 pub struct EvalScratch {
     items: Vec<Vec<Item<'static>>>,
@@ -159,7 +160,7 @@ pub type RowId = usize;
 /// The buffers of an [`EvalScratch`] while one resource (lifetime `'a`) is evaluated.
 #[derive(Debug, Default)]
 pub struct EvalBuffers<'a> {
-    items: Pool<'a>,
+    pool: Pool<'a>,
     cells: Vec<ManuallyDrop<Cell<'a>>>,
     /// Some cell in `cells` owns memory (see [`Cell::owns_memory`]).
     owned: bool,
@@ -181,7 +182,7 @@ impl EvalScratch {
     /// The buffers, for evaluating one resource.
     pub fn lend<'a>(&mut self) -> EvalBuffers<'a> {
         EvalBuffers {
-            items: Pool {
+            pool: Pool {
                 items: std::mem::take(&mut self.items),
                 refs: std::mem::take(&mut self.refs),
             },
@@ -193,10 +194,10 @@ impl EvalScratch {
 
     /// Take the buffers back once the resource's rows have been used.
     pub fn restore(&mut self, mut b: EvalBuffers<'_>) {
-        let mut refs = std::mem::take(&mut b.items.refs);
+        let mut refs = std::mem::take(&mut b.pool.refs);
         refs.clear();
         self.refs = emptied(refs);
-        self.items = std::mem::take(&mut b.items.items)
+        self.items = std::mem::take(&mut b.pool.items)
             .into_iter()
             .take(SPARE_ITEM_BUFFERS)
             .map(emptied)
@@ -266,8 +267,13 @@ struct Pool<'a> {
     items: Vec<Vec<Item<'a>>>,
     /// `getReferenceKey` results by reference node: the views of a type ask for the same
     /// references (each Observation view reads `subject`), so each is parsed once per resource.
+    /// At most [`MEMO_REFERENCES`], searched linearly.
     refs: Vec<RefMemo<'a>>,
 }
+
+/// References remembered per resource. A `forEach` over many references (a Group's members)
+/// finds no repeats, so past this the rest are parsed each time rather than searched for.
+const MEMO_REFERENCES: usize = 16;
 
 /// A reference node ([`Json::identity`]) and what [`parse_reference`] made of it.
 type RefMemo<'a> = ((usize, u32), Option<ParsedReference<'a>>);
@@ -295,7 +301,9 @@ impl<'a> Pool<'a> {
                         Some(&(_, p)) => p,
                         None => {
                             let p = parse_reference(item);
-                            self.refs.push((id, p));
+                            if self.refs.len() < MEMO_REFERENCES {
+                                self.refs.push((id, p));
+                            }
                             p
                         }
                     }
@@ -531,9 +539,9 @@ impl CompiledView {
         bufs: &mut EvalBuffers<'a>,
     ) -> Result<(), EvalError> {
         let one = std::slice::from_ref(focus);
-        let mut computed = bufs.items.pop();
+        let mut computed = bufs.pool.pop();
         let r = self.process_foci(node, one, &mut computed, parent_index, resource, out, bufs);
-        bufs.items.push(computed);
+        bufs.pool.push(computed);
         r
     }
 
@@ -557,9 +565,9 @@ impl CompiledView {
         let (foci, iterating) = match &node.iteration {
             Iteration::Once => (one, false),
             Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => {
-                let mut tmp = bufs.items.pop();
+                let mut tmp = bufs.pool.pop();
                 let r = e.evaluate_into(one, &env, computed, &mut tmp);
-                bufs.items.push(tmp);
+                bufs.pool.push(tmp);
                 r.map_err(|m| self.error("forEach", m))?;
                 (computed.as_slice(), true)
             }
@@ -591,7 +599,7 @@ impl CompiledView {
                 cells: &mut bufs.cells[base..base + width],
                 owned: &mut bufs.owned,
             };
-            self.fill_cells(node, f, &env, &mut row, &mut bufs.items, &mut first_error);
+            self.fill_cells(node, f, &env, &mut row, &mut bufs.pool, &mut first_error);
             if let Some((_, e)) = first_error {
                 return Err(e);
             }
@@ -1133,7 +1141,7 @@ mod tests {
             assert_eq!(rows[1][2], Cell::Str(Cow::Borrowed("o1")));
             assert_eq!(rows[1][3], Cell::Str(Cow::Borrowed("o1")));
             assert_eq!(rows[1][4], Cell::Str(Cow::Borrowed("b")));
-            assert_eq!(bufs.items.refs.len(), 1, "the reference is parsed once");
+            assert_eq!(bufs.pool.refs.len(), 1, "the reference is parsed once");
             assert!(bufs.owned, "the list cell owns memory");
             arenas.push(bufs.cells.as_ptr() as usize);
             scratch.restore(bufs);
