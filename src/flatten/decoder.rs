@@ -23,6 +23,10 @@ pub const DEFAULT_BATCH_SIZE: usize = 2048;
 /// that a batch of large resources (an ExplanationOfBenefit line is ~5 KB) stays small: batches
 /// wait in bounded channels and builders, so their size is what bounds memory, not their rows.
 pub const DEFAULT_BATCH_BYTES: usize = 8 << 20;
+/// Row ids of one line kept for the next (64 Ki); a longer list is freed after its line.
+const MAX_KEPT_ROWS: usize = 1 << 16;
+/// Lines longer than this (256 KiB) are followed by [`EvalScratch::trim`].
+const TRIM_AFTER_BYTES: usize = 256 << 10;
 /// Longest accepted ndjson line (64 MiB); longer lines are rejected without being buffered.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
 
@@ -432,6 +436,13 @@ impl LineCx<'_> {
         }
         let r = self.append_rows(slot, &bufs, text);
         self.scratch.restore(bufs);
+        if text.len() > TRIM_AFTER_BYTES {
+            self.scratch.trim();
+        }
+        if self.line_rows.capacity() > MAX_KEPT_ROWS {
+            // One resource with very many rows: do not hold its row list for the whole run.
+            *self.line_rows = Vec::new();
+        }
         *self.json = doc.into_buffers();
         r
     }

@@ -128,6 +128,10 @@ pub type Row<'a> = Vec<Cell<'a>>;
 
 /// Item buffers an [`EvalScratch`] keeps between resources; more are freed.
 const SPARE_ITEM_BUFFERS: usize = 64;
+/// Largest buffer (in elements) an [`EvalScratch`] keeps between resources (64 Ki; a cell arena
+/// of that size is 2 MiB). One huge resource grows the buffers it needs; they are freed after
+/// it rather than held for the rest of the run.
+const MAX_KEPT_LEN: usize = 1 << 16;
 
 /// Allocations kept from resource to resource, so that evaluating views allocates nothing of
 /// its own once they have grown (a fresh `Vec` per path step, per row and per product cost
@@ -205,6 +209,21 @@ impl EvalScratch {
         clear_cells(&mut b.cells, b.owned);
         self.cells = emptied(std::mem::take(&mut b.cells));
         self.lists = std::mem::take(&mut b.lists);
+        if self.cells.capacity() > MAX_KEPT_LEN {
+            self.trim();
+        }
+    }
+
+    /// Free the buffers one huge resource grew past [`MAX_KEPT_LEN`] elements, so that it does
+    /// not hold their memory for the rest of the run. [`EvalScratch::restore`] does so when the
+    /// cell arena grew that large; the decoder also after every long line (a resource can need
+    /// large item buffers without many cells, e.g. `count()` over a big array).
+    pub fn trim(&mut self) {
+        if self.cells.capacity() > MAX_KEPT_LEN {
+            self.cells = Vec::new();
+        }
+        self.items.retain(|v| v.capacity() <= MAX_KEPT_LEN);
+        self.lists.retain(|l| l.capacity() <= MAX_KEPT_LEN);
     }
 }
 
@@ -1147,8 +1166,34 @@ mod tests {
             scratch.restore(bufs);
         }
         assert_eq!(arenas[1], arenas[2], "the cell arena is reused");
+
         assert!(!scratch.items.is_empty() && scratch.cells.capacity() >= 4);
         assert!(scratch.refs.is_empty() && scratch.refs.capacity() > 0);
+
+        // One huge resource: its buffers are freed afterwards, not kept for the run.
+        let names: Vec<_> = (0..100_000)
+            .map(|i| json!({"family": format!("f{i}")}))
+            .collect();
+        let src = json!({"resourceType": "Patient", "id": "big", "name": names}).to_string();
+        let doc = super::super::json::JsonDoc::parse(&src).unwrap();
+        let names_view = CompiledView::from_json(
+            &json!({"resource": "Patient", "select": [
+                {"forEach": "name", "column": [{"name": "family", "path": "family"}]}
+            ]})
+            .to_string(),
+            "test",
+        )
+        .unwrap();
+        let mut bufs = scratch.lend();
+        let mut ids = Vec::new();
+        names_view
+            .evaluate_with(doc.root(), &mut ids, &mut bufs)
+            .unwrap();
+        assert_eq!(ids.len(), 100_000);
+        scratch.restore(bufs);
+        assert_eq!(scratch.cells.capacity(), 0);
+        assert!(scratch.items.iter().all(|v| v.capacity() <= MAX_KEPT_LEN));
+        assert!(scratch.lists.iter().all(|l| l.capacity() <= MAX_KEPT_LEN));
     }
 
     fn rows(

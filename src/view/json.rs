@@ -23,6 +23,10 @@ use std::fmt;
 
 /// Deepest nesting accepted (the same limit serde_json applies).
 pub const MAX_DEPTH: usize = 128;
+/// Largest node buffer kept from one document to the next (256 Ki nodes, 5 MiB).
+pub const MAX_KEPT_NODES: usize = 1 << 18;
+/// Largest decoded-string buffer kept from one document to the next (1 MiB).
+pub const MAX_KEPT_SCRATCH: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tag {
@@ -150,11 +154,21 @@ impl<'s> JsonDoc<'s> {
         Json { doc: self, idx: 0 }
     }
 
-    /// The node and scratch buffers, for the next document.
+    /// The node and scratch buffers, for the next document. Buffers grown past
+    /// [`MAX_KEPT_NODES`] nodes or [`MAX_KEPT_SCRATCH`] bytes by one huge document are freed
+    /// instead, so that a single long line does not hold its memory for the rest of a run.
     pub fn into_buffers(self) -> JsonBuffers {
         JsonBuffers {
-            nodes: self.nodes,
-            scratch: self.scratch,
+            nodes: if self.nodes.capacity() <= MAX_KEPT_NODES {
+                self.nodes
+            } else {
+                Vec::new()
+            },
+            scratch: if self.scratch.capacity() <= MAX_KEPT_SCRATCH {
+                self.scratch
+            } else {
+                String::new()
+            },
         }
     }
 
@@ -954,6 +968,16 @@ mod tests {
             assert_eq!(to_json_text(doc.root()), line);
             buf = doc.into_buffers();
         }
+        assert!(buf.nodes.capacity() > 0 && buf.scratch.capacity() > 0);
+        // A huge document's buffers are freed rather than kept.
+        let big = format!(
+            "[{}\"\\n{}\"]",
+            "0,".repeat(MAX_KEPT_NODES),
+            "x".repeat(MAX_KEPT_SCRATCH)
+        );
+        let doc = JsonDoc::parse_with(&big, buf).unwrap();
+        let buf = doc.into_buffers();
+        assert_eq!((buf.nodes.capacity(), buf.scratch.capacity()), (0, 0));
     }
 
     #[test]
