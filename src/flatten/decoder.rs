@@ -428,6 +428,7 @@ impl LineCx<'_> {
                 }),
                 Err(e) => {
                     self.scratch.restore(bufs);
+                    self.trim_after(text.len());
                     self.reject(&line, Some(rt), e.to_string());
                     *self.json = doc.into_buffers();
                     return Ok(());
@@ -436,15 +437,20 @@ impl LineCx<'_> {
         }
         let r = self.append_rows(slot, &bufs, text);
         self.scratch.restore(bufs);
-        if text.len() > TRIM_AFTER_BYTES {
+        self.trim_after(text.len());
+        *self.json = doc.into_buffers();
+        r
+    }
+
+    /// After a line of `len` bytes: free the buffers a huge resource grew, so that it does not
+    /// hold their memory for the rest of the run.
+    fn trim_after(&mut self, len: usize) {
+        if len > TRIM_AFTER_BYTES {
             self.scratch.trim();
         }
         if self.line_rows.capacity() > MAX_KEPT_ROWS {
-            // One resource with very many rows: do not hold its row list for the whole run.
             *self.line_rows = Vec::new();
         }
-        *self.json = doc.into_buffers();
-        r
     }
 
     /// Append the rows of one line, evaluated into `bufs`, to the builders of their views.
