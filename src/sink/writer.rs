@@ -3,7 +3,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use datafusion::arrow::{
-    array::{ArrayRef, StringBuilder, UInt64Builder},
+    array::{ArrayRef, AsArray, StringBuilder, UInt64Builder},
     datatypes::{DataType, Field, Schema, SchemaRef},
     record_batch::RecordBatch,
 };
@@ -176,7 +176,7 @@ impl DatasetWriter {
             return Ok(());
         }
         if !self.open.contains_key(view) {
-            let f = self.open_file(view, batch.schema())?;
+            let f = self.open_file(view, batch)?;
             self.open.insert(view.to_string(), f);
         }
         let f = self.open.get_mut(view).expect("inserted above");
@@ -216,7 +216,8 @@ impl DatasetWriter {
         }
     }
 
-    fn open_file(&mut self, view: &str, schema: SchemaRef) -> Result<OpenFile, SinkError> {
+    /// Open the next file of `view`, its encodings tuned on its `first` batch.
+    fn open_file(&mut self, view: &str, first: &RecordBatch) -> Result<OpenFile, SinkError> {
         let dir = self.partition_dir(view);
         let seq = self.seq.entry(view.to_string()).or_default();
         let path = format!("{dir}/part-{:05}-{}.parquet", *seq, self.cfg.run_id);
@@ -234,13 +235,14 @@ impl DatasetWriter {
                 _ => UPLOAD_BUFFER_BYTES,
             },
         );
-        let props = props_for(&self.props, &schema);
-        let writer = AsyncArrowWriter::try_new(obj, schema, Some(props)).map_err(|source| {
-            SinkError::Parquet {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        let props = props_for(&self.props, first);
+        let writer =
+            AsyncArrowWriter::try_new(obj, first.schema(), Some(props)).map_err(|source| {
+                SinkError::Parquet {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         Ok(OpenFile {
             writer,
             path,
@@ -289,36 +291,52 @@ impl DatasetWriter {
 ///   document, so a dictionary is built only to be abandoned, and min/max statistics cost a
 ///   string comparison per value but prune nothing. Together they were ~4% of a `convert`
 ///   run's CPU.
-/// - for the `id` column (a base view's resource key: one distinct value per row), no
-///   dictionary: hashing every id into a dictionary that only grows cost ~1% of the CPU, and
-///   plain encoding plus zstd writes smaller files (synthea ×10: −0.5%).
-fn props_for(base: &WriterProperties, schema: &Schema) -> WriterProperties {
-    let json_columns: Vec<&str> = schema
-        .fields()
-        .iter()
-        .filter(|f| {
-            f.data_type() == &DataType::Utf8
-                && f.metadata().get(FHIR_TYPE_METADATA).map(String::as_str) == Some("json")
-        })
-        .map(|f| f.name().as_str())
-        .collect();
-    let has_id = schema
-        .field_with_name("id")
-        .is_ok_and(|f| f.data_type() == &DataType::Utf8);
-    if json_columns.is_empty() && !has_id {
-        return base.clone();
-    }
+/// - for text columns whose values are mostly distinct in the file's first batch (the `id`
+///   of a base view, the parent key of a child view such as `observation_coding`'s
+///   `observation_id`, one-to-one references such as `explanation_of_benefit`'s `claim_id`),
+///   no dictionary: hashing every value into a dictionary that only grows until parquet
+///   abandons it at its page limit costs CPU (~1% for `id` alone), and plain encoding plus
+///   zstd writes smaller files (synthea-100: −2%). Columns that repeat (`patient_id`, codes,
+///   statuses) keep theirs. The first batch is a sample, so this only tunes the encoding: any
+///   choice reads back the same.
+fn props_for(base: &WriterProperties, first: &RecordBatch) -> WriterProperties {
+    let schema = first.schema();
     let mut b = base.clone().into_builder();
-    for name in json_columns {
-        let col = ColumnPath::from(name);
-        b = b
-            .set_column_dictionary_enabled(col.clone(), false)
-            .set_column_statistics_enabled(col, EnabledStatistics::None);
-    }
-    if has_id {
-        b = b.set_column_dictionary_enabled(ColumnPath::from("id"), false);
+    for (f, col) in schema.fields().iter().zip(first.columns()) {
+        if f.data_type() != &DataType::Utf8 {
+            continue;
+        }
+        let path = ColumnPath::from(f.name().as_str());
+        if f.metadata().get(FHIR_TYPE_METADATA).map(String::as_str) == Some("json") {
+            b = b
+                .set_column_dictionary_enabled(path.clone(), false)
+                .set_column_statistics_enabled(path, EnabledStatistics::None);
+        } else if mostly_distinct(col).unwrap_or(f.name() == "id") {
+            b = b.set_column_dictionary_enabled(path, false);
+        }
     }
     b.build()
+}
+
+/// Values of a first batch [`mostly_distinct`] looks at: at least the first, at most the second.
+const DISTINCT_SAMPLE: (usize, usize) = (64, 256);
+
+/// Whether more than half of the first (up to 256) non-null values of a text column are
+/// distinct (`None` when there are too few values to tell).
+fn mostly_distinct(col: &ArrayRef) -> Option<bool> {
+    let mut sample: Vec<&str> = col
+        .as_string_opt::<i32>()?
+        .iter()
+        .flatten()
+        .take(DISTINCT_SAMPLE.1)
+        .collect();
+    let n = sample.len();
+    if n < DISTINCT_SAMPLE.0 {
+        return None;
+    }
+    sample.sort_unstable();
+    sample.dedup();
+    Some(sample.len() * 2 > n)
 }
 
 /// Make staged files visible (rename `<path>.staged` → `<path>`). Idempotent: a file already
@@ -443,26 +461,45 @@ mod tests {
     }
 
     #[test]
-    fn no_dictionary_for_ids_and_json_text() {
+    fn no_dictionary_for_distinct_text_and_json() {
         let json = HashMap::from([(FHIR_TYPE_METADATA.to_string(), "json".to_string())]);
-        let schema = Schema::new(vec![
+        let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Utf8, true),
             Field::new("code", DataType::Utf8, true),
+            Field::new("parent_id", DataType::Utf8, true),
             Field::new("resource", DataType::Utf8, true).with_metadata(json),
-        ]);
+        ]));
+        let batch = |rows: usize| {
+            let text = |f: &dyn Fn(usize) -> String| -> ArrayRef {
+                Arc::new((0..rows).map(|i| Some(f(i))).collect::<StringArray>())
+            };
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    text(&|i| format!("id-{i}")),
+                    text(&|i| format!("code-{}", i % 7)),
+                    text(&|i| format!("parent-{}", i * 2 / 3)),
+                    text(&|i| format!("{{\"id\":\"id-{i}\"}}")),
+                ],
+            )
+            .unwrap()
+        };
         let base = WriterProperties::builder().build();
-        let p = props_for(&base, &schema);
         let col = |n: &str| ColumnPath::from(n);
+        let p = props_for(&base, &batch(1000));
         assert!(!p.dictionary_enabled(&col("id")));
         assert!(p.dictionary_enabled(&col("code")));
+        assert!(!p.dictionary_enabled(&col("parent_id")));
         assert!(!p.dictionary_enabled(&col("resource")));
         assert_eq!(
             p.statistics_enabled(&col("resource")),
             EnabledStatistics::None
         );
         assert_ne!(p.statistics_enabled(&col("id")), EnabledStatistics::None);
-        let plain = Schema::new(vec![Field::new("code", DataType::Utf8, true)]);
-        assert!(props_for(&base, &plain).dictionary_enabled(&col("code")));
+        // Too few rows to judge: only `id` goes without.
+        let p = props_for(&base, &batch(3));
+        assert!(!p.dictionary_enabled(&col("id")));
+        assert!(p.dictionary_enabled(&col("parent_id")));
     }
 
     /// The shared budget flushes row groups early; the default one holds all 8 MiB.
