@@ -97,6 +97,10 @@ struct TrieNode {
     /// Columns whose path ends here.
     columns: Vec<usize>,
     children: Vec<TrieNode>,
+    /// Over no input, this node and its children yield no values and only single-valued
+    /// columns, whose cells stay null: the subtree is skipped (most optional elements are
+    /// absent, and the chains below them would each be walked to set a null).
+    skip_when_empty: bool,
 }
 
 impl TrieNode {
@@ -111,6 +115,7 @@ impl TrieNode {
                     step: step.clone(),
                     columns: Vec::new(),
                     children: Vec::new(),
+                    skip_when_empty: false,
                 });
                 nodes.len() - 1
             }
@@ -119,6 +124,17 @@ impl TrieNode {
             nodes[i].columns.push(column);
         } else {
             TrieNode::insert(&mut nodes[i].children, rest, column);
+        }
+    }
+
+    /// Set [`TrieNode::skip_when_empty`] once the trie is complete (`columns` indexed as in
+    /// the nodes). A collection column is never skipped: its empty value is `[]`, not null.
+    fn mark(nodes: &mut [TrieNode], columns: &[ColumnSpec]) {
+        for n in nodes {
+            TrieNode::mark(&mut n.children, columns);
+            n.skip_when_empty = n.step.keeps_empty()
+                && n.columns.iter().all(|&c| !columns[c].collection)
+                && n.children.iter().all(|c| c.skip_when_empty);
         }
     }
 }
@@ -721,28 +737,41 @@ impl CompiledView {
         first_error: &mut Option<(usize, EvalError)>,
     ) {
         for n in nodes {
+            if input.is_empty() && n.skip_when_empty {
+                continue;
+            }
+            if let Step::First = n.step {
+                self.visit(n, &input[..input.len().min(1)], env, row, pool, first_error);
+                continue;
+            }
             let mut buf = pool.pop();
-            let items: &[Item<'a>] = match &n.step {
-                Step::First => &input[..input.len().min(1)],
-                Step::ReferenceKey(ty) => {
-                    pool.reference_keys(input, ty.as_deref(), &mut buf);
-                    &buf
-                }
-                step => {
-                    step.apply(input, env, &mut buf);
-                    &buf
-                }
-            };
-            for &c in &n.columns {
-                match self.cell(c, items) {
-                    Ok(cell) => row.set(c, cell),
-                    Err(e) => note_error(first_error, c, e),
-                }
+            match &n.step {
+                Step::ReferenceKey(ty) => pool.reference_keys(input, ty.as_deref(), &mut buf),
+                step => step.apply(input, env, &mut buf),
             }
-            if !n.children.is_empty() {
-                self.walk(&n.children, items, env, row, pool, first_error);
-            }
+            self.visit(n, &buf, env, row, pool, first_error);
             pool.push(buf);
+        }
+    }
+
+    /// The cells of `n`'s columns and its children, for the values `items` of its step.
+    fn visit<'a>(
+        &self,
+        n: &TrieNode,
+        items: &[Item<'a>],
+        env: &Env<'a>,
+        row: &mut RowMut<'_, 'a>,
+        pool: &mut Pool<'a>,
+        first_error: &mut Option<(usize, EvalError)>,
+    ) {
+        for &c in &n.columns {
+            match self.cell(c, items) {
+                Ok(cell) => row.set(c, cell),
+                Err(e) => note_error(first_error, c, e),
+            }
+        }
+        if !n.children.is_empty() {
+            self.walk(&n.children, items, env, row, pool, first_error);
         }
     }
 
@@ -981,6 +1010,7 @@ impl Compiler<'_> {
                 None => columns.push((idx, expr)),
             }
         }
+        TrieNode::mark(&mut planned, &self.columns);
         let mut selects = Vec::new();
         for (i, n) in s.select.iter().enumerate() {
             selects.push(self.select(n, &join_locus(locus, &format!("select[{i}]")))?);
@@ -1280,6 +1310,32 @@ mod tests {
         assert_eq!(
             rows(view, p2).unwrap(),
             vec![vec![s("p2"), Cell::Null, s("9")]]
+        );
+    }
+
+    /// Chains under an absent element are skipped only where that leaves the same cells:
+    /// `count()` is still 0, a collection still `[]`, `getResourceKey()` still the key.
+    #[test]
+    fn absent_elements_skip_only_what_stays_null() {
+        let view = json!({"resource": "Patient", "select": [{"column": [
+            {"name": "tel", "path": "telecom.value"},
+            {"name": "org", "path": "managingOrganization.getReferenceKey()"},
+            {"name": "given_n", "path": "name.given.count()"},
+            {"name": "given", "path": "name.given", "collection": true},
+            {"name": "family", "path": "name.first().family"},
+            {"name": "key", "path": "link.other.getResourceKey()"}
+        ]}]});
+        let r = rows(view, json!({"resourceType": "Patient", "id": "p1"})).unwrap();
+        assert_eq!(
+            r,
+            vec![vec![
+                Cell::Null,
+                Cell::Null,
+                Cell::Int(0),
+                Cell::List(vec![]),
+                Cell::Null,
+                s("p1"),
+            ]]
         );
     }
 

@@ -98,6 +98,12 @@ impl PathPlan {
 }
 
 impl Step {
+    /// Whether the step yields nothing for no input (`getResourceKey()`, `count()` and
+    /// `%rowIndex` yield a value regardless).
+    pub(crate) fn keeps_empty(&self) -> bool {
+        !matches!(self, Step::ResourceKey | Step::Count | Step::RowIndex)
+    }
+
     /// Apply this step to `input`, appending the result to `out`.
     #[inline(always)]
     pub(crate) fn apply<'a>(&self, input: &[Item<'a>], env: &Env<'a>, out: &mut Vec<Item<'a>>) {
