@@ -159,7 +159,7 @@ const MAX_KEPT_LEN: usize = 1 << 16;
 ///   from a start index: a row is that index ([`RowId`]), and a product copies cells within the
 ///   arena. Its cells are `ManuallyDrop`, so that emptying it is free unless a cell that owns
 ///   memory (a computed string, a list) was stored, which `owned` records;
-/// - lists of row ids.
+/// - lists of row ids, and a stack of the rows of nested selects waiting for their product.
 ///
 /// Between resources the buffers are stored empty, so they borrow nothing.
 /// [`EvalScratch::lend`] hands them out as [`EvalBuffers`] for one resource (a `'static`
@@ -172,6 +172,7 @@ pub struct EvalScratch {
     refs: Vec<RefMemo<'static>>,
     cells: Vec<ManuallyDrop<Cell<'static>>>,
     lists: Vec<Vec<RowId>>,
+    parts: Vec<Vec<RowId>>,
 }
 
 /// A row in an [`EvalBuffers`] arena: the index of its first cell.
@@ -185,6 +186,9 @@ pub struct EvalBuffers<'a> {
     /// Some cell in `cells` owns memory (see [`Cell::owns_memory`]).
     owned: bool,
     lists: Vec<Vec<RowId>>,
+    /// The rows of the nested selects of the foci being evaluated, innermost last (see
+    /// [`CompiledView::nested_parts`]).
+    parts: Vec<Vec<RowId>>,
 }
 
 impl Drop for EvalBuffers<'_> {
@@ -209,6 +213,7 @@ impl EvalScratch {
             cells: std::mem::take(&mut self.cells),
             owned: false,
             lists: std::mem::take(&mut self.lists),
+            parts: std::mem::take(&mut self.parts),
         }
     }
 
@@ -225,6 +230,14 @@ impl EvalScratch {
         clear_cells(&mut b.cells, b.owned);
         self.cells = emptied(std::mem::take(&mut b.cells));
         self.lists = std::mem::take(&mut b.lists);
+        // Left over only when an evaluation failed half-way.
+        let mut parts = std::mem::take(&mut b.parts);
+        self.lists
+            .extend(parts.drain(..).filter(|p| p.capacity() > 0).map(|mut p| {
+                p.clear();
+                p
+            }));
+        self.parts = parts;
         if self.cells.capacity() > MAX_KEPT_LEN {
             self.trim();
         }
@@ -292,6 +305,15 @@ impl<'a> EvalBuffers<'a> {
         if list.capacity() > 0 {
             list.clear();
             self.lists.push(list);
+        }
+    }
+
+    /// Give back the lists of [`Self::parts`] from `from` on.
+    fn drop_parts(&mut self, from: usize) {
+        while self.parts.len() > from {
+            if let Some(p) = self.parts.pop() {
+                self.put_list(p);
+            }
         }
     }
 }
@@ -628,6 +650,23 @@ impl CompiledView {
                 resource,
                 row_index: index,
             };
+            // The nested selects first: when one yields no rows, neither does the focus, and
+            // its own columns are not evaluated at all (most Observations have no `component`,
+            // yet `observation_component` would read every one's id and subject).
+            let parts = bufs.parts.len();
+            if nested_rows {
+                match self.nested_parts(node, f, index, resource, bufs) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        bufs.drop_parts(parts);
+                        continue;
+                    }
+                    Err(e) => {
+                        bufs.drop_parts(parts);
+                        return Err(e);
+                    }
+                }
+            }
             let base = bufs.new_row(width);
             let mut first_error = None;
             let mut row = RowMut {
@@ -636,6 +675,7 @@ impl CompiledView {
             };
             self.fill_cells(node, f, &env, &mut row, &mut bufs.pool, &mut first_error);
             if let Some((_, e)) = first_error {
+                bufs.drop_parts(parts);
                 return Err(e);
             }
             if !nested_rows {
@@ -644,36 +684,40 @@ impl CompiledView {
             }
             let mut acc = bufs.list();
             acc.push(base);
-            let r = self.nested_rows(node, f, index, resource, &mut acc, bufs);
-            if r.is_ok() {
-                out.extend_from_slice(&acc);
+            let subtrees = node.selects.iter().filter(|s| !s.simple).map(|s| &s.subtree);
+            let union = node.union_all.first().map(|u| &u.subtree);
+            for (k, cols) in subtrees.chain(union).enumerate() {
+                let part = std::mem::take(&mut bufs.parts[parts + k]);
+                product(&mut acc, &part, cols, width, bufs);
+                bufs.put_list(part);
             }
+            bufs.parts.truncate(parts);
+            out.extend_from_slice(&acc);
             bufs.put_list(acc);
-            r?;
         }
         Ok(())
     }
 
-    /// Multiply the rows in `acc` (one focus's own row) by the rows of the focus's nested
-    /// selects and `unionAll` branches.
-    fn nested_rows<'a>(
+    /// Evaluate the nested selects and `unionAll` branches of `focus`, pushing the rows of each
+    /// (one list per select, then one for all branches) on [`EvalBuffers::parts`]. `false` when
+    /// one of them yields no rows, so that their product, and the focus's rows, are empty.
+    fn nested_parts<'a>(
         &self,
         node: &SelectNode,
         focus: &Item<'a>,
         index: i64,
         resource: Json<'a>,
-        acc: &mut Vec<RowId>,
         bufs: &mut EvalBuffers<'a>,
-    ) -> Result<(), EvalError> {
-        let width = self.columns.len();
+    ) -> Result<bool, EvalError> {
         for s in node.selects.iter().filter(|s| !s.simple) {
             let mut part = bufs.list();
             let r = self.process(s, focus, index, resource, &mut part, bufs);
-            if r.is_ok() {
-                product(acc, &part, &s.subtree, width, bufs);
-            }
-            bufs.put_list(part);
+            let empty = part.is_empty();
+            bufs.parts.push(part);
             r?;
+            if empty {
+                return Ok(false);
+            }
         }
         if !node.union_all.is_empty() {
             let mut part = bufs.list();
@@ -684,13 +728,14 @@ impl CompiledView {
                     break;
                 }
             }
-            if r.is_ok() {
-                product(acc, &part, &node.union_all[0].subtree, width, bufs);
-            }
-            bufs.put_list(part);
+            let empty = part.is_empty();
+            bufs.parts.push(part);
             r?;
+            if empty {
+                return Ok(false);
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Write the cells of `node`'s own columns and of its simple nested selects (which yield
@@ -1289,9 +1334,14 @@ mod tests {
         let bad = json!({"resourceType": "Observation", "id": "o2",
             "code": {"coding": [{"code": "a", "display": "d1"}, {"display": "d2"}],
                      "text": ["t1", "t2"]},
-            "effectivePeriod": {"start": ["x", "y"]}});
-        let e = rows(view, bad).unwrap_err();
+            "effectivePeriod": {"start": ["x", "y"]},
+            "component": [{"code": {"text": "c"}}]});
+        let e = rows(view.clone(), bad.clone()).unwrap_err();
         assert!(e.contains("column `text`"), "{e}");
+        // Without components the view yields no rows, so the failing columns are never read.
+        let mut none = bad;
+        none.as_object_mut().unwrap().remove("component");
+        assert_eq!(rows(view, none).unwrap(), Vec::<Vec<Cell>>::new());
     }
 
     #[test]

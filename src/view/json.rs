@@ -346,6 +346,51 @@ impl<'a> JsonObject<'a> {
         }
         None
     }
+    /// The member `key` and, on the way, the members named `key` followed by an upper-case
+    /// letter (FHIR choice elements: `valueQuantity` for `value`), each passed to `choice` with
+    /// the rest of its name. With `STOP` the scan ends at the member `key`; otherwise it goes on
+    /// and the first member `key` is returned at the end. One pass that fetches a key's bytes
+    /// only when its length can match: the path of every member step of every view.
+    #[inline]
+    pub fn scan<const STOP: bool>(
+        &self,
+        key: &[u8],
+        mut choice: impl FnMut(&'a [u8], Json<'a>),
+    ) -> Option<Json<'a>> {
+        let doc = self.0.doc;
+        let (src, scratch) = (doc.src.as_bytes(), doc.scratch.as_bytes());
+        let mut idx = self.0.idx + 1;
+        let mut exact = None;
+        for _ in 0..self.0.node().b {
+            let Some(n) = doc.nodes.get(idx as usize) else {
+                break;
+            };
+            let len = n.key_len as usize;
+            if len >= key.len() {
+                let text = if n.key_in_scratch { scratch } else { src };
+                let start = n.key_start as usize;
+                if let Some(k) = text.get(start..start + len)
+                    && (key.is_empty() || k.first() == key.first())
+                {
+                    if len == key.len() {
+                        if exact.is_none() && bytes_eq(k, key) {
+                            exact = Some(Json { doc, idx });
+                            if STOP {
+                                return exact;
+                            }
+                        }
+                    } else if k[key.len()].is_ascii_uppercase() && bytes_eq(&k[..key.len()], key) {
+                        choice(&k[key.len()..], Json { doc, idx });
+                    }
+                }
+            }
+            idx = match n.tag {
+                Tag::Array | Tag::Object => n.a,
+                _ => idx + 1,
+            };
+        }
+        exact
+    }
     /// The members in input order with their keys as bytes: cheaper than [`JsonObject::iter`]
     /// for scans that compare keys (no UTF-8 boundary checks).
     pub fn raw_members(&self) -> RawMembers<'a> {

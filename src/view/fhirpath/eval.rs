@@ -201,22 +201,15 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
     }
     // One pass over the keys for both the exact member (which wins) and the choice elements
     // `name[Type]`: most lookups of optional elements miss, and a miss then costs one scan.
-    let n = name.as_bytes();
     let start = out.len();
-    for (k, v) in m.raw_members() {
-        if k.len() == n.len() {
-            if bytes_eq(k, n) {
-                out.truncate(start);
-                push_flat(v, None, out);
-                return;
-            }
-        } else if k.len() > n.len()
-            && k[n.len()].is_ascii_uppercase()
-            && bytes_eq(&k[..n.len()], n)
-            && let Some(t) = choice_type(&k[n.len()..])
-        {
+    let exact = m.scan::<true>(name.as_bytes(), |suffix, v| {
+        if let Some(t) = choice_type(suffix) {
             push_flat(v, Some(t), out);
         }
+    });
+    if let Some(v) = exact {
+        out.truncate(start);
+        push_flat(v, None, out);
     }
 }
 
@@ -261,33 +254,27 @@ pub(crate) fn navigate_typed<'a>(
         // Other choice elements can only be of type `f` when `f` has specialisations.
         let profiles = has_specialisations(f);
         let start = out.len();
-        let mut plain = None;
-        for (k, v) in m.raw_members() {
-            if k.len() == n.len() {
-                if plain.is_none() && bytes_eq(k, n) {
-                    plain = Some(v);
-                }
-            } else if k.len() > n.len()
-                && k[n.len()].is_ascii_uppercase()
-                && bytes_eq(&k[..n.len()], n)
-            {
-                let suffix = &k[n.len()..];
-                if suffix.len() == t.len()
-                    && suffix[0] == t[0].to_ascii_uppercase()
-                    && bytes_eq(&suffix[1..], &t[1..])
-                {
-                    out.truncate(start);
-                    push_flat(v, Some(f), out);
-                    return;
-                }
-                if plain.is_none()
-                    && profiles
-                    && let Some(actual) = choice_type(suffix)
-                    && fhir_type_is(actual, f)
-                {
-                    push_flat(v, Some(actual), out);
-                }
+        let mut typed = None;
+        let plain = m.scan::<false>(n, |suffix, v| {
+            if typed.is_some() {
+                return;
             }
+            if suffix.len() == t.len()
+                && suffix[0] == t[0].to_ascii_uppercase()
+                && bytes_eq(&suffix[1..], &t[1..])
+            {
+                typed = Some(v);
+            } else if profiles
+                && let Some(actual) = choice_type(suffix)
+                && fhir_type_is(actual, f)
+            {
+                push_flat(v, Some(actual), out);
+            }
+        });
+        if let Some(v) = typed {
+            out.truncate(start);
+            push_flat(v, Some(f), out);
+            return;
         }
         if let Some(v) = plain {
             out.truncate(start);
