@@ -4,21 +4,25 @@
 # prints one table. With --export it also times `flatfhir export` against `flatfhir serve` on
 # loopback beside a plain download of the same files (same server, same gzip negotiation).
 #
-#   usage: benches/compare.sh [--export] [--no-duckdb] [NDJSON_DIR] [COPIES ...]
+#   usage: benches/compare.sh [--export] [--no-duckdb] [--repeat N] [NDJSON_DIR] [COPIES ...]
 #
 #   NDJSON_DIR defaults to ../shared/data/synthea-100. Each COPIES (default 1) concatenates the
 #   input that many times with rewritten ids (benches/replicate.py), e.g. `1 10 20 100`.
-#   FLATFHIR_BIN overrides the binary (default: a fresh `cargo build --release`).
-#   The machine is shared and noisy: compare rows of one run, never numbers of different runs.
+#   --repeat N runs every measurement N times (in turns: each tool once, then again) and keeps
+#   the fastest time and the largest peak RSS. FLATFHIR_BIN overrides the binary (default: a
+#   fresh `cargo build --release`). The machine is shared and noisy: compare rows of one run,
+#   never numbers of different runs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 export_too=0
 duck=1
+repeat=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --export) export_too=1; shift ;;
     --no-duckdb) duck=0; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --repeat) repeat="$2"; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
@@ -47,12 +51,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# measure NAME COMMAND... -> "NAME SECONDS PEAK_RSS_KB" (/usr/bin/time -v's numbers)
+# measure NAME COMMAND... -> "NAME SECONDS PEAK_RSS_KB" (/usr/bin/time -v's numbers); with
+# --repeat, the fastest of the runs so far and the largest peak RSS (kept in $work/NAME.best).
 measure() {
   local name="$1"; shift
   /usr/bin/time -f '%e %M' -o "$work/$name.time" "$@" >/dev/null 2>"$work/$name.err" \
     || { cat "$work/$name.err" >&2; exit 1; }
   read -r secs rss < "$work/$name.time"
+  # Each run as it is measured (stderr), so that a run stopped half-way still shows its rows.
+  echo "  $name: ${secs} s, peak RSS $((rss / 1024)) MB" >&2
+  if [ -f "$work/$name.best" ]; then
+    read -r best_secs best_rss < "$work/$name.best"
+    secs=$(awk -v a="$secs" -v b="$best_secs" 'BEGIN { print (a < b ? a : b) }')
+    [ "$rss" -ge "$best_rss" ] || rss=$best_rss
+  fi
+  echo "$secs $rss" > "$work/$name.best"
   echo "$name $secs $rss"
 }
 
@@ -125,24 +138,29 @@ for n in "${sizes[@]}"; do
   bytes=$(cat "$input"/*.ndjson | wc -c)
   lines=$(cat "$input"/*.ndjson | wc -l)
   echo "x$n: $((bytes / 1000000)) MB, $lines resources" >&2
-  r=$(measure flatfhir "$bin" convert "$input" --out "$work/ff" -q)
-  rows+=("x$n $bytes $lines $r")
-  rm -rf "$work/ff"
-  if [ "$duck" = 1 ]; then
-    r=$(measure duckdb "$py" "$work/duck.py" "$input" "$work/duck")
-    rows+=("x$n $bytes $lines $r")
-    rm -rf "$work/duck"
-  fi
-  if [ "$export_too" = 1 ]; then
-    start_server "$input"
-    r=$(measure download "$py" "$work/download.py" "$base" "$work/dl")
-    rows+=("x$n $bytes $lines $r")
-    rm -rf "$work/dl"
-    r=$(measure export "$bin" export --base-url "$base" --system --out "$work/ex" -q)
-    rows+=("x$n $bytes $lines $r")
-    rm -rf "$work/ex"
-    stop_server
-  fi
+  rm -f "$work"/*.best
+  tools=(flatfhir)
+  [ "$duck" = 1 ] && tools+=(duckdb)
+  [ "$export_too" = 1 ] && tools+=(download export)
+  for _ in $(seq "$repeat"); do
+    measure flatfhir "$bin" convert "$input" --out "$work/ff" -q >/dev/null
+    rm -rf "$work/ff"
+    if [ "$duck" = 1 ]; then
+      measure duckdb "$py" "$work/duck.py" "$input" "$work/duck" >/dev/null
+      rm -rf "$work/duck"
+    fi
+    if [ "$export_too" = 1 ]; then
+      start_server "$input"
+      measure download "$py" "$work/download.py" "$base" "$work/dl" >/dev/null
+      rm -rf "$work/dl"
+      measure export "$bin" export --base-url "$base" --system --out "$work/ex" -q >/dev/null
+      rm -rf "$work/ex"
+      stop_server
+    fi
+  done
+  for t in "${tools[@]}"; do
+    rows+=("x$n $bytes $lines $t $(cat "$work/$t.best")")
+  done
   [ "$input" = "$src" ] || rm -rf "$input"
 done
 

@@ -253,7 +253,8 @@ struct ServeArgs {
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
-    /// How long each job stays "in progress" (e.g. 2s, 1m).
+    /// How long each job stays "in progress" (e.g. 2s, 1m); with 0s the first status request
+    /// gets the manifest.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     delay: std::time::Duration,
     /// Resources per output file.

@@ -14,6 +14,9 @@ use super::server::{AppState, lock};
 const FILES_EXPIRE_AFTER: Duration = Duration::from_secs(3600);
 
 /// Poll a job: faults first, then `202` until the delay has passed, then the manifest.
+/// Longest a status request waits for the files of a job without delay to be built.
+const BUILD_WAIT: Duration = Duration::from_secs(10);
+
 pub(super) async fn poll(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -52,6 +55,14 @@ pub(super) async fn poll(
         .response(StatusCode::INTERNAL_SERVER_ERROR);
     }
 
+    if state.config.delay.is_zero() {
+        // No "in progress" phase was asked for: answer once the files are built (milliseconds)
+        // instead of `202` and a `Retry-After` second the client would honour.
+        let until = tokio::time::Instant::now() + BUILD_WAIT;
+        while job.output.get().is_none() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
     let resp = job_status(&state, &job, &uri, &id, page);
     if job.separate_status {
         separate(resp)

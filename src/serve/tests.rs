@@ -822,3 +822,26 @@ async fn loads_a_directory() {
         .await;
     assert!(matches!(missing, Err(super::ServeError::Data { .. })));
 }
+
+#[tokio::test]
+async fn zero_delay_answers_the_first_poll_with_the_manifest() {
+    // Enough resources that building the files takes longer than a request round trip.
+    let many: String = (0..100_000)
+        .map(|i| format!("{{\"resourceType\":\"Basic\",\"id\":\"b{i}\"}}\n"))
+        .collect();
+    let server = start(
+        ServerBuilder::new(DataSource::Files(vec![("b".into(), Bytes::from(many))]))
+            .with_delay(Duration::ZERO)
+            .with_retry_after(1),
+    )
+    .await;
+    for _ in 0..3 {
+        let url = status_url(&kickoff(&server, "$export", &[]).await);
+        // At once, however fast: no `202` and `Retry-After` second for a job without delay.
+        let resp = client().get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let manifest: Value = resp.json().await.unwrap();
+        assert_eq!(output_counts(&manifest).await, server.counts());
+    }
+    server.shutdown().await;
+}

@@ -684,7 +684,11 @@ impl CompiledView {
             }
             let mut acc = bufs.list();
             acc.push(base);
-            let subtrees = node.selects.iter().filter(|s| !s.simple).map(|s| &s.subtree);
+            let subtrees = node
+                .selects
+                .iter()
+                .filter(|s| !s.simple)
+                .map(|s| &s.subtree);
             let union = node.union_all.first().map(|u| &u.subtree);
             for (k, cols) in subtrees.chain(union).enumerate() {
                 let part = std::mem::take(&mut bufs.parts[parts + k]);
