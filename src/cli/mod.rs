@@ -282,6 +282,20 @@ struct ServeArgs {
     /// Lifetime of the access tokens the token endpoint issues.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     token_lifetime: std::time::Duration,
+    /// SMART scope syntax the token endpoint accepts: both, v1 (system/*.read) or v2
+    /// (system/*.rs); a scope in the other syntax is refused with invalid_scope.
+    #[arg(long, default_value = "both", value_parser = parse_scope_syntax)]
+    scope_syntax: flatfhir::serve::ScopeSyntax,
+}
+
+fn parse_scope_syntax(s: &str) -> Result<flatfhir::serve::ScopeSyntax, String> {
+    use flatfhir::serve::ScopeSyntax;
+    match s {
+        "both" => Ok(ScopeSyntax::Both),
+        "v1" => Ok(ScopeSyntax::V1),
+        "v2" => Ok(ScopeSyntax::V2),
+        other => Err(format!("unknown scope syntax {other:?} (both, v1, v2)")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -756,7 +770,8 @@ async fn serve(a: ServeArgs) -> Result<Outcome> {
         .with_files_per_page(a.files_per_page)
         .with_bearer_token(a.bearer_token.clone())
         .with_smart_clients(serve_clients(&a)?)
-        .with_token_lifetime(a.token_lifetime);
+        .with_token_lifetime(a.token_lifetime)
+        .with_scope_syntax(a.scope_syntax);
     let server = if a.requires_access_token {
         server.with_requires_access_token(true)
     } else {

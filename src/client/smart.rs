@@ -91,6 +91,45 @@ pub fn export_scope(base: Option<&str>, v2: bool, group: bool) -> String {
     scopes.join(" ")
 }
 
+/// SMART scope syntax: v1 (`system/*.read`) or v2 (`system/*.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Syntax {
+    V1,
+    V2,
+}
+
+/// Permissions with the same meaning in both syntaxes (SMART's v1 → v2 mapping).
+const PERMISSIONS: [(&str, &str); 3] = [("read", "rs"), ("write", "cud"), ("*", "cruds")];
+
+/// `scope` with every scope written in the `to` syntax, when each one has an exact equivalent
+/// there (`system/*.read` ⇔ `system/*.rs`); `None` when nothing would change or a scope has no
+/// exact equivalent (`system/Patient.r`, a v2 query suffix), so a retry never widens access.
+fn in_syntax(scope: &str, to: Syntax) -> Option<String> {
+    let mut changed = false;
+    let mut out = Vec::new();
+    for s in scope.split_whitespace() {
+        let (head, perm) = s.rsplit_once('.')?;
+        let (v1, v2) = PERMISSIONS
+            .iter()
+            .find(|(v1, v2)| perm == *v1 || perm == *v2)?;
+        let want = if to == Syntax::V1 { v1 } else { v2 };
+        changed |= perm != *want;
+        out.push(format!("{head}.{want}"));
+    }
+    (changed && !out.is_empty()).then(|| out.join(" "))
+}
+
+/// The one scope syntax a server's `capabilities` list (`permission-v1` / `permission-v2`).
+fn only_syntax(conf: &Value) -> Option<Syntax> {
+    let caps = conf.get("capabilities")?.as_array()?;
+    let has = |c: &str| caps.iter().any(|v| v.as_str() == Some(c));
+    match (has("permission-v1"), has("permission-v2")) {
+        (true, false) => Some(Syntax::V1),
+        (false, true) => Some(Syntax::V2),
+        _ => None,
+    }
+}
+
 struct Cached {
     value: Arc<str>,
     renew_at: Instant,
@@ -99,6 +138,9 @@ struct Cached {
 #[derive(Default)]
 struct State {
     token_url: Option<Url>,
+    /// The scope to request when it differs from the configured one: rewritten to the syntax
+    /// the server advertises, or the one it accepted after refusing the other.
+    scope: Option<String>,
     token: Option<Cached>,
     issued: u64,
 }
@@ -187,7 +229,14 @@ impl SmartAuth {
         let token_url = match &state.token_url {
             Some(u) => u.clone(),
             None => {
-                let u = self.discover().await?;
+                let (u, only) = self.discover().await?;
+                if let Some(scope) = only.and_then(|syn| in_syntax(&self.cfg.scope, syn)) {
+                    tracing::info!(
+                        scope = %scope,
+                        "The server lists one scope syntax only; requesting the scope in it."
+                    );
+                    state.scope = Some(scope);
+                }
                 state.token_url = Some(u.clone());
                 u
             }
@@ -202,7 +251,14 @@ impl SmartAuth {
                  loopback (use https, or --allow-insecure-http if you really mean it)",
             ));
         }
-        let (value, expires_in, scope) = self.request_token(&token_url).await?;
+        let mut requested = state
+            .scope
+            .clone()
+            .unwrap_or_else(|| self.cfg.scope.clone());
+        let (value, expires_in, scope) = self.request_token(&token_url, &mut requested).await?;
+        if requested != self.cfg.scope {
+            state.scope = Some(requested);
+        }
         let lifetime = Duration::from_secs(expires_in);
         let margin = (lifetime / 4).min(MAX_RENEW_MARGIN);
         state.token = Some(Cached {
@@ -220,7 +276,8 @@ impl SmartAuth {
 
     /// The token endpoint from `.well-known/smart-configuration`, else from the
     /// CapabilityStatement's OAuth extension.
-    async fn discover(&self) -> Result<Url, ClientError> {
+    /// The token endpoint, and the one scope syntax the server lists, if it lists one.
+    async fn discover(&self) -> Result<(Url, Option<Syntax>), ClientError> {
         let well_known = self.join(".well-known/smart-configuration")?;
         let mut tried = Vec::new();
         match self.get_json(&well_known).await {
@@ -245,7 +302,7 @@ impl SmartAuth {
                         }
                     }
                     tracing::debug!(token_url = %redact(&url), "Discovered the token endpoint.");
-                    return Ok(url);
+                    return Ok((url, only_syntax(&conf)));
                 }
                 tried.push(format!("{} has no token_endpoint", redact(&well_known)));
             }
@@ -255,7 +312,7 @@ impl SmartAuth {
         match self.get_json(&metadata).await {
             Ok(cs) => {
                 if let Some(t) = oauth_token_uri(&cs) {
-                    return self.resolve(&t, &metadata);
+                    return Ok((self.resolve(&t, &metadata)?, None));
                 }
                 tried.push(format!(
                     "{} has no OAuth token URI extension",
@@ -313,11 +370,16 @@ impl SmartAuth {
         serde_json::from_slice(&body).map_err(|e| format!("GET {}: not JSON: {e}", redact(url)))
     }
 
+    /// One token request for `scope`, retried on network errors and 5xx. When the server
+    /// refuses the scope (`invalid_scope`) and it has an exact equivalent in the other SMART
+    /// syntax, that is tried once and left in `scope` (many servers accept only one syntax).
     async fn request_token(
         &self,
         token_url: &Url,
+        scope: &mut String,
     ) -> Result<(Arc<str>, u64, Option<String>), ClientError> {
         let mut attempt = 0;
+        let mut switched = false;
         loop {
             attempt += 1;
             // A fresh assertion (and jti) for every request, retries included.
@@ -334,7 +396,7 @@ impl SmartAuth {
                 ("grant_type", "client_credentials"),
                 ("client_assertion_type", ASSERTION_TYPE),
                 ("client_assertion", assertion.as_str()),
-                ("scope", self.cfg.scope.as_str()),
+                ("scope", scope.as_str()),
             ];
             let sent = self
                 .http
@@ -369,6 +431,25 @@ impl SmartAuth {
                 .map_err(|e| auth_err(token_url, format!("reading the token response: {e}")))?;
             let json: Option<Value> = serde_json::from_slice(&body).ok();
             if !status.is_success() {
+                let code = json
+                    .as_ref()
+                    .and_then(|j| j.get("error")?.as_str().map(str::to_string));
+                if code.as_deref() == Some("invalid_scope") && !switched {
+                    let other = [Syntax::V2, Syntax::V1]
+                        .into_iter()
+                        .find_map(|syn| in_syntax(scope, syn));
+                    if let Some(other) = other {
+                        tracing::warn!(
+                            refused = %scope,
+                            retry = %other,
+                            "The token endpoint refused the scope (invalid_scope); retrying in \
+                             the other SMART scope syntax (--scope or --smart-v2 avoids this)."
+                        );
+                        *scope = other;
+                        switched = true;
+                        continue;
+                    }
+                }
                 let detail = json
                     .as_ref()
                     .and_then(|j| {
@@ -444,6 +525,40 @@ fn oauth_token_uri(cs: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_convert_between_syntaxes_only_exactly() {
+        use Syntax::{V1, V2};
+        assert_eq!(
+            in_syntax("system/*.read", V2).as_deref(),
+            Some("system/*.rs")
+        );
+        assert_eq!(
+            in_syntax("system/*.rs system/Group.rs", V1).as_deref(),
+            Some("system/*.read system/Group.read")
+        );
+        assert_eq!(
+            in_syntax("system/Patient.write system/*.*", V2).as_deref(),
+            Some("system/Patient.cud system/*.cruds")
+        );
+        // Already in that syntax, no exact equivalent, or a v2 query: nothing to retry.
+        assert_eq!(in_syntax("system/*.rs", V2), None);
+        assert_eq!(in_syntax("system/Patient.r", V1), None);
+        assert_eq!(in_syntax("system/Observation.rs?category=lab", V1), None);
+        assert_eq!(in_syntax("", V1), None);
+        let conf = |caps: Value| serde_json::json!({ "capabilities": caps });
+        assert_eq!(
+            only_syntax(&conf(serde_json::json!(["permission-v2"]))),
+            Some(V2)
+        );
+        assert_eq!(
+            only_syntax(&conf(serde_json::json!(["permission-v1"]))),
+            Some(V1)
+        );
+        let both = serde_json::json!(["permission-v1", "permission-v2"]);
+        assert_eq!(only_syntax(&conf(both)), None);
+        assert_eq!(only_syntax(&serde_json::json!({})), None);
+    }
 
     #[test]
     fn scopes_for_group_exports_include_group() {

@@ -96,6 +96,33 @@ impl AuthClient {
 pub(super) struct SmartSettings {
     pub clients: Vec<AuthClient>,
     pub token_lifetime: Duration,
+    pub scope_syntax: ScopeSyntax,
+}
+
+/// The SMART scope syntaxes the token endpoint accepts (and `smart-configuration` lists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScopeSyntax {
+    /// v1 (`system/*.read`) and v2 (`system/*.rs`): what SMART asks servers to support.
+    #[default]
+    Both,
+    /// v1 only, like servers built before SMART 2.
+    V1,
+    /// v2 only: a v1 scope is refused with `invalid_scope`.
+    V2,
+}
+
+impl ScopeSyntax {
+    /// Whether `scope` is written in an accepted syntax.
+    fn accepts(self, scope: &str) -> bool {
+        let v1 = scope
+            .rsplit_once('.')
+            .is_some_and(|(_, p)| matches!(p, "read" | "write" | "*"));
+        match self {
+            ScopeSyntax::Both => true,
+            ScopeSyntax::V1 => v1,
+            ScopeSyntax::V2 => !v1,
+        }
+    }
 }
 
 /// An issued access token.
@@ -211,18 +238,26 @@ fn invalid_client(description: impl Into<String>) -> Response {
 
 /// `GET [base]/.well-known/smart-configuration`.
 pub(super) async fn smart_configuration(State(state): State<Arc<AppState>>) -> Response {
-    if state.config.smart().is_none() {
+    let Some(smart) = state.config.smart() else {
         return Issue::error("not-found", "this server does not use SMART authorization")
             .response(StatusCode::NOT_FOUND);
-    }
+    };
     axum::Json(json!({
         "issuer": state.base_url.as_str(),
         "token_endpoint": state.token_url().as_str(),
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
         "grant_types_supported": ["client_credentials"],
-        "scopes_supported": ["system/*.read", "system/*.rs"],
-        "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        "scopes_supported": match smart.scope_syntax {
+            ScopeSyntax::Both => json!(["system/*.read", "system/*.rs"]),
+            ScopeSyntax::V1 => json!(["system/*.read"]),
+            ScopeSyntax::V2 => json!(["system/*.rs"]),
+        },
+        "capabilities": match smart.scope_syntax {
+            ScopeSyntax::Both => json!(["client-confidential-asymmetric", "permission-v1", "permission-v2"]),
+            ScopeSyntax::V1 => json!(["client-confidential-asymmetric", "permission-v1"]),
+            ScopeSyntax::V2 => json!(["client-confidential-asymmetric", "permission-v2"]),
+        },
     }))
     .into_response()
 }
@@ -281,6 +316,20 @@ pub(super) async fn token(
     let requested: Vec<&str> = field("scope").unwrap_or("").split_whitespace().collect();
     if requested.is_empty() {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", "scope is missing");
+    }
+    if let Some(other) = requested.iter().find(|r| !smart.scope_syntax.accepts(r)) {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            format!(
+                "scope {other} is not in the SMART {} syntax this server accepts",
+                if smart.scope_syntax == ScopeSyntax::V1 {
+                    "v1"
+                } else {
+                    "v2"
+                }
+            ),
+        );
     }
     let scopes = grant_scopes(&requested, &client.allowed_scopes);
     if scopes.is_empty() {

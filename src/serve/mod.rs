@@ -124,7 +124,7 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use auth::{AuthClient, DEFAULT_ALLOWED_SCOPES, DEFAULT_TOKEN_LIFETIME};
+pub use auth::{AuthClient, DEFAULT_ALLOWED_SCOPES, DEFAULT_TOKEN_LIFETIME, ScopeSyntax};
 pub use faults::Faults;
 pub use server::{
     DEFAULT_ADDR, DEFAULT_DELAY, DEFAULT_RESOURCES_PER_FILE, DEFAULT_RETRY_AFTER_SECS,

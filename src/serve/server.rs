@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use url::Url;
 
-use super::auth::{self, AuthClient, AuthState, Grant, SmartSettings};
+use super::auth::{self, AuthClient, AuthState, Grant, ScopeSyntax, SmartSettings};
 use super::data::Dataset;
 use super::faults::Faults;
 use super::job::Job;
@@ -91,6 +91,7 @@ impl ServerBuilder {
                 smart: SmartSettings {
                     clients: Vec::new(),
                     token_lifetime: auth::DEFAULT_TOKEN_LIFETIME,
+                    scope_syntax: ScopeSyntax::Both,
                 },
                 files_on_separate_origin: false,
                 faults: Faults::default(),
@@ -160,6 +161,13 @@ impl ServerBuilder {
     /// minutes). Short lifetimes make token renewal during an export testable.
     pub fn with_token_lifetime(mut self, lifetime: Duration) -> Self {
         self.config.smart.token_lifetime = lifetime;
+        self
+    }
+
+    /// The SMART scope syntaxes the token endpoint accepts (default both, as SMART asks); one
+    /// alone makes a client's scope fallback testable.
+    pub fn with_scope_syntax(mut self, syntax: ScopeSyntax) -> Self {
+        self.config.smart.scope_syntax = syntax;
         self
     }
 

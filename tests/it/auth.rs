@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use flatfhir::{
     auth::{AssertionClaims, PrivateKey, SigningAlg},
     client::{Auth, SmartAuth, SmartConfig, smart::ASSERTION_TYPE},
-    serve::{AuthClient, Faults, RunningServer},
+    serve::{AuthClient, Faults, RunningServer, ScopeSyntax},
 };
 
 use crate::export::{assert_exact, export, patients, server, with_fault};
@@ -388,5 +388,84 @@ async fn the_cli_exports_with_a_generated_key_and_logs_no_secret() {
         "warns about a world-readable key"
     );
     assert!(stderr.len() > 1000, "-vvv did log: {} bytes", stderr.len());
+    srv.shutdown().await;
+}
+
+/// Statuses of the token requests the server saw, in order.
+fn token_statuses(srv: &RunningServer) -> Vec<u16> {
+    srv.log()
+        .iter()
+        .filter(|r| r.path == "/auth/token")
+        .map(|r| r.status)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_in_the_refused_syntax_is_retried_in_the_other() {
+    for (syntax, asked) in [
+        (ScopeSyntax::V2, "system/*.read"),
+        (ScopeSyntax::V1, "system/*.rs"),
+    ] {
+        let key = PrivateKey::generate(SigningAlg::Es384).unwrap();
+        let srv = server(Faults::default(), |b| {
+            b.with_smart_clients(vec![registered("c", &key)])
+                .with_scope_syntax(syntax)
+        })
+        .await;
+        // Token endpoint given, so nothing is discovered: the server refuses the scope
+        // (`invalid_scope`) and the same scope in the other syntax gets the token.
+        let cfg = SmartConfig {
+            scope: asked.into(),
+            token_url: Some(srv.token_url()),
+            ..SmartConfig::new("c", with_kid(&key, key.kid()))
+        };
+        let auth = Auth::Smart(Arc::new(
+            SmartAuth::new(cfg, srv.base_url().clone()).unwrap(),
+        ));
+        let tmp = tempfile::tempdir().unwrap();
+        export(&srv, patients(), tmp.path(), auth).await.unwrap();
+        assert_exact(tmp.path(), &srv.counts()).await;
+        assert_eq!(token_statuses(&srv), [400, 200], "{syntax:?}");
+        srv.shutdown().await;
+
+        // Discovered: `smart-configuration` lists one syntax, so the first request uses it.
+        let srv = server(Faults::default(), |b| {
+            b.with_smart_clients(vec![registered("c", &key)])
+                .with_scope_syntax(syntax)
+        })
+        .await;
+        let tmp = tempfile::tempdir().unwrap();
+        let auth = smart(&srv, "c", key, asked);
+        export(&srv, patients(), tmp.path(), auth).await.unwrap();
+        assert_exact(tmp.path(), &srv.counts()).await;
+        assert_eq!(token_statuses(&srv), [200], "{syntax:?}");
+        srv.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_without_an_equivalent_is_not_widened() {
+    let key = PrivateKey::generate(SigningAlg::Es384).unwrap();
+    let srv = server(Faults::default(), |b| {
+        b.with_smart_clients(vec![registered("c", &key)])
+            .with_scope_syntax(ScopeSyntax::V1)
+    })
+    .await;
+    // `system/Patient.r` has no v1 equivalent (`.read` would add search): one refusal, no retry.
+    let cfg = SmartConfig {
+        scope: "system/Patient.r".into(),
+        token_url: Some(srv.token_url()),
+        ..SmartConfig::new("c", key)
+    };
+    let auth = Auth::Smart(Arc::new(
+        SmartAuth::new(cfg, srv.base_url().clone()).unwrap(),
+    ));
+    let tmp = tempfile::tempdir().unwrap();
+    let e = export(&srv, patients(), tmp.path(), auth)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid_scope"), "{e}");
+    assert_eq!(token_statuses(&srv), [400]);
     srv.shutdown().await;
 }
