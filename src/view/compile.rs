@@ -230,14 +230,10 @@ impl EvalScratch {
         clear_cells(&mut b.cells, b.owned);
         self.cells = emptied(std::mem::take(&mut b.cells));
         self.lists = std::mem::take(&mut b.lists);
-        // Left over only when an evaluation failed half-way.
-        let mut parts = std::mem::take(&mut b.parts);
-        self.lists
-            .extend(parts.drain(..).filter(|p| p.capacity() > 0).map(|mut p| {
-                p.clear();
-                p
-            }));
-        self.parts = parts;
+        // Empty after every evaluation (each focus gives its lists back, on errors too); kept
+        // for its capacity.
+        self.parts = std::mem::take(&mut b.parts);
+        self.parts.clear();
         if self.cells.capacity() > MAX_KEPT_LEN {
             self.trim();
         }

@@ -321,30 +321,7 @@ impl<'a> JsonObject<'a> {
     /// The member `key` (the first one, if the key is repeated).
     #[inline]
     pub fn get(&self, key: impl AsRef<str>) -> Option<Json<'a>> {
-        let key = key.as_ref().as_bytes();
-        let doc = self.0.doc;
-        let (src, scratch) = (doc.src.as_bytes(), doc.scratch.as_bytes());
-        let mut idx = self.0.idx + 1;
-        for _ in 0..self.0.node().b {
-            let n = doc.nodes.get(idx as usize)?;
-            if n.key_len as usize == key.len() {
-                let text = if n.key_in_scratch { scratch } else { src };
-                let start = n.key_start as usize;
-                // First byte, then the rest: most candidates differ at once.
-                if (key.is_empty() || text.get(start) == key.first())
-                    && text
-                        .get(start..start + key.len())
-                        .is_some_and(|k| bytes_eq(k, key))
-                {
-                    return Some(Json { doc, idx });
-                }
-            }
-            idx = match n.tag {
-                Tag::Array | Tag::Object => n.a,
-                _ => idx + 1,
-            };
-        }
-        None
+        self.scan::<true>(key.as_ref().as_bytes(), |_, _| {})
     }
     /// The member `key` and, on the way, the members named `key` followed by an upper-case
     /// letter (FHIR choice elements: `valueQuantity` for `value`), each passed to `choice` with
