@@ -274,9 +274,8 @@ impl SmartAuth {
         Ok(value)
     }
 
-    /// The token endpoint from `.well-known/smart-configuration`, else from the
-    /// CapabilityStatement's OAuth extension.
-    /// The token endpoint, and the one scope syntax the server lists, if it lists one.
+    /// The token endpoint from `.well-known/smart-configuration` (with the one scope syntax it
+    /// lists, if it lists only one), else from the CapabilityStatement's OAuth extension.
     async fn discover(&self) -> Result<(Url, Option<Syntax>), ClientError> {
         let well_known = self.join(".well-known/smart-configuration")?;
         let mut tried = Vec::new();

@@ -242,22 +242,24 @@ pub(super) async fn smart_configuration(State(state): State<Arc<AppState>>) -> R
         return Issue::error("not-found", "this server does not use SMART authorization")
             .response(StatusCode::NOT_FOUND);
     };
+    let (scopes, permissions) = match smart.scope_syntax {
+        ScopeSyntax::Both => (
+            &["system/*.read", "system/*.rs"][..],
+            &["permission-v1", "permission-v2"][..],
+        ),
+        ScopeSyntax::V1 => (&["system/*.read"][..], &["permission-v1"][..]),
+        ScopeSyntax::V2 => (&["system/*.rs"][..], &["permission-v2"][..]),
+    };
+    let mut capabilities = vec!["client-confidential-asymmetric"];
+    capabilities.extend_from_slice(permissions);
     axum::Json(json!({
         "issuer": state.base_url.as_str(),
         "token_endpoint": state.token_url().as_str(),
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
         "grant_types_supported": ["client_credentials"],
-        "scopes_supported": match smart.scope_syntax {
-            ScopeSyntax::Both => json!(["system/*.read", "system/*.rs"]),
-            ScopeSyntax::V1 => json!(["system/*.read"]),
-            ScopeSyntax::V2 => json!(["system/*.rs"]),
-        },
-        "capabilities": match smart.scope_syntax {
-            ScopeSyntax::Both => json!(["client-confidential-asymmetric", "permission-v1", "permission-v2"]),
-            ScopeSyntax::V1 => json!(["client-confidential-asymmetric", "permission-v1"]),
-            ScopeSyntax::V2 => json!(["client-confidential-asymmetric", "permission-v2"]),
-        },
+        "scopes_supported": scopes,
+        "capabilities": capabilities,
     }))
     .into_response()
 }
