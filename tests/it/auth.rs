@@ -400,6 +400,27 @@ fn token_statuses(srv: &RunningServer) -> Vec<u16> {
         .collect()
 }
 
+/// A server with client `c` (`key`) whose token endpoint accepts one scope `syntax`.
+async fn one_syntax_server(key: &PrivateKey, syntax: ScopeSyntax) -> RunningServer {
+    server(Faults::default(), |b| {
+        b.with_smart_clients(vec![registered("c", key)])
+            .with_scope_syntax(syntax)
+    })
+    .await
+}
+
+/// SMART auth as client `c` with the token endpoint given, so nothing is discovered.
+fn smart_without_discovery(srv: &RunningServer, key: PrivateKey, scope: &str) -> Auth {
+    let cfg = SmartConfig {
+        scope: scope.into(),
+        token_url: Some(srv.token_url()),
+        ..SmartConfig::new("c", key)
+    };
+    Auth::Smart(Arc::new(
+        SmartAuth::new(cfg, srv.base_url().clone()).unwrap(),
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scope_in_the_refused_syntax_is_retried_in_the_other() {
     for (syntax, asked) in [
@@ -407,21 +428,10 @@ async fn a_scope_in_the_refused_syntax_is_retried_in_the_other() {
         (ScopeSyntax::V1, "system/*.rs"),
     ] {
         let key = PrivateKey::generate(SigningAlg::Es384).unwrap();
-        let srv = server(Faults::default(), |b| {
-            b.with_smart_clients(vec![registered("c", &key)])
-                .with_scope_syntax(syntax)
-        })
-        .await;
+        let srv = one_syntax_server(&key, syntax).await;
         // Token endpoint given, so nothing is discovered: the server refuses the scope
         // (`invalid_scope`) and the same scope in the other syntax gets the token.
-        let cfg = SmartConfig {
-            scope: asked.into(),
-            token_url: Some(srv.token_url()),
-            ..SmartConfig::new("c", with_kid(&key, key.kid()))
-        };
-        let auth = Auth::Smart(Arc::new(
-            SmartAuth::new(cfg, srv.base_url().clone()).unwrap(),
-        ));
+        let auth = smart_without_discovery(&srv, with_kid(&key, key.kid()), asked);
         let tmp = tempfile::tempdir().unwrap();
         export(&srv, patients(), tmp.path(), auth).await.unwrap();
         assert_exact(tmp.path(), &srv.counts()).await;
@@ -429,11 +439,7 @@ async fn a_scope_in_the_refused_syntax_is_retried_in_the_other() {
         srv.shutdown().await;
 
         // Discovered: `smart-configuration` lists one syntax, so the first request uses it.
-        let srv = server(Faults::default(), |b| {
-            b.with_smart_clients(vec![registered("c", &key)])
-                .with_scope_syntax(syntax)
-        })
-        .await;
+        let srv = one_syntax_server(&key, syntax).await;
         let tmp = tempfile::tempdir().unwrap();
         let auth = smart(&srv, "c", key, asked);
         export(&srv, patients(), tmp.path(), auth).await.unwrap();
@@ -446,20 +452,9 @@ async fn a_scope_in_the_refused_syntax_is_retried_in_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scope_without_an_equivalent_is_not_widened() {
     let key = PrivateKey::generate(SigningAlg::Es384).unwrap();
-    let srv = server(Faults::default(), |b| {
-        b.with_smart_clients(vec![registered("c", &key)])
-            .with_scope_syntax(ScopeSyntax::V1)
-    })
-    .await;
+    let srv = one_syntax_server(&key, ScopeSyntax::V1).await;
     // `system/Patient.r` has no v1 equivalent (`.read` would add search): one refusal, no retry.
-    let cfg = SmartConfig {
-        scope: "system/Patient.r".into(),
-        token_url: Some(srv.token_url()),
-        ..SmartConfig::new("c", key)
-    };
-    let auth = Auth::Smart(Arc::new(
-        SmartAuth::new(cfg, srv.base_url().clone()).unwrap(),
-    ));
+    let auth = smart_without_discovery(&srv, key, "system/Patient.r");
     let tmp = tempfile::tempdir().unwrap();
     let e = export(&srv, patients(), tmp.path(), auth)
         .await
