@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use flatfhir::{
-    pipeline::{self, ConvertOptions, Progress},
-    sink::DatasetLocation,
+    dataset::DatasetLocation,
+    run::{convert::ConvertBuilder, expand_inputs},
     view::ViewRegistry,
 };
 
@@ -23,17 +23,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = args
         .next()
         .unwrap_or_else(|| "flatfhir-example-dataset".into());
-    let files = pipeline::expand_inputs(&[input])?;
+    let files = expand_inputs(&[input])?;
     let registry = Arc::new(ViewRegistry::builtin()?);
     let location = DatasetLocation::resolve(&out, true)?;
-    let run = pipeline::convert(
-        files,
-        registry,
-        location,
-        ConvertOptions::default(),
-        Arc::new(Progress::default()),
-    )
-    .await?;
+    let run = ConvertBuilder::new(registry, location)
+        .with_files(files)
+        .run()
+        .await?;
     for (t, c) in &run.types {
         println!(
             "{t:24} {:6} lines -> {:6} rows, {} rejects",

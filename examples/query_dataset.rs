@@ -1,7 +1,7 @@
 //! SQL over a dataset written by `flatfhir convert` (or the convert_folder example).
 //!
 //!     cargo run --example query_dataset -- DATASET_DIR "select count(*) from patient"
-use flatfhir::{arrow::util::pretty::print_batches, query::Dataset, sink::DatasetLocation};
+use flatfhir::{arrow::util::pretty::print_batches, dataset::DatasetLocation, query::Dataset};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

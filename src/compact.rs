@@ -32,11 +32,12 @@ use object_store::ObjectStoreExt;
 
 use crate::{
     Error, Result,
-    query::{Dataset, LATEST_SUFFIX},
-    sink::{
-        DatasetLocation, DatasetWriterBuilder, PARTITION_COLUMN, RunManifest, WrittenFile,
-        manifest::{CompactedPartition, CompactionManifest, live_files},
+    dataset::{
+        CompactedPartition, CompactionManifest, DatasetLocation, PARTITION_COLUMN, RunIds,
+        RunManifest, WrittenFile, live_files,
     },
+    query::{Dataset, LATEST_SUFFIX},
+    sink::DatasetWriterBuilder,
 };
 
 /// Partitions with at least this many live files are rewritten.
@@ -133,7 +134,9 @@ pub async fn compact(location: &DatasetLocation, opts: &CompactOptions) -> Resul
         return Ok(summary);
     }
 
-    let (run_id, _, started) = crate::pipeline::new_run_ids();
+    let RunIds {
+        run_id, started, ..
+    } = RunIds::new();
     let id = format!("compact-{run_id}");
     let mut record = CompactionManifest {
         id: id.clone(),
@@ -169,7 +172,11 @@ pub async fn compact(location: &DatasetLocation, opts: &CompactOptions) -> Resul
                 )
                 .and_then(|df| df.select_columns(&columns.iter().map(String::as_str).collect::<Vec<_>>()))
                 .map_err(crate::query::QueryError::from)?;
-            let mut writer = DatasetWriterBuilder::new(location.clone(), id.clone(), export)
+            let mut writer = DatasetWriterBuilder::new(
+                location.clone(),
+                format!("c{}", RunIds::tag_of(&run_id)),
+                export,
+            )
                 .with_compression(opts.compression)
                 .with_max_rows_per_file(opts.max_rows_per_file)
                 .build();

@@ -1,7 +1,12 @@
 //! The crate-level error: one variant per stage, each keeping its cause.
+//!
+//! Messages never repeat their cause: a variant either says what failed and leaves the cause to
+//! [`std::error::Error::source`], or is `transparent`. The binary prints the chain once
+//! (`error: cannot read x.ndjson: No such file or directory (os error 2)`).
 
 use crate::{
-    client::ClientError, flatten::FlattenError, query::QueryError, sink::SinkError, view::ViewError,
+    client::ClientError, dataset::DatasetError, flatten::FlattenError, query::QueryError,
+    run::export::ExportError, view::ViewError,
 };
 
 /// Any error flatfhir's library can return.
@@ -17,15 +22,27 @@ pub enum Error {
     /// Input could not be read or decoded (a whole file, not a single bad line).
     #[error(transparent)]
     Flatten(#[from] FlattenError),
-    /// Writing the dataset failed.
+    /// Reading or writing the dataset failed.
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Dataset(#[from] DatasetError),
     /// Querying the dataset failed.
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// An export run failed.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// The run was cancelled (Ctrl-C, or a caller's cancel flag).
+    #[error("cancelled")]
+    Cancelled,
     /// A broken invariant: this is a bug in flatfhir, please report it.
     #[error("internal error (this is a bug in flatfhir): {0}")]
     Internal(String),
+}
+
+impl From<crate::dataset::job::InvalidTransition> for Error {
+    fn from(e: crate::dataset::job::InvalidTransition) -> Self {
+        Error::Internal(e.to_string())
+    }
 }
 
 /// Result alias using the crate [`Error`].

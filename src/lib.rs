@@ -4,21 +4,37 @@
 //! tree follows it stage by stage:
 //!
 //! ```text
-//!  ndjson bytes ──► flatten::Decoder ──► RecordBatch per view ──► sink::DatasetWriter ──► Parquet
-//!  (files, HTTP)    (view::ViewRegistry:    (bounded channel)       (Hive layout,           │
-//!                    compiled SQL-on-FHIR                            run manifest last)      ▼
-//!                    ViewDefinitions)                                              query::Dataset
-//!                                                                                  (DataFusion SQL)
+//!  client (Bulk Data $export: kick-off, poll, file bodies)      ndjson files
+//!     │ bytes                                                      │ bytes
+//!     └──────────────► run::Driver ◄───────────────────────────────┘
+//!                        │  decode threads: flatten::Decoder (view: compiled ViewDefinitions)
+//!                        ▼  one bounded stream of view batches
+//!                      sink::DatasetWriter (Parquet parts) ──► dataset (commit protocol)
+//!                                                                 │
+//!                                                   query::Dataset (DataFusion SQL)
 //! ```
 //!
+//! * [`client`] — the FHIR Bulk Data client: kick-off, polling, file downloads, SMART Backend
+//!   Services authorization ([`auth`] holds the keys).
 //! * [`view`] — SQL-on-FHIR v2 ViewDefinitions, compiled once into Arrow schemas plus evaluators.
-//! * [`flatten`] — a push decoder: ndjson bytes in, one `RecordBatch` stream per view out;
-//!   bad lines become [`flatten::Reject`] records, never panics or silent drops.
-//! * [`sink`] — Hive-partitioned Parquet (`<view>/export=<stamp>/part-<n>-<run>.parquet`) written
-//!   through `object_store`, files published atomically and the run manifest written last.
-//! * [`query`] — a DataFusion `SessionContext` over a dataset, one table per view.
-//! * [`pipeline`] — wires the stages together for `convert`.
+//! * [`flatten`] — a push decoder: ndjson bytes in, one `RecordBatch` stream per view out; bad
+//!   lines become [`flatten::Reject`] records, never panics or silent drops.
+//! * [`sink`] — view batches into Parquet parts, with bounded memory.
+//! * [`dataset`] — the lake: layout, run ids, run and job records, staging and commit; every
+//!   command that reads or writes a dataset goes through it.
+//! * [`run`] — the one driver (input → decode → write) and the commands composed of it:
+//!   [`run::convert`], [`run::export`], [`run::view`].
+//! * [`query`] — a DataFusion `SessionContext` over a dataset, one table per view, plus
+//!   current-state views.
 //! * [`compact`] — rewrites many small files into fewer large ones, atomically for `query`.
+//! * `serve` (cargo feature `serve`, on by default) — a Bulk Data server over a folder of
+//!   ndjson, with injectable faults (tests, demos, other clients); [`sample`] is the bundled
+//!   sample it serves in `flatfhir demo`.
+//!
+//! Cargo features (all on by default): `serve` (the built-in server), `cloud` (S3, GCS, Azure
+//! and HTTP object stores; local folders and `memory://` need nothing), `jemalloc` (the
+//! binary's allocator).
+//! * [`error`] — the crate-level [`Error`], one variant per stage.
 //!
 //! The arrow/parquet/datafusion/object_store versions are pinned together and re-exported, so
 //! downstream code never mixes two arrows.
@@ -27,12 +43,13 @@
 pub mod auth;
 pub mod client;
 pub mod compact;
+pub mod dataset;
 pub mod error;
-pub mod export;
 pub mod flatten;
-pub mod pipeline;
 pub mod query;
+pub mod run;
 pub mod sample;
+#[cfg(feature = "serve")]
 pub mod serve;
 pub mod sink;
 pub mod view;

@@ -5,10 +5,8 @@ use std::io::Write;
 use anyhow::Result;
 use flatfhir::{
     arrow::{datatypes::SchemaRef, record_batch::RecordBatch, util::pretty::pretty_format_batches},
-    sink::{
-        RunManifest,
-        rows::{batch_to_json_rows, decimal_text, write_json_row},
-    },
+    dataset::RunManifest,
+    sink::rows::{batch_to_json_rows, decimal_text, write_json_row},
 };
 
 /// Aligned text table (DataFusion style). Decimals are shown without trailing zeros

@@ -12,7 +12,7 @@ use std::{
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use flatfhir::pipeline::Progress;
+use flatfhir::run::Progress;
 
 /// A running progress display; [`stop`](Self::stop) clears it.
 pub struct ProgressDisplay {

@@ -68,7 +68,9 @@ impl DecoderBuilder {
         self
     }
     /// Skip (and count as `skipped`) resources of types no view reads, instead of landing them
-    /// in a generic base table (default `false`). Used when running one view.
+    /// in a generic base table, and add no generic base table beside the views of a type that
+    /// has no base view (default `false`). Used when running one view, and for an export's
+    /// deleted and error files ([`super::bulk_files`]).
     pub fn with_only_viewed_types(mut self, only: bool) -> Self {
         self.only_viewed = only;
         self
@@ -516,7 +518,7 @@ impl LineCx<'_> {
         let mut views: Vec<Arc<CompiledView>> = Vec::new();
         if kind == SlotKind::Viewed {
             views.extend(registry.views_for(rt).cloned());
-            if registry.base_view(rt).is_none() {
+            if registry.base_view(rt).is_none() && !self.only_viewed {
                 views.push(Arc::new(generic_view(rt, registry.raw())));
             }
         }

@@ -24,8 +24,10 @@
 //! ```
 
 mod builders;
+pub mod bulk_files;
 mod decoder;
 pub mod lines;
+mod rejects;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -35,17 +37,21 @@ use serde::{Deserialize, Serialize};
 pub use decoder::{
     DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LINE_BYTES, Decoder, DecoderBuilder,
 };
+pub use rejects::{
+    MAX_REJECT_BYTES, MAX_REJECTS_PER_BATCH, RejectBuffer, rejects_batch, rejects_schema,
+};
 
 /// Errors that stop the decoding of a whole input (single bad lines become [`Reject`]s instead).
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum FlattenError {
     /// The input could not be read (missing file, truncated gzip, …).
-    #[error("cannot read {file}: {source}")]
+    #[error("cannot read {file}")]
     Read {
         /// The input file.
         file: String,
         /// The cause.
+        #[source]
         source: std::io::Error,
     },
     /// Building a RecordBatch failed — a bug in flatfhir.

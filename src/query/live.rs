@@ -3,7 +3,7 @@
 //! A ListingTable lists directories, so on its own it would also read files that are not (or no
 //! longer) part of the dataset: parts of a run that never published its manifest, staged parts,
 //! and the small files a compaction replaced but has not deleted yet. Wrapping the store so that
-//! listings only return the live files ([`crate::sink::manifest::live_files`]) makes the switch
+//! listings only return the live files ([`crate::dataset::live_files`]) makes the switch
 //! from old to compacted files atomic for `query`, with DataFusion's listing, partition pruning
 //! and schema inference unchanged. Everything except listing is passed through.
 

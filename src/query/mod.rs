@@ -19,7 +19,7 @@
 //! # Example
 //! ```no_run
 //! # async fn f() -> flatfhir::Result<()> {
-//! use flatfhir::{query::Dataset, sink::DatasetLocation};
+//! use flatfhir::{dataset::DatasetLocation, query::Dataset};
 //! let ds = Dataset::open(&DatasetLocation::resolve("out", false)?).await?;
 //! let batches = ds.sql("select gender, count(*) from patient group by gender").await?;
 //! let current = ds.sql("select count(*) from patient_latest").await?;
@@ -45,17 +45,15 @@ use datafusion::{
 };
 use object_store::{ObjectStore, path::Path, prefix::PrefixStore};
 
-use crate::sink::{
-    DatasetLocation, PARTITION_COLUMN, RunManifest, SinkError,
-    manifest::{CompactionManifest, ViewKey, live_files},
+use crate::dataset::{
+    CompactionManifest, DELETED_TABLE, DatasetError, DatasetLocation, PARTITION_COLUMN,
+    RunManifest, ViewKey, live_files,
 };
 
 /// Where the dataset's store is registered in the session (`<view>/` tables live below it).
 pub const DATASET_URL: &str = "flatfhir://dataset/";
 /// Suffix of the current-state views.
 pub const LATEST_SUFFIX: &str = "_latest";
-/// Table of tombstones (deleted resources) written by exports.
-const DELETED_TABLE: &str = crate::export::DELETED_TABLE;
 
 /// Errors querying a dataset.
 #[non_exhaustive]
@@ -63,10 +61,26 @@ const DELETED_TABLE: &str = crate::export::DELETED_TABLE;
 pub enum QueryError {
     /// The dataset could not be listed or its manifests read.
     #[error(transparent)]
-    Dataset(#[from] SinkError),
-    /// DataFusion rejected or failed the query.
-    #[error("{0}")]
-    DataFusion(#[from] DataFusionError),
+    Dataset(#[from] DatasetError),
+    /// DataFusion rejected or failed the query. The message is DataFusion's innermost one (a
+    /// SQL typo reads `sql parser error: Expected: …`), said once: the error is kept, not
+    /// chained as a source whose text would repeat it.
+    #[error("{}", datafusion_message(.0))]
+    DataFusion(DataFusionError),
+}
+
+impl From<DataFusionError> for QueryError {
+    fn from(e: DataFusionError) -> Self {
+        QueryError::DataFusion(e)
+    }
+}
+
+/// The innermost message of a DataFusion error, without backtrace.
+fn datafusion_message(e: &DataFusionError) -> String {
+    match e.find_root() {
+        DataFusionError::SQL(parse, _) => parse.to_string(),
+        root => root.strip_backtrace(),
+    }
 }
 
 /// One registered table.

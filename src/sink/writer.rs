@@ -1,10 +1,15 @@
 //! [`DatasetWriter`]: per-view Parquet files under one run's `export=` partition.
 
-use std::{collections::HashMap, sync::Arc};
+use std::collections::HashMap;
 
+use crate::{
+    dataset::{DatasetError, DatasetLocation, PARTITION_COLUMN, STAGED_SUFFIX, WrittenFile},
+    flatten::ViewBatch,
+    view::compile::FHIR_TYPE_METADATA,
+};
 use datafusion::arrow::{
-    array::{ArrayRef, AsArray, StringBuilder, UInt64Builder},
-    datatypes::{DataType, Field, Schema, SchemaRef},
+    array::{ArrayRef, AsArray},
+    datatypes::DataType,
     record_batch::RecordBatch,
 };
 use object_store::buffered::BufWriter;
@@ -13,13 +18,6 @@ use parquet::{
     basic::{Compression, ZstdLevel},
     file::properties::{EnabledStatistics, WriterProperties},
     schema::types::ColumnPath,
-};
-use serde::{Deserialize, Serialize};
-
-use super::{DatasetLocation, PARTITION_COLUMN, SinkError};
-use crate::{
-    flatten::{Reject, ViewBatch},
-    view::compile::FHIR_TYPE_METADATA,
 };
 
 /// Rows per Parquet row group.
@@ -38,24 +36,11 @@ const LOCAL_UPLOAD_BUFFER_BYTES: usize = 1 << 20;
 /// is flushed early: the per-view bound alone lets 40 views hold 40 × 64 MiB.
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 << 20;
 
-/// A file written by a run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WrittenFile {
-    /// View (table) name.
-    pub view: String,
-    /// Path relative to the dataset root.
-    pub path: String,
-    /// Rows.
-    pub rows: u64,
-    /// Bytes.
-    pub bytes: u64,
-}
-
 /// Configures a [`DatasetWriter`].
 #[derive(Debug, Clone)]
 pub struct DatasetWriterBuilder {
     location: DatasetLocation,
-    run_id: String,
+    tag: String,
     export: String,
     compression: Compression,
     row_group_rows: usize,
@@ -64,19 +49,18 @@ pub struct DatasetWriterBuilder {
     max_buffered_bytes: usize,
 }
 
-/// Suffix of a staged file: written completely, not yet committed.
-pub const STAGED_SUFFIX: &str = ".staged";
-
 impl DatasetWriterBuilder {
-    /// A writer for run `run_id`, writing partition `export=<export>`.
+    /// A writer of partition `export=<export>` whose files are named `part-<n>-<tag>.parquet`
+    /// (the tag tells apart the writers of one partition: a run's random id part, plus a hash
+    /// of the downloaded file's URL for an export).
     pub fn new(
         location: DatasetLocation,
-        run_id: impl Into<String>,
+        tag: impl Into<String>,
         export: impl Into<String>,
     ) -> Self {
         DatasetWriterBuilder {
             location,
-            run_id: run_id.into(),
+            tag: tag.into(),
             export: export.into(),
             compression: Compression::ZSTD(ZstdLevel::default()),
             row_group_rows: DEFAULT_ROW_GROUP_ROWS,
@@ -86,7 +70,7 @@ impl DatasetWriterBuilder {
         }
     }
     /// Write files under a staged name (`<path>.staged`, invisible to readers); the caller makes
-    /// them visible with [`commit_staged`] once all of them are complete (default `false`).
+    /// them visible with [`crate::dataset::commit_staged`] once all of them are complete (default `false`).
     pub fn with_staging(mut self, staged: bool) -> Self {
         self.staged = staged;
         self
@@ -138,11 +122,11 @@ struct OpenFile {
 
 impl OpenFile {
     /// Close the row group in progress (bounds the writer's memory).
-    async fn flush_row_group(&mut self) -> Result<(), SinkError> {
+    async fn flush_row_group(&mut self) -> Result<(), DatasetError> {
         self.writer
             .flush()
             .await
-            .map_err(|source| SinkError::Parquet {
+            .map_err(|source| DatasetError::Parquet {
                 path: self.path.clone(),
                 source,
             })
@@ -166,12 +150,16 @@ impl DatasetWriter {
     }
 
     /// Write one batch.
-    pub async fn write(&mut self, vb: &ViewBatch) -> Result<(), SinkError> {
+    pub async fn write(&mut self, vb: &ViewBatch) -> Result<(), DatasetError> {
         self.write_batch(&vb.view, &vb.batch).await
     }
 
     /// Write one batch of a view.
-    pub async fn write_batch(&mut self, view: &str, batch: &RecordBatch) -> Result<(), SinkError> {
+    pub async fn write_batch(
+        &mut self,
+        view: &str,
+        batch: &RecordBatch,
+    ) -> Result<(), DatasetError> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
@@ -180,7 +168,7 @@ impl DatasetWriter {
             self.open.insert(view.to_string(), f);
         }
         let f = self.open.get_mut(view).expect("inserted above");
-        let pq = |source| SinkError::Parquet {
+        let pq = |source| DatasetError::Parquet {
             path: f.path.clone(),
             source,
         };
@@ -198,7 +186,7 @@ impl DatasetWriter {
 
     /// Flush the largest open row group while all of them together use more than
     /// [`DatasetWriterBuilder::with_max_buffered_bytes`].
-    async fn bound_memory(&mut self) -> Result<(), SinkError> {
+    async fn bound_memory(&mut self) -> Result<(), DatasetError> {
         loop {
             let total: usize = self.open.values().map(|f| f.writer.memory_size()).sum();
             if total <= self.cfg.max_buffered_bytes {
@@ -217,10 +205,10 @@ impl DatasetWriter {
     }
 
     /// Open the next file of `view`, its encodings tuned on its `first` batch.
-    fn open_file(&mut self, view: &str, first: &RecordBatch) -> Result<OpenFile, SinkError> {
+    fn open_file(&mut self, view: &str, first: &RecordBatch) -> Result<OpenFile, DatasetError> {
         let dir = self.partition_dir(view);
         let seq = self.seq.entry(view.to_string()).or_default();
-        let path = format!("{dir}/part-{:05}-{}.parquet", *seq, self.cfg.run_id);
+        let path = format!("{dir}/part-{:05}-{}.parquet", *seq, self.cfg.tag);
         *seq += 1;
         let target = if self.cfg.staged {
             format!("{path}{STAGED_SUFFIX}")
@@ -238,7 +226,7 @@ impl DatasetWriter {
         let props = props_for(&self.props, first);
         let writer =
             AsyncArrowWriter::try_new(obj, first.schema(), Some(props)).map_err(|source| {
-                SinkError::Parquet {
+                DatasetError::Parquet {
                     path: path.clone(),
                     source,
                 }
@@ -250,13 +238,16 @@ impl DatasetWriter {
         })
     }
 
-    async fn close(&mut self, view: &str, f: OpenFile) -> Result<(), SinkError> {
+    async fn close(&mut self, view: &str, f: OpenFile) -> Result<(), DatasetError> {
         let OpenFile { writer, path, rows } = f;
         let mut writer = writer;
-        writer.finish().await.map_err(|source| SinkError::Parquet {
-            path: path.clone(),
-            source,
-        })?;
+        writer
+            .finish()
+            .await
+            .map_err(|source| DatasetError::Parquet {
+                path: path.clone(),
+                source,
+            })?;
         let bytes = writer.bytes_written() as u64;
         self.written.push(WrittenFile {
             view: view.to_string(),
@@ -268,7 +259,7 @@ impl DatasetWriter {
     }
 
     /// Close every open file; returns everything written, sorted by path.
-    pub async fn finish(mut self) -> Result<Vec<WrittenFile>, SinkError> {
+    pub async fn finish(mut self) -> Result<Vec<WrittenFile>, DatasetError> {
         let mut open: Vec<_> = std::mem::take(&mut self.open).into_iter().collect();
         open.sort_by(|a, b| a.0.cmp(&b.0));
         for (view, f) in open {
@@ -339,83 +330,10 @@ fn mostly_distinct(col: &ArrayRef) -> Option<bool> {
     Some(sample.len() * 2 > n)
 }
 
-/// Make staged files visible (rename `<path>.staged` → `<path>`). Idempotent: a file already
-/// renamed (a resumed run rolling a commit forward) is skipped.
-pub async fn commit_staged(
-    location: &DatasetLocation,
-    files: &[WrittenFile],
-) -> Result<(), SinkError> {
-    use object_store::ObjectStoreExt;
-    for f in files {
-        let from = location.child(&format!("{}{STAGED_SUFFIX}", f.path));
-        let to = location.child(&f.path);
-        match location.store.rename(&from, &to).await {
-            Ok(()) => {}
-            Err(object_store::Error::NotFound { .. }) if location.store.head(&to).await.is_ok() => {
-            }
-            Err(source) => {
-                return Err(SinkError::Store {
-                    path: f.path.clone(),
-                    source,
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Delete staged files of an abandoned attempt (best effort).
-pub async fn discard_staged(location: &DatasetLocation, files: &[WrittenFile]) {
-    use object_store::ObjectStoreExt;
-    for f in files {
-        let _ = location
-            .store
-            .delete(&location.child(&format!("{}{STAGED_SUFFIX}", f.path)))
-            .await;
-    }
-}
-
-/// Schema of the `_rejects` table.
-pub fn rejects_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("file", DataType::Utf8, false),
-        Field::new("line", DataType::UInt64, false),
-        Field::new("byte_offset", DataType::UInt64, false),
-        Field::new("resource_type", DataType::Utf8, true),
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("raw", DataType::Utf8, false),
-    ]))
-}
-
-/// Reject records as a `_rejects` batch.
-pub fn rejects_batch(rejects: &[Reject]) -> RecordBatch {
-    let mut file = StringBuilder::new();
-    let mut line = UInt64Builder::new();
-    let mut off = UInt64Builder::new();
-    let mut rt = StringBuilder::new();
-    let mut reason = StringBuilder::new();
-    let mut raw = StringBuilder::new();
-    for r in rejects {
-        file.append_value(&r.file);
-        line.append_value(r.line);
-        off.append_value(r.byte_offset);
-        rt.append_option(r.resource_type.as_deref());
-        reason.append_value(&r.reason);
-        raw.append_value(&r.raw);
-    }
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(file.finish()),
-        Arc::new(line.finish()),
-        Arc::new(off.finish()),
-        Arc::new(rt.finish()),
-        Arc::new(reason.finish()),
-        Arc::new(raw.finish()),
-    ];
-    RecordBatch::try_new(rejects_schema(), cols).expect("columns match the rejects schema")
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use datafusion::arrow::{
         array::StringArray,
         datatypes::{DataType, Field, Schema},

@@ -239,7 +239,7 @@ impl EvalScratch {
         }
     }
 
-    /// Free the buffers one huge resource grew past [`MAX_KEPT_LEN`] elements, so that it does
+    /// Free the buffers one huge resource grew past `MAX_KEPT_LEN` elements, so that it does
     /// not hold their memory for the rest of the run. [`EvalScratch::restore`] does so when the
     /// cell arena grew that large; the decoder also after every long line (a resource can need
     /// large item buffers without many cells, e.g. `count()` over a big array).
@@ -485,6 +485,12 @@ impl CompiledView {
             message: format!("not a ViewDefinition: {e}"),
         })?;
         Self::compile(&def, origin)
+    }
+
+    /// Rename the view's table, bypassing the SQL-name rule: for flatfhir's own tables
+    /// (`_deleted`, `_outcomes`), whose leading `_` no user view can take.
+    pub(crate) fn set_table_name(&mut self, name: &str) {
+        self.name = name.to_string();
     }
 
     /// Add a trailing `resource` column holding the raw JSON of the resource.

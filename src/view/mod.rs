@@ -96,6 +96,20 @@ impl ViewRegistry {
         &self.by_name[&name]
     }
 
+    /// Add (or replace, by name) a compiled view.
+    pub fn insert_compiled(&mut self, view: CompiledView) -> &CompiledView {
+        self.insert(view, "<compiled>")
+    }
+
+    /// A registry of flatfhir's own views, whose table names may start with `_`.
+    pub(crate) fn internal(views: Vec<CompiledView>) -> Self {
+        let mut reg = Self::empty().with_raw(false);
+        for v in views {
+            reg.insert(v, "<flatfhir>");
+        }
+        reg
+    }
+
     /// Add every `*.json` file of a directory, replacing views of the same name.
     pub fn add_dir(&mut self, dir: &Path) -> Result<usize, ViewError> {
         let io = |e| ViewError::Io {

@@ -11,23 +11,29 @@ use flatfhir::{
         },
         prelude::SessionContext,
     },
-    pipeline::{self, ConvertOptions, Progress},
+    dataset::{DatasetLocation, RunManifest},
     query::Dataset,
-    sink::{DatasetLocation, RunManifest},
+    run::{
+        self,
+        convert::{ConvertBuilder, ConvertOptions},
+    },
     view::ViewRegistry,
 };
 
 use crate::support::data;
 
 async fn convert(inputs: &[std::path::PathBuf], out: &std::path::Path) -> RunManifest {
-    let files = pipeline::expand_inputs(inputs).unwrap();
+    let files = run::expand_inputs(inputs).unwrap();
     let loc = DatasetLocation::resolve(out.to_str().unwrap(), true).unwrap();
     let reg = Arc::new(ViewRegistry::builtin().unwrap());
     let opts = ConvertOptions {
         batch_size: 100,
         ..Default::default()
     };
-    pipeline::convert(files, reg, loc, opts, Arc::new(Progress::default()))
+    ConvertBuilder::new(reg, loc)
+        .with_files(files)
+        .with_options(opts)
+        .run()
         .await
         .unwrap()
 }
@@ -188,7 +194,7 @@ async fn split_files_convert_exactly_like_whole_files() {
         text.push('\n');
     }
     std::fs::write(&input, &text).unwrap();
-    let ranges = pipeline::split_file(&input, 4096).unwrap();
+    let ranges = run::input::split_file(&input, 4096).unwrap();
     assert!(ranges.len() > 20, "{} ranges", ranges.len());
 
     let reg = Arc::new(ViewRegistry::builtin().unwrap());
@@ -202,8 +208,11 @@ async fn split_files_convert_exactly_like_whole_files() {
             split_bytes,
             ..Default::default()
         };
-        let files = pipeline::expand_inputs(std::slice::from_ref(&input)).unwrap();
-        let m = pipeline::convert(files, reg.clone(), loc, opts, Arc::new(Progress::default()))
+        let files = run::expand_inputs(std::slice::from_ref(&input)).unwrap();
+        let m = ConvertBuilder::new(reg.clone(), loc)
+            .with_files(files)
+            .with_options(opts)
+            .run()
             .await
             .unwrap();
         for (t, c) in &m.types {

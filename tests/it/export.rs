@@ -5,11 +5,10 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use flatfhir::{
     client::{Auth, BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig},
-    export::{ExportOptions, ExportSummary, run_export},
-    pipeline::Progress,
+    dataset::DatasetLocation,
     query::Dataset,
+    run::export::{ExportBuilder, ExportOptions, ExportSummary},
     serve::{DataSource, Faults, RunningServer, ServerBuilder},
-    sink::DatasetLocation,
     view::ViewRegistry,
 };
 
@@ -56,16 +55,11 @@ pub(crate) async fn export_with(
         .build()?;
     let loc = DatasetLocation::resolve(out.to_str().unwrap(), true)?;
     let reg = Arc::new(ViewRegistry::builtin()?);
-    run_export(
-        client,
-        req,
-        reg,
-        loc,
-        opts,
-        Arc::new(Progress::default()),
-        None,
-    )
-    .await
+    ExportBuilder::new(client, reg, loc)
+        .with_request(req)
+        .with_options(opts)
+        .run()
+        .await
 }
 
 pub(crate) fn patients() -> ExportRequest {
@@ -499,10 +493,18 @@ async fn killed_export_resumes_with_exact_counts() {
     let jobs = out.join("_jobs");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
+        // The job record and its per-file records (`_jobs/<run>/`).
         let committed = std::fs::read_dir(&jobs)
             .into_iter()
             .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+            .flat_map(|e| {
+                let p = e.unwrap().path();
+                match std::fs::read_dir(&p) {
+                    Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+                    Err(_) => vec![p],
+                }
+            })
+            .filter_map(|p| std::fs::read_to_string(p).ok())
             .map(|t| t.matches("\"committed\"").count())
             .sum::<usize>();
         if committed >= 2 {

@@ -11,11 +11,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use flatfhir::{
     client::{BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig},
     compact::{CompactOptions, compact},
-    export::{ExportOptions, ExportSummary, resolve_since_auto, run_export},
-    pipeline::Progress,
+    dataset::DatasetLocation,
     query::Dataset,
+    run::export::{ExportBuilder, ExportSummary, resolve_since_auto},
     serve::{DataSource, Faults, RunningServer, ServerBuilder},
-    sink::DatasetLocation,
     view::ViewRegistry,
 };
 use serde_json::json;
@@ -113,17 +112,11 @@ async fn run(srv: &RunningServer, loc: &DatasetLocation, request: ExportRequest)
         .build()
         .unwrap();
     let registry = Arc::new(ViewRegistry::builtin().unwrap());
-    run_export(
-        client,
-        request,
-        registry,
-        loc.clone(),
-        ExportOptions::default(),
-        Arc::new(Progress::default()),
-        None,
-    )
-    .await
-    .unwrap()
+    ExportBuilder::new(client, registry, loc.clone())
+        .with_request(request)
+        .run()
+        .await
+        .unwrap()
 }
 
 async fn one(ds: &Dataset, sql: &str) -> String {

@@ -9,11 +9,10 @@ use axum::http::StatusCode;
 use flatfhir::{
     client::{BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig},
     compact::{CompactOptions, compact},
-    export::{ExportOptions, ExportSummary, run_export},
-    pipeline::Progress,
+    dataset::DatasetLocation,
     query::Dataset,
+    run::export::{ExportBuilder, ExportSummary},
     serve::{DataSource, RunningServer, ServerBuilder},
-    sink::DatasetLocation,
     view::ViewRegistry,
 };
 
@@ -44,9 +43,10 @@ async fn export_into(srv: &RunningServer, loc: DatasetLocation) -> flatfhir::Res
         ..Default::default()
     };
     let registry = Arc::new(ViewRegistry::builtin()?);
-    let progress = Arc::new(Progress::default());
-    let opts = ExportOptions::default();
-    run_export(client, request, registry, loc, opts, progress, None).await
+    ExportBuilder::new(client, registry, loc)
+        .with_request(request)
+        .run()
+        .await
 }
 
 /// `count(*)` of every table and `_latest` view.

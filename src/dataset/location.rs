@@ -16,7 +16,7 @@
 //!
 //! # Example
 //! ```
-//! use flatfhir::sink::DatasetLocation;
+//! use flatfhir::dataset::DatasetLocation;
 //! let loc = DatasetLocation::resolve("memory://doc/datasets/nightly", false).unwrap();
 //! assert_eq!(loc.url.as_str(), "memory://doc/datasets/nightly/");
 //! assert_eq!(loc.child("_runs/x.json").as_ref(), "datasets/nightly/_runs/x.json");
@@ -34,19 +34,13 @@ use std::{
 
 use futures::TryStreamExt;
 use object_store::{
-    ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload,
-    aws::{AmazonS3Builder, AmazonS3ConfigKey},
-    azure::{AzureConfigKey, MicrosoftAzureBuilder},
-    gcp::{GoogleCloudStorageBuilder, GoogleConfigKey},
-    http::HttpBuilder,
-    local::LocalFileSystem,
-    memory::InMemory,
-    path::Path,
+    ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, local::LocalFileSystem,
+    memory::InMemory, path::Path,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use url::Url;
 
-use super::SinkError;
+use super::DatasetError;
 
 /// Where a dataset lives.
 #[derive(Debug, Clone)]
@@ -62,7 +56,7 @@ pub struct DatasetLocation {
 impl DatasetLocation {
     /// Resolve a location (see the [module docs](self)) with no store options; a local directory
     /// is created when `create` is set.
-    pub fn resolve(location: &str, create: bool) -> Result<Self, SinkError> {
+    pub fn resolve(location: &str, create: bool) -> Result<Self, DatasetError> {
         Self::resolve_with_options(location, &[], create)
     }
 
@@ -73,8 +67,8 @@ impl DatasetLocation {
         location: &str,
         options: &[(String, String)],
         create: bool,
-    ) -> Result<Self, SinkError> {
-        let err = |message: String| SinkError::Location {
+    ) -> Result<Self, DatasetError> {
+        let err = |message: String| DatasetError::Location {
             location: location.to_string(),
             message,
         };
@@ -102,8 +96,8 @@ impl DatasetLocation {
         path: std::path::PathBuf,
         options: &[(String, String)],
         create: bool,
-    ) -> Result<Self, SinkError> {
-        let err = |message: String| SinkError::Location {
+    ) -> Result<Self, DatasetError> {
+        let err = |message: String| DatasetError::Location {
             location: location.to_string(),
             message,
         };
@@ -132,8 +126,8 @@ impl DatasetLocation {
         location: &str,
         mut url: Url,
         options: &[(String, String)],
-    ) -> Result<Self, SinkError> {
-        let err = |message: String| SinkError::Location {
+    ) -> Result<Self, DatasetError> {
+        let err = |message: String| DatasetError::Location {
             location: location.to_string(),
             message,
         };
@@ -149,67 +143,20 @@ impl DatasetLocation {
             });
         }
         let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|e| err(e.to_string()))?;
-        /// Apply `options` through a builder's `with_config`, rejecting unknown keys.
-        macro_rules! configure {
-            ($builder:expr, $key:ty) => {{
-                let mut b = $builder;
-                for (k, v) in options {
-                    let key: $key = k.to_ascii_lowercase().parse().map_err(|_| {
-                        err(format!(
-                            "unknown store option {k:?} for {}://",
-                            url.scheme()
-                        ))
-                    })?;
-                    b = b.with_config(key, v);
-                }
-                Arc::new(b.build().map_err(|e| err(e.to_string()))?) as Arc<dyn ObjectStore>
-            }};
-        }
-        let store = match scheme {
-            ObjectStoreScheme::AmazonS3 => configure!(
-                AmazonS3Builder::from_env().with_url(url.as_str()),
-                AmazonS3ConfigKey
-            ),
-            ObjectStoreScheme::GoogleCloudStorage => configure!(
-                GoogleCloudStorageBuilder::from_env().with_url(url.as_str()),
-                GoogleConfigKey
-            ),
-            ObjectStoreScheme::MicrosoftAzure => configure!(
-                MicrosoftAzureBuilder::from_env().with_url(url.as_str()),
-                AzureConfigKey
-            ),
-            ObjectStoreScheme::Http => {
-                if let Some((k, _)) = options.first() {
-                    return Err(err(format!("store option {k:?}: http(s) takes no options")));
-                }
-                let root = format!("{}://{}", url.scheme(), url.authority());
-                Arc::new(
-                    HttpBuilder::new()
-                        .with_url(root)
-                        .build()
-                        .map_err(|e| err(e.to_string()))?,
-                ) as Arc<dyn ObjectStore>
-            }
-            _ => {
-                return Err(err(format!(
-                    "unsupported scheme {}:// (use a path, file://, s3://, gs://, az://, abfss:// or memory://)",
-                    url.scheme()
-                )));
-            }
-        };
+        let store = cloud_store(scheme, &url, options).map_err(err)?;
         Ok(DatasetLocation { store, prefix, url })
     }
 
     /// Write a JSON document at `rel` (atomically: a put is all or nothing).
-    pub async fn put_json(&self, rel: &str, value: &impl Serialize) -> Result<(), SinkError> {
-        let body = serde_json::to_vec_pretty(value).map_err(|source| SinkError::Manifest {
+    pub async fn put_json(&self, rel: &str, value: &impl Serialize) -> Result<(), DatasetError> {
+        let body = serde_json::to_vec_pretty(value).map_err(|source| DatasetError::Manifest {
             path: rel.to_string(),
             source,
         })?;
         self.store
             .put(&self.child(rel), PutPayload::from(body))
             .await
-            .map_err(|source| SinkError::Store {
+            .map_err(|source| DatasetError::Store {
                 path: rel.to_string(),
                 source,
             })?;
@@ -217,13 +164,13 @@ impl DatasetLocation {
     }
 
     /// Read every `*.json` document under the directory `rel` (none when it does not exist).
-    pub async fn list_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Vec<T>, SinkError> {
+    pub async fn list_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Vec<T>, DatasetError> {
         let metas: Vec<_> = self
             .store
             .list(Some(&self.child(rel)))
             .try_collect()
             .await
-            .map_err(|source| SinkError::Store {
+            .map_err(|source| DatasetError::Store {
                 path: rel.to_string(),
                 source,
             })?;
@@ -232,25 +179,50 @@ impl DatasetLocation {
             .into_iter()
             .filter(|m| m.location.as_ref().ends_with(".json"))
         {
-            let path = m.location.to_string();
-            let store_err = |source| SinkError::Store {
-                path: path.clone(),
-                source,
-            };
-            let bytes = self
-                .store
-                .get(&m.location)
-                .await
-                .map_err(store_err)?
-                .bytes()
-                .await
-                .map_err(store_err)?;
-            out.push(
-                serde_json::from_slice(&bytes)
-                    .map_err(|source| SinkError::Manifest { path, source })?,
-            );
+            out.push(self.get_json(&m.location).await?);
         }
         Ok(out)
+    }
+
+    /// Read the `*.json` documents directly in the directory `rel`, not in its subdirectories.
+    pub async fn list_json_shallow<T: DeserializeOwned>(
+        &self,
+        rel: &str,
+    ) -> Result<Vec<T>, DatasetError> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.child(rel)))
+            .await
+            .map_err(|source| DatasetError::Store {
+                path: rel.to_string(),
+                source,
+            })?;
+        let mut out = Vec::new();
+        for m in listing
+            .objects
+            .into_iter()
+            .filter(|m| m.location.as_ref().ends_with(".json"))
+        {
+            out.push(self.get_json(&m.location).await?);
+        }
+        Ok(out)
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, location: &Path) -> Result<T, DatasetError> {
+        let path = location.to_string();
+        let store_err = |source| DatasetError::Store {
+            path: path.clone(),
+            source,
+        };
+        let bytes = self
+            .store
+            .get(location)
+            .await
+            .map_err(store_err)?
+            .bytes()
+            .await
+            .map_err(store_err)?;
+        serde_json::from_slice(&bytes).map_err(|source| DatasetError::Manifest { path, source })
     }
 
     /// `prefix/child`.
@@ -261,6 +233,85 @@ impl DatasetLocation {
         }
         p
     }
+}
+
+/// The object store of a cloud URL, `options` applied through the builder's `with_config`
+/// (unknown keys rejected). The error is the message for [`DatasetError::Location`].
+#[cfg(feature = "cloud")]
+fn cloud_store(
+    scheme: ObjectStoreScheme,
+    url: &Url,
+    options: &[(String, String)],
+) -> Result<Arc<dyn ObjectStore>, String> {
+    use object_store::{
+        aws::{AmazonS3Builder, AmazonS3ConfigKey},
+        azure::{AzureConfigKey, MicrosoftAzureBuilder},
+        gcp::{GoogleCloudStorageBuilder, GoogleConfigKey},
+        http::HttpBuilder,
+    };
+    let err = |m: String| m;
+    /// Apply `options` through a builder's `with_config`, rejecting unknown keys.
+    macro_rules! configure {
+        ($builder:expr, $key:ty) => {{
+            let mut b = $builder;
+            for (k, v) in options {
+                let key: $key = k.to_ascii_lowercase().parse().map_err(|_| {
+                    err(format!(
+                        "unknown store option {k:?} for {}://",
+                        url.scheme()
+                    ))
+                })?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| err(e.to_string()))?) as Arc<dyn ObjectStore>
+        }};
+    }
+    let store = match scheme {
+        ObjectStoreScheme::AmazonS3 => configure!(
+            AmazonS3Builder::from_env().with_url(url.as_str()),
+            AmazonS3ConfigKey
+        ),
+        ObjectStoreScheme::GoogleCloudStorage => configure!(
+            GoogleCloudStorageBuilder::from_env().with_url(url.as_str()),
+            GoogleConfigKey
+        ),
+        ObjectStoreScheme::MicrosoftAzure => configure!(
+            MicrosoftAzureBuilder::from_env().with_url(url.as_str()),
+            AzureConfigKey
+        ),
+        ObjectStoreScheme::Http => {
+            if let Some((k, _)) = options.first() {
+                return Err(err(format!("store option {k:?}: http(s) takes no options")));
+            }
+            let root = format!("{}://{}", url.scheme(), url.authority());
+            Arc::new(
+                HttpBuilder::new()
+                    .with_url(root)
+                    .build()
+                    .map_err(|e| err(e.to_string()))?,
+            ) as Arc<dyn ObjectStore>
+        }
+        _ => {
+            return Err(err(format!(
+                "unsupported scheme {}:// (use a path, file://, s3://, gs://, az://, abfss:// or memory://)",
+                url.scheme()
+            )));
+        }
+    };
+    Ok(store)
+}
+
+/// Without the `cloud` feature only local folders and `memory://` are stores.
+#[cfg(not(feature = "cloud"))]
+fn cloud_store(
+    _scheme: ObjectStoreScheme,
+    url: &Url,
+    _options: &[(String, String)],
+) -> Result<Arc<dyn ObjectStore>, String> {
+    Err(format!(
+        "{}:// needs flatfhir built with the `cloud` feature",
+        url.scheme()
+    ))
 }
 
 /// The in-process store named `name` (one per name for the life of the process).

@@ -1,7 +1,7 @@
 //! The run manifest (`_runs/<run id>.json`): what a run read, wrote and rejected. Written last —
 //! its presence is what makes a run's files visible to `query`.
 //!
-//! Compactions (`_compactions/<id>.json`, see [`crate::compact`]) replace some files of published
+//! Compactions (`_compactions/<id>.json`, written by [`crate::compact`]) replace some files of published
 //! runs by fewer, larger ones. The files a reader should read are those of the published runs,
 //! minus the files compactions removed, plus the files they added: [`live_files`].
 
@@ -9,11 +9,21 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{DatasetLocation, RUNS_DIR, SinkError, WrittenFile};
+use super::{COMPACTIONS_DIR, DatasetError, DatasetLocation, RUNS_DIR, RunIds};
 use crate::{client::ExportRequest, flatten::TypeCounts, view::ViewRegistry};
 
-/// Directory of compaction records.
-pub const COMPACTIONS_DIR: &str = "_compactions";
+/// A file written by a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenFile {
+    /// View (table) name.
+    pub view: String,
+    /// Path relative to the dataset root.
+    pub path: String,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
 
 /// What `<view>_latest` needs to know about a view: the resource type it reads, the column
 /// holding the resource id and the column holding `meta.lastUpdated`.
@@ -97,7 +107,11 @@ impl RunManifest {
     /// A finished run's manifest from what it read and wrote (finish time: now).
     pub fn finished(
         kind: &str,
-        (run_id, export, started): (String, String, String),
+        RunIds {
+            run_id,
+            export,
+            started,
+        }: RunIds,
         stats: crate::flatten::DecodeStats,
         inputs: Vec<InputRecord>,
         files: Vec<WrittenFile>,
@@ -119,11 +133,25 @@ impl RunManifest {
         }
     }
 
-    /// Record the resource type and key columns of the views this run wrote.
+    /// Record the resource type and key columns of the views this run wrote, including the
+    /// generic tables of resource types that no view reads (`id`, `last_updated`).
     pub fn with_view_keys(mut self, registry: &ViewRegistry) -> Self {
         let written: BTreeSet<&str> = self.files.iter().map(|f| f.view.as_str()).collect();
         for name in written {
             let Some(view) = registry.get(name) else {
+                let generic = self.types.keys().find(|t| {
+                    crate::view::snake_case(t) == name && registry.views_for(t).next().is_none()
+                });
+                if let Some(t) = generic {
+                    self.view_keys.insert(
+                        name.to_string(),
+                        ViewKey {
+                            resource: t.clone(),
+                            id_column: Some("id".into()),
+                            last_updated_column: Some("last_updated".into()),
+                        },
+                    );
+                }
                 continue;
             };
             let column = |path: &str| {
@@ -150,12 +178,12 @@ impl RunManifest {
     }
 
     /// Write the manifest: the last step of a run.
-    pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), SinkError> {
+    pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), DatasetError> {
         loc.put_json(&Self::path(&self.run_id), self).await
     }
 
     /// Every published run of a dataset, oldest first.
-    pub async fn list(loc: &DatasetLocation) -> Result<Vec<RunManifest>, SinkError> {
+    pub async fn list(loc: &DatasetLocation) -> Result<Vec<RunManifest>, DatasetError> {
         let mut runs: Vec<RunManifest> = loc.list_json(RUNS_DIR).await?;
         runs.sort_by(|a, b| (&a.started, &a.run_id).cmp(&(&b.started, &b.run_id)));
         Ok(runs)
@@ -199,12 +227,12 @@ impl CompactionManifest {
     }
 
     /// Publish the record: the commit point of a compaction.
-    pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), SinkError> {
+    pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), DatasetError> {
         loc.put_json(&Self::path(&self.id), self).await
     }
 
     /// Every published compaction, oldest first.
-    pub async fn list(loc: &DatasetLocation) -> Result<Vec<CompactionManifest>, SinkError> {
+    pub async fn list(loc: &DatasetLocation) -> Result<Vec<CompactionManifest>, DatasetError> {
         let mut all: Vec<CompactionManifest> = loc.list_json(COMPACTIONS_DIR).await?;
         all.sort_by(|a, b| (&a.finished, &a.id).cmp(&(&b.finished, &b.id)));
         Ok(all)
@@ -322,5 +350,21 @@ mod tests {
         );
         assert_eq!(m.view_keys["patient_name"].last_updated_column, None);
         assert!(!m.view_keys.contains_key("_rejects"));
+
+        // A type no view reads lands in its generic table, which gets keys too.
+        let m = RunManifest {
+            files: vec![file("task", "task/export=1/p.parquet", 1)],
+            types: [("Task".to_string(), TypeCounts::default())].into(),
+            ..Default::default()
+        }
+        .with_view_keys(&registry);
+        assert_eq!(
+            m.view_keys["task"],
+            ViewKey {
+                resource: "Task".into(),
+                id_column: Some("id".into()),
+                last_updated_column: Some("last_updated".into()),
+            }
+        );
     }
 }

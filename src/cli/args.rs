@@ -1,0 +1,104 @@
+//! Arguments several commands share, and the value parsers of clap.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use flatfhir::{dataset::DatasetLocation, view::ViewRegistry};
+
+/// The views in use: built-in defaults plus `--schemas DIR`.
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Folder of ViewDefinition JSON files: adds views, or replaces built-in ones of the same name.
+    #[arg(long, value_name = "DIR", env = "FLATFHIR_SCHEMAS")]
+    schemas: Option<PathBuf>,
+    /// Do not add the raw `resource` JSON column to base views.
+    #[arg(long)]
+    no_raw: bool,
+}
+
+impl SchemaArgs {
+    /// Load and compile the views (a bad ViewDefinition fails here, before any I/O of a run).
+    pub fn registry(&self) -> Result<ViewRegistry> {
+        let mut reg = ViewRegistry::builtin()?.with_raw(!self.no_raw);
+        if let Some(dir) = &self.schemas {
+            reg.add_dir(dir)?;
+        }
+        Ok(reg)
+    }
+}
+
+/// Object store options of a dataset location.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Object store option KEY=VALUE, e.g. aws_endpoint=http://127.0.0.1:9000 (repeatable;
+    /// credentials and endpoints also come from the cloud's standard environment variables).
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub store_options: Vec<(String, String)>,
+}
+
+impl StoreArgs {
+    /// Resolve a dataset location (no request is sent; a local folder is created when
+    /// `create`).
+    pub fn location(&self, location: &str, create: bool) -> Result<DatasetLocation> {
+        Ok(DatasetLocation::resolve_with_options(
+            location,
+            &self.store_options,
+            create,
+        )?)
+    }
+}
+
+/// `NAME=VALUE`.
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))
+}
+
+/// `NAME:VALUE`.
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once(':')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected NAME:VALUE, got {s:?}"))
+}
+/// `90s`, `30m`, `12h`, `7d`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 90s, 30m, 12h, 7d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h, d)")),
+    };
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+pub fn parse_compression(s: &str) -> Result<parquet::basic::Compression, String> {
+    use parquet::basic::{Compression, ZstdLevel};
+    match s.split_once(':') {
+        None if s == "zstd" => Ok(Compression::ZSTD(ZstdLevel::default())),
+        None if s == "snappy" => Ok(Compression::SNAPPY),
+        None if s == "none" || s == "uncompressed" => Ok(Compression::UNCOMPRESSED),
+        Some(("zstd", l)) => {
+            let level: i32 = l.parse().map_err(|_| format!("bad zstd level {l:?}"))?;
+            ZstdLevel::try_new(level)
+                .map(Compression::ZSTD)
+                .map_err(|e| e.to_string())
+        }
+        _ => Err(format!(
+            "unknown compression {s:?} (zstd, zstd:LEVEL, snappy, none)"
+        )),
+    }
+}

@@ -1,0 +1,129 @@
+//! `flatfhir convert`: ndjson files into a dataset.
+
+use std::{io::Write, path::PathBuf, sync::Arc};
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use flatfhir::{
+    dataset::DatasetLocation,
+    run::{
+        Progress,
+        convert::{ConvertBuilder, ConvertOptions},
+        expand_inputs,
+    },
+    view::ViewRegistry,
+};
+
+use super::{
+    Outcome,
+    args::{SchemaArgs, StoreArgs, parse_compression},
+    check_rejects, output, progress,
+};
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Input ndjson files (.ndjson, .ndjson.gz) or folders searched recursively for them.
+    #[arg(required = true, value_name = "INPUT")]
+    inputs: Vec<PathBuf>,
+    /// Output dataset: a folder (created if missing) or a URL (s3://, gs://, az://, …).
+    #[arg(long, short, value_name = "DIR")]
+    out: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    schema: SchemaArgs,
+    /// Fail (exit code 1) when more than N lines are rejected; the run is still written.
+    #[arg(long, value_name = "N")]
+    max_rejects: Option<u64>,
+    /// Parquet compression: zstd, zstd:LEVEL, snappy or none.
+    #[arg(long, default_value = "zstd", value_parser = parse_compression)]
+    compression: parquet::basic::Compression,
+    /// Rows per Parquet row group.
+    #[arg(long, default_value_t = flatfhir::sink::DEFAULT_ROW_GROUP_ROWS)]
+    row_group_size: usize,
+    /// Rows per RecordBatch.
+    #[arg(long, default_value_t = flatfhir::flatten::DEFAULT_BATCH_SIZE)]
+    batch_size: usize,
+    /// Decode threads [default: number of cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the run manifest as JSON on stdout instead of the summary table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A validated `convert`: views compiled, inputs found, output resolved.
+pub struct ConvertConfig {
+    files: Vec<PathBuf>,
+    registry: ViewRegistry,
+    out: String,
+    location: DatasetLocation,
+    options: ConvertOptions,
+    max_rejects: Option<u64>,
+    json: bool,
+}
+
+impl ConvertArgs {
+    /// Check everything that can be checked before the run.
+    pub fn validate(self) -> Result<ConvertConfig> {
+        let registry = self.schema.registry()?;
+        let files = expand_inputs(&self.inputs)?;
+        if files.is_empty() {
+            bail!("no input files (looked for *.ndjson, *.ndjson.gz, *.jsonl, *.jsonl.gz)");
+        }
+        let location = self.store.location(&self.out, true)?;
+        let mut options = ConvertOptions {
+            batch_size: self.batch_size.max(1),
+            compression: self.compression,
+            row_group_rows: self.row_group_size.max(1),
+            ..Default::default()
+        };
+        if let Some(t) = self.threads {
+            options.threads = t.max(1);
+        }
+        Ok(ConvertConfig {
+            files,
+            registry,
+            out: self.out,
+            location,
+            options,
+            max_rejects: self.max_rejects,
+            json: self.json,
+        })
+    }
+}
+
+pub async fn run(c: ConvertConfig, quiet: bool) -> Result<Outcome> {
+    let total: u64 = c
+        .files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let progress = Arc::new(Progress::default());
+    let display =
+        progress::ProgressDisplay::start(progress.clone(), total, c.files.len() as u64, quiet);
+    tracing::info!(
+        files = c.files.len(),
+        bytes = total,
+        out = c.out,
+        "converting"
+    );
+    let run = ConvertBuilder::new(Arc::new(c.registry), c.location)
+        .with_files(c.files)
+        .with_options(c.options)
+        .with_progress(progress)
+        .run()
+        .await;
+    display.stop();
+    let manifest = run?;
+    let mut stdout = std::io::stdout().lock();
+    if c.json {
+        serde_json::to_writer_pretty(&mut stdout, &manifest)?;
+        writeln!(stdout)?;
+    } else {
+        output::write_accounting(&mut stdout, &manifest, &c.out)?;
+    }
+    Ok(check_rejects(&manifest, c.max_rejects))
+}

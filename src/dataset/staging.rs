@@ -1,0 +1,73 @@
+//! Staged parts: an export writes each downloaded file's parts under a staged name
+//! (`<path>.staged`, which no reader lists), records them in the job record, and only then
+//! renames them visible, so a file's rows are committed exactly once even when the run is killed
+//! between the two steps (`--resume` rolls the rename forward).
+
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+
+use super::{DatasetError, DatasetLocation, STAGED_SUFFIX, WrittenFile};
+
+/// Make staged files visible (rename `<path>.staged` → `<path>`). Idempotent: a file already
+/// renamed (a resumed run rolling a commit forward) is skipped.
+pub async fn commit_staged(
+    location: &DatasetLocation,
+    files: &[WrittenFile],
+) -> Result<(), DatasetError> {
+    for f in files {
+        let from = location.child(&format!("{}{STAGED_SUFFIX}", f.path));
+        let to = location.child(&f.path);
+        match location.store.rename(&from, &to).await {
+            Ok(()) => {}
+            Err(object_store::Error::NotFound { .. }) if location.store.head(&to).await.is_ok() => {
+            }
+            Err(source) => {
+                return Err(DatasetError::Store {
+                    path: f.path.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Delete the staged files of an abandoned attempt (best effort).
+pub async fn discard_staged(location: &DatasetLocation, files: &[WrittenFile]) {
+    for f in files {
+        let _ = location
+            .store
+            .delete(&location.child(&format!("{}{STAGED_SUFFIX}", f.path)))
+            .await;
+    }
+}
+
+/// Delete every object of run `export` under `<table>/export=<export>/` in every table of the
+/// dataset: what a run that failed before publishing its record leaves behind (best effort;
+/// returns how many objects were deleted).
+pub async fn discard_run(location: &DatasetLocation, export: &str) -> usize {
+    let Ok(top) = location
+        .store
+        .list_with_delimiter(Some(&location.prefix))
+        .await
+    else {
+        return 0;
+    };
+    let mut deleted = 0;
+    for table in top.common_prefixes {
+        let Some(name) = table.filename() else {
+            continue;
+        };
+        let dir = location.child(&format!("{name}/{}={export}", super::PARTITION_COLUMN));
+        let objects: Vec<_> = match location.store.list(Some(&dir)).try_collect().await {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        for o in objects {
+            if location.store.delete(&o.location).await.is_ok() {
+                deleted += 1;
+            }
+        }
+    }
+    deleted
+}

@@ -1,0 +1,158 @@
+//! `convert`: ndjson files → a published run. A composition of the [driver](super::Driver):
+//!
+//! ```text
+//!  files ─► plan (split big files into line-aligned ranges) ─► Driver (N decode threads)
+//!        ─► DatasetWriter ─► parts ─► run record (_runs/<run>.json), published last
+//! ```
+//!
+//! A run that fails deletes the parts it wrote, so it leaves nothing behind for any reader.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+};
+
+use super::{DEFAULT_SPLIT_BYTES, DriverBuilder, Progress, input::plan_files};
+use crate::{
+    Error, Result,
+    dataset::{DatasetLocation, RunIds, RunManifest, discard_run},
+    sink::{DEFAULT_MAX_ROWS_PER_FILE, DEFAULT_ROW_GROUP_ROWS, DatasetWriterBuilder},
+    view::ViewRegistry,
+};
+
+/// Options of a `convert` run.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Rows per batch (default [`crate::flatten::DEFAULT_BATCH_SIZE`]).
+    pub batch_size: usize,
+    /// Decode threads (default: available cores).
+    pub threads: usize,
+    /// Parquet compression (default zstd level 1).
+    pub compression: parquet::basic::Compression,
+    /// Rows per row group (default [`DEFAULT_ROW_GROUP_ROWS`]).
+    pub row_group_rows: usize,
+    /// Rows per file (default [`DEFAULT_MAX_ROWS_PER_FILE`]).
+    pub max_rows_per_file: usize,
+    /// Split uncompressed files larger than this into byte ranges decoded in parallel (default
+    /// [`DEFAULT_SPLIT_BYTES`]; `0` disables splitting).
+    pub split_bytes: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            batch_size: crate::flatten::DEFAULT_BATCH_SIZE,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            compression: parquet::basic::Compression::ZSTD(Default::default()),
+            row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+            max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
+            split_bytes: DEFAULT_SPLIT_BYTES,
+        }
+    }
+}
+
+/// Configures a `convert` run.
+///
+/// ```no_run
+/// # async fn f() -> flatfhir::Result<()> {
+/// use std::sync::Arc;
+/// use flatfhir::{dataset::DatasetLocation, run::convert::ConvertBuilder, view::ViewRegistry};
+/// let registry = Arc::new(ViewRegistry::builtin()?);
+/// let out = DatasetLocation::resolve("warehouse", true)?;
+/// let run = ConvertBuilder::new(registry, out)
+///     .with_files(vec!["export/Patient.ndjson".into()])
+///     .run()
+///     .await?;
+/// println!("{} lines rejected", run.rejects);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConvertBuilder {
+    registry: Arc<ViewRegistry>,
+    location: DatasetLocation,
+    files: Vec<PathBuf>,
+    options: ConvertOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl ConvertBuilder {
+    /// A run of `registry`'s views into `location`.
+    pub fn new(registry: Arc<ViewRegistry>, location: DatasetLocation) -> Self {
+        ConvertBuilder {
+            registry,
+            location,
+            files: Vec::new(),
+            options: ConvertOptions::default(),
+            progress: Arc::new(Progress::default()),
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+    /// The ndjson files to read (see [`super::expand_inputs`] for folders).
+    pub fn with_files(mut self, files: Vec<PathBuf>) -> Self {
+        self.files = files;
+        self
+    }
+    /// Options (default [`ConvertOptions::default`]).
+    pub fn with_options(mut self, options: ConvertOptions) -> Self {
+        self.options = options;
+        self
+    }
+    /// Counters to update (default: fresh ones).
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+    /// A flag that stops the run when set.
+    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    /// Convert, publish the run record, and return it.
+    pub async fn run(self) -> Result<RunManifest> {
+        let ConvertBuilder {
+            registry,
+            location,
+            files,
+            options: opts,
+            progress,
+            cancel,
+        } = self;
+        let ids = RunIds::new();
+        // Planning reads big files once (to count lines before each range): off the runtime.
+        let (split, threads) = (opts.split_bytes, opts.threads.max(1));
+        let inputs = tokio::task::spawn_blocking(move || plan_files(files, split, threads))
+            .await
+            .map_err(|e| Error::Internal(format!("the planning thread failed: {e}")))??;
+        let writer = DatasetWriterBuilder::new(location.clone(), ids.tag(), &ids.export)
+            .with_compression(opts.compression)
+            .with_row_group_rows(opts.row_group_rows)
+            .with_max_rows_per_file(opts.max_rows_per_file)
+            .build();
+        let driver = DriverBuilder::new(registry.clone())
+            .with_threads(opts.threads)
+            .with_batch_size(opts.batch_size)
+            .with_progress(progress)
+            .with_cancel(cancel)
+            .build();
+        let export = ids.export.clone();
+        let published = async {
+            let decoded = driver.run(inputs, writer).await?;
+            let files = decoded.sink.finish().await?;
+            let manifest =
+                RunManifest::finished("convert", ids, decoded.stats, decoded.inputs, files)
+                    .with_view_keys(&registry);
+            manifest.publish(&location).await?;
+            Ok(manifest)
+        }
+        .await;
+        if published.is_err() {
+            let n = discard_run(&location, &export).await;
+            tracing::info!(run = %export, objects = n, "deleted the parts of the failed run");
+        }
+        published
+    }
+}

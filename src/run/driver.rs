@@ -1,0 +1,410 @@
+//! [`Driver`]: inputs → decode threads → one bounded batch stream → a [`BatchSink`].
+
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tokio::sync::mpsc;
+
+use super::{DEFAULT_CHUNK_BYTES, Input, Progress};
+use crate::{
+    Error, Result,
+    dataset::InputRecord,
+    flatten::{
+        DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DecodeStats, DecoderBuilder, FlattenError,
+        RejectBuffer, ViewBatch,
+    },
+    sink::DatasetWriter,
+    view::ViewRegistry,
+};
+
+/// Where decoded batches go. The driver calls it on a blocking thread of its own (through
+/// [`tokio::runtime::Handle::block_on`]), so CPU work in `write` (Parquet encoding and
+/// compression) never stalls the runtime that polls servers and downloads, while the I/O the
+/// sink starts (object store requests) still runs on that runtime.
+#[async_trait::async_trait]
+pub trait BatchSink: Send + 'static {
+    /// Take one batch (of a view, or of `_rejects`).
+    async fn write(&mut self, batch: ViewBatch) -> Result<()>;
+}
+
+#[async_trait::async_trait]
+impl BatchSink for DatasetWriter {
+    async fn write(&mut self, batch: ViewBatch) -> Result<()> {
+        Ok(DatasetWriter::write(self, &batch).await?)
+    }
+}
+
+/// Collects every batch in memory (the `view` command, tests).
+#[async_trait::async_trait]
+impl BatchSink for Vec<ViewBatch> {
+    async fn write(&mut self, batch: ViewBatch) -> Result<()> {
+        self.push(batch);
+        Ok(())
+    }
+}
+
+/// Configures a [`Driver`].
+#[derive(Debug, Clone)]
+pub struct DriverBuilder {
+    registry: Arc<ViewRegistry>,
+    progress: Arc<Progress>,
+    threads: usize,
+    batch_size: usize,
+    batch_bytes: usize,
+    only_viewed: bool,
+    cancel: Arc<AtomicBool>,
+}
+
+impl DriverBuilder {
+    /// A driver that decodes with `registry`'s views.
+    pub fn new(registry: Arc<ViewRegistry>) -> Self {
+        DriverBuilder {
+            registry,
+            progress: Arc::new(Progress::default()),
+            threads: 1,
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            only_viewed: false,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+    /// Counters to update (default: fresh ones).
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+    /// Decode threads (default 1).
+    pub fn with_threads(mut self, n: usize) -> Self {
+        self.threads = n.max(1);
+        self
+    }
+    /// Rows per batch (default [`DEFAULT_BATCH_SIZE`]).
+    pub fn with_batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+    /// Raw bytes per batch (default [`DEFAULT_BATCH_BYTES`]).
+    pub fn with_batch_bytes(mut self, n: usize) -> Self {
+        self.batch_bytes = n.max(1);
+        self
+    }
+    /// Decode only the registry's resource types and add no generic tables (default `false`;
+    /// see [`DecoderBuilder::with_only_viewed_types`]).
+    pub fn with_only_viewed_types(mut self, only: bool) -> Self {
+        self.only_viewed = only;
+        self
+    }
+    /// A flag that stops the run when set (checked once per chunk; default: never set).
+    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Self {
+        self.cancel = cancel;
+        self
+    }
+    /// Build.
+    pub fn build(self) -> Driver {
+        Driver {
+            cfg: Arc::new(self),
+        }
+    }
+}
+
+/// Runs inputs through decoders into a sink. See the [module docs](super).
+#[derive(Debug, Clone)]
+pub struct Driver {
+    cfg: Arc<DriverBuilder>,
+}
+
+/// What a [`Driver::run`] decoded.
+#[derive(Debug)]
+pub struct Decoded<S> {
+    /// The sink, for the caller to finish (close files, commit).
+    pub sink: S,
+    /// One record per input file (the ranges of a split file summed), sorted by source.
+    pub inputs: Vec<InputRecord>,
+    /// Counts of all inputs.
+    pub stats: DecodeStats,
+}
+
+/// The outcome of one input on a decode thread.
+type InputOutcome = (String, DecodeStats);
+
+impl Driver {
+    /// The counters this driver updates.
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.cfg.progress
+    }
+
+    /// Decode `inputs` (largest first on up to `threads` threads; in the order given on one)
+    /// into `sink`. The first error
+    /// — reading an input, or the sink — stops every thread and is returned; the sink is then
+    /// dropped unfinished, for the caller to clean up after.
+    pub async fn run<S: BatchSink>(&self, mut inputs: Vec<Input>, sink: S) -> Result<Decoded<S>> {
+        let threads = self.cfg.threads.min(inputs.len()).max(1);
+        if threads > 1 {
+            // Largest first, so one big file does not start last (popped from the end).
+            inputs.sort_by_key(|i| i.bytes);
+        } else {
+            // One thread reads the inputs in the order given (the `view` command's row order).
+            inputs.reverse();
+        }
+        let queue = Arc::new(Mutex::new(inputs));
+        // Two messages per thread: a batch carries at most `batch_bytes` of raw JSON, so the
+        // queue's size, not its count, is what costs memory.
+        let (tx, rx) = mpsc::channel::<ViewBatch>(threads * 2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = spawn_sink(sink, rx);
+        let mut decoders = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let (cfg, queue, tx, stop) =
+                (self.cfg.clone(), queue.clone(), tx.clone(), stop.clone());
+            decoders.push(tokio::task::spawn_blocking(
+                move || -> Result<Vec<InputOutcome>, FlattenError> {
+                    let mut done = Vec::new();
+                    loop {
+                        if stop.load(Ordering::Relaxed) || cfg.cancel.load(Ordering::Relaxed) {
+                            return Ok(done);
+                        }
+                        let next = queue.lock().map(|mut q| q.pop()).unwrap_or(None);
+                        let Some(input) = next else { return Ok(done) };
+                        match decode_input(&cfg, input, &tx, &stop) {
+                            Ok(Some(outcome)) => done.push(outcome),
+                            Ok(None) => return Ok(done), // the sink stopped
+                            Err(e) => {
+                                stop.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
+                },
+            ));
+        }
+        drop(tx);
+        let mut failure: Option<Error> = None;
+        let mut by_source: BTreeMap<String, InputRecord> = BTreeMap::new();
+        let mut stats = DecodeStats::default();
+        for d in decoders {
+            match d.await {
+                Ok(Ok(outcomes)) => {
+                    for (source, s) in outcomes {
+                        let rec = by_source
+                            .entry(source.clone())
+                            .or_insert_with(|| InputRecord {
+                                source,
+                                ..Default::default()
+                            });
+                        rec.bytes += s.bytes;
+                        rec.lines += s.lines;
+                        rec.rejects += s.rejects();
+                        stats.merge(&s);
+                    }
+                }
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e.into());
+                }
+                Err(e) => {
+                    failure.get_or_insert(Error::Internal(format!("a decode thread failed: {e}")));
+                }
+            }
+        }
+        let sink = match writer.await {
+            Ok(Ok(sink)) => Some(sink),
+            // The sink's error comes first: decoders stop when it does.
+            Ok(Err(e)) => return Err(e),
+            Err(e) => {
+                return Err(Error::Internal(format!("the writer thread failed: {e}")));
+            }
+        };
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if self.cfg.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        Ok(Decoded {
+            sink: sink.expect("set above"),
+            inputs: by_source.into_values().collect(),
+            stats,
+        })
+    }
+}
+
+/// Drive `sink` with the batches of `rx` on a blocking thread; returns the sink at the end of
+/// the stream.
+fn spawn_sink<S: BatchSink>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<ViewBatch>,
+) -> tokio::task::JoinHandle<Result<S>> {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        handle.block_on(async move {
+            while let Some(batch) = rx.recv().await {
+                sink.write(batch).await?;
+            }
+            Ok(sink)
+        })
+    })
+}
+
+/// Decode one input on the calling (blocking) thread, sending its batches and bounded reject
+/// batches to `tx`. `Ok(None)`: the receiver is gone (the sink failed; its error is reported
+/// there).
+fn decode_input(
+    cfg: &DriverBuilder,
+    input: Input,
+    tx: &mpsc::Sender<ViewBatch>,
+    stop: &AtomicBool,
+) -> Result<Option<InputOutcome>, FlattenError> {
+    let progress = &cfg.progress;
+    let label = input.label.clone();
+    let (first_line, offset) = input.start();
+    let parts_left = input.parts_left.clone();
+    let mut reader = input.open(progress.clone())?;
+    let mut decoder = DecoderBuilder::new(cfg.registry.clone(), label.clone())
+        .with_batch_size(cfg.batch_size)
+        .with_batch_bytes(cfg.batch_bytes)
+        .with_only_viewed_types(cfg.only_viewed)
+        .with_start(first_line, offset)
+        .build();
+    let mut rejects = RejectBuffer::default();
+    let mut buf = vec![0u8; DEFAULT_CHUNK_BYTES];
+    let (mut lines, mut rejected) = (0, 0);
+    let send = |b: ViewBatch| tx.blocking_send(b).is_ok();
+    loop {
+        if stop.load(Ordering::Relaxed) || cfg.cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(FlattenError::Read {
+                    file: label,
+                    source,
+                });
+            }
+        };
+        progress
+            .largest_chunk
+            .fetch_max(n as u64, Ordering::Relaxed);
+        decoder.decode(&buf[..n])?;
+        count(progress, decoder.stats(), &mut lines, &mut rejected);
+        for b in decoder.take_batches() {
+            if !send(b) {
+                return Ok(None);
+            }
+        }
+        for b in rejects.push(decoder.take_rejects()) {
+            if !send(b) {
+                return Ok(None);
+            }
+        }
+    }
+    let batches = decoder.finish()?;
+    count(progress, decoder.stats(), &mut lines, &mut rejected);
+    let last_rejects = rejects.push(decoder.take_rejects());
+    for b in batches
+        .into_iter()
+        .chain(last_rejects)
+        .chain(rejects.flush())
+    {
+        if !send(b) {
+            return Ok(None);
+        }
+    }
+    progress
+        .largest_reject_batch
+        .fetch_max(rejects.largest_batch() as u64, Ordering::Relaxed);
+    if parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+        progress.files.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Some((label, decoder.stats().clone())))
+}
+
+/// Add what the decoder counted since the last call to the progress counters.
+fn count(progress: &Progress, stats: &DecodeStats, lines: &mut u64, rejected: &mut u64) {
+    let (l, r) = (stats.lines, stats.rejects());
+    progress.lines.fetch_add(l - *lines, Ordering::Relaxed);
+    progress.rejects.fetch_add(r - *rejected, Ordering::Relaxed);
+    (*lines, *rejected) = (l, r);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Arc<ViewRegistry> {
+        Arc::new(ViewRegistry::builtin().unwrap())
+    }
+
+    fn file(dir: &std::path::Path, name: &str, text: &str) -> Input {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        Input::file(p)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_and_bodies_decode_alike_with_bounded_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n";
+        let bad = "not json\n".repeat(10_000);
+        let driver = DriverBuilder::new(registry()).with_threads(2).build();
+        let (body, tx) = Input::body("http://h/1.ndjson", None);
+        let body_text = format!("{good}{bad}");
+        let feeder = tokio::spawn(async move {
+            for chunk in body_text.as_bytes().chunks(777) {
+                tx.send(Ok(bytes::Bytes::copy_from_slice(chunk)))
+                    .await
+                    .unwrap();
+            }
+        });
+        let inputs = vec![file(dir.path(), "a.ndjson", &format!("{good}{bad}")), body];
+        let out = driver.run(inputs, Vec::new()).await.unwrap();
+        feeder.await.unwrap();
+        assert_eq!(out.inputs.len(), 2);
+        for i in &out.inputs {
+            assert_eq!((i.lines, i.rejects), (10_001, 10_000), "{i:?}");
+        }
+        let rows = |view: &str| -> usize {
+            out.sink
+                .iter()
+                .filter(|b| &*b.view == view)
+                .map(|b| b.batch.num_rows())
+                .sum()
+        };
+        assert_eq!(rows("patient"), 2);
+        assert_eq!(rows(crate::dataset::REJECTS_TABLE), 20_000);
+        let p = driver.progress();
+        assert_eq!(Progress::get(&p.rejects), 20_000);
+        assert_eq!(Progress::get(&p.lines), 20_002);
+        assert_eq!(Progress::get(&p.files), 2);
+        // Rejects leave in batches, never all at once.
+        assert_eq!(
+            Progress::get(&p.largest_reject_batch),
+            crate::flatten::MAX_REJECTS_PER_BATCH as u64
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_file_fails_the_run_and_cancel_stops_it() {
+        let driver = DriverBuilder::new(registry()).build();
+        let err = driver
+            .run(vec![Input::file("/nonexistent/x.ndjson")], Vec::new())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/x.ndjson"), "{err}");
+        let cancel = Arc::new(AtomicBool::new(true));
+        let driver = DriverBuilder::new(registry()).with_cancel(cancel).build();
+        let dir = tempfile::tempdir().unwrap();
+        let input = file(dir.path(), "a.ndjson", "{\"resourceType\":\"Patient\"}\n");
+        assert!(matches!(
+            driver.run(vec![input], Vec::new()).await,
+            Err(Error::Cancelled)
+        ));
+    }
+}

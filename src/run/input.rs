@@ -1,0 +1,570 @@
+//! Inputs of a run: what the driver reads bytes from. Every input becomes a blocking
+//! [`Read`] on a decode thread — a file, a byte range of a file, or an HTTP body arriving over a
+//! bounded channel — and is inflated there when it is gzip (sniffed from its first bytes, for
+//! files and bodies alike), so a body of any compression ratio reaches the decoder in pieces of
+//! at most [`DEFAULT_CHUNK_BYTES`].
+//!
+//! Big uncompressed files are cut into byte ranges ([`split_file`]) that several decode threads
+//! read at once; each range knows the line number it starts at, so rejects stay exact.
+
+use std::{
+    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::Progress;
+use crate::flatten::FlattenError;
+
+/// Bytes read from an input per decode call (1 MiB): also the largest piece of inflated gzip
+/// handed to the decoder at once.
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+/// Uncompressed input files larger than this are decoded in ranges of about this size by
+/// several workers at once (64 MiB): large enough that the per-range overhead (a seek, a
+/// partial last batch per view) is noise, small enough that a multi-GB file feeds every core.
+pub const DEFAULT_SPLIT_BYTES: usize = 64 << 20;
+/// HTTP body chunks waiting for a decode thread, per download.
+pub const BODY_CHANNEL_CHUNKS: usize = 8;
+
+/// One input of a run.
+#[derive(Debug)]
+pub struct Input {
+    /// Names the input in rejects and in the run record (a path or a redacted URL).
+    pub label: String,
+    source: Source,
+    /// Size hint, for ordering (largest first).
+    pub(super) bytes: u64,
+    /// Inputs of the same file not finished yet; the last one counts the file as done.
+    pub(super) parts_left: Arc<AtomicUsize>,
+}
+
+enum Source {
+    File(PathBuf),
+    Range(PathBuf, FileRange),
+    Body {
+        chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+        archive: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "File({})", p.display()),
+            Source::Range(p, r) => write!(f, "Range({}, {r:?})", p.display()),
+            Source::Body { .. } => f.write_str("Body"),
+        }
+    }
+}
+
+/// The sending half of an HTTP body input: the download task pushes chunks, the decode thread
+/// reads them. Dropping it ends the input; sending an error fails it (the decoder never takes a
+/// cut body for a whole one).
+pub type BodySender = mpsc::Sender<std::io::Result<Bytes>>;
+
+impl Input {
+    /// A whole file (gunzipped when it is gzip).
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Input {
+            label: path.display().to_string(),
+            source: Source::File(path),
+            bytes,
+            parts_left: Arc::new(AtomicUsize::new(1)),
+        }
+    }
+
+    /// An HTTP body (or any byte stream) that arrives over a bounded channel; the returned
+    /// sender feeds it. With `archive`, the bytes are also written there as received (a `.gz`
+    /// suffix is added to gzip bodies).
+    pub fn body(label: impl Into<String>, archive: Option<PathBuf>) -> (Self, BodySender) {
+        let (tx, rx) = mpsc::channel(BODY_CHANNEL_CHUNKS);
+        let input = Input {
+            label: label.into(),
+            source: Source::Body {
+                chunks: rx,
+                archive,
+            },
+            bytes: 0,
+            parts_left: Arc::new(AtomicUsize::new(1)),
+        };
+        (input, tx)
+    }
+
+    /// Where the input starts in its file: `(first line, byte offset)`.
+    pub(super) fn start(&self) -> (u64, u64) {
+        match &self.source {
+            Source::Range(_, r) => (r.first_line, r.start),
+            _ => (1, 0),
+        }
+    }
+
+    /// Open the input for reading on a decode thread: counted (raw bytes into
+    /// `progress.bytes`), archived when asked, and inflated when it starts with the gzip magic.
+    pub(super) fn open(
+        self,
+        progress: Arc<Progress>,
+    ) -> Result<Box<dyn Read + Send>, FlattenError> {
+        let label = self.label;
+        let read_err = |source| FlattenError::Read {
+            file: label.clone(),
+            source,
+        };
+        match self.source {
+            Source::Range(path, r) => {
+                let mut f = std::fs::File::open(&path).map_err(read_err)?;
+                f.seek(SeekFrom::Start(r.start)).map_err(read_err)?;
+                // Reads go straight into the decoder's buffer: no BufReader needed.
+                Ok(Box::new(Counting {
+                    inner: f.take(r.end - r.start),
+                    progress,
+                }))
+            }
+            Source::File(path) => {
+                let f = std::fs::File::open(&path).map_err(read_err)?;
+                sniff(Counting { inner: f, progress }, None).map_err(read_err)
+            }
+            Source::Body { chunks, archive } => {
+                let reader = ChannelReader {
+                    chunks,
+                    current: Bytes::new(),
+                };
+                sniff(
+                    Counting {
+                        inner: reader,
+                        progress,
+                    },
+                    archive,
+                )
+                .map_err(read_err)
+            }
+        }
+    }
+}
+
+/// Buffer `raw`, look at its first two bytes, archive it when asked, and inflate it when it is
+/// gzip.
+fn sniff(
+    raw: impl Read + Send + 'static,
+    archive: Option<PathBuf>,
+) -> std::io::Result<Box<dyn Read + Send>> {
+    let mut buffered = BufReader::with_capacity(64 << 10, raw);
+    let gzip = loop {
+        match buffered.fill_buf() {
+            Ok(b) => break b.starts_with(&[0x1f, 0x8b]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let archived: Box<dyn Read + Send> = match archive {
+        Some(mut path) => {
+            if gzip {
+                path.as_mut_os_string().push(".gz");
+            }
+            let file = std::fs::File::create(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            Box::new(Tee {
+                inner: buffered,
+                copy: std::io::BufWriter::new(file),
+            })
+        }
+        None => Box::new(buffered),
+    };
+    Ok(if gzip {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
+            64 << 10,
+            archived,
+        )))
+    } else {
+        archived
+    })
+}
+
+/// Counts bytes read through it (the compressed size for gzip input).
+struct Counting<R> {
+    inner: R,
+    progress: Arc<Progress>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Writes what is read through it to a copy (flushed at the end of input).
+struct Tee<R> {
+    inner: R,
+    copy: std::io::BufWriter<std::fs::File>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        if n == 0 {
+            self.copy.flush()?;
+        }
+        Ok(n)
+    }
+}
+
+/// A blocking reader over chunks from a bounded channel; the end of input is the sender being
+/// dropped. Must only be read on a thread that may block (a decode thread).
+struct ChannelReader {
+    chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(Ok(c)) => self.current = c,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Expand inputs: files as given, directories searched recursively for `*.ndjson`,
+/// `*.ndjson.gz`, `*.jsonl`, `*.jsonl.gz`. Sorted, deduplicated.
+pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, FlattenError> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_lowercase())
+                    .unwrap_or_default();
+                if [".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz"]
+                    .iter()
+                    .any(|s| name.ends_with(s))
+                {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for i in inputs {
+        let read_err = |source| FlattenError::Read {
+            file: i.display().to_string(),
+            source,
+        };
+        let meta = std::fs::metadata(i).map_err(read_err)?;
+        if meta.is_dir() {
+            walk(i, &mut out).map_err(read_err)?;
+        } else {
+            out.push(i.clone());
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// A byte range of an input file that starts at the beginning of a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileRange {
+    /// Absolute offset of the first byte.
+    pub start: u64,
+    /// Offset just past the last byte (just after a `\n`, or the end of the file).
+    pub end: u64,
+    /// 1-based number of the range's first line in the file.
+    pub first_line: u64,
+}
+
+/// The offset just after the first `\n` at or after `cut`, or `None` when there is none.
+/// Reads forward from `cut` in small blocks, so a long line costs time but no memory.
+pub fn find_line_boundary<R: Read + Seek>(r: &mut R, cut: u64) -> std::io::Result<Option<u64>> {
+    r.seek(SeekFrom::Start(cut))?;
+    let mut buf = [0u8; 64 << 10];
+    let mut pos = cut;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(i) = memchr::memchr(b'\n', &buf[..n]) {
+            return Ok(Some(pos + i as u64 + 1));
+        }
+        pos += n as u64;
+    }
+}
+
+/// Cut `len` bytes of uncompressed ndjson read from `r` into ranges of at least `split_bytes`
+/// (the last may be shorter), each ending just after a `\n`, with the line number each starts
+/// at. One range when `split_bytes` is 0 or at least `len`.
+///
+/// The first line number of a range is exact: the newlines before it are counted in a
+/// sequential pre-pass over every range but the last. That pass is a `memchr` scan in
+/// [`DEFAULT_CHUNK_BYTES`] blocks; it runs at memory (or disk) bandwidth, two orders of magnitude
+/// faster than JSON decoding, so it costs a few percent of one file's decode time and lets
+/// every range decoder number its lines and rejects as in the whole file from the start,
+/// without buffering rejects until earlier ranges finish.
+pub fn split_ranges<R: Read + Seek>(
+    r: &mut R,
+    len: u64,
+    split_bytes: usize,
+) -> std::io::Result<Vec<FileRange>> {
+    let mut bounds = vec![0u64];
+    if split_bytes > 0 {
+        let mut start = 0u64;
+        loop {
+            let cut = start.saturating_add(split_bytes as u64);
+            if cut >= len {
+                break;
+            }
+            match find_line_boundary(r, cut)? {
+                Some(b) if b < len => {
+                    bounds.push(b);
+                    start = b;
+                }
+                _ => break,
+            }
+        }
+    }
+    bounds.push(len);
+    let mut ranges = Vec::with_capacity(bounds.len() - 1);
+    let mut first_line = 1u64;
+    let mut buf = vec![0u8; DEFAULT_CHUNK_BYTES];
+    r.seek(SeekFrom::Start(0))?;
+    for (i, w) in bounds.windows(2).enumerate() {
+        ranges.push(FileRange {
+            start: w[0],
+            end: w[1],
+            first_line,
+        });
+        if i + 2 == bounds.len() {
+            break; // the last range: nothing after it needs its count
+        }
+        let mut left = w[1] - w[0];
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = match r.read(&mut buf[..want]) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            first_line += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+            left -= n as u64;
+        }
+    }
+    Ok(ranges)
+}
+
+/// The ranges a file is decoded in: one whole-file range for gzip input and for files up to
+/// `split_bytes`, else as [`split_ranges`].
+pub fn split_file(path: &Path, split_bytes: usize) -> std::io::Result<Vec<FileRange>> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut magic = [0u8; 2];
+    let gzip = f.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
+    if gzip || split_bytes == 0 || len <= split_bytes as u64 {
+        return Ok(vec![FileRange {
+            start: 0,
+            end: len,
+            first_line: 1,
+        }]);
+    }
+    split_ranges(&mut f, len, split_bytes)
+}
+
+/// Turn files into inputs, splitting big uncompressed ones into ranges. Files are planned on up
+/// to `threads` threads, so the pre-passes of several big files run in parallel. Blocking.
+pub fn plan_files(
+    files: Vec<PathBuf>,
+    split_bytes: usize,
+    threads: usize,
+) -> Result<Vec<Input>, FlattenError> {
+    let next = AtomicUsize::new(0);
+    let planned: Vec<Mutex<Option<std::io::Result<Vec<FileRange>>>>> =
+        files.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(files.len()).max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(path) = files.get(i) else { return };
+                    let r = split_file(path, split_bytes);
+                    if let Ok(mut slot) = planned[i].lock() {
+                        *slot = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    let mut inputs = Vec::new();
+    for (path, slot) in files.into_iter().zip(planned) {
+        let label = path.display().to_string();
+        let planned = slot
+            .into_inner()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Err(std::io::Error::other("the planning thread panicked")));
+        let ranges = planned.map_err(|source| FlattenError::Read {
+            file: label.clone(),
+            source,
+        })?;
+        if let [whole] = ranges.as_slice() {
+            inputs.push(Input {
+                label,
+                bytes: whole.end,
+                source: Source::File(path),
+                parts_left: Arc::new(AtomicUsize::new(1)),
+            });
+            continue;
+        }
+        let parts_left = Arc::new(AtomicUsize::new(ranges.len()));
+        for r in ranges {
+            inputs.push(Input {
+                label: label.clone(),
+                source: Source::Range(path.clone(), r),
+                bytes: r.end - r.start,
+                parts_left: parts_left.clone(),
+            });
+        }
+    }
+    Ok(inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+
+    #[test]
+    fn line_boundary_is_just_after_the_next_newline() {
+        let mut c = Cursor::new(b"ab\ncd\r\n\nlast".to_vec());
+        assert_eq!(find_line_boundary(&mut c, 0).unwrap(), Some(3));
+        assert_eq!(find_line_boundary(&mut c, 2).unwrap(), Some(3));
+        assert_eq!(find_line_boundary(&mut c, 3).unwrap(), Some(7));
+        assert_eq!(find_line_boundary(&mut c, 7).unwrap(), Some(8));
+        assert_eq!(find_line_boundary(&mut c, 8).unwrap(), None);
+        assert_eq!(find_line_boundary(&mut c, 100).unwrap(), None);
+        // A newline far past the first read block.
+        let mut long = vec![b'x'; 200_000];
+        long.push(b'\n');
+        long.extend_from_slice(b"y");
+        assert_eq!(
+            find_line_boundary(&mut Cursor::new(long), 5).unwrap(),
+            Some(200_001)
+        );
+    }
+
+    #[test]
+    fn ranges_cover_the_file_on_line_starts_with_exact_line_numbers() {
+        let mut data = Vec::new();
+        for i in 0..500 {
+            data.extend_from_slice(format!("line {i} {}\n", "x".repeat(i % 37)).as_bytes());
+            if i == 300 {
+                data.extend_from_slice(&[b'L'; 3000]); // a line longer than a range
+                data.push(b'\n');
+            }
+        }
+        data.extend_from_slice(b"no trailing newline");
+        let len = data.len() as u64;
+        for split in [1, 7, 100, 1000, 4096] {
+            let ranges = split_ranges(&mut Cursor::new(&data), len, split).unwrap();
+            assert!(ranges.len() > 1, "split {split}");
+            assert_eq!(ranges[0].start, 0);
+            assert_eq!(ranges.last().unwrap().end, len);
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert_eq!(data[w[0].end as usize - 1], b'\n');
+                assert!(w[0].end - w[0].start >= split as u64);
+            }
+            for r in &ranges {
+                let before = memchr::memchr_iter(b'\n', &data[..r.start as usize]).count();
+                assert_eq!(r.first_line, before as u64 + 1, "split {split}: {r:?}");
+            }
+        }
+        let one = split_ranges(&mut Cursor::new(&data), len, 0).unwrap();
+        assert_eq!(
+            one,
+            vec![FileRange {
+                start: 0,
+                end: len,
+                first_line: 1
+            }]
+        );
+        assert_eq!(
+            split_ranges(&mut Cursor::new(&data), len, len as usize).unwrap(),
+            one
+        );
+    }
+
+    #[test]
+    fn gzip_files_are_not_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("a.ndjson");
+        let text = "{\"resourceType\":\"Basic\"}\n".repeat(100);
+        std::fs::write(&plain, &text).unwrap();
+        assert!(split_file(&plain, 64).unwrap().len() > 1);
+        let gz = dir.path().join("a.ndjson.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+        std::io::Write::write_all(&mut e, text.as_bytes()).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        assert_eq!(split_file(&gz, 1).unwrap().len(), 1);
+    }
+
+    /// A gzip body is inflated in pieces no larger than the reader's buffer, whatever its
+    /// ratio, and archived as received.
+    #[test]
+    fn gzip_bodies_inflate_in_bounded_pieces() {
+        let text = "{\"resourceType\":\"Basic\",\"id\":\"x\"}\n".repeat(200_000); // 7 MB
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(text.as_bytes()).unwrap();
+        let gz = e.finish().unwrap();
+        assert!(gz.len() * 100 < text.len(), "a high ratio");
+        let dir = tempfile::tempdir().unwrap();
+        let (input, tx) = Input::body("b", Some(dir.path().join("b.ndjson")));
+        let progress = Arc::new(Progress::default());
+        let sender = std::thread::spawn({
+            let gz = gz.clone();
+            move || {
+                for c in gz.chunks(1000) {
+                    tx.blocking_send(Ok(Bytes::copy_from_slice(c))).unwrap();
+                }
+            }
+        });
+        let mut r = input.open(progress.clone()).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let (mut total, mut largest) = (0, 0);
+        loop {
+            let n = r.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+            largest = largest.max(n);
+        }
+        sender.join().unwrap();
+        assert_eq!(total, text.len());
+        assert!(largest <= 64 << 10);
+        assert_eq!(progress.bytes.load(Ordering::Relaxed), gz.len() as u64);
+        assert_eq!(std::fs::read(dir.path().join("b.ndjson.gz")).unwrap(), gz);
+    }
+}

@@ -1,0 +1,235 @@
+//! The one run driver, as every command uses it: bounded rejects and their progress during an
+//! export, distinct runs for converts started together, errors printed once.
+
+use std::{process::Command, sync::Arc, time::Duration};
+
+use flatfhir::{
+    client::{BulkClientBuilder, ExportLevel, ExportRequest},
+    dataset::DatasetLocation,
+    flatten::MAX_REJECTS_PER_BATCH,
+    query::Dataset,
+    run::{Progress, convert::ConvertBuilder, export::ExportBuilder},
+    serve::{DataSource, ServerBuilder},
+    view::ViewRegistry,
+};
+
+use crate::{
+    export::fast_retry,
+    support::{data, repo},
+};
+
+async fn one(ds: &Dataset, sql: &str) -> String {
+    let b = ds.sql(sql).await.unwrap();
+    flatfhir::arrow::util::pretty::pretty_format_batches(&b)
+        .unwrap()
+        .to_string()
+        .lines()
+        .nth(3)
+        .unwrap_or_default()
+        .trim_matches(|c| c == '|' || c == ' ')
+        .to_string()
+}
+
+/// 50,000 resources the server serves but whose `birthDate` fits no date: one exported file of
+/// 50,000 rejects. Its rejects leave the decoder in bounded batches (before, an export held all
+/// of a file's rejects, raw lines included, until the file ended), and progress counts them
+/// during the export (before, always 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_file_of_bad_lines_keeps_rejects_bounded_and_counted() {
+    const BAD: usize = 50_000;
+    let mut text = String::new();
+    for i in 0..BAD {
+        // ~200 bytes a line, so a 1 MiB read holds ~5,000 of them.
+        text.push_str(&format!(
+            "{{\"resourceType\":\"Patient\",\"id\":\"p{i}\",\"birthDate\":\"not a date\",\"text\":{{\"status\":\"generated\",\"div\":\"{}\"}}}}\n",
+            "x".repeat(100)
+        ));
+    }
+    text.push_str("{\"resourceType\":\"Patient\",\"id\":\"good\",\"birthDate\":\"2000-01-01\"}\n");
+    let srv = ServerBuilder::new(DataSource::Files(vec![(
+        "Patient.ndjson".into(),
+        text.into(),
+    )]))
+    .with_delay(Duration::from_millis(0))
+    .with_resources_per_file(100_000)
+    .start()
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    let client = BulkClientBuilder::new(srv.base_url().clone())
+        .with_retry(fast_retry())
+        .build()
+        .unwrap();
+    let progress = Arc::new(Progress::default());
+    let summary = ExportBuilder::new(
+        client,
+        Arc::new(ViewRegistry::builtin().unwrap()),
+        loc.clone(),
+    )
+    .with_request(ExportRequest {
+        level: Some(ExportLevel::System),
+        ..Default::default()
+    })
+    .with_progress(progress.clone())
+    .run()
+    .await
+    .unwrap();
+    assert_eq!(summary.manifest.rejects, BAD as u64);
+    assert_eq!(summary.manifest.types["Patient"].rows, 1);
+    assert_eq!(Progress::get(&progress.rejects), BAD as u64);
+    let largest = Progress::get(&progress.largest_reject_batch);
+    assert!(
+        largest > 0 && largest <= MAX_REJECTS_PER_BATCH as u64,
+        "largest reject batch {largest}"
+    );
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one(&ds, "select count(*) from _rejects").await,
+        BAD.to_string()
+    );
+    srv.shutdown().await;
+}
+
+/// Two converts started at once into one dataset are two runs that `query` and outside readers
+/// tell apart (before, runs started in the same second shared one `export=` value, and the
+/// current state doubled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converts_started_together_are_distinct_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    let reg = Arc::new(ViewRegistry::builtin().unwrap());
+    let files = flatfhir::run::expand_inputs(&[data("sample")]).unwrap();
+    let run = || {
+        ConvertBuilder::new(reg.clone(), loc.clone())
+            .with_files(files.clone())
+            .run()
+    };
+    let (a, b) = tokio::join!(run(), run());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.export, b.export);
+    assert_ne!(a.run_id, b.run_id);
+    let patients = a.types["Patient"].rows;
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one(&ds, "select count(distinct export) from patient").await,
+        "2"
+    );
+    assert_eq!(
+        one(&ds, "select count(*) from patient").await,
+        (2 * patients).to_string()
+    );
+    assert_eq!(
+        one(&ds, "select count(*) from patient_latest").await,
+        patients.to_string()
+    );
+    assert_eq!(
+        one(&ds, "select count(distinct id) from patient_latest").await,
+        patients.to_string()
+    );
+    // An outside reader sees two partitions, one per run.
+    let dirs: Vec<_> = std::fs::read_dir(tmp.path().join("patient"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+}
+
+/// A failed convert leaves nothing behind: no run record, no parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_convert_leaves_no_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    let reg = Arc::new(ViewRegistry::builtin().unwrap());
+    // A good file, then one that is cut mid-gzip: the run fails after writing parts.
+    let mut files = flatfhir::run::expand_inputs(&[data("sample")]).unwrap();
+    let bad = tmp.path().join("cut.ndjson.gz");
+    let whole = std::fs::read(&files[0]).unwrap();
+    std::fs::write(&bad, &whole[..whole.len() / 2]).unwrap();
+    files.push(bad);
+    let err = ConvertBuilder::new(reg, loc.clone())
+        .with_files(files)
+        .run()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cut.ndjson.gz"), "{err}");
+    let parquet: Vec<_> = walk(tmp.path())
+        .into_iter()
+        .filter(|p| !p.ends_with("cut.ndjson.gz"))
+        .collect();
+    assert!(parquet.is_empty(), "left behind: {parquet:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+/// Every error is printed once: no cause repeated, on a few failing commands.
+#[test]
+fn errors_print_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let sample = data("sample");
+    let cases: Vec<Vec<String>> = vec![
+        vec![
+            "convert".into(),
+            "/nonexistent/in.ndjson".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+        vec![
+            "query".into(),
+            "--data".into(),
+            repo().display().to_string(),
+            "selec 1".into(),
+        ],
+        vec![
+            "query".into(),
+            "--data".into(),
+            repo().display().to_string(),
+            "select * from no_such_table".into(),
+        ],
+        vec![
+            "convert".into(),
+            sample.display().to_string(),
+            "--out".into(),
+            repo().join("Cargo.toml").display().to_string(),
+        ],
+        vec![
+            "view".into(),
+            "--view".into(),
+            "/nonexistent/view.json".into(),
+            sample.display().to_string(),
+        ],
+    ];
+    for args in cases {
+        let o = Command::new(env!("CARGO_BIN_EXE_flatfhir"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        let parts: Vec<&str> = lines[0].trim_start_matches("error: ").split(": ").collect();
+        for (i, p) in parts.iter().enumerate() {
+            for q in &parts[i + 1..] {
+                assert!(
+                    p.len() < 12 || !q.contains(p),
+                    "{args:?}: {p:?} repeated in {:?}",
+                    lines[0]
+                );
+            }
+        }
+    }
+}
