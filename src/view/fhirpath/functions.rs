@@ -249,7 +249,7 @@ pub(crate) fn call<'a>(
             let Some(s) = input_string(&items, func.name())? else {
                 return Ok(Vec::new());
             };
-            let Some(re) = regex_arg(regex.as_deref(), &arg(0)?)? else {
+            let Some(re) = regex_arg(regex.as_deref(), &arg(0)?, *full)? else {
                 return Ok(Vec::new());
             };
             bool_out(if *full {
@@ -262,7 +262,7 @@ pub(crate) fn call<'a>(
             let Some(s) = input_string(&items, func.name())? else {
                 return Ok(Vec::new());
             };
-            let Some(re) = regex_arg(regex.as_deref(), &arg(0)?)? else {
+            let Some(re) = regex_arg(regex.as_deref(), &arg(0)?, false)? else {
                 return Ok(Vec::new());
             };
             let Some(with) = string_arg(&arg(1)?, "replaceMatches() substitution")? else {
@@ -576,16 +576,25 @@ fn to_temporal<'a>(item: &Item<'a>, kind: TemporalKind) -> Option<Item<'a>> {
     })
 }
 
-/// The regex of `matches()`/`replaceMatches()`: precompiled, or compiled from the argument.
-fn regex_arg<'r>(pre: Option<&'r Regex>, arg: &[Item<'_>]) -> EvalResult<Option<Cow<'r, Regex>>> {
+/// The regex of `matches()`/`matchesFull()` (`full`)/`replaceMatches()`: precompiled, or
+/// compiled from the argument.
+fn regex_arg<'r>(
+    pre: Option<&'r Regex>,
+    arg: &[Item<'_>],
+    full: bool,
+) -> EvalResult<Option<Cow<'r, Regex>>> {
     if let Some(r) = pre {
         return Ok(Some(Cow::Borrowed(r)));
     }
     match string_arg(arg, "the regular expression")? {
         None => Ok(None),
-        Some(p) => Regex::new(&p)
-            .map(|r| Some(Cow::Owned(r)))
-            .map_err(EvalError::Eval),
+        Some(p) => if full {
+            Regex::new_full(&p)
+        } else {
+            Regex::new(&p)
+        }
+        .map(|r| Some(Cow::Owned(r)))
+        .map_err(EvalError::Eval),
     }
 }
 

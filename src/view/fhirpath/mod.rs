@@ -13,8 +13,10 @@
 //! constants, `getResourceKey`, `getReferenceKey`, `%rowIndex`), the experimental `join`,
 //! `lowBoundary` and `highBoundary`, and most of FHIRPath's other functions and operators
 //! (`select`, `iif`, `distinct`, string and math functions, `is`/`as`, `|`, `in`/`contains`,
-//! `implies`, `xor`, `matches`/`replaceMatches` with a small linear-time regex engine, ...). Not
-//! covered: quantities with units, date arithmetic, `sort`, `resolve()`, terminology functions.
+//! `implies`, `xor`, `matches`/`matchesFull`/`replaceMatches` on the `regex` crate — linear
+//! time, single-line mode, `$1`/`${name}` in substitutions, and no back-references or
+//! look-around, which fail to compile (see `regex.rs`) — ...). Not covered: quantities with
+//! units, date arithmetic, `sort`, `resolve()`, terminology functions.
 //!
 //! Semantics worth knowing:
 //!

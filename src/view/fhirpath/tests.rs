@@ -1175,8 +1175,10 @@ mod fuzz {
                                    t in "[ab0-9 -]{0,30}") {
             if let Ok(re) = super::super::regex::Regex::new(&p) {
                 let _ = re.is_match(&t);
+                let _ = re.replace_all(&t, "x$1");
+            }
+            if let Ok(re) = super::super::regex::Regex::new_full(&p) {
                 let _ = re.is_full_match(&t);
-                let _ = re.replace_all(&t, "x");
             }
         }
 
