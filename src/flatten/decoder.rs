@@ -437,6 +437,8 @@ impl LineCx<'_> {
                 }
             }
         }
+        // Every view succeeded, so the resource's rows are written: count its inexact cells.
+        self.stats.inexact_cells += bufs.inexact_cells();
         let r = self.append_rows(slot, &bufs, text);
         self.scratch.restore(bufs);
         self.trim_after(text.len());

@@ -131,6 +131,12 @@ pub struct DecodeStats {
     pub types: BTreeMap<String, TypeCounts>,
     /// Rows per view.
     pub view_rows: BTreeMap<String, u64>,
+    /// Valid values that a native column (`DECIMAL`, `TIMESTAMP`, `TIME`, `DATE`, `DOUBLE`)
+    /// holds only approximately — rounded, clamped, or null when out of its range — counted
+    /// once per converted value (see [`crate::view::types`]). Their rows are written, not
+    /// rejected; the exact text stays in the raw `resource` column.
+    #[serde(default)]
+    pub inexact_cells: u64,
 }
 
 impl DecodeStats {
@@ -146,6 +152,7 @@ impl DecodeStats {
         for (k, v) in &o.view_rows {
             *self.view_rows.entry(k.clone()).or_default() += v;
         }
+        self.inexact_cells += o.inexact_cells;
     }
 
     /// Total rejects.

@@ -22,7 +22,7 @@ use super::{
     ViewError,
     definition::{ColumnDef, Select, ViewDefinition},
     fhirpath::{Constants, Env, Expression, Item, Literal, ParsedReference, Step, parse_reference},
-    types::{Cell, ColumnType, convert},
+    types::{Cell, ColumnType, Converted, convert},
 };
 
 /// Field metadata key holding the column's FHIR type (e.g. `decimal`).
@@ -189,6 +189,9 @@ pub struct EvalBuffers<'a> {
     /// The rows of the nested selects of the foci being evaluated, innermost last (see
     /// [`CompiledView::nested_parts`]).
     parts: Vec<Vec<RowId>>,
+    /// Values stored as the nearest value their column holds, or as null, since
+    /// [`EvalScratch::lend`] (see [`EvalBuffers::inexact_cells`]).
+    inexact: u64,
 }
 
 impl Drop for EvalBuffers<'_> {
@@ -214,6 +217,7 @@ impl EvalScratch {
             owned: false,
             lists: std::mem::take(&mut self.lists),
             parts: std::mem::take(&mut self.parts),
+            inexact: 0,
         }
     }
 
@@ -272,6 +276,15 @@ fn clear_cells(cells: &mut Vec<ManuallyDrop<Cell<'_>>>, owned: bool) {
 }
 
 impl<'a> EvalBuffers<'a> {
+    /// Values converted inexactly since the buffers were lent: stored as the nearest value
+    /// their native column holds, or as null (see [`crate::view::types`]). Counted once per
+    /// converted value, in every view evaluated with these buffers (a cell that a `forEach`
+    /// product copies into several rows counts once); the decoder adds it to its stats only
+    /// when the resource is not rejected.
+    pub fn inexact_cells(&self) -> u64 {
+        self.inexact
+    }
+
     /// The `width` cells of row `id`.
     pub fn row(&self, id: RowId, width: usize) -> impl Iterator<Item = &Cell<'a>> + '_ {
         self.cells[id..id + width].iter().map(|c| &**c)
@@ -370,16 +383,19 @@ impl<'a> Pool<'a> {
     }
 }
 
-/// The cells of one row in the arena, and the arena's [`EvalBuffers::owned`] flag.
+/// The cells of one row in the arena, and the arena's [`EvalBuffers::owned`] flag and
+/// [`EvalBuffers::inexact`] count.
 struct RowMut<'r, 'a> {
     cells: &'r mut [ManuallyDrop<Cell<'a>>],
     owned: &'r mut bool,
+    inexact: &'r mut u64,
 }
 
 impl<'a> RowMut<'_, 'a> {
     #[inline]
-    fn set(&mut self, c: usize, cell: Cell<'a>) {
+    fn set(&mut self, c: usize, (cell, inexact): (Cell<'a>, u32)) {
         *self.owned |= cell.owns_memory();
+        *self.inexact += u64::from(inexact);
         *self.cells[c] = cell;
     }
 }
@@ -674,6 +690,7 @@ impl CompiledView {
             let mut row = RowMut {
                 cells: &mut bufs.cells[base..base + width],
                 owned: &mut bufs.owned,
+                inexact: &mut bufs.inexact,
             };
             self.fill_cells(node, f, &env, &mut row, &mut bufs.pool, &mut first_error);
             if let Some((_, e)) = first_error {
@@ -849,21 +866,30 @@ impl CompiledView {
         Ok(())
     }
 
-    /// The cell of column `c` for the items its path returned.
-    fn cell<'a>(&self, c: usize, items: &[Item<'a>]) -> Result<Cell<'a>, EvalError> {
+    /// The cell of column `c` for the items its path returned, and how many of its values
+    /// were converted inexactly.
+    fn cell<'a>(&self, c: usize, items: &[Item<'a>]) -> Result<(Cell<'a>, u32), EvalError> {
         let spec = &self.columns[c];
         let locus = || format!("column `{}`", spec.name);
         if spec.collection {
+            let mut inexact = 0;
             let cells = items
                 .iter()
-                .map(|i| convert(i, spec.column_type))
+                .map(|i| {
+                    convert(i, spec.column_type).map(|c| {
+                        inexact += u32::from(!c.exact);
+                        c.cell
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|m| self.error(&locus(), m))?;
-            return Ok(Cell::List(cells));
+            return Ok((Cell::List(cells), inexact));
         }
         match items {
-            [] => Ok(Cell::Null),
-            [one] => convert(one, spec.column_type).map_err(|m| self.error(&locus(), m)),
+            [] => Ok((Cell::Null, 0)),
+            [one] => convert(one, spec.column_type)
+                .map(|Converted { cell, exact }| (cell, u32::from(!exact)))
+                .map_err(|m| self.error(&locus(), m)),
             many => Err(self.error(
                 &locus(),
                 format!(

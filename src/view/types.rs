@@ -3,20 +3,41 @@
 //! Without an `ansi/type` tag a column follows the SQL-on-FHIR default mapping: boolean →
 //! Boolean, integer-like → Int32, everything else (decimal, date, dateTime, instant, time, string
 //! types) → Utf8 in its FHIR lexical form, so nothing is lost. An `ansi/type` tag asks for a native
-//! type; the conversion then either fits exactly or fails, and the caller rejects the resource —
-//! a value is never rounded or shifted silently:
+//! type, which cannot hold every valid FHIR value: FHIR decimals have arbitrary precision, times
+//! have leap seconds and any number of fraction digits, and the date regexes admit `2021-02-30`.
+//! A **valid value never costs its row**: it is stored as the nearest value the column holds, or
+//! as null when there is none, and the conversion says so ([`Converted::exact`]), so the decoder
+//! counts it ([`DecodeStats::inexact_cells`](crate::flatten::DecodeStats::inexact_cells)) rather
+//! than rejecting the resource. The exact text is never lost: it stays in the raw `resource`
+//! column, and for dates and times in the views' `_text` companion columns. Only a value that is
+//! not valid FHIR for the column (text in a number column, `05/06/1970` in a date column, an
+//! integer beyond 32 bits) fails, and the caller rejects the resource.
 //!
-//! * `DECIMAL(p,s)` — exact; more than `s` significant fraction digits or more than `p` digits fails.
+//! * `DECIMAL(p,s)` — rounded to `s` fraction digits, **half away from zero** (`0.5` → `1`,
+//!   `-2.5` → `-3`), as a SQL `CAST(text AS DECIMAL(p,s))` does in DataFusion, so the typed value
+//!   agrees with a cast of the lexical text; null when the rounded value has more than `p`
+//!   digits (`1e40` in `DECIMAL(38,18)`), whatever the exponent (`1e-99999999999` is `0`).
+//! * `DOUBLE` — the nearest `f64` (approximate by choice, not counted); a value beyond the `f64`
+//!   range (`1e400`) is null, and a non-zero value below it (`1e-400`) is `0`, both counted.
 //! * `DATE` — a partial date (`2020`, `2020-05`) becomes the first day of that period; a dateTime
-//!   keeps its date part as written (no time zone shift).
+//!   keeps its date part as written (no time zone shift). A date the regex admits but the
+//!   calendar lacks (`2021-02-30`) is null.
 //! * `TIMESTAMP [WITH TIME ZONE]` — the instant in UTC microseconds; a value with an offset is
 //!   converted to UTC (the same instant); a partial value or one without a time becomes the start
-//!   of that period in UTC. Views that care keep the text in a companion column.
+//!   of that period in UTC. Views that care keep the text in a companion column. Fraction digits
+//!   past the microsecond are rounded half away from zero; a leap second (`23:59:60`) becomes
+//!   the next minute's second 0, as POSIX time (which Arrow timestamps count) has no leap
+//!   seconds. Both count as inexact; partial values and offsets do not (they are the documented
+//!   mapping, and the `_text` column keeps them).
+//! * `TIME` — microseconds since midnight, rounded as above; a leap second, or a value that
+//!   rounds past `23:59:59.999999`, is clamped to `23:59:59.999999` (Time64 stops before 24:00).
+//! * `BOOLEAN`, `INT`, `BIGINT` — exact: FHIR `integer`, `positiveInt` and `unsignedInt` are
+//!   32-bit, and JSON (like FHIR's regexes) has no `+` sign or leading zeros.
 
 use std::borrow::Cow;
 
 use super::json::{JsonRef, json_ref, number_text, to_json_text};
-use chrono::NaiveDate;
+use chrono::{NaiveDate, NaiveTime};
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 
 use super::fhirpath::Item;
@@ -140,15 +161,86 @@ impl Cell<'_> {
 /// Why a value does not fit its column.
 pub type ConvertError = String;
 
-/// Convert one FHIRPath item into a cell of type `ty`.
-pub fn convert<'a>(item: &Item<'a>, ty: ColumnType) -> Result<Cell<'a>, ConvertError> {
+/// How a valid value fits a native column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit<T> {
+    /// The column holds the value exactly.
+    Exact(T),
+    /// The nearest value the column holds (rounded, or clamped to its range).
+    Nearest(T),
+    /// The column holds nothing near it (out of range, or a date the calendar lacks): null.
+    Null,
+}
+
+impl<T> Fit<T> {
+    /// The value when it is exact.
+    pub fn exact(self) -> Option<T> {
+        match self {
+            Fit::Exact(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The value stored (exact or nearest), `None` for null.
+    pub fn value(self) -> Option<T> {
+        match self {
+            Fit::Exact(v) | Fit::Nearest(v) => Some(v),
+            Fit::Null => None,
+        }
+    }
+
+    /// `Exact` when `exact`, else `Nearest`.
+    fn new(v: T, exact: bool) -> Self {
+        if exact {
+            Fit::Exact(v)
+        } else {
+            Fit::Nearest(v)
+        }
+    }
+
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Fit<U> {
+        match self {
+            Fit::Exact(v) => Fit::Exact(f(v)),
+            Fit::Nearest(v) => Fit::Nearest(f(v)),
+            Fit::Null => Fit::Null,
+        }
+    }
+}
+
+/// One item converted for its column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Converted<'a> {
+    /// The cell to store.
+    pub cell: Cell<'a>,
+    /// `false` when the cell holds the nearest value the column can (or null) rather than the
+    /// value itself (see the [module docs](self)).
+    pub exact: bool,
+}
+
+impl<'a> From<Fit<Cell<'a>>> for Converted<'a> {
+    fn from(f: Fit<Cell<'a>>) -> Self {
+        match f {
+            Fit::Exact(cell) => Converted { cell, exact: true },
+            Fit::Nearest(cell) => Converted { cell, exact: false },
+            Fit::Null => Converted {
+                cell: Cell::Null,
+                exact: false,
+            },
+        }
+    }
+}
+
+/// Convert one FHIRPath item into a cell of type `ty`: exactly, as the nearest value the column
+/// holds (or null), or — for a value that is not valid for the column — an error.
+pub fn convert<'a>(item: &Item<'a>, ty: ColumnType) -> Result<Converted<'a>, ConvertError> {
+    let exact = |cell| Converted { cell, exact: true };
     match ty {
-        ColumnType::Utf8 => Ok(Cell::Str(item_text(item))),
+        ColumnType::Utf8 => Ok(exact(Cell::Str(item_text(item)))),
         ColumnType::Boolean => match item {
-            Item::Boolean(b) => Ok(Cell::Bool(*b)),
-            Item::Json { value, .. } if matches!(json_ref(value), JsonRef::Bool(_)) => {
-                Ok(Cell::Bool(matches!(json_ref(value), JsonRef::Bool(true))))
-            }
+            Item::Boolean(b) => Ok(exact(Cell::Bool(*b))),
+            Item::Json { value, .. } if matches!(json_ref(value), JsonRef::Bool(_)) => Ok(exact(
+                Cell::Bool(matches!(json_ref(value), JsonRef::Bool(true))),
+            )),
             other => Err(format!("expected a boolean, got {}", describe(other))),
         },
         ColumnType::Int32 | ColumnType::Int64 => {
@@ -164,29 +256,27 @@ pub fn convert<'a>(item: &Item<'a>, ty: ColumnType) -> Result<Cell<'a>, ConvertE
             if ty == ColumnType::Int32 && i32::try_from(v).is_err() {
                 return Err(format!("integer {v} does not fit a 32-bit column"));
             }
-            Ok(Cell::Int(v))
+            Ok(exact(Cell::Int(v)))
         }
         ColumnType::Float64 => {
             let text = numeric_text(item)?;
-            text.parse::<f64>()
-                .map(Cell::Float)
-                .map_err(|_| format!("expected a number, got {text:?}"))
+            parse_double(&text).map(|f| f.map(Cell::Float).into())
         }
         ColumnType::Decimal(p, s) => {
             let text = numeric_text(item)?;
-            parse_decimal(&text, p, s).map(Cell::Decimal)
+            parse_decimal(&text, p, s).map(|f| f.map(Cell::Decimal).into())
         }
         ColumnType::Date32 => {
             let text = temporal_text(item)?;
-            parse_date(&text).map(Cell::Date)
+            parse_date(&text).map(|f| f.map(Cell::Date).into())
         }
         ColumnType::Timestamp(_) => {
             let text = temporal_text(item)?;
-            parse_timestamp_micros(&text).map(Cell::Timestamp)
+            parse_timestamp_micros(&text).map(|f| f.map(Cell::Timestamp).into())
         }
         ColumnType::Time64 => {
             let text = temporal_text(item)?;
-            parse_time_micros(&text).map(Cell::Time)
+            parse_time_micros(&text).map(|f| f.map(Cell::Time).into())
         }
     }
 }
@@ -238,53 +328,81 @@ fn temporal_text<'a>(item: &Item<'a>) -> Result<Cow<'a, str>, ConvertError> {
     }
 }
 
-/// Parse a decimal's lexical form into an unscaled i128 at `scale`, exactly.
-pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, ConvertError> {
-    let err = || format!("{text:?} does not fit DECIMAL({precision},{scale})");
+/// Parse a number's lexical form as an `f64`: the nearest one; null (not exact) beyond the
+/// `f64` range, and `0` (not exact) for a non-zero value below it.
+pub fn parse_double(text: &str) -> Result<Fit<f64>, ConvertError> {
+    let (_, int_part, frac_part, _) =
+        decimal_parts(text).ok_or_else(|| format!("expected a number, got {text:?}"))?;
+    let v: f64 = text
+        .parse()
+        .map_err(|_| format!("expected a number, got {text:?}"))?;
+    Ok(if v.is_infinite() {
+        Fit::Null
+    } else if v == 0.0 && int_part.bytes().chain(frac_part.bytes()).any(|b| b != b'0') {
+        Fit::Nearest(0.0)
+    } else {
+        Fit::Exact(v)
+    })
+}
+
+/// Parse a decimal's lexical form into an unscaled i128 at `scale` (`DECIMAL(precision,
+/// scale)`): exact when it fits; rounded half away from zero to `scale` fraction digits when it
+/// has more; [`Fit::Null`] when the (rounded) value has more than `precision` digits. Any
+/// number of digits and any exponent is read without allocating.
+pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<Fit<i128>, ConvertError> {
     let (neg, int_part, frac_part, exp) =
         decimal_parts(text).ok_or_else(|| format!("{text:?} is not a decimal number"))?;
     // value = digits × 10^(exp − frac_len); we want value × 10^scale, i.e. the digits shifted
-    // by `shift`: the last −shift digits are dropped (and must be zeros), or shift zeros added.
-    // Digits are accumulated without allocating; at most `precision` (≤ 38) significant digits
-    // are kept, so the i128 cannot overflow.
-    let shift = i64::from(exp) - frac_part.len() as i64 + i64::from(scale);
-    let total = int_part.len() + frac_part.len();
-    let keep = if shift < 0 {
-        total.saturating_sub(usize::try_from(-shift).unwrap_or(usize::MAX))
-    } else {
-        total
-    };
-    let (mut v, mut significant) = (0i128, 0usize);
+    // by `shift`: the last −shift digits are rounded off, or shift zeros are appended. The
+    // digit at index `n + shift` is the first one rounded off (an index below 0 means the
+    // value is below half a unit, with only zeros there).
+    let n = int_part.len() + frac_part.len();
+    let shift = exp
+        .saturating_sub(frac_part.len() as i64)
+        .saturating_add(i64::from(scale));
+    let first_dropped = (n as i64).saturating_add(shift.min(0));
+    // Values must stay below 10^precision (precision ≤ 38, so that is an i128).
+    let limit = 10i128.pow(u32::from(precision.min(38)));
+    let (mut v, mut rounding_digit, mut rest_nonzero) = (0i128, 0u8, false);
     for (i, b) in int_part.bytes().chain(frac_part.bytes()).enumerate() {
-        let d = i128::from(b - b'0');
-        if i >= keep {
-            if d != 0 {
-                return Err(err());
+        let d = b - b'0';
+        let i = i as i64;
+        if i < first_dropped {
+            // v < limit ≤ 10^38, so v × 10 may pass i128::MAX (≈ 1.7 × 10^38): checked.
+            match v.checked_mul(10).and_then(|x| x.checked_add(i128::from(d))) {
+                Some(x) if x < limit => v = x,
+                _ => return Ok(Fit::Null),
             }
-        } else if significant > 0 || d != 0 {
-            significant += 1;
-            if significant > usize::from(precision) {
-                return Err(err());
-            }
-            v = v * 10 + d;
+        } else if i == first_dropped {
+            rounding_digit = d;
+        } else {
+            rest_nonzero |= d != 0;
+        }
+    }
+    let exact = rounding_digit == 0 && !rest_nonzero;
+    if rounding_digit >= 5 {
+        v += 1;
+        if v >= limit {
+            return Ok(Fit::Null);
         }
     }
     if shift > 0 && v != 0 {
-        let zeros = usize::try_from(shift).unwrap_or(usize::MAX);
-        if significant.saturating_add(zeros) > usize::from(precision) {
-            return Err(err());
+        let scaled = u32::try_from(shift)
+            .ok()
+            .and_then(|z| 10i128.checked_pow(z))
+            .and_then(|p| v.checked_mul(p));
+        match scaled {
+            Some(s) if s < limit => v = s,
+            _ => return Ok(Fit::Null),
         }
-        v = 10i128
-            .checked_pow(zeros as u32)
-            .and_then(|p| v.checked_mul(p))
-            .ok_or_else(err)?;
     }
-    Ok(if neg { -v } else { v })
+    Ok(Fit::new(if neg { -v } else { v }, exact))
 }
 
 /// `[+-]int[.frac][e[+-]exp]` as (negative, int digits, fraction digits, exponent); `None`
-/// when `text` is not a decimal number.
-fn decimal_parts(text: &str) -> Option<(bool, &str, &str, i32)> {
+/// when `text` is not a decimal number. The exponent saturates far beyond any column's range,
+/// so that `1e99999999999` (valid FHIR) reads as a huge value rather than failing.
+fn decimal_parts(text: &str) -> Option<(bool, &str, &str, i64)> {
     let (neg, body) = match text.as_bytes().first() {
         Some(b'-') => (true, &text[1..]),
         Some(b'+') => (false, &text[1..]),
@@ -292,13 +410,33 @@ fn decimal_parts(text: &str) -> Option<(bool, &str, &str, i32)> {
     };
     // Exponent form (allowed in JSON numbers).
     let (mantissa, exp) = match body.find(['e', 'E']) {
-        Some(i) => (&body[..i], body[i + 1..].parse::<i32>().ok()?),
+        Some(i) => (&body[..i], parse_exponent(&body[i + 1..])?),
         None => (body, 0),
     };
     let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
     (!(int_part.is_empty() && frac_part.is_empty()) && digits(int_part) && digits(frac_part))
         .then_some((neg, int_part, frac_part, exp))
+}
+
+/// Exponents are clamped to ±[`MAX_EXPONENT`]: far past 38 digits plus any line's length.
+const MAX_EXPONENT: i64 = 1 << 40;
+
+/// `[+-]digits` as an exponent, saturating at ±[`MAX_EXPONENT`].
+fn parse_exponent(text: &str) -> Option<i64> {
+    let (neg, digits) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut e: i64 = 0;
+    for b in digits.bytes() {
+        e = (e * 10 + i64::from(b - b'0')).min(MAX_EXPONENT);
+    }
+    Some(if neg { -e } else { e })
 }
 
 fn two(s: &str, at: usize) -> Option<u32> {
@@ -311,14 +449,22 @@ fn two(s: &str, at: usize) -> Option<u32> {
 }
 
 /// Parse the date part of a FHIR date/dateTime (`YYYY`, `YYYY-MM`, `YYYY-MM-DD`, `…T…`) to
-/// days since the epoch; partial dates become the first day of their period.
-pub fn parse_date(text: &str) -> Result<i32, ConvertError> {
-    date_of(text)
-        .map(|d| (d - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default()).num_days() as i32)
-        .ok_or_else(|| format!("{text:?} is not a FHIR date"))
+/// days since the epoch; partial dates become the first day of their period. A date the FHIR
+/// regex admits (month 01–12, day 01–31) but the calendar lacks (`2021-02-30`) is
+/// [`Fit::Null`].
+pub fn parse_date(text: &str) -> Result<Fit<i32>, ConvertError> {
+    let (y, m, d) = date_parts(text).ok_or_else(|| format!("{text:?} is not a FHIR date"))?;
+    Ok(match NaiveDate::from_ymd_opt(y, m, d) {
+        Some(date) => Fit::Exact(
+            (date - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default()).num_days() as i32,
+        ),
+        None => Fit::Null,
+    })
 }
 
-fn date_of(text: &str) -> Option<NaiveDate> {
+/// Year, month and day of a FHIR date or of a dateTime's date part, as far as the lexical form
+/// goes (the first month or day of a partial date); `None` when it is not one.
+fn date_parts(text: &str) -> Option<(i32, u32, u32)> {
     let b = text.as_bytes();
     if b.len() < 4 || !b[..4].iter().all(u8::is_ascii_digit) {
         return None;
@@ -332,41 +478,49 @@ fn date_of(text: &str) -> Option<NaiveDate> {
         }
         _ => return None,
     };
-    NaiveDate::from_ymd_opt(year, month, day)
+    ((1..=12).contains(&month) && (1..=31).contains(&day)).then_some((year, month, day))
 }
 
-/// Parse a FHIR dateTime/instant/date to UTC microseconds since the epoch.
-pub fn parse_timestamp_micros(text: &str) -> Result<i64, ConvertError> {
+/// Parse a FHIR dateTime/instant/date to UTC microseconds since the epoch: rounded to the
+/// microsecond, a leap second as the next minute's second 0 (both [`Fit::Nearest`]), and
+/// [`Fit::Null`] for a date the calendar lacks.
+pub fn parse_timestamp_micros(text: &str) -> Result<Fit<i64>, ConvertError> {
     let bad = || format!("{text:?} is not a FHIR dateTime");
-    let date = date_of(text).ok_or_else(bad)?;
-    let midnight = date
-        .and_hms_opt(0, 0, 0)
-        .ok_or_else(bad)?
-        .and_utc()
-        .timestamp_micros();
-    let Some(time) = text.get(11..).filter(|_| text.len() > 10) else {
-        return Ok(midnight);
-    };
-    // hh:mm(:ss(.fff)?)?(Z|±hh:mm)
-    let tz_at = time.find(['Z', '+', '-']).ok_or_else(bad)?;
-    let (clock, tz) = time.split_at(tz_at);
-    let micros = parse_clock(clock).ok_or_else(bad)?;
-    let offset_secs: i64 = if tz == "Z" {
-        0
-    } else {
-        let sign = if tz.starts_with('-') { -1 } else { 1 };
-        let h = two(tz, 1).ok_or_else(bad)?;
-        let m = two(tz, 4).ok_or_else(bad)?;
-        if tz.len() != 6 || tz.as_bytes()[3] != b':' || h > 14 || m > 59 {
-            return Err(bad());
+    let (y, m, d) = date_parts(text).ok_or_else(bad)?;
+    // Micros since midnight UTC, checked before the calendar so that a bad time is an error.
+    let (micros, exact) = match text.get(11..).filter(|_| text.len() > 10) {
+        None => (0, true),
+        Some(time) => {
+            // hh:mm(:ss(.fff)?)?(Z|±hh:mm)
+            let tz_at = time.find(['Z', '+', '-']).ok_or_else(bad)?;
+            let (clock, tz) = time.split_at(tz_at);
+            let (micros, exact) = parse_clock(clock).ok_or_else(bad)?;
+            let offset_secs: i64 = if tz == "Z" {
+                0
+            } else {
+                let sign = if tz.starts_with('-') { -1 } else { 1 };
+                let h = two(tz, 1).ok_or_else(bad)?;
+                let m = two(tz, 4).ok_or_else(bad)?;
+                if tz.len() != 6 || tz.as_bytes()[3] != b':' || h > 14 || m > 59 {
+                    return Err(bad());
+                }
+                sign * (h as i64 * 3600 + m as i64 * 60)
+            };
+            (micros - offset_secs * 1_000_000, exact)
         }
-        sign * (h as i64 * 3600 + m as i64 * 60)
     };
-    Ok(midnight + micros - offset_secs * 1_000_000)
+    let Some(date) = NaiveDate::from_ymd_opt(y, m, d) else {
+        return Ok(Fit::Null);
+    };
+    let midnight = date.and_time(NaiveTime::MIN).and_utc().timestamp_micros();
+    Ok(Fit::new(midnight + micros, exact))
 }
 
-/// Parse `hh:mm(:ss(.fraction)?)?` to microseconds since midnight.
-fn parse_clock(clock: &str) -> Option<i64> {
+/// Parse `hh:mm(:ss(.fraction)?)?` to microseconds since midnight, and whether that is exact:
+/// fraction digits past the microsecond are rounded half away from zero, and a leap second
+/// (`:60`, which the FHIR regexes allow) counts as the next minute's second 0 — not exact
+/// either way. The result may reach 24:00 (`23:59:60`).
+fn parse_clock(clock: &str) -> Option<(i64, bool)> {
     let h = two(clock, 0)?;
     if clock.as_bytes().get(2) != Some(&b':') {
         return None;
@@ -393,42 +547,107 @@ fn parse_clock(clock: &str) -> Option<i64> {
     for (i, d) in frac.bytes().take(6).enumerate() {
         us += (d - b'0') as i64 * 10i64.pow(5 - i as u32);
     }
-    Some(((h as i64 * 60 + m as i64) * 60 + s as i64) * 1_000_000 + us)
+    let (round, rest) = match frac.as_bytes().get(6..) {
+        Some([r, rest @ ..]) => (*r, rest),
+        _ => (b'0', &[][..]),
+    };
+    if round >= b'5' {
+        us += 1;
+    }
+    let exact = s < 60 && round == b'0' && rest.iter().all(|b| *b == b'0');
+    Some((
+        ((h as i64 * 60 + m as i64) * 60 + s as i64) * 1_000_000 + us,
+        exact,
+    ))
 }
 
-/// Parse a FHIR time (`hh:mm:ss(.fff)`) to microseconds since midnight.
-pub fn parse_time_micros(text: &str) -> Result<i64, ConvertError> {
-    parse_clock(text).ok_or_else(|| format!("{text:?} is not a FHIR time"))
+/// Last microsecond of a day: a Time64 stops before 24:00.
+const LAST_MICROSECOND: i64 = 86_400_000_000 - 1;
+
+/// Parse a FHIR time (`hh:mm:ss(.fff)`) to microseconds since midnight, rounded to the
+/// microsecond; a value past `23:59:59.999999` (a leap second at 23:59, or rounding up to
+/// 24:00) is clamped to it. Either is [`Fit::Nearest`].
+pub fn parse_time_micros(text: &str) -> Result<Fit<i64>, ConvertError> {
+    let (us, exact) = parse_clock(text).ok_or_else(|| format!("{text:?} is not a FHIR time"))?;
+    Ok(if us > LAST_MICROSECOND {
+        Fit::Nearest(LAST_MICROSECOND)
+    } else {
+        Fit::new(us, exact)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use Fit::{Exact, Nearest, Null};
+
     #[test]
-    fn decimals_are_exact_or_rejected() {
-        assert_eq!(parse_decimal("0.000", 38, 2), Ok(0));
-        assert_eq!(parse_decimal("-0", 38, 2), Ok(0));
-        assert_eq!(parse_decimal("1E-2", 38, 2), Ok(1));
-        assert!(parse_decimal("1e40", 38, 0).is_err());
-        assert!(parse_decimal("1e2147483647", 38, 0).is_err());
-        assert_eq!(parse_decimal("0e2147483647", 38, 0), Ok(0));
-        assert_eq!(parse_decimal("1.5", 38, 2), Ok(150));
-        assert_eq!(parse_decimal("-0.25", 38, 2), Ok(-25));
-        assert_eq!(parse_decimal("1.50", 38, 1), Ok(15));
-        assert_eq!(parse_decimal("12", 38, 3), Ok(12000));
-        assert_eq!(parse_decimal("1e2", 38, 0), Ok(100));
+    fn decimals_are_exact_rounded_or_null() {
+        assert_eq!(parse_decimal("0.000", 38, 2), Ok(Exact(0)));
+        assert_eq!(parse_decimal("-0", 38, 2), Ok(Exact(0)));
+        assert_eq!(parse_decimal("1E-2", 38, 2), Ok(Exact(1)));
+        assert_eq!(parse_decimal("1.5", 38, 2), Ok(Exact(150)));
+        assert_eq!(parse_decimal("-0.25", 38, 2), Ok(Exact(-25)));
+        assert_eq!(parse_decimal("1.50", 38, 1), Ok(Exact(15)));
+        assert_eq!(parse_decimal("12", 38, 3), Ok(Exact(12000)));
+        assert_eq!(parse_decimal("1e2", 38, 0), Ok(Exact(100)));
         assert_eq!(
             parse_decimal("3.7952999123456789", 38, 18),
-            Ok(3_795_299_912_345_678_900)
+            Ok(Exact(3_795_299_912_345_678_900))
         );
-        assert!(parse_decimal("1.25", 38, 1).is_err());
-        assert!(parse_decimal("123", 2, 0).is_err());
+        // Out of range: null.
+        assert_eq!(parse_decimal("1e40", 38, 0), Ok(Null));
+        assert_eq!(parse_decimal("1e2147483647", 38, 0), Ok(Null));
+        assert_eq!(parse_decimal("1e99999999999999999999", 38, 0), Ok(Null));
+        assert_eq!(parse_decimal("-1e40", 38, 18), Ok(Null));
+        assert_eq!(parse_decimal("123", 2, 0), Ok(Null));
+        assert_eq!(parse_decimal(&"9".repeat(21), 38, 18), Ok(Null));
+        assert_eq!(parse_decimal("0e2147483647", 38, 0), Ok(Exact(0)));
+        assert_eq!(parse_decimal("0e99999999999999999999", 38, 0), Ok(Exact(0)));
+        // Too many fraction digits: rounded half away from zero.
+        assert_eq!(parse_decimal("1.25", 38, 1), Ok(Nearest(13)));
+        assert_eq!(parse_decimal("-1.25", 38, 1), Ok(Nearest(-13)));
+        assert_eq!(parse_decimal("1.24999", 38, 1), Ok(Nearest(12)));
+        assert_eq!(parse_decimal("0.5", 38, 0), Ok(Nearest(1)));
+        assert_eq!(parse_decimal("2.5", 38, 0), Ok(Nearest(3)));
+        assert_eq!(parse_decimal("-2.5", 38, 0), Ok(Nearest(-3)));
+        assert_eq!(parse_decimal("0.04", 38, 1), Ok(Nearest(0)));
+        assert_eq!(parse_decimal("0.0001", 38, 1), Ok(Nearest(0)));
+        assert_eq!(parse_decimal("1e-99999999999", 38, 18), Ok(Nearest(0)));
+        assert_eq!(
+            parse_decimal("1.2000000000000000000000", 38, 18),
+            Ok(Exact(1_200_000_000_000_000_000))
+        );
+        assert_eq!(
+            parse_decimal("0.1234567890123456789012345", 38, 18),
+            Ok(Nearest(123_456_789_012_345_679))
+        );
+        // Rounding up past the precision: null.
+        assert_eq!(parse_decimal("99.96", 3, 1), Ok(Null));
+        assert_eq!(parse_decimal("99.94", 3, 1), Ok(Nearest(999)));
+        // The largest DECIMAL(38,18) value, and values next to it.
+        let max = format!("{}.{}", "9".repeat(20), "9".repeat(18));
+        assert_eq!(parse_decimal(&max, 38, 18), Ok(Exact(10i128.pow(38) - 1)));
+        assert_eq!(
+            parse_decimal(&format!("{max}4"), 38, 18),
+            Ok(Nearest(10i128.pow(38) - 1))
+        );
+        assert_eq!(parse_decimal(&format!("{max}5"), 38, 18), Ok(Null));
+        // Near i128::MAX / 10, where v × 10 + d could overflow.
+        assert_eq!(
+            parse_decimal("17014118346046923173168730371588410572.9", 38, 0),
+            Ok(Nearest(17_014_118_346_046_923_173_168_730_371_588_410_573))
+        );
+        // Not numbers at all: errors.
         assert!(parse_decimal("abc", 38, 2).is_err());
         assert!(parse_decimal(".", 38, 2).is_err());
+        assert!(parse_decimal("1e", 38, 2).is_err());
+        assert!(parse_decimal("1e+", 38, 2).is_err());
     }
 
-    /// The allocation-free parser agrees with the earlier string-shifting one.
+    /// The allocation-free parser agrees with the earlier string-shifting one on every value
+    /// that fits, and with a rounding oracle on the others.
     #[test]
     fn decimal_parser_agrees_with_the_string_version() {
         let mantissas = [
@@ -463,10 +682,16 @@ mod tests {
                         (3, 1),
                         (38, -2),
                     ] {
+                        let got = parse_decimal(&text, p, sc).ok();
                         assert_eq!(
-                            parse_decimal(&text, p, sc).ok(),
+                            got.and_then(Fit::exact),
                             parse_decimal_with_strings(&text, p, sc),
                             "{text} as DECIMAL({p},{sc})"
+                        );
+                        assert_eq!(
+                            got.map(Fit::value),
+                            decimal_parts(&text).map(|_| rounded_with_strings(&text, p, sc)),
+                            "{text} as DECIMAL({p},{sc}), rounded"
                         );
                     }
                 }
@@ -474,10 +699,47 @@ mod tests {
         }
     }
 
+    /// Rounding (half away from zero) on strings, as an oracle: `None` when out of range.
+    fn rounded_with_strings(text: &str, precision: u8, scale: i8) -> Option<i128> {
+        let (neg, int_part, frac_part, exp) = decimal_parts(text)?;
+        let shift = exp - frac_part.len() as i64 + scale as i64;
+        let mut digits = format!("{int_part}{frac_part}");
+        let mut up = false;
+        if shift < 0 {
+            let drop = (-shift) as usize;
+            if drop > digits.len() {
+                digits = "0".into();
+            } else {
+                let keep = digits.len() - drop;
+                up = digits.as_bytes()[keep] >= b'5';
+                digits.truncate(keep);
+            }
+        } else {
+            digits.extend(std::iter::repeat_n('0', shift as usize));
+        }
+        let digits = digits.trim_start_matches('0');
+        if digits.len() > 39 {
+            return None;
+        }
+        let mut v: i128 = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().ok()?
+        };
+        if up {
+            v += 1;
+        }
+        if v >= 10i128.pow(precision as u32) {
+            return None;
+        }
+        Some(if neg { -v } else { v })
+    }
+
     /// The earlier implementation's shifting, on strings, as an oracle.
     fn parse_decimal_with_strings(text: &str, precision: u8, scale: i8) -> Option<i128> {
         let (neg, int_part, frac_part, exp) = decimal_parts(text)?;
-        let shift = exp - frac_part.len() as i32 + scale as i32;
+        let shift = exp - frac_part.len() as i64 + scale as i64;
+
         let mut digits = format!("{int_part}{frac_part}")
             .trim_start_matches('0')
             .to_string();
@@ -504,25 +766,177 @@ mod tests {
 
     #[test]
     fn partial_dates_start_their_period() {
-        assert_eq!(parse_date("1970-01-01"), Ok(0));
-        assert_eq!(parse_date("1970"), Ok(0));
-        assert_eq!(parse_date("1970-02"), Ok(31));
-        assert_eq!(parse_date("1970-01-02T23:00:00-05:00"), Ok(1));
+        assert_eq!(parse_date("1970-01-01"), Ok(Exact(0)));
+        assert_eq!(parse_date("1970"), Ok(Exact(0)));
+        assert_eq!(parse_date("1970-02"), Ok(Exact(31)));
+        assert_eq!(parse_date("1970-01-02T23:00:00-05:00"), Ok(Exact(1)));
+        assert_eq!(parse_date("0001-01-01"), Ok(Exact(-719_162)));
+        assert_eq!(parse_date("9999-12-31"), Ok(Exact(2_932_896)));
+        // The regex admits day 01–31 in every month; the calendar does not.
+        assert_eq!(parse_date("2021-02-30"), Ok(Null));
+        assert_eq!(parse_date("2021-02-29"), Ok(Null));
+        assert_eq!(parse_date("2020-02-29"), Ok(Exact(18_321)));
+        assert_eq!(parse_date("2021-04-31T10:00:00Z"), Ok(Null));
         assert!(parse_date("1970-13-01").is_err());
+        assert!(parse_date("1970-01-32").is_err());
+        assert!(parse_date("1970-00").is_err());
         assert!(parse_date("70-01-01").is_err());
+        assert!(parse_date("05/06/1970").is_err());
     }
 
     #[test]
     fn timestamps_normalise_to_utc() {
-        assert_eq!(parse_timestamp_micros("1970-01-01T00:00:00Z"), Ok(0));
-        assert_eq!(parse_timestamp_micros("1970-01-01T01:00:00+01:00"), Ok(0));
+        let ts = parse_timestamp_micros;
+        assert_eq!(ts("1970-01-01T00:00:00Z"), Ok(Exact(0)));
+        assert_eq!(ts("1970-01-01T01:00:00+01:00"), Ok(Exact(0)));
+        assert_eq!(ts("1970-01-01T00:00:00.5-00:00"), Ok(Exact(500_000)));
+        assert_eq!(ts("1970-01-02"), Ok(Exact(86_400_000_000)));
+        assert_eq!(ts("1970-01-01T14:00:00+14:00"), Ok(Exact(0)));
         assert_eq!(
-            parse_timestamp_micros("1970-01-01T00:00:00.5-00:00"),
-            Ok(500_000)
+            ts("1970-01-01T00:00:00-12:00"),
+            Ok(Exact(12 * 3_600_000_000))
         );
-        assert_eq!(parse_timestamp_micros("1970-01-02"), Ok(86_400_000_000));
-        assert!(parse_timestamp_micros("1970-01-01T00:00:00").is_err());
-        assert!(parse_timestamp_micros("1970-01-01T25:00:00Z").is_err());
+        assert_eq!(
+            ts("0001-01-01T00:00:00+14:00"),
+            Ok(Exact(-62_135_596_800_000_000 - 14 * 3_600_000_000))
+        );
+        assert!(ts("1970-01-01T00:00:00").is_err());
+        assert!(ts("1970-01-01T25:00:00Z").is_err());
+        assert!(ts("1970-01-01T00:00:61Z").is_err());
+        assert!(ts("1970-01-01T00:00:00+15:00").is_err());
+    }
+
+    #[test]
+    fn timestamps_round_to_the_microsecond_and_leap_seconds_roll_over() {
+        let ts = parse_timestamp_micros;
+        // Nine and twelve fraction digits: rounded half away from zero.
+        assert_eq!(ts("1970-01-01T00:00:00.123456789Z"), Ok(Nearest(123_457)));
+        assert_eq!(
+            ts("1970-01-01T00:00:00.123456489012Z"),
+            Ok(Nearest(123_456))
+        );
+        assert_eq!(ts("1970-01-01T00:00:00.123456000000Z"), Ok(Exact(123_456)));
+        assert_eq!(ts("1970-01-01T00:00:00.9999995Z"), Ok(Nearest(1_000_000)));
+        // A leap second is the next minute's second 0 (POSIX time has none).
+        let new_year = ts("2017-01-01T00:00:00Z").ok().and_then(Fit::exact);
+        assert_eq!(
+            ts("2016-12-31T23:59:60Z").ok().and_then(Fit::value),
+            new_year
+        );
+        assert!(matches!(ts("2016-12-31T23:59:60Z"), Ok(Nearest(_))));
+        assert_eq!(ts("1970-01-01T00:00:60.5+00:00"), Ok(Nearest(60_500_000)));
+        // A date the calendar lacks: null.
+        assert_eq!(ts("2021-02-30T10:00:00Z"), Ok(Null));
+        assert_eq!(ts("2021-02-30"), Ok(Null));
+        // ... but a bad time is still an error.
+        assert!(ts("2021-02-30T10:00Z00").is_err());
+        assert!(ts("2021-02-30T10:00:00").is_err());
+    }
+
+    #[test]
+    fn times_round_and_clamp_to_the_day() {
+        let t = parse_time_micros;
+        assert_eq!(t("00:00:00"), Ok(Exact(0)));
+        assert_eq!(t("12:34:56.789"), Ok(Exact(45_296_789_000)));
+        assert_eq!(t("12:34:56.7890004"), Ok(Nearest(45_296_789_000)));
+        assert_eq!(t("12:34:60"), Ok(Nearest(45_300_000_000)));
+        assert_eq!(t("23:59:60"), Ok(Nearest(LAST_MICROSECOND)));
+        assert_eq!(t("23:59:60.999999999"), Ok(Nearest(LAST_MICROSECOND)));
+        assert_eq!(t("23:59:59.9999999"), Ok(Nearest(LAST_MICROSECOND)));
+        assert_eq!(t("23:59:59.999999"), Ok(Exact(LAST_MICROSECOND)));
+        assert!(t("24:00:00").is_err());
+        assert!(t("12:00:00.").is_err());
+    }
+
+    #[test]
+    fn doubles_are_nearest_or_null_beyond_range() {
+        assert_eq!(parse_double("1.5"), Ok(Exact(1.5)));
+        assert_eq!(parse_double("0.1"), Ok(Exact(0.1)));
+        assert_eq!(parse_double("0e-400"), Ok(Exact(0.0)));
+        assert_eq!(parse_double("1e400"), Ok(Null));
+        assert_eq!(parse_double("-1e400"), Ok(Null));
+        assert_eq!(parse_double("1e99999999999999999999"), Ok(Null));
+        assert_eq!(parse_double("1e-400"), Ok(Nearest(0.0)));
+        assert!(parse_double("abc").is_err());
+        assert!(parse_double("inf").is_err());
+        assert!(parse_double("NaN").is_err());
+    }
+
+    /// Every value FHIR's regexes admit for a type converts for its native column (exactly,
+    /// to the nearest value, or to null) — none is an error.
+    #[test]
+    fn every_valid_fhir_value_converts() {
+        use crate::view::json::JsonDoc;
+        let numbers: &[(ColumnType, &[&str])] = &[
+            (
+                ColumnType::Decimal(38, 18),
+                &[
+                    "0",
+                    "-0",
+                    "0.1234567890123456789012345",
+                    "1e40",
+                    "-1E-40",
+                    "1e+5",
+                    "10000000000000000000000000000000000000000",
+                    "123.4567890123456789012",
+                    "1e99999999999999999999",
+                    "1e-99999999999999999999",
+                ],
+            ),
+            (ColumnType::Float64, &["1e400", "1e-400", "0.1", "-12.5e3"]),
+            (ColumnType::Int32, &["0", "-0", "2147483647", "-2147483648"]),
+        ];
+        let strings: &[(ColumnType, &[&str])] = &[
+            (
+                ColumnType::Date32,
+                &[
+                    "0001",
+                    "0001-01",
+                    "0001-01-01",
+                    "9999-12-31",
+                    "2021-02-30",
+                    "2020-02-29",
+                ],
+            ),
+            (
+                ColumnType::Timestamp(true),
+                &[
+                    "2020",
+                    "2020-01",
+                    "2020-01-01",
+                    "0001-01-01T00:00:00+14:00",
+                    "2016-12-31T23:59:60Z",
+                    "2020-01-01T00:00:00.123456789012Z",
+                    "2020-01-01T00:00:00-13:59",
+                    "2020-01-01T00:00:00+14:00",
+                    "9999-12-31T23:59:60.9999999-14:00",
+                    "2021-02-30T00:00:00Z",
+                ],
+            ),
+            (
+                ColumnType::Time64,
+                &[
+                    "00:00:00",
+                    "23:59:60",
+                    "23:59:59.9999999999",
+                    "12:00:00.000000001",
+                ],
+            ),
+        ];
+        for (json, cases) in [(false, numbers), (true, strings)] {
+            for (ty, values) in cases {
+                for v in *values {
+                    let text = if json {
+                        format!("{v:?}")
+                    } else {
+                        v.to_string()
+                    };
+                    let doc = JsonDoc::parse(&text).expect("JSON");
+                    let got = convert(&Item::json(doc.root()), *ty);
+                    assert!(got.is_ok(), "{v} as {ty:?}: {got:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,3 +11,4 @@ mod incremental;
 mod s3;
 mod store;
 mod support;
+mod valid_fhir;

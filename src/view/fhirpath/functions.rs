@@ -249,7 +249,7 @@ pub(crate) fn call<'a>(
             let Some(s) = input_string(&items, func.name())? else {
                 return Ok(Vec::new());
             };
-            let Some(re) = regex_arg(regex.as_deref(), &arg(0)?)? else {
+            let Some(re) = regex_arg(regex.as_deref(), &arg(0)?, *full)? else {
                 return Ok(Vec::new());
             };
             bool_out(if *full {
@@ -262,7 +262,7 @@ pub(crate) fn call<'a>(
             let Some(s) = input_string(&items, func.name())? else {
                 return Ok(Vec::new());
             };
-            let Some(re) = regex_arg(regex.as_deref(), &arg(0)?)? else {
+            let Some(re) = regex_arg(regex.as_deref(), &arg(0)?, false)? else {
                 return Ok(Vec::new());
             };
             let Some(with) = string_arg(&arg(1)?, "replaceMatches() substitution")? else {
@@ -576,16 +576,25 @@ fn to_temporal<'a>(item: &Item<'a>, kind: TemporalKind) -> Option<Item<'a>> {
     })
 }
 
-/// The regex of `matches()`/`replaceMatches()`: precompiled, or compiled from the argument.
-fn regex_arg<'r>(pre: Option<&'r Regex>, arg: &[Item<'_>]) -> EvalResult<Option<Cow<'r, Regex>>> {
+/// The regex of `matches()`/`matchesFull()` (`full`)/`replaceMatches()`: precompiled, or
+/// compiled from the argument.
+fn regex_arg<'r>(
+    pre: Option<&'r Regex>,
+    arg: &[Item<'_>],
+    full: bool,
+) -> EvalResult<Option<Cow<'r, Regex>>> {
     if let Some(r) = pre {
         return Ok(Some(Cow::Borrowed(r)));
     }
     match string_arg(arg, "the regular expression")? {
         None => Ok(None),
-        Some(p) => Regex::new(&p)
-            .map(|r| Some(Cow::Owned(r)))
-            .map_err(EvalError::Eval),
+        Some(p) => if full {
+            Regex::new_full(&p)
+        } else {
+            Regex::new(&p)
+        }
+        .map(|r| Some(Cow::Owned(r)))
+        .map_err(EvalError::Eval),
     }
 }
 
@@ -830,26 +839,35 @@ pub(crate) fn reference_key<'a>(item: &Item<'a>, ty: Option<&str>) -> Option<&'a
 /// A literal reference split into its type and id (see [`parse_reference`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ParsedReference<'a> {
-    /// The resource type (`Patient`).
-    pub rtype: &'a str,
+    /// The resource type (`Patient`); `None` for a `urn:uuid:` reference, which has none.
+    pub rtype: Option<&'a str>,
     /// The id (`123`).
     pub id: &'a str,
 }
 
 impl<'a> ParsedReference<'a> {
-    /// The id when the type matches `ty` (any type for `None`).
+    /// The id when the type matches `ty` (any type for `None`). An untyped (`urn:uuid:`)
+    /// reference matches every `ty`: nothing in it says which type it points at.
     #[inline]
     pub(crate) fn key(self, ty: Option<&str>) -> Option<&'a str> {
-        match ty {
-            Some(t) if !bytes_eq(t.as_bytes(), self.rtype.as_bytes()) => None,
+        match (ty, self.rtype) {
+            (Some(t), Some(rtype)) if !bytes_eq(t.as_bytes(), rtype.as_bytes()) => None,
             _ => Some(self.id),
         }
     }
 }
 
+/// The `urn:uuid:` scheme prefix (matched ASCII case-insensitively, as URN schemes are).
+const URN_UUID: &[u8] = b"urn:uuid:";
+
 /// The type and id of the literal reference `item` holds (a `Reference` object's `reference`,
-/// or the string itself): `None` for contained (`#x`) and `urn:` references and anything that is
-/// not `[...]/Type/id[/_history/v]` with a FHIR type name and id.
+/// or the string itself):
+///
+/// * `[...]/Type/id[/_history/v]` with a FHIR type name and id gives `Type` and `id`;
+/// * `urn:uuid:<id>` (how Synthea's bundles and some servers' exports point at a resource
+///   whose id is that uuid) gives `<id>` and no type, when `<id>` is a FHIR id
+///   (`[A-Za-z0-9\-\.]{1,64}`, which every uuid is);
+/// * contained (`#x`), other `urn:` (`urn:oid:`) and any other form give `None`.
 pub(crate) fn parse_reference<'a>(item: &Item<'a>) -> Option<ParsedReference<'a>> {
     let reference = match item {
         Item::Json { value, .. } => match json_ref(value) {
@@ -859,7 +877,19 @@ pub(crate) fn parse_reference<'a>(item: &Item<'a>) -> Option<ParsedReference<'a>
         },
         _ => return None,
     };
-    if reference.starts_with('#') || reference.starts_with("urn:") {
+    if reference.starts_with('#') {
+        return None;
+    }
+    if reference
+        .as_bytes()
+        .get(..URN_UUID.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(URN_UUID))
+    {
+        let id = reference.get(URN_UUID.len()..)?;
+        let valid = (1..=64).contains(&id.len()) && id.bytes().all(is_id_byte);
+        return valid.then_some(ParsedReference { rtype: None, id });
+    }
+    if reference.starts_with("urn:") {
         return None;
     }
     let bytes = reference.as_bytes();
@@ -890,7 +920,7 @@ pub(crate) fn parse_reference<'a>(item: &Item<'a>) -> Option<ParsedReference<'a>
         return None;
     }
     Some(ParsedReference {
-        rtype: reference.get(type_start..slash)?,
+        rtype: Some(reference.get(type_start..slash)?),
         id: reference.get(slash + 1..end)?,
     })
 }
@@ -947,6 +977,14 @@ mod tests {
 
     /// The straightforward reading of a reference, the oracle for [`reference_key`]'s scans.
     fn reference_key_oracle<'a>(reference: &'a str, ty: Option<&str>) -> Option<&'a str> {
+        if let Some(id) = reference
+            .get(..9)
+            .filter(|p| p.eq_ignore_ascii_case("urn:uuid:"))
+            .map(|_| &reference[9..])
+        {
+            let valid = (1..=64).contains(&id.len()) && id.bytes().all(is_id_byte);
+            return valid.then_some(id);
+        }
         if reference.starts_with('#') || reference.starts_with("urn:") {
             return None;
         }
@@ -964,7 +1002,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn reference_key_matches_oracle(
-            r in "(http://[a-z_]{1,3}/)?[A-Pa-p]{0,3}(/[A-Pa-p0-9._#:-]{0,4}){0,3}(/_history/[0-9]?)?",
+            r in "((urn:uuid:|URN:UUID:|urn:oid:)[a-f0-9./_-]{0,5})|((http://[a-z_]{1,3}/)?[A-Pa-p]{0,3}(/[A-Pa-p0-9._#:-]{0,4}){0,3}(/_history/[0-9]?)?)",
         ) {
             let v = crate::view::json::json_doc!({ "reference": r });
             for ty in [None, Some("P"), Some("Pa")] {
@@ -986,7 +1024,19 @@ mod tests {
             ("http://x.org/fhir/Patient/a-1", None, Some("a-1")),
             ("Patient/123/_history/2", None, Some("123")),
             ("#contained", None, None),
-            ("urn:uuid:1234", None, None),
+            ("urn:uuid:1234", None, Some("1234")),
+            (
+                "urn:uuid:4b1c7d0e-2a3f-4e5b-9c6d-7e8f9a0b1c2d",
+                Some("Condition"),
+                Some("4b1c7d0e-2a3f-4e5b-9c6d-7e8f9a0b1c2d"),
+            ),
+            ("urn:uuid:1234", Some("Patient"), Some("1234")),
+            ("URN:UUID:AB-12", Some("Patient"), Some("AB-12")),
+            ("urn:uuid:", None, None),
+            ("urn:uuid:a/b", None, None),
+            ("urn:uuid:a_b", None, None),
+            ("urn:oid:1.2.3", None, None),
+            ("urn:uuidx", None, None),
             ("123", None, None),
             ("patient/123", None, None),
             ("Patient/", None, None),

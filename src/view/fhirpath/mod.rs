@@ -13,8 +13,10 @@
 //! constants, `getResourceKey`, `getReferenceKey`, `%rowIndex`), the experimental `join`,
 //! `lowBoundary` and `highBoundary`, and most of FHIRPath's other functions and operators
 //! (`select`, `iif`, `distinct`, string and math functions, `is`/`as`, `|`, `in`/`contains`,
-//! `implies`, `xor`, `matches`/`replaceMatches` with a small linear-time regex engine, ...). Not
-//! covered: quantities with units, date arithmetic, `sort`, `resolve()`, terminology functions.
+//! `implies`, `xor`, `matches`/`matchesFull`/`replaceMatches` on the `regex` crate — linear
+//! time, single-line mode, `$1`/`${name}` in substitutions, and no back-references or
+//! look-around, which fail to compile (see `regex.rs`) — ...). Not covered: quantities with
+//! units, date arithmetic, `sort`, `resolve()`, terminology functions.
 //!
 //! Semantics worth knowing:
 //!
@@ -31,8 +33,12 @@
 //!   with a date/time literal or constant is read as one.
 //! * `getResourceKey()` is the `id` of the input resource (of [`Env::resource`] when the input
 //!   is not a resource, e.g. inside `forEach`); `getReferenceKey([T])` is the `id` of a
-//!   `T/id`, `.../T/id` or `T/id/_history/v` reference and empty for `#contained`, `urn:` and
-//!   other forms.
+//!   `T/id`, `.../T/id` or `T/id/_history/v` reference (empty when `T` is given and differs),
+//!   and the `<id>` of a `urn:uuid:<id>` reference — Synthea's bundles and some servers'
+//!   exports point at a resource whose id is that uuid. A uuid carries no type, so it is
+//!   returned whatever `T` is asked for: `subject.getReferenceKey(Patient)` and
+//!   `subject.getReferenceKey(Group)` both give it, and only a join tells which it is. It is
+//!   empty for `#contained`, other `urn:` forms (`urn:oid:`) and anything else.
 //! * `join()` of an empty collection is empty, as FHIRPath and the newer SQL-on-FHIR suite
 //!   (`fn_join.json`) say; the older suite's `fhirpath.json` expected `''`.
 //! * Expressions nest at most [`MAX_DEPTH`] levels; deeper ones fail to compile with

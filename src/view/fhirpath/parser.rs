@@ -987,17 +987,23 @@ impl Parser<'_, '_> {
         match def.kind {
             ArgKind::Values => {
                 // Compile literal regular expressions once, reporting bad ones now.
-                if let (
-                    Func::Matches { regex, .. } | Func::ReplaceMatches(regex),
-                    Some(Node::Literal {
-                        item: Item::String(pattern),
-                        ..
-                    }),
-                ) = (&mut func, args.first())
+                if let Some(Node::Literal {
+                    item: Item::String(pattern),
+                    ..
+                }) = args.first()
                 {
-                    let compiled =
-                        Regex::new(pattern).map_err(|m| self.arg_err(pos, def.name, &m))?;
-                    *regex = Some(Box::new(compiled));
+                    let compiled = match &func {
+                        Func::Matches { full: true, .. } => Some(Regex::new_full(pattern)),
+                        Func::Matches { .. } | Func::ReplaceMatches(_) => Some(Regex::new(pattern)),
+                        _ => None,
+                    };
+                    if let Some(compiled) = compiled {
+                        let compiled = compiled.map_err(|m| self.arg_err(pos, def.name, &m))?;
+                        if let Func::Matches { regex, .. } | Func::ReplaceMatches(regex) = &mut func
+                        {
+                            *regex = Some(Box::new(compiled));
+                        }
+                    }
                 }
             }
             ArgKind::Type => {
