@@ -191,6 +191,13 @@ pub fn write_accounting(out: &mut impl Write, m: &RunManifest, location: &str) -
         m.blank_lines,
         m.views.len()
     )?;
+    if m.inexact_cells > 0 {
+        writeln!(
+            out,
+            "{} cells held inexactly by their typed column (rounded, or null out of range; the exact text is in `resource` or the `_text` column)",
+            m.inexact_cells
+        )?;
+    }
     if m.rejects > 0 {
         writeln!(
             out,

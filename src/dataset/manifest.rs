@@ -77,6 +77,11 @@ pub struct RunManifest {
     pub blank_lines: u64,
     /// Total rejected lines.
     pub rejects: u64,
+    /// Cells whose valid FHIR value a typed column holds inexactly (a decimal rounded to the
+    /// column's scale, a timestamp to the microsecond; null when out of range): the rows are
+    /// written, and the exact text stays in the raw `resource` column or a `_text` companion.
+    #[serde(default)]
+    pub inexact_cells: u64,
     /// Files written, relative to the dataset root.
     pub files: Vec<WrittenFile>,
     /// For exports: the FHIR base URL the data came from.
@@ -125,6 +130,7 @@ impl RunManifest {
             flatfhir_version: env!("CARGO_PKG_VERSION").into(),
             inputs,
             rejects: stats.rejects(),
+            inexact_cells: stats.inexact_cells,
             types: stats.types,
             views: stats.view_rows,
             blank_lines: stats.blank_lines,

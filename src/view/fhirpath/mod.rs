@@ -44,23 +44,6 @@
 //! * Expressions nest at most [`MAX_DEPTH`] levels; deeper ones fail to compile with
 //!   [`FhirPathError::TooDeep`], so evaluation never overflows the stack. One evaluation does at
 //!   most [`MAX_EVAL_WORK`] units of work, so no expression runs away on a large resource.
-//!
-//! ```ignore
-//! use sonic_rs::json;
-//! use crate::view::fhirpath::{Constants, Env, Expression, Item, Literal};
-//!
-//! let mut constants = Constants::new();
-//! constants.insert("use", Literal::String { fhir_type: "code".into(), value: "official".into() });
-//! let expr = Expression::compile("name.where(use = %use).family.first()", &constants)?;
-//!
-//! let patient = json!({"resourceType": "Patient", "id": "p1",
-//!                      "name": [{"use": "official", "family": "Doe"}]});
-//! let env = Env { resource: &patient, row_index: 0 };
-//! let out = expr.evaluate(&[Item::json(&patient)], &env)?;
-//! assert!(matches!(&out[..], [Item::Json { value, .. }] if value.as_str() == Some("Doe")));
-//! assert_eq!(expr.result_type(), None);
-//! assert_eq!(Expression::compile("name.exists()", &constants)?.result_type(), Some("boolean"));
-//! ```
 
 mod eval;
 mod functions;
