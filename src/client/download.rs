@@ -202,7 +202,7 @@ impl Download {
             self.offset,
         );
         Some(State::Resuming(Box::pin(async move {
-            client.open_file(&url, token, from).await
+            client.open_file_with(&url, token, from, true).await
         })))
     }
 }
@@ -236,17 +236,20 @@ impl Stream for Download {
                 State::Resuming(open) => {
                     let opened = ready!(open.as_mut().poll(cx));
                     let next = opened.and_then(|r| {
-                        if r.offset != this.offset || r.gzip {
-                            return Err(ClientError::Protocol {
-                                url: redact(&r.url),
-                                message: format!(
-                                    "the server ignored the request for the bytes from {} \
-                                     (Range: bytes={}-) of a cut download",
-                                    this.offset, this.offset
-                                ),
-                            });
-                        }
-                        Ok(r)
+                        let wrong = if r.offset != this.offset {
+                            "ignored the Range request"
+                        } else if r.gzip {
+                            "answered gzip-encoded where identity was asked for"
+                        } else {
+                            return Ok(r);
+                        };
+                        Err(ClientError::Protocol {
+                            url: redact(&r.url),
+                            message: format!(
+                                "resuming a cut download from byte {}: the server {wrong}",
+                                this.offset
+                            ),
+                        })
                     });
                     match next {
                         Ok(r) => {

@@ -490,11 +490,25 @@ impl BulkClient {
         requires_token: bool,
         from: u64,
     ) -> Result<FileResponse, ClientError> {
+        self.open_file_with(url, requires_token, from, from > 0)
+            .await
+    }
+
+    /// [`open_file`](Self::open_file), asking for the identity encoding when `identity` (a
+    /// resumed identity body must stay identity, even from byte 0).
+    pub(super) async fn open_file_with(
+        &self,
+        url: &Url,
+        requires_token: bool,
+        from: u64,
+        identity: bool,
+    ) -> Result<FileResponse, ClientError> {
         let mut prev = self.cfg.retry.base;
         let mut attempt = 0;
         let mut renewed = false;
         loop {
-            let (sent, at, used) = match self.follow_file(url, requires_token, from).await {
+            let (sent, at, used) = match self.follow_file(url, requires_token, from, identity).await
+            {
                 Ok((resp, at, used)) => (Ok(resp), at, used),
                 Err(e) => (Err(e), url.clone(), None),
             };
@@ -555,6 +569,7 @@ impl BulkClient {
         url: &Url,
         requires_token: bool,
         from: u64,
+        identity: bool,
     ) -> Result<(Response, Url, Option<Arc<str>>), ClientError> {
         let mut at = url.clone();
         let mut hops = 0;
@@ -563,13 +578,17 @@ impl BulkClient {
             let (rb, used) = self
                 .request_with(Method::GET, &at, requires_token && trusted, trusted)
                 .await?;
-            let mut rb = rb.header(ACCEPT, "application/fhir+ndjson");
-            rb = if from > 0 {
-                rb.header(RANGE, format!("bytes={from}-"))
-                    .header(ACCEPT_ENCODING, "identity")
-            } else {
-                rb.header(ACCEPT_ENCODING, "gzip")
-            };
+            let mut rb = rb.header(ACCEPT, "application/fhir+ndjson").header(
+                ACCEPT_ENCODING,
+                if identity || from > 0 {
+                    "identity"
+                } else {
+                    "gzip"
+                },
+            );
+            if from > 0 {
+                rb = rb.header(RANGE, format!("bytes={from}-"));
+            }
             let resp = self.send("GET", &at, rb).await?;
             if !download::follows(resp.status()) {
                 return Ok((resp, at, used));
