@@ -63,7 +63,7 @@ pub struct Faults {
     pub stall_file: bool,
     /// Never gzip file bodies, whatever `Accept-Encoding` says.
     pub no_gzip: bool,
-    /// Add one more Patient `output` file: a [gzip bomb](super::bomb) whose plain body is about
+    /// Add one more Patient `output` file: a gzip bomb whose plain body is about
     /// this many bytes of one valid Patient line repeated (same `id` on every line), served
     /// gzip-encoded at about 290:1 when the client accepts gzip.
     pub gzip_bomb: Option<u64>,
