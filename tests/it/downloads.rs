@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use url::Url;
 
 use flatfhir::{
@@ -406,4 +406,124 @@ async fn kickoff_and_status_never_follow_redirects() {
     assert!(e.contains("307"), "{e}");
     assert_eq!(hits.load(Ordering::Relaxed), 0, "a redirect was followed");
     serving.abort();
+}
+
+/// A one-file server whose first `cuts` responses are cut halfway through what they send, that
+/// advertises `Accept-Ranges: bytes`, and that honours `Range` unless `ignore_range`.
+async fn flaky_file_server(
+    body: bytes::Bytes,
+    cuts: u64,
+    ignore_range: bool,
+) -> (Url, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    use axum::{
+        Router,
+        body::Body,
+        http::{HeaderMap, StatusCode, header},
+        response::Response,
+        routing::get,
+    };
+    let served = Arc::new(AtomicU64::new(0));
+    let count = served.clone();
+    let app = Router::new().route(
+        "/f.ndjson",
+        get(move |headers: HeaderMap| {
+            let (body, count) = (body.clone(), count.clone());
+            async move {
+                let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+                let start = headers
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+                    .filter(|_| !ignore_range)
+                    .unwrap_or(0usize);
+                let data = body.slice(start..);
+                let mut resp = Response::builder()
+                    .header(header::ACCEPT_RANGES, "bytes")
+                    .header(header::CONTENT_LENGTH, data.len());
+                if start > 0 {
+                    resp = resp.status(StatusCode::PARTIAL_CONTENT).header(
+                        header::CONTENT_RANGE,
+                        format!("bytes {start}-{}/{}", body.len() - 1, body.len()),
+                    );
+                }
+                if n > cuts {
+                    return resp.body(Body::from(data)).unwrap();
+                }
+                let half = data.slice(..data.len() / 2);
+                let stream = futures::stream::iter([Ok(half), Err(std::io::Error::other("cut"))])
+                    .then(|item| async move {
+                        if item.is_err() {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        item
+                    });
+                resp.body(Body::from_stream(stream)).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = Url::parse(&format!(
+        "http://{}/f.ndjson",
+        listener.local_addr().unwrap()
+    ))
+    .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, served, task)
+}
+
+fn lines(n: usize) -> bytes::Bytes {
+    (0..n)
+        .map(|i| format!("{{\"resourceType\":\"Patient\",\"id\":\"p{i}\"}}\n"))
+        .collect::<String>()
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_are_bounded_and_an_ignored_range_is_a_protocol_error() {
+    let body = lines(2000);
+    let base = |url: &Url| url.join("/fhir/").unwrap();
+    // Cut three times: three resumes, and every byte exactly once.
+    let (url, served, task) = flaky_file_server(body.clone(), 3, false).await;
+    let c = BulkClientBuilder::new(base(&url))
+        .with_retry(fast_retry())
+        .build()
+        .unwrap();
+    let mut d = c.download(&url, false).await.unwrap();
+    assert_eq!(read_all(&mut d).await.unwrap(), body);
+    assert_eq!((d.resumes(), served.load(Ordering::Relaxed)), (3, 4));
+    task.abort();
+    // Cut on every request: max_retries resumes, then the (retryable) cut is the error.
+    let (url, served, task) = flaky_file_server(body.clone(), u64::MAX, false).await;
+    let retry = flatfhir::client::RetryConfig {
+        max_retries: 2,
+        ..fast_retry()
+    };
+    let c = BulkClientBuilder::new(base(&url))
+        .with_retry(retry)
+        .build()
+        .unwrap();
+    let mut d = c.download(&url, false).await.unwrap();
+    let e = read_all(&mut d).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Network { .. }) && e.is_retryable(),
+        "{e}"
+    );
+    assert_eq!((d.resumes(), served.load(Ordering::Relaxed)), (2, 3));
+    task.abort();
+    // A server that answers the Range request with the whole file again.
+    let (url, _, task) = flaky_file_server(body, 1, true).await;
+    let c = BulkClientBuilder::new(base(&url))
+        .with_retry(fast_retry())
+        .build()
+        .unwrap();
+    let mut d = c.download(&url, false).await.unwrap();
+    let e = read_all(&mut d).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Protocol { .. }) && !e.is_retryable(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("ignored the Range request"), "{e}");
+    task.abort();
 }
