@@ -164,6 +164,14 @@ pub struct ExportArgs {
     /// Longest wait between status polls, whatever Retry-After says.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     max_poll_interval: std::time::Duration,
+    /// Give up on a response that sends no byte for this long, and retry it (a file body
+    /// resumes with Range where the server allows it).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    idle_timeout: std::time::Duration,
+    /// Redirects followed for one file download (file requests only; kick-off and status
+    /// requests never follow redirects).
+    #[arg(long, default_value_t = flatfhir::client::DEFAULT_MAX_REDIRECTS)]
+    max_redirects: u32,
     /// Retries of one request before giving up.
     #[arg(long, default_value_t = flatfhir::client::retry::DEFAULT_MAX_RETRIES)]
     max_retries: u32,
@@ -340,6 +348,8 @@ pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
         .with_headers(a.headers.clone())
         .with_retry(retry)
         .with_token_hosts(a.allow_token_host.clone())
+        .with_idle_timeout(a.idle_timeout)
+        .with_max_redirects(a.max_redirects)
         .build()?;
     let options = ExportOptions {
         concurrency: a.concurrency.max(1),

@@ -138,6 +138,18 @@ pub enum ClientError {
     /// `--timeout` expired.
     #[error("export did not finish within {0:?}")]
     Timeout(std::time::Duration),
+    /// The server sent nothing for the idle timeout (no response headers, or no body bytes):
+    /// the connection was dropped. Retryable for idempotent requests (every request but a POST
+    /// kick-off, which must not be replayed blindly).
+    #[error("{method} {url}: nothing received for {idle:?} (idle timeout); connection dropped")]
+    Stalled {
+        /// HTTP method.
+        method: &'static str,
+        /// Redacted URL.
+        url: String,
+        /// The idle timeout that expired.
+        idle: std::time::Duration,
+    },
 }
 
 impl ClientError {
@@ -148,20 +160,72 @@ impl ClientError {
                 *status >= 500 || *status == 429 || *status == 408
             }
             ClientError::Network { .. } => true,
+            ClientError::Stalled { method, .. } => *method != "POST",
             _ => false,
         }
     }
 }
 
-/// A URL for messages: scheme, host, port and path only (no query, no credentials).
+/// A URL for messages: scheme, host, port and path only — credentials and the fragment are
+/// dropped, and a query (signed URLs carry their signature there) is shown as `?…`, readably
+/// rather than percent-encoded: `https://h/p?…`.
+///
+/// ```
+/// let u = url::Url::parse("https://user:pw@h.example/f/1.ndjson?X-Amz-Signature=abc#t").unwrap();
+/// assert_eq!(flatfhir::client::error_redact(&u), "https://h.example/f/1.ndjson?…");
+/// ```
 pub fn redact(url: &url::Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);
-    if u.query().is_some() {
-        u.set_query(Some("…"));
+    let had_query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    let mut shown = String::from(u);
+    if had_query {
+        shown.push_str("?…");
     }
-    u.to_string()
+    shown
+}
+
+/// [`redact`] for text that may not parse as a URL (a manifest entry, a `Location` header):
+/// parsed ones are redacted as URLs; anything else loses its query, fragment and userinfo
+/// textually, control characters are escaped and the result is cut at 200 characters.
+pub fn redact_raw(raw: &str) -> String {
+    if let Ok(u) = url::Url::parse(raw) {
+        return redact(&u);
+    }
+    let (head, had_query) = match raw.find(['?', '#']) {
+        Some(i) => (&raw[..i], raw[i..].starts_with('?')),
+        None => (raw, false),
+    };
+    // Userinfo: `scheme://user:pw@host/...` → `scheme://host/...`.
+    let head = match head.find("://") {
+        Some(i) => {
+            let rest = &head[i + 3..];
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{}{}", &head[..i + 3], &rest[at + 1..]),
+                None => head.to_string(),
+            }
+        }
+        None => head.to_string(),
+    };
+    let mut shown = String::with_capacity(head.len());
+    for c in head.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    if shown.chars().count() > 200 {
+        shown = format!("{}…", shown.chars().take(200).collect::<String>());
+    }
+    if had_query {
+        shown.push_str("?…");
+    }
+    shown
 }
 
 /// A detail string from an error body: the OperationOutcome summary, or the start of the text.
@@ -174,4 +238,55 @@ pub fn body_detail(body: &[u8]) -> Option<String> {
     }
     let text = String::from_utf8_lossy(body);
     Some(truncate(text.trim(), 200))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_urls_are_readable() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        assert_eq!(
+            redact(&u("https://h/p?X-Amz-Signature=abc&x=1")),
+            "https://h/p?…"
+        );
+        assert_eq!(
+            redact(&u("https://u:pw@h:8443/a/b#frag")),
+            "https://h:8443/a/b"
+        );
+        assert_eq!(redact(&u("http://h/p?")), "http://h/p?…");
+        assert_eq!(redact(&u("https://h/p")), "https://h/p");
+        assert!(!redact(&u("https://h/p?sig=1")).contains("%E2"));
+        // In a message, as users see it.
+        let e = ClientError::Status {
+            method: "GET",
+            url: redact(&u("https://h/f/1.ndjson?sig=s3cr3t")),
+            status: 403,
+            detail: None,
+        };
+        assert_eq!(e.to_string(), "GET https://h/f/1.ndjson?…: HTTP 403");
+    }
+
+    #[test]
+    fn raw_text_is_redacted_too() {
+        assert_eq!(redact_raw("https://h/p?sig=1"), "https://h/p?…");
+        assert_eq!(
+            redact_raw("https://user:pw@bad host/p?sig=1#f"),
+            "https://bad host/p?…"
+        );
+        assert_eq!(redact_raw("not a url\n#frag"), "not a url\\n");
+        assert_eq!(redact_raw(&"x".repeat(300)).chars().count(), 201);
+    }
+
+    #[test]
+    fn stalls_are_retried_except_for_post() {
+        let stalled = |method| ClientError::Stalled {
+            method,
+            url: "https://h/p".into(),
+            idle: std::time::Duration::from_secs(1),
+        };
+        assert!(stalled("GET").is_retryable());
+        assert!(!stalled("POST").is_retryable());
+    }
 }

@@ -7,14 +7,15 @@ use std::time::{Duration, SystemTime};
 use reqwest::{
     Method, Response, StatusCode,
     header::{
-        ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LOCATION, CONTENT_TYPE,
-        HeaderValue, RANGE, RETRY_AFTER,
+        ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LOCATION, CONTENT_RANGE,
+        CONTENT_TYPE, HeaderValue, LOCATION, RANGE, RETRY_AFTER,
     },
 };
 use url::Url;
 
 use super::{
     ClientError, ExportRequest, Manifest, RetryConfig, SmartAuth,
+    download::{self, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REDIRECTS},
     error::{OperationOutcome, body_detail, redact},
     parse_retry_after,
 };
@@ -51,6 +52,8 @@ pub struct BulkClientBuilder {
     retry: RetryConfig,
     token_hosts: Vec<String>,
     connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_redirects: u32,
 }
 
 impl BulkClientBuilder {
@@ -63,6 +66,8 @@ impl BulkClientBuilder {
             retry: RetryConfig::default(),
             token_hosts: Vec::new(),
             connect_timeout: Duration::from_secs(30),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_redirects: DEFAULT_MAX_REDIRECTS,
         }
     }
     /// Authorisation (default none).
@@ -70,7 +75,9 @@ impl BulkClientBuilder {
         self.auth = auth;
         self
     }
-    /// Extra headers on every request (`--header`).
+    /// Extra headers (`--header`): on kick-off, status and DELETE requests, and on file requests
+    /// to the hosts that may receive the access token ([`BulkClient::token_allowed`]) — never on a
+    /// file request to, or redirected to, another origin.
     pub fn with_headers(mut self, h: Vec<(String, String)>) -> Self {
         self.headers = h;
         self
@@ -80,9 +87,23 @@ impl BulkClientBuilder {
         self.retry = r;
         self
     }
-    /// Other hosts that may receive the access token (`--allow-token-host`).
+    /// Other hosts that may receive the access token (`--allow-token-host`), and with it the
+    /// extra headers on file requests.
     pub fn with_token_hosts(mut self, hosts: Vec<String>) -> Self {
         self.token_hosts = hosts;
+        self
+    }
+    /// The idle timeout (default [`DEFAULT_IDLE_TIMEOUT`]): the longest any request may wait for
+    /// its response headers or for the next body chunk. A file request that stalls is retried
+    /// (resumed with `Range` where possible, see [`Download`](super::Download)).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+    /// Most redirects followed for one file request (default [`DEFAULT_MAX_REDIRECTS`]; 0
+    /// refuses every redirect). Kick-off and status requests never follow redirects.
+    pub fn with_max_redirects(mut self, hops: u32) -> Self {
+        self.max_redirects = hops;
         self
     }
     /// Build.
@@ -97,6 +118,9 @@ impl BulkClientBuilder {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
+            // Per request, reset by every chunk received: an idle timeout, not a total one.
+            .read_timeout(self.idle_timeout)
+            // File redirects are followed by hand, deciding per hop where credentials may go.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("flatfhir/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -121,10 +145,12 @@ pub enum PollOutcome {
     Complete(Manifest),
 }
 
-/// An open file download.
+/// An open file download (see [`BulkClient::download`] for the stream that resumes it).
 pub struct FileResponse {
     /// The response whose body is the file (from `offset`).
     pub response: Response,
+    /// The URL that answered, after redirects.
+    pub url: Url,
     /// The body is gzip-encoded.
     pub gzip: bool,
     /// Byte offset the body starts at (a `Range` request was honoured).
@@ -151,6 +177,11 @@ impl BulkClient {
         &self.cfg.retry
     }
 
+    /// The idle timeout of every request ([`BulkClientBuilder::with_idle_timeout`]).
+    pub fn idle_timeout(&self) -> Duration {
+        self.cfg.idle_timeout
+    }
+
     /// Whether `url` may receive the access token: same origin as the FHIR base, or an allowed host.
     pub fn token_allowed(&self, url: &Url) -> bool {
         url.origin() == self.cfg.base.origin()
@@ -171,9 +202,22 @@ impl BulkClient {
         url: &Url,
         with_token: bool,
     ) -> Result<(reqwest::RequestBuilder, Option<Arc<str>>), ClientError> {
+        self.request_with(method, url, with_token, true).await
+    }
+
+    /// [`request`](Self::request), with the user's headers only when `with_headers`.
+    async fn request_with(
+        &self,
+        method: Method,
+        url: &Url,
+        with_token: bool,
+        with_headers: bool,
+    ) -> Result<(reqwest::RequestBuilder, Option<Arc<str>>), ClientError> {
         let mut rb = self.http.request(method, url.clone());
-        for (k, v) in &self.cfg.headers {
-            rb = rb.header(k, v);
+        if with_headers {
+            for (k, v) in &self.cfg.headers {
+                rb = rb.header(k, v);
+            }
         }
         let mut used = None;
         if with_token && self.token_allowed(url) {
@@ -221,10 +265,20 @@ impl BulkClient {
         url: &Url,
         rb: reqwest::RequestBuilder,
     ) -> Result<Response, ClientError> {
-        rb.send().await.map_err(|source| ClientError::Network {
-            method,
-            url: redact(url),
-            source,
+        rb.send().await.map_err(|source| {
+            if source.is_timeout() {
+                ClientError::Stalled {
+                    method,
+                    url: redact(url),
+                    idle: self.cfg.idle_timeout,
+                }
+            } else {
+                ClientError::Network {
+                    method,
+                    url: redact(url),
+                    source,
+                }
+            }
         })
     }
 
@@ -423,27 +477,41 @@ impl BulkClient {
         self.poll(url).await
     }
 
-    /// Open a file download, from byte `from` when resuming. The token is sent only when
-    /// `requires_token` and the origin is trusted. 5xx/network errors are retried.
+    /// Open a file download, from byte `from` when resuming (`Range: bytes=from-`, identity
+    /// encoding; otherwise gzip is asked for). Redirects are followed as
+    /// [`download`](Self::download) describes; the token is sent only when `requires_token`
+    /// and the hop's origin may receive it. 5xx/429/network errors and idle timeouts are
+    /// retried with backoff; a `401` with SMART auth renews the token once.
+    ///
+    /// [`download`](Self::download) wraps this in a stream that resumes cut bodies.
     pub async fn open_file(
         &self,
         url: &Url,
         requires_token: bool,
         from: u64,
     ) -> Result<FileResponse, ClientError> {
+        self.open_file_with(url, requires_token, from, from > 0)
+            .await
+    }
+
+    /// [`open_file`](Self::open_file), asking for the identity encoding when `identity` (a
+    /// resumed identity body must stay identity, even from byte 0).
+    pub(super) async fn open_file_with(
+        &self,
+        url: &Url,
+        requires_token: bool,
+        from: u64,
+        identity: bool,
+    ) -> Result<FileResponse, ClientError> {
         let mut prev = self.cfg.retry.base;
         let mut attempt = 0;
         let mut renewed = false;
         loop {
-            let (rb, used) = self.request(Method::GET, url, requires_token).await?;
-            let mut rb = rb.header(ACCEPT, "application/fhir+ndjson");
-            rb = if from > 0 {
-                rb.header(RANGE, format!("bytes={from}-"))
-                    .header(ACCEPT_ENCODING, "identity")
-            } else {
-                rb.header(ACCEPT_ENCODING, "gzip")
+            let (sent, at, used) = match self.follow_file(url, requires_token, from, identity).await
+            {
+                Ok((resp, at, used)) => (Ok(resp), at, used),
+                Err(e) => (Err(e), url.clone(), None),
             };
-            let sent = self.send("GET", url, rb).await;
             if self.renew_after_401(&sent, &used, &mut renewed).await {
                 continue;
             }
@@ -465,12 +533,13 @@ impl BulkClient {
                         .and_then(|v| v.to_str().ok())
                         .is_some_and(|v| v.contains("bytes"));
                     let offset = if resp.status() == StatusCode::PARTIAL_CONTENT {
-                        from
+                        range_start(&resp).unwrap_or(from)
                     } else {
                         0
                     };
                     return Ok(FileResponse {
                         response: resp,
+                        url: at,
                         gzip,
                         offset,
                         ranges,
@@ -478,7 +547,7 @@ impl BulkClient {
                 }
                 Ok(resp) => {
                     let hint = retry_after(&resp);
-                    (Self::status_error("GET", url, resp).await, hint)
+                    (Self::status_error("GET", &at, resp).await, hint)
                 }
                 Err(e) => (e, None),
             };
@@ -489,6 +558,58 @@ impl BulkClient {
             attempt += 1;
             tracing::warn!(error = %e, "download failed");
             self.backoff(attempt, &mut prev, hint, "download").await;
+        }
+    }
+
+    /// One file GET and the redirects it leads to: the final response, the URL that gave it,
+    /// and the token it carried (for a `401` renewal). Each hop decides afresh whether the
+    /// token and the user's headers may go to its origin.
+    async fn follow_file(
+        &self,
+        url: &Url,
+        requires_token: bool,
+        from: u64,
+        identity: bool,
+    ) -> Result<(Response, Url, Option<Arc<str>>), ClientError> {
+        let mut at = url.clone();
+        let mut hops = 0;
+        loop {
+            let trusted = self.token_allowed(&at);
+            let (rb, used) = self
+                .request_with(Method::GET, &at, requires_token && trusted, trusted)
+                .await?;
+            let mut rb = rb.header(ACCEPT, "application/fhir+ndjson").header(
+                ACCEPT_ENCODING,
+                if identity || from > 0 {
+                    "identity"
+                } else {
+                    "gzip"
+                },
+            );
+            if from > 0 {
+                rb = rb.header(RANGE, format!("bytes={from}-"));
+            }
+            let resp = self.send("GET", &at, rb).await?;
+            if !download::follows(resp.status()) {
+                return Ok((resp, at, used));
+            }
+            let next = download::redirect_target(
+                &at,
+                resp.status(),
+                resp.headers().get(LOCATION),
+                hops,
+                self.cfg.max_redirects,
+            )?;
+            hops += 1;
+            tracing::debug!(
+                status = resp.status().as_u16(),
+                from = %redact(&at),
+                to = %redact(&next),
+                hop = hops,
+                credentials = requires_token && self.token_allowed(&next),
+                "Following a file redirect."
+            );
+            at = next;
         }
     }
 
@@ -524,6 +645,13 @@ fn job_status(resp: &Response) -> StatusCode {
         return code;
     }
     resp.status()
+}
+
+/// The first byte of a `206`'s `Content-Range: bytes START-END/TOTAL`.
+fn range_start(resp: &Response) -> Option<u64> {
+    let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    let (start, _) = v.trim().strip_prefix("bytes ")?.split_once('-')?;
+    start.trim().parse().ok()
 }
 
 fn retry_after(resp: &Response) -> Option<Duration> {

@@ -78,16 +78,28 @@ impl Manifest {
         if m.output_organized_by.as_deref() == Some("") {
             m.output_organized_by = None;
         }
-        for item in m
-            .output
-            .iter_mut()
-            .chain(m.deleted.iter_mut())
-            .chain(m.error.iter_mut())
-        {
-            item.url = check_url(&item.url, from).map_err(&proto)?.to_string();
+        for (kind, items) in [
+            ("output", &mut m.output),
+            ("deleted", &mut m.deleted),
+            ("error", &mut m.error),
+        ] {
+            for (index, item) in items.iter_mut().enumerate() {
+                item.url = check_url(&item.url, from)
+                    .map_err(|e| {
+                        let type_ = item
+                            .type_
+                            .as_deref()
+                            .map(|t| format!(" (type {})", super::error::redact_raw(t)))
+                            .unwrap_or_default();
+                        proto(format!("manifest entry {kind}[{index}]{type_}: {e}"))
+                    })?
+                    .to_string();
+            }
         }
-        for l in m.link.iter_mut() {
-            l.url = check_url(&l.url, from).map_err(&proto)?.to_string();
+        for (index, l) in m.link.iter_mut().enumerate() {
+            l.url = check_url(&l.url, from)
+                .map_err(|e| proto(format!("manifest link[{index}] ({}): {e}", l.relation)))?
+                .to_string();
         }
         Ok(m)
     }
@@ -101,15 +113,27 @@ impl Manifest {
     }
 }
 
-/// Resolve `raw` against `base` and require http or https.
+/// Resolve `raw` (a manifest URL, a `Content-Location`) against `base` and check it: http or
+/// https only, and never plain http when `base` is https (the token and the data would travel
+/// unencrypted). The error names the URL, redacted (see [`redact`](super::error_redact)).
 pub fn check_url(raw: &str, base: &Url) -> Result<Url, String> {
-    let u = base
-        .join(raw)
-        .map_err(|e| format!("bad URL {raw:?}: {e}"))?;
+    let u = base.join(raw).map_err(|e| {
+        format!(
+            "refusing URL {}: it does not parse ({e})",
+            super::error::redact_raw(raw)
+        )
+    })?;
+    let shown = || super::error_redact(&u);
     match u.scheme() {
-        "http" | "https" => Ok(u),
+        "https" => Ok(u),
+        "http" if base.scheme() == "https" => Err(format!(
+            "refusing URL {}: plain http where the server is https",
+            shown()
+        )),
+        "http" => Ok(u),
         s => Err(format!(
-            "refusing URL with scheme {s:?} (only http and https)"
+            "refusing URL {}: scheme {s:?} (only http and https)",
+            shown()
         )),
     }
 }
@@ -156,5 +180,62 @@ mod tests {
                 .to_string()
                 .contains("boom")
         );
+    }
+
+    #[test]
+    fn refused_urls_name_the_entry_and_the_url() {
+        let https = Url::parse("https://ehr.example/fhir/$export-status/1?job=secret").unwrap();
+        let refused = |items: &str, from: &Url| {
+            let body = format!(r#"{{"transactionTime":"t",{items}}}"#);
+            Manifest::parse(body.as_bytes(), from)
+                .unwrap_err()
+                .to_string()
+        };
+        let ok = r#"{"type":"Patient","url":"https://ehr.example/f/0.ndjson"}"#;
+        // A file: URL, third in `output`.
+        let e = refused(
+            &format!(r#""output":[{ok},{ok},{{"type":"Observation","url":"file:///etc/passwd"}}]"#),
+            &https,
+        );
+        assert!(e.contains("output[2] (type Observation)"), "{e}");
+        assert!(
+            e.contains("file:///etc/passwd") && e.contains("\"file\""),
+            "{e}"
+        );
+        // The status URL the manifest came from is redacted, readably.
+        assert!(
+            e.contains("https://ehr.example/fhir/$export-status/1?…"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "{e}");
+        // Plain http from an https server, in `deleted`; the signed query is not shown.
+        let e = refused(
+            r#""output":[],"deleted":[{"url":"http://cdn.example/d/0.ndjson?sig=s3cr3t"}]"#,
+            &https,
+        );
+        assert!(e.contains("deleted[0]:") && e.contains("plain http"), "{e}");
+        assert!(e.contains("http://cdn.example/d/0.ndjson?…"), "{e}");
+        assert!(!e.contains("s3cr3t"), "{e}");
+        // A URL that does not parse, in `error`.
+        let e = refused(
+            r#""output":[],"error":[{"type":"OperationOutcome","url":"https://bad host/e.ndjson?sig=s3cr3t"}]"#,
+            &https,
+        );
+        assert!(
+            e.contains("error[0] (type OperationOutcome)") && e.contains("does not parse"),
+            "{e}"
+        );
+        assert!(
+            e.contains("https://bad host/e.ndjson?…") && !e.contains("s3cr3t"),
+            "{e}"
+        );
+        // http from an http server is fine.
+        let http = Url::parse("http://127.0.0.1:8080/fhir/$export-status/1").unwrap();
+        let m = Manifest::parse(
+            br#"{"transactionTime":"t","output":[{"type":"Patient","url":"http://127.0.0.1:9/f"}]}"#,
+            &http,
+        )
+        .unwrap();
+        assert_eq!(m.output[0].url, "http://127.0.0.1:9/f");
     }
 }

@@ -8,19 +8,26 @@
 //!  poll      GET status URL (Retry-After, X-Progress, backoff with jitter; transient errors
 //!     │      retried)                                                   → 200 + manifest
 //!     ▼
-//!  download  GET each output/deleted/error file (Accept-Encoding: gzip; Range to resume);
+//!  download  GET each output/deleted/error file (Accept-Encoding: gzip; Range to resume;
+//!            redirects followed by hand, ≤ 5 hops; an idle timeout on every chunk);
 //!            the bearer token only when requiresAccessToken is true and the origin is trusted
 //! ```
 //!
-//! Everything a server says is untrusted input: manifest URLs must be http(s), relative
-//! `Content-Location`s are resolved against the kick-off URL, the access token is never sent to
-//! another origin unless the user allowed that host, and server error bodies are shown through
-//! their OperationOutcome diagnostics (truncated).
+//! Everything a server says is untrusted input: manifest URLs must be http(s) (https when the
+//! server is), relative `Content-Location`s are resolved against the kick-off URL, the access
+//! token is never sent to another origin unless the user allowed that host (nor are the user's
+//! extra headers on file requests, redirected or not), and server error bodies are shown
+//! through their OperationOutcome diagnostics (truncated). URLs in messages are redacted
+//! ([`error_redact`]).
+//!
+//! A file body is consumed as a [`Download`]: a `Stream` of raw (possibly gzip-encoded) bytes
+//! that resumes a cut identity body with `Range` by itself.
 //!
 //! Authorization ([`Auth`]): none, a static bearer token, or SMART Backend Services
 //! ([`SmartAuth`]: signed client assertion → short-lived token, renewed before expiry and once
 //! more on a `401`).
 
+pub mod download;
 mod error;
 mod http;
 pub mod manifest;
@@ -28,7 +35,8 @@ pub mod request;
 pub mod retry;
 pub mod smart;
 
-pub use error::{ClientError, OperationOutcome, redact as error_redact};
+pub use download::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REDIRECTS, Download};
+pub use error::{ClientError, OperationOutcome, redact as error_redact, redact_raw};
 pub use http::{Auth, BulkClient, BulkClientBuilder, FileResponse, PollOutcome};
 pub use manifest::{Manifest, ManifestItem};
 pub use request::{ExportLevel, ExportRequest};

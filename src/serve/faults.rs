@@ -5,6 +5,20 @@ use std::time::Duration;
 /// Delay between body chunks for the per-request `slow` fault without a value.
 const DEFAULT_SLOW_CHUNK: Duration = Duration::from_millis(50);
 
+/// How file downloads are redirected (the `redirect-file` fault).
+///
+/// The file URL answers a redirect, then each hop another one, `hops` in all, alternating `307`
+/// and `302` (the first is `307`); same-origin hops use a relative `Location`. The last hop
+/// leads to the server's storage origin (a second listener, like a signed object-store URL,
+/// which never needs a token), or with `same_origin` to the file endpoint itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileRedirect {
+    /// Redirects before the body (at least 1).
+    pub hops: u32,
+    /// The last hop stays on the FHIR server's origin instead of going to the storage origin.
+    pub same_origin: bool,
+}
+
 /// Faults to inject. `Faults::default()` injects none.
 ///
 /// Set server-wide with [`ServerBuilder::with_faults`](super::ServerBuilder::with_faults); the
@@ -42,6 +56,17 @@ pub struct Faults {
     /// Revoke the access token presented with a job's first file download and answer it `401`
     /// (as a server does whose tokens were revoked or expired early). SMART auth only.
     pub file_401: bool,
+    /// Redirect every file download (Oracle Health/Cerner redirect every file to storage).
+    pub redirect_file: Option<FileRedirect>,
+    /// The first download of each file sends about half a line, then stalls: the connection
+    /// stays open and sends nothing more (until the server shuts down).
+    pub stall_file: bool,
+    /// Never gzip file bodies, whatever `Accept-Encoding` says.
+    pub no_gzip: bool,
+    /// Add one more Patient `output` file: a gzip bomb whose plain body is about
+    /// this many bytes of one valid Patient line repeated (same `id` on every line), served
+    /// gzip-encoded at about 290:1 when the client accepts gzip.
+    pub gzip_bomb: Option<u64>,
 }
 
 /// Faults of one kick-off request, plus the `paged` option that only exists per request.
@@ -96,6 +121,36 @@ impl RequestFaults {
                 "outcome-fatal" => f.outcome_fatal = true,
                 "missing-content-location" => f.missing_content_location = true,
                 "file-401" => f.file_401 = true,
+                "redirect-file" => {
+                    let mut r = FileRedirect {
+                        hops: 1,
+                        same_origin: false,
+                    };
+                    for part in arg.into_iter().flat_map(|a| a.split(':')) {
+                        match part {
+                            "same" => r.same_origin = true,
+                            "other" => r.same_origin = false,
+                            n => {
+                                r.hops =
+                                    n.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                                        format!(
+                                            "fault redirect-file: {n:?} is neither same, other nor \
+                                         a number of hops"
+                                        )
+                                    })?
+                            }
+                        }
+                    }
+                    f.redirect_file = Some(r);
+                }
+                "stall-file" => f.stall_file = true,
+                "no-gzip" => f.no_gzip = true,
+                "gzip-bomb" => {
+                    f.gzip_bomb = Some(match arg {
+                        Some(_) => number(0)?.saturating_mul(1 << 20),
+                        None => super::bomb::DEFAULT_BOMB_BYTES,
+                    })
+                }
                 "paged" => out.files_per_page = Some(number(1)?.max(1) as usize),
                 other => return Err(format!("unknown _flatfhirFault {other:?}")),
             }
@@ -123,6 +178,10 @@ impl Faults {
             outcome_fatal: self.outcome_fatal || job.outcome_fatal,
             missing_content_location: self.missing_content_location || job.missing_content_location,
             file_401: self.file_401 || job.file_401,
+            redirect_file: job.redirect_file.or(self.redirect_file),
+            stall_file: self.stall_file || job.stall_file,
+            no_gzip: self.no_gzip || job.no_gzip,
+            gzip_bomb: job.gzip_bomb.or(self.gzip_bomb),
         }
     }
 }
@@ -149,6 +208,31 @@ mod tests {
         assert!(RequestFaults::parse(["nope"]).is_err());
         assert!(RequestFaults::parse(["deleted"]).is_err());
         assert!(RequestFaults::parse(["status-429:x"]).is_err());
+    }
+
+    #[test]
+    fn download_faults() {
+        let f = |s: &str| RequestFaults::parse([s]).unwrap().faults;
+        let other = |hops| {
+            Some(FileRedirect {
+                hops,
+                same_origin: false,
+            })
+        };
+        assert_eq!(f("redirect-file").redirect_file, other(1));
+        assert_eq!(f("redirect-file:3").redirect_file, other(3));
+        assert_eq!(
+            f("redirect-file:same:2").redirect_file,
+            Some(FileRedirect {
+                hops: 2,
+                same_origin: true
+            })
+        );
+        assert!(RequestFaults::parse(["redirect-file:0"]).is_err());
+        assert!(RequestFaults::parse(["redirect-file:elsewhere"]).is_err());
+        assert!(f("stall-file,no-gzip").stall_file && f("no-gzip").no_gzip);
+        assert_eq!(f("gzip-bomb:2").gzip_bomb, Some(2 << 20));
+        assert_eq!(f("gzip-bomb").gzip_bomb, Some(300 << 20));
     }
 
     #[test]

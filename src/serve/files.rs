@@ -1,5 +1,6 @@
-//! File downloads: `GET [files base]/$export-file/{job}/{n}.ndjson`, with gzip, `Range` and the
-//! download faults (cut, gone, slow).
+//! File downloads: `GET [files base]/$export-file/{job}/{n}.ndjson` and the storage origin's
+//! `GET /storage/{job}/{n}.ndjson`, with gzip, `Range` and the download faults (cut, stall,
+//! gone, slow, redirect, no-gzip, gzip bomb).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -10,7 +11,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use tokio::sync::watch;
 
+use super::bomb::GzipBomb;
+use super::faults::FileRedirect;
+use super::job::{ExportFile, Job};
 use super::outcome::{Issue, Rejection};
 use super::server::AppState;
 
@@ -19,7 +24,7 @@ const SLOW_CHUNK_BYTES: usize = 8 * 1024;
 /// `application/fhir+ndjson`
 const FHIR_NDJSON: &str = "application/fhir+ndjson";
 
-/// Serve one file of a job.
+/// Serve one file of a job (or, with the `redirect-file` fault, redirect to it).
 pub(super) async fn download(
     State(state): State<Arc<AppState>>,
     Path((id, file)): Path<(String, String)>,
@@ -38,18 +43,16 @@ pub(super) async fn download(
     if job.faults.file_401 && !std::mem::replace(&mut job.state().revoked, true) {
         return state.revoke_token(&headers);
     }
-    let n = file
-        .strip_suffix(".ndjson")
-        .and_then(|n| n.parse::<usize>().ok());
-    let Some(Ok(output)) = job.output.get() else {
-        return Rejection::not_found(format!("export {id} has no files yet")).into_response();
+    let (n, output) = match file_of(&job, &file) {
+        Ok(found) => found,
+        Err(resp) => return resp,
     };
-    let Some((n, export_file)) = n.and_then(|n| Some((n, output.files.get(n)?))) else {
-        return Rejection::not_found(format!("export {id} has no file {file:?}")).into_response();
+    let query = |name: &str| {
+        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
     };
-    let fresh = uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "fresh=1"));
+    let fresh = query("fresh").is_some_and(|v| v == "1");
     if job.faults.file_gone == Some(n) && !fresh {
         job.state().gone_served = true;
         return Issue::error(
@@ -58,17 +61,132 @@ pub(super) async fn download(
         )
         .response(StatusCode::GONE);
     }
-    let first_download = job.state().downloaded.insert(n);
-    let cut = job.faults.cut_file_once && first_download;
+    let hop: u32 = query("hop").and_then(|h| h.parse().ok()).unwrap_or(0);
+    if let Some(redirect) = job.faults.redirect_file
+        && hop < redirect.hops
+    {
+        return redirect_to(&state, &job, n, &uri, hop, redirect);
+    }
+    serve(&state, &job, n, &output.files[n], &headers).await
+}
 
-    let body = export_file.body();
-    let total = body.len();
-    let mut resp = Response::builder()
+/// The storage origin's copy of a file: what a signed object-store URL serves. No token is
+/// needed (the `sig` query stands for the signature); the request log records whether one was
+/// sent anyway.
+pub(super) async fn storage(
+    State(state): State<Arc<AppState>>,
+    Path((id, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(job) = state.job(&id) else {
+        return Rejection::not_found(format!("no export job {id:?} (never started, or deleted)"))
+            .into_response();
+    };
+    let (n, output) = match file_of(&job, &file) {
+        Ok(found) => found,
+        Err(resp) => return resp,
+    };
+    serve(&state, &job, n, &output.files[n], &headers).await
+}
+
+/// File `{n}.ndjson` of a finished job: its index and the job's output.
+#[allow(clippy::result_large_err)] // the error is the response to send
+fn file_of(job: &Job, file: &str) -> Result<(usize, Arc<super::job::JobOutput>), Response> {
+    let Some(Ok(output)) = job.output.get() else {
+        return Err(
+            Rejection::not_found(format!("export {} has no files yet", job.id)).into_response(),
+        );
+    };
+    match file
+        .strip_suffix(".ndjson")
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n < output.files.len())
+    {
+        Some(n) => Ok((n, output.clone())),
+        None => Err(
+            Rejection::not_found(format!("export {} has no file {file:?}", job.id)).into_response(),
+        ),
+    }
+}
+
+/// The `redirect-file` fault: hop `hop` of `redirect.hops`. Same-origin hops point back at this
+/// endpoint with a relative `Location` (`{n}.ndjson?…&hop=N`); the last one goes to the storage
+/// origin unless `same_origin`.
+fn redirect_to(
+    state: &AppState,
+    job: &Job,
+    n: usize,
+    uri: &Uri,
+    hop: u32,
+    redirect: FileRedirect,
+) -> Response {
+    let status = if hop.is_multiple_of(2) {
+        StatusCode::TEMPORARY_REDIRECT
+    } else {
+        StatusCode::FOUND
+    };
+    let next = hop + 1;
+    let location = if next < redirect.hops || redirect.same_origin {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+            if k != "hop" {
+                query.append_pair(&k, &v);
+            }
+        }
+        query.append_pair("hop", &next.to_string());
+        format!("{n}.ndjson?{}", query.finish())
+    } else {
+        state.storage_file_url(&job.id, n)
+    };
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            let mut resp = status.into_response();
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        Err(e) => Issue::error("exception", format!("redirect location: {e}"))
+            .response(StatusCode::INTERNAL_SERVER_ERROR),
+    }
+}
+
+/// The body of file `n`: gzip when accepted (unless `no-gzip`), `Range` → `206` from the
+/// identity encoding, and the first-download faults (stall wins over cut).
+async fn serve(
+    state: &AppState,
+    job: &Job,
+    n: usize,
+    export_file: &ExportFile,
+    headers: &HeaderMap,
+) -> Response {
+    let first_download = job.state().downloaded.insert(n);
+    let faults = &job.faults;
+    let ending = if faults.stall_file && first_download {
+        // About half of the first line, then nothing.
+        let first_line = export_file
+            .lines
+            .first()
+            .map_or(usize::MAX, |l| l.len() + 1);
+        Ending::Stall(first_line / 2, state.shutdown_signal())
+    } else if faults.cut_file_once && first_download {
+        Ending::Cut
+    } else {
+        Ending::Whole
+    };
+    let gzip_ok = accepts_gzip(headers) && !faults.no_gzip;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let resp = Response::builder()
         .header(header::CONTENT_TYPE, FHIR_NDJSON)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::VARY, "accept-encoding");
+    if let Some(bomb) = &export_file.bomb {
+        return serve_bomb(resp, bomb, range, gzip_ok, ending, faults.slow_chunk);
+    }
+
+    let body = export_file.body();
+    let total = body.len();
+    let mut resp = resp;
     // A range request is answered from the identity encoding, so offsets are plain ndjson bytes.
-    let data = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+    let data = match range {
         Some(range) => match parse_range(range, total) {
             Some(Ok((start, end))) => {
                 resp = resp.status(StatusCode::PARTIAL_CONTENT).header(
@@ -77,17 +195,10 @@ pub(super) async fn download(
                 );
                 body.slice(start..end)
             }
-            Some(Err(())) => {
-                let mut r = Issue::error("invalid", format!("range {range:?} outside 0..{total}"))
-                    .response(StatusCode::RANGE_NOT_SATISFIABLE);
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
-                    r.headers_mut().insert(header::CONTENT_RANGE, v);
-                }
-                return r;
-            }
+            Some(Err(())) => return unsatisfiable(range, total as u64),
             None => body,
         },
-        None if accepts_gzip(&headers) => {
+        None if gzip_ok => {
             resp = resp.header(header::CONTENT_ENCODING, "gzip");
             match tokio::task::spawn_blocking(move || gzip(&body)).await {
                 Ok(gz) => gz,
@@ -99,12 +210,55 @@ pub(super) async fn download(
         }
         None => body,
     };
-    let cut_at = cut.then_some(data.len() / 2);
     resp.header(header::CONTENT_LENGTH, data.len())
-        .body(body_of(data, cut_at, job.faults.slow_chunk))
+        .body(body_of(data, ending, faults.slow_chunk))
         .unwrap_or_else(|e| {
             Issue::error("exception", e.to_string()).response(StatusCode::INTERNAL_SERVER_ERROR)
         })
+}
+
+/// The gzip bomb: its gzip encoding when accepted (with the body faults), else plain bytes
+/// from the generator (whole, or a `Range`).
+fn serve_bomb(
+    mut resp: axum::http::response::Builder,
+    bomb: &GzipBomb,
+    range: Option<&str>,
+    gzip_ok: bool,
+    ending: Ending,
+    slow: Option<Duration>,
+) -> Response {
+    let total = bomb.plain_len();
+    let built = match range.map(|r| (r, parse_range(r, total as usize))) {
+        Some((_, Some(Ok((start, end))))) => resp
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{total}", end - 1),
+            )
+            .header(header::CONTENT_LENGTH, end - start)
+            .body(Body::from_stream(bomb.plain(start as u64, end as u64))),
+        Some((r, Some(Err(())))) => return unsatisfiable(r, total),
+        _ if gzip_ok => {
+            resp = resp.header(header::CONTENT_ENCODING, "gzip");
+            resp.header(header::CONTENT_LENGTH, bomb.gzip.len())
+                .body(body_of(bomb.gzip.clone(), ending, slow))
+        }
+        _ => resp
+            .header(header::CONTENT_LENGTH, total)
+            .body(Body::from_stream(bomb.plain(0, total))),
+    };
+    built.unwrap_or_else(|e| {
+        Issue::error("exception", e.to_string()).response(StatusCode::INTERNAL_SERVER_ERROR)
+    })
+}
+
+fn unsatisfiable(range: &str, total: u64) -> Response {
+    let mut r = Issue::error("invalid", format!("range {range:?} outside 0..{total}"))
+        .response(StatusCode::RANGE_NOT_SATISFIABLE);
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
+        r.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    r
 }
 
 /// `bytes=N-`, `bytes=N-M` or `bytes=-N` → `Some(Ok(start..end))`; unsatisfiable →
@@ -166,31 +320,54 @@ fn gzip(data: &[u8]) -> Bytes {
     Bytes::from(gz.finish().unwrap_or_default())
 }
 
-/// The response body: whole, or in 8 KiB chunks with a delay (`slow`), and cut off with a
-/// connection error after `cut_at` bytes (`cut_file_once`). With `Content-Length` set, hyper
+/// How a response body ends.
+enum Ending {
+    /// All of it.
+    Whole,
+    /// Cut with a connection error after about half of its bytes (`cut-file`).
+    Cut,
+    /// After this many bytes (at most half the body), nothing more until the server shuts down
+    /// (`stall-file`); the connection stays open.
+    Stall(usize, watch::Receiver<bool>),
+}
+
+/// The response body: whole, or in 8 KiB chunks with a delay (`slow`), cut off with a
+/// connection error (`cut-file`) or stalled (`stall-file`). With `Content-Length` set, hyper
 /// closes the connection when the stream fails, so the client sees a short body and an error.
-fn body_of(data: Bytes, cut_at: Option<usize>, slow: Option<Duration>) -> Body {
-    if cut_at.is_none() && slow.is_none() {
+fn body_of(data: Bytes, ending: Ending, slow: Option<Duration>) -> Body {
+    if matches!(ending, Ending::Whole) && slow.is_none() {
         return Body::from(data);
     }
-    let limit = cut_at.unwrap_or(data.len());
+    let limit = match &ending {
+        Ending::Whole => data.len(),
+        Ending::Cut => data.len() / 2,
+        Ending::Stall(at, _) => (*at).min(data.len() / 2),
+    };
     let chunk = if slow.is_some() {
         SLOW_CHUNK_BYTES
     } else {
         limit.max(1)
     };
+    let ending = Arc::new(ending);
     let stream = futures::stream::unfold(Some(0usize), move |pos| {
-        let data = data.clone();
+        let (data, ending) = (data.clone(), ending.clone());
         async move {
             let pos = pos?;
             if pos >= limit {
-                cut_at?;
-                // Let the first half reach the client before the connection drops.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let cut = std::io::Error::new(
-                    std::io::ErrorKind::ConnectionReset,
-                    "download cut on purpose (fault cut-file)",
-                );
+                let cut = match &*ending {
+                    Ending::Whole => return None,
+                    Ending::Cut => {
+                        // Let the first half reach the client before the connection drops.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        "download cut on purpose (fault cut-file)"
+                    }
+                    Ending::Stall(_, shutdown) => {
+                        let mut shutdown = shutdown.clone();
+                        let _ = shutdown.wait_for(|stop| *stop).await;
+                        "stalled download ended by the server's shutdown (fault stall-file)"
+                    }
+                };
+                let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, cut);
                 return Some((Err(cut), None));
             }
             if pos > 0

@@ -9,6 +9,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use url::Url;
 
+use super::bomb::GzipBomb;
 use super::faults::Faults;
 
 /// What a file holds.
@@ -22,15 +23,35 @@ pub(super) enum FileKind {
     Deleted,
 }
 
-/// One file of a job: its lines, each without the newline.
+/// One file of a job: its lines, each without the newline — or a gzip bomb.
 #[derive(Debug)]
 pub(super) struct ExportFile {
     pub kind: FileKind,
     pub resource_type: String,
     pub lines: Vec<Bytes>,
+    /// The `gzip-bomb` fault's file (then `lines` is empty).
+    pub bomb: Option<Arc<GzipBomb>>,
 }
 
 impl ExportFile {
+    /// A file of these lines.
+    pub fn new(kind: FileKind, resource_type: String, lines: Vec<Bytes>) -> Self {
+        ExportFile {
+            kind,
+            resource_type,
+            lines,
+            bomb: None,
+        }
+    }
+
+    /// Resources in the file (the manifest's `count`).
+    pub fn count(&self) -> u64 {
+        match &self.bomb {
+            Some(b) => b.lines,
+            None => self.lines.len() as u64,
+        }
+    }
+
     /// The ndjson body: every line followed by `\n`.
     pub fn body(&self) -> Bytes {
         let len = self.lines.iter().map(|l| l.len() + 1).sum();
@@ -136,7 +157,7 @@ impl Job {
                 json!({
                     "type": f.resource_type,
                     "url": self.file_url(files_base, n, false),
-                    "count": f.lines.len(),
+                    "count": f.count(),
                 })
             })
             .collect();
@@ -164,7 +185,7 @@ impl Job {
             json!({
                 "type": f.resource_type,
                 "url": self.file_url(files_base, n, fresh),
-                "count": f.lines.len(),
+                "count": f.count(),
             })
         };
         let of_kind = |kind| {
@@ -207,11 +228,7 @@ mod tests {
     use super::*;
 
     fn file(kind: FileKind, t: &str, n: usize) -> ExportFile {
-        ExportFile {
-            kind,
-            resource_type: t.into(),
-            lines: vec![Bytes::from_static(b"{}"); n],
-        }
+        ExportFile::new(kind, t.into(), vec![Bytes::from_static(b"{}"); n])
     }
 
     #[test]

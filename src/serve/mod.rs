@@ -28,6 +28,12 @@
 //! | DELETE | `$export-status/{job}` | `202`; afterwards the status URL and files answer `404` |
 //! | GET | `$export-file/{job}/{n}.ndjson` | output, error and deleted files; gzip on `Accept-Encoding`; `Range: bytes=…` → `206` (range offsets count plain ndjson bytes: a range request is answered without gzip) |
 //! | GET | `metadata` | minimal CapabilityStatement (never needs a token) |
+//! | GET | `/storage/{job}/{n}.ndjson?sig=…` (storage origin) | the same file bodies, never needing a token: where `redirect-file` sends downloads |
+//!
+//! The storage origin is a second listener on the same IP and an ephemeral port (another port is
+//! another origin), always started ([`RunningServer::storage_base_url`]). It stands for object
+//! storage behind signed URLs; [`RunningServer::storage_authorized`] counts requests that
+//! reached it with an `Authorization` header, which a careful client never sends there.
 //!
 //! Kick-off requires `Accept: application/fhir+json` and a `Prefer` header with the
 //! `respond-async` token (other tokens such as `handling=lenient` may accompany it), like the
@@ -76,6 +82,10 @@
 //! | `missing-content-location` | `missing_content_location` | the kick-off `202` has no `Content-Location` |
 //! | `file-401` | `file_401` | the first file download of the job answers `401` and revokes the token it carried (SMART auth) |
 //! | `paged[:N]` | [`ServerBuilder::with_files_per_page`] | manifest pages of N (default 1) output files, chained by `link[next]` |
+//! | `redirect-file[:N][:same]` | `redirect_file` ([`FileRedirect`]) | every file URL answers `307`, then each hop `302`/`307` alternately, N hops in all (default 1); the last leads to the storage origin, or with `same` to the file endpoint itself (same-origin hops use a relative `Location`) |
+//! | `stall-file` | `stall_file` | every file's first download sends about half a line, then nothing, keeping the connection open (until shutdown) |
+//! | `no-gzip` | `no_gzip` | file bodies are never gzip-encoded (so cut bodies can be resumed with `Range`) |
+//! | `gzip-bomb[:MiB]` | `gzip_bomb` | one more Patient `output` file: a valid Patient line repeated to MiB (default 300) plain, served gzip-encoded at about 290:1, 300 MiB in about 1 MiB (all lines share one `id`) |
 //!
 //! # Auth
 //!
@@ -108,6 +118,7 @@
 //! ```
 
 mod auth;
+mod bomb;
 mod data;
 mod faults;
 mod files;
@@ -125,7 +136,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use auth::{AuthClient, DEFAULT_ALLOWED_SCOPES, DEFAULT_TOKEN_LIFETIME, ScopeSyntax};
-pub use faults::Faults;
+pub use faults::{Faults, FileRedirect};
 pub use server::{
     DEFAULT_ADDR, DEFAULT_DELAY, DEFAULT_RESOURCES_PER_FILE, DEFAULT_RETRY_AFTER_SECS,
     RequestRecord, RunningServer, ServerBuilder,

@@ -4,10 +4,12 @@
 //! CPU-bound (filters and `_elements` parse lines): runs in `spawn_blocking`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
+use super::bomb::GzipBomb;
 use super::data::{Dataset, Resource};
 use super::faults::Faults;
 use super::job::{ExportFile, FileKind, JobOutput};
@@ -62,12 +64,20 @@ pub(super) fn build(
             });
         }
         for chunk in lines.chunks(per_file) {
-            files.push(ExportFile {
-                kind: FileKind::Output,
-                resource_type: resource_type.to_string(),
-                lines: chunk.to_vec(),
-            });
+            files.push(ExportFile::new(
+                FileKind::Output,
+                resource_type.to_string(),
+                chunk.to_vec(),
+            ));
         }
+    }
+    if let Some(plain_bytes) = faults.gzip_bomb
+        && req.types.as_ref().is_none_or(|t| t.contains("Patient"))
+    {
+        files.push(ExportFile {
+            bomb: Some(Arc::new(GzipBomb::new(plain_bytes))),
+            ..ExportFile::new(FileKind::Output, "Patient".into(), Vec::new())
+        });
     }
 
     let mut issues = req.notes.clone();
@@ -86,11 +96,11 @@ pub(super) fn build(
         });
     }
     if !issues.is_empty() {
-        files.push(ExportFile {
-            kind: FileKind::Error,
-            resource_type: "OperationOutcome".into(),
-            lines: issues.iter().map(|i| json_line(&i.to_outcome())).collect(),
-        });
+        files.push(ExportFile::new(
+            FileKind::Error,
+            "OperationOutcome".into(),
+            issues.iter().map(|i| json_line(&i.to_outcome())).collect(),
+        ));
     }
     if !faults.deleted.is_empty() {
         let lines = faults.deleted.iter().map(|reference| {
@@ -100,11 +110,11 @@ pub(super) fn build(
                 "entry": [{ "request": { "method": "DELETE", "url": reference } }],
             }))
         });
-        files.push(ExportFile {
-            kind: FileKind::Deleted,
-            resource_type: "Bundle".into(),
-            lines: lines.collect(),
-        });
+        files.push(ExportFile::new(
+            FileKind::Deleted,
+            "Bundle".into(),
+            lines.collect(),
+        ));
     }
     JobOutput { files }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -209,18 +210,33 @@ impl ServerBuilder {
             None
         };
         let files_base_url = files.as_ref().map_or(base_url.clone(), |(_, u)| u.clone());
+        // The storage origin (the `redirect-file` fault's target): always there, since any job
+        // may ask for the fault.
+        let (storage, storage_base_url) = {
+            let mut addr = self.addr;
+            addr.set_port(0);
+            let (listener, url) = bind(addr).await?;
+            let root = url
+                .join("/")
+                .map_err(|e| ServeError::Internal(format!("storage URL: {e}")))?;
+            (listener, root)
+        };
 
+        let (shutdown, signal) = watch::channel(false);
         let state = Arc::new(AppState {
             config: self.config,
             data,
             base_url: base_url.clone(),
             files_base_url: files_base_url.clone(),
+            storage_base_url: storage_base_url.clone(),
             jobs: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
             kickoffs: Mutex::new(KickoffCounters::default()),
             auth: AuthState::default(),
+            storage_requests: AtomicU64::new(0),
+            storage_authorized: AtomicU64::new(0),
+            shutdown: signal.clone(),
         });
-        let (shutdown, signal) = watch::channel(false);
         let mut tasks = Vec::new();
         let separate = files.is_some();
         tasks.push(spawn_listener(
@@ -232,13 +248,15 @@ impl ServerBuilder {
             tasks.push(spawn_listener(
                 listener,
                 router(&state, true, false),
-                signal,
+                signal.clone(),
             ));
         }
-        tracing::info!(%base_url, %files_base_url, "Bulk Data server listening.");
+        tasks.push(spawn_listener(storage, storage_router(&state), signal));
+        tracing::info!(%base_url, %files_base_url, %storage_base_url, "Bulk Data server listening.");
         Ok(RunningServer {
             base_url,
             files_base_url,
+            storage_base_url,
             state,
             shutdown,
             tasks,
@@ -306,6 +324,15 @@ fn router(state: &Arc<AppState>, with_files: bool, with_fhir: bool) -> Router {
         .with_state(state.clone())
 }
 
+/// The storage origin's routes: file copies at `/storage/{job}/{n}.ndjson`.
+fn storage_router(state: &Arc<AppState>) -> Router {
+    Router::new()
+        .route("/storage/{job}/{file}", get(files::storage))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .with_state(state.clone())
+}
+
 async fn not_found() -> Response {
     Issue::error("not-found", "no such endpoint").response(StatusCode::NOT_FOUND)
 }
@@ -364,6 +391,10 @@ pub struct RequestRecord {
     pub accept_encoding: Option<String>,
     /// The response status (`200` also for a download that was then cut).
     pub status: u16,
+    /// Served by the storage origin (the `redirect-file` fault's target).
+    pub storage: bool,
+    /// The names of the request's headers, lowercase (never their values).
+    pub header_names: Vec<String>,
 }
 
 /// Kick-off counters for `kickoff_429`.
@@ -382,10 +413,17 @@ pub(super) struct AppState {
     pub data: Dataset,
     pub base_url: Url,
     pub files_base_url: Url,
+    /// Root of the storage origin, e.g. `http://127.0.0.1:PORT/`.
+    pub storage_base_url: Url,
     pub jobs: Mutex<HashMap<String, Arc<Job>>>,
     pub log: Mutex<Vec<RequestRecord>>,
     pub kickoffs: Mutex<KickoffCounters>,
     pub auth: AuthState,
+    /// Requests the storage origin served, and how many of them carried `Authorization`.
+    pub storage_requests: AtomicU64,
+    pub storage_authorized: AtomicU64,
+    /// Becomes `true` when the server shuts down (ends stalled bodies).
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Lock a mutex whose data stays valid even if a handler panicked while holding it.
@@ -397,6 +435,22 @@ impl AppState {
     /// The job with this id, if it exists and was not deleted.
     pub fn job(&self, id: &str) -> Option<Arc<Job>> {
         lock(&self.jobs).get(id).cloned()
+    }
+
+    /// A signed-looking URL of file `n` of job `id` on the storage origin.
+    pub fn storage_file_url(&self, id: &str, n: usize) -> String {
+        let mut url = self
+            .storage_base_url
+            .join(&format!("storage/{id}/{n}.ndjson"))
+            .unwrap_or_else(|_| self.storage_base_url.clone());
+        url.query_pairs_mut()
+            .append_pair("sig", &format!("{:016x}", rand::random::<u64>()));
+        url.into()
+    }
+
+    /// A receiver that sees `true` once the server shuts down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
     }
 
     /// The token endpoint (`/auth/token` on the FHIR listener).
@@ -509,7 +563,15 @@ async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next
         range: header(header::RANGE),
         accept_encoding: header(header::ACCEPT_ENCODING),
         status: 0,
+        storage: request.uri().path().starts_with("/storage/"),
+        header_names: headers.keys().map(|k| k.as_str().to_string()).collect(),
     };
+    if entry.storage {
+        state.storage_requests.fetch_add(1, Ordering::Relaxed);
+        if entry.authorization {
+            state.storage_authorized.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     let response = next.run(request).await;
     entry.status = response.status().as_u16();
     tracing::debug!(
@@ -530,6 +592,7 @@ async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next
 pub struct RunningServer {
     base_url: Url,
     files_base_url: Url,
+    storage_base_url: Url,
     state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<std::io::Result<()>>>,
@@ -545,6 +608,23 @@ impl RunningServer {
     /// [`ServerBuilder::with_files_on_separate_origin`].
     pub fn files_base_url(&self) -> &Url {
         &self.files_base_url
+    }
+
+    /// The root of the storage origin, where the `redirect-file` fault sends file downloads
+    /// (a second listener: same IP, another port).
+    pub fn storage_base_url(&self) -> &Url {
+        &self.storage_base_url
+    }
+
+    /// Requests the storage origin has received so far.
+    pub fn storage_requests(&self) -> u64 {
+        self.state.storage_requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests to the storage origin that carried an `Authorization` header (of any value):
+    /// a client that follows a redirect there must not send its token, so this should stay 0.
+    pub fn storage_authorized(&self) -> u64 {
+        self.state.storage_authorized.load(Ordering::Relaxed)
     }
 
     /// Every request served so far, in completion order.

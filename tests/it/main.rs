@@ -4,6 +4,7 @@ mod auth;
 mod cli;
 mod conformance;
 mod convert;
+mod downloads;
 mod driver;
 mod export;
 mod flatten;

@@ -139,53 +139,18 @@ async fn fetch(
     Ok((parts, decoded.stats, decoded.sink.severities))
 }
 
-/// Feed the body of `url` into `body`, resuming a cut identity-encoded body with `Range`. A
-/// failure is also sent into `body`, so the decoder never takes a cut body for a whole one.
+/// Feed the body of `url` into `body` through the client's resumable download (redirects
+/// followed, a cut or stalled identity body resumed with `Range`). A failure is also sent into
+/// `body`, so the decoder never takes a cut body for a whole one.
 async fn pump(sh: &Shared, url: &Url, requires_token: bool, body: BodySender) -> Result<()> {
-    let label = crate::client::error_redact(url);
-    let r = async {
-        let mut resp = sh.client.open_file(url, requires_token, 0).await?;
-        let gzip = resp.gzip;
-        let mut offset = 0u64;
-        let mut resumes = 0;
-        loop {
-            let mut stream = resp.response.bytes_stream();
-            let mut cut = None;
-            while let Some(chunk) = stream.next().await {
-                match chunk {
-                    Ok(c) => {
-                        offset += c.len() as u64;
-                        if body.send(Ok(c)).await.is_err() {
-                            return Ok(()); // the decoder stopped; its error is reported there
-                        }
-                    }
-                    Err(e) => {
-                        cut = Some(e);
-                        break;
-                    }
-                }
+    let r: Result<()> = async {
+        let mut download = sh.client.download(url, requires_token).await?;
+        while let Some(chunk) = download.next().await {
+            if body.send(Ok(chunk?)).await.is_err() {
+                return Ok(()); // the decoder stopped; its error is reported there
             }
-            let Some(e) = cut else { return Ok(()) };
-            let can_resume = !gzip && resp.ranges && resumes < sh.client.retry().max_retries;
-            if !can_resume {
-                return Err(Error::from(ClientError::Network {
-                    method: "GET",
-                    url: label.clone(),
-                    source: e,
-                }));
-            }
-            resumes += 1;
-            tracing::info!(url = %label, offset, "download cut; resuming with Range");
-            let next = sh.client.open_file(url, requires_token, offset).await?;
-            if next.offset != offset {
-                return Err(ClientError::Protocol {
-                    url: label.clone(),
-                    message: "server ignored the Range request".into(),
-                }
-                .into());
-            }
-            resp = next;
         }
+        Ok(())
     }
     .await;
     if let Err(e) = &r {
