@@ -67,6 +67,9 @@ pub struct Faults {
     /// this many bytes of one valid Patient line repeated (same `id` on every line), served
     /// gzip-encoded at about 290:1 when the client accepts gzip.
     pub gzip_bomb: Option<u64>,
+    /// How many such bomb files (`gzip-bomb:MiB:N`; default 1): several at once test that a
+    /// client's memory does not grow with the ratio times its download concurrency.
+    pub gzip_bombs: usize,
 }
 
 /// Faults of one kick-off request, plus the `paged` option that only exists per request.
@@ -146,10 +149,18 @@ impl RequestFaults {
                 "stall-file" => f.stall_file = true,
                 "no-gzip" => f.no_gzip = true,
                 "gzip-bomb" => {
-                    f.gzip_bomb = Some(match arg {
-                        Some(_) => number(0)?.saturating_mul(1 << 20),
-                        None => super::bomb::DEFAULT_BOMB_BYTES,
-                    })
+                    let (size, count) = match arg.map(|a| a.split_once(':').unwrap_or((a, "1"))) {
+                        Some((size, count)) => {
+                            let n = |s: &str| {
+                                s.parse::<u64>()
+                                    .map_err(|_| format!("fault {name}: {s:?} is not a number"))
+                            };
+                            (n(size)?.saturating_mul(1 << 20), n(count)?.max(1) as usize)
+                        }
+                        None => (super::bomb::DEFAULT_BOMB_BYTES, 1),
+                    };
+                    f.gzip_bomb = Some(size);
+                    f.gzip_bombs = count;
                 }
                 "paged" => out.files_per_page = Some(number(1)?.max(1) as usize),
                 other => return Err(format!("unknown _flatfhirFault {other:?}")),
@@ -182,6 +193,11 @@ impl Faults {
             stall_file: self.stall_file || job.stall_file,
             no_gzip: self.no_gzip || job.no_gzip,
             gzip_bomb: job.gzip_bomb.or(self.gzip_bomb),
+            gzip_bombs: if job.gzip_bomb.is_some() {
+                job.gzip_bombs
+            } else {
+                self.gzip_bombs
+            },
         }
     }
 }
@@ -233,6 +249,9 @@ mod tests {
         assert!(f("stall-file,no-gzip").stall_file && f("no-gzip").no_gzip);
         assert_eq!(f("gzip-bomb:2").gzip_bomb, Some(2 << 20));
         assert_eq!(f("gzip-bomb").gzip_bomb, Some(300 << 20));
+        assert_eq!(f("gzip-bomb").gzip_bombs, 1);
+        let four = f("gzip-bomb:2:4");
+        assert_eq!((four.gzip_bomb, four.gzip_bombs), (Some(2 << 20), 4));
     }
 
     #[test]

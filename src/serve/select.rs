@@ -74,10 +74,13 @@ pub(super) fn build(
     if let Some(plain_bytes) = faults.gzip_bomb
         && req.types.as_ref().is_none_or(|t| t.contains("Patient"))
     {
-        files.push(ExportFile {
-            bomb: Some(Arc::new(GzipBomb::new(plain_bytes))),
-            ..ExportFile::new(FileKind::Output, "Patient".into(), Vec::new())
-        });
+        let bomb = Arc::new(GzipBomb::new(plain_bytes));
+        for _ in 0..faults.gzip_bombs.max(1) {
+            files.push(ExportFile {
+                bomb: Some(bomb.clone()),
+                ..ExportFile::new(FileKind::Output, "Patient".into(), Vec::new())
+            });
+        }
     }
 
     let mut issues = req.notes.clone();

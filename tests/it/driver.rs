@@ -8,7 +8,11 @@ use flatfhir::{
     dataset::DatasetLocation,
     flatten::MAX_REJECTS_PER_BATCH,
     query::Dataset,
-    run::{Progress, convert::ConvertBuilder, export::ExportBuilder},
+    run::{
+        Progress,
+        convert::ConvertBuilder,
+        export::{ExportBuilder, ExportOptions},
+    },
     serve::{DataSource, ServerBuilder},
     view::ViewRegistry,
 };
@@ -232,4 +236,131 @@ fn errors_print_once() {
             }
         }
     }
+}
+
+async fn export_sample(
+    request: ExportRequest,
+    out: &std::path::Path,
+    options: ExportOptions,
+    client: impl FnOnce(BulkClientBuilder) -> BulkClientBuilder,
+    progress: Arc<Progress>,
+) -> (
+    flatfhir::Result<flatfhir::run::export::ExportSummary>,
+    flatfhir::serve::RunningServer,
+) {
+    let srv = crate::export::server(Default::default(), |b| b).await;
+    let client = client(BulkClientBuilder::new(srv.base_url().clone()).with_retry(fast_retry()))
+        .build()
+        .unwrap();
+    let loc = DatasetLocation::resolve(out.to_str().unwrap(), true).unwrap();
+    let r = ExportBuilder::new(client, Arc::new(ViewRegistry::builtin().unwrap()), loc)
+        .with_request(request)
+        .with_options(options)
+        .with_progress(progress)
+        .run()
+        .await;
+    (r, srv)
+}
+
+/// Four gzip bombs at once (32 MiB of ndjson each, ~290:1 on the wire): every piece of inflated
+/// input the decoders get is at most one read buffer, whatever the ratio (before, a body was
+/// inflated chunk by chunk into one buffer that grew with the ratio).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bombs_reach_the_decoder_in_bounded_pieces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let progress = Arc::new(Progress::default());
+    let (r, srv) = export_sample(
+        crate::export::with_fault("gzip-bomb:32:4"),
+        tmp.path(),
+        ExportOptions {
+            concurrency: 4,
+            ..Default::default()
+        },
+        |c| c,
+        progress.clone(),
+    )
+    .await;
+    let s = r.unwrap();
+    assert_eq!(s.manifest.rejects, 0);
+    let patients = s.manifest.types["Patient"];
+    assert!(patients.rows > 4 * 100_000, "{patients:?}");
+    let inflated: u64 = s.manifest.inputs.iter().map(|i| i.bytes).sum();
+    assert!(inflated > 4 * (32 << 20), "{inflated}");
+    let largest = Progress::get(&progress.largest_chunk);
+    assert!(
+        largest > 0 && largest <= flatfhir::run::DEFAULT_CHUNK_BYTES as u64,
+        "largest piece handed to a decoder: {largest} bytes"
+    );
+    srv.shutdown().await;
+}
+
+/// `--timeout` bounds the whole job, downloads included, and says what was still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_timeout_covers_downloads_and_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let (r, srv) = export_sample(
+        crate::export::with_fault("stall-file"),
+        tmp.path(),
+        ExportOptions {
+            timeout: Duration::from_millis(1500),
+            ..Default::default()
+        },
+        // A stalled body would be retried only after a minute: the job's limit comes first.
+        |c| c.with_idle_timeout(Duration::from_secs(60)),
+        Arc::new(Progress::default()),
+    )
+    .await;
+    let err = r.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            flatfhir::Error::Export(flatfhir::run::export::ExportError::Timeout { .. })
+        ),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("downloading") && text.contains(".ndjson"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    srv.shutdown().await;
+}
+
+/// A resource type no default view reads (`Task`) lands in its generic table and gets current
+/// state like every other table: `task_latest`, one row per id, the newest version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_without_a_view_get_current_state_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().join("ds").to_str().unwrap(), true).unwrap();
+    let reg = Arc::new(ViewRegistry::builtin().unwrap());
+    let task = |v: &str, status: &str| {
+        format!(
+            "{{\"resourceType\":\"Task\",\"id\":\"t1\",\"meta\":{{\"lastUpdated\":\"{v}\"}},\"status\":\"{status}\",\"intent\":\"order\"}}\n"
+        )
+    };
+    for (name, text) in [
+        ("a.ndjson", task("2026-01-01T00:00:00Z", "requested")),
+        ("b.ndjson", task("2026-02-01T00:00:00Z", "completed")),
+    ] {
+        let f = tmp.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        ConvertBuilder::new(reg.clone(), loc.clone())
+            .with_files(vec![f])
+            .run()
+            .await
+            .unwrap();
+    }
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(one(&ds, "select count(*) from task").await, "2");
+    assert_eq!(one(&ds, "select count(*) from task_latest").await, "1");
+    assert_eq!(
+        one(
+            &ds,
+            "select json_get_str(resource, 'status') from task_latest"
+        )
+        .await,
+        "completed"
+    );
 }
