@@ -184,6 +184,10 @@ pub struct ExportArgs {
     /// Also keep every downloaded file, as received (gzip stays gzip), in this folder.
     #[arg(long, value_name = "DIR")]
     keep_ndjson: Option<PathBuf>,
+    /// Keep one part per downloaded file and view instead of rewriting the small parts of many
+    /// small files into parts of a sensible size before the run is published.
+    #[arg(long)]
+    no_coalesce: bool,
     #[command(flatten)]
     schema: SchemaArgs,
     /// Fail (exit code 1) when more than N lines are rejected; the run is still written.
@@ -356,6 +360,7 @@ pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
         timeout: a.timeout,
         delete_after: !a.no_delete,
         keep_ndjson: a.keep_ndjson.clone(),
+        coalesce: !a.no_coalesce,
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());

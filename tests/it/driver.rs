@@ -364,3 +364,38 @@ async fn types_without_a_view_get_current_state_too() {
         "completed"
     );
 }
+
+/// Many tiny files (the sample cut into files of 10 resources: ~280 files) end as a few parts
+/// per view, not one part per file and view, with exact rows; the small parts are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tiny_files_are_coalesced_into_few_parts() {
+    let srv = crate::export::server(Default::default(), |b| b.with_resources_per_file(10)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = crate::export::export(
+        &srv,
+        crate::export::patients(),
+        tmp.path(),
+        flatfhir::client::Auth::None,
+    )
+    .await
+    .unwrap();
+    let files = s.manifest.inputs.len();
+    assert!(files > 200, "{files} files");
+    let mut per_view: std::collections::BTreeMap<&str, usize> = Default::default();
+    for f in &s.manifest.files {
+        *per_view.entry(f.view.as_str()).or_default() += 1;
+    }
+    // A view keeps at most a few small parts (fewer than the coalescing threshold), whatever
+    // the number of files.
+    let most = flatfhir::run::export::coalesce::MIN_SMALL_PARTS;
+    assert!(per_view.values().all(|n| *n < most), "{per_view:?}");
+    assert!(s.manifest.files.len() < 2 * per_view.len(), "{per_view:?}");
+    crate::export::assert_exact(tmp.path(), &srv.counts()).await;
+    // On disk: only the parts the run lists (the coalesced small parts were deleted).
+    let parquet: Vec<String> = walk(tmp.path())
+        .into_iter()
+        .filter(|p| p.ends_with(".parquet") || p.ends_with(".staged"))
+        .collect();
+    assert_eq!(parquet.len(), s.manifest.files.len(), "{parquet:?}");
+    srv.shutdown().await;
+}

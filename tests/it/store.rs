@@ -11,7 +11,7 @@ use flatfhir::{
     compact::{CompactOptions, compact},
     dataset::DatasetLocation,
     query::Dataset,
-    run::export::{ExportBuilder, ExportSummary},
+    run::export::{ExportBuilder, ExportOptions, ExportSummary},
     serve::{DataSource, RunningServer, ServerBuilder},
     view::ViewRegistry,
 };
@@ -43,8 +43,14 @@ async fn export_into(srv: &RunningServer, loc: DatasetLocation) -> flatfhir::Res
         ..Default::default()
     };
     let registry = Arc::new(ViewRegistry::builtin()?);
+    // One part per downloaded file, so that there is something to compact.
+    let options = ExportOptions {
+        coalesce: false,
+        ..Default::default()
+    };
     ExportBuilder::new(client, registry, loc)
         .with_request(request)
+        .with_options(options)
         .run()
         .await
 }

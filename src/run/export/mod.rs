@@ -17,6 +17,7 @@
 //! killed run leaves only staged parts no reader lists, and `--resume` rolls a committing file
 //! forward and skips committed ones. `--timeout` bounds the whole job, downloads included.
 
+pub mod coalesce;
 mod files;
 mod since;
 
@@ -27,6 +28,7 @@ use std::{
     time::Duration,
 };
 
+use object_store::ObjectStoreExt;
 use url::Url;
 
 pub use since::{SINCE_AUTO, resolve_since_auto};
@@ -105,6 +107,9 @@ pub struct ExportOptions {
     pub delete_after: bool,
     /// Also archive every downloaded file, as received, into this folder (`--keep-ndjson`).
     pub keep_ndjson: Option<PathBuf>,
+    /// Rewrite the small parts of many small files into parts of a sensible size before the
+    /// run is published ([`coalesce`]; default true).
+    pub coalesce: bool,
 }
 
 impl Default for ExportOptions {
@@ -116,6 +121,7 @@ impl Default for ExportOptions {
             compression: parquet::basic::Compression::ZSTD(Default::default()),
             delete_after: true,
             keep_ndjson: None,
+            coalesce: true,
         }
     }
 }
@@ -475,11 +481,27 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
         return Err(e);
     }
 
-    let (manifest, server_errors) = run_record(&job, &registry);
+    // Small parts of many small files into parts of a sensible size, before publishing.
+    progress.set_state("coalescing small parts");
+    let parts: Vec<_> = job.files.values().flat_map(|r| r.parts.clone()).collect();
+    let coalesced = if opts.coalesce {
+        coalesce::coalesce(&location, &job.export, &shared.tag, opts.compression, parts).await?
+    } else {
+        coalesce::Coalesced {
+            parts,
+            replaced: Vec::new(),
+        }
+    };
+    let (manifest, server_errors) = run_record(&job, &registry, coalesced.parts);
     manifest.publish(&location).await?;
     job.completed()?;
     job.save(&location).await?;
     job.prune_files(&location).await;
+    for p in &coalesced.replaced {
+        if let Err(e) = location.store.delete(&location.child(&p.path)).await {
+            tracing::warn!(path = %p.path, error = %e, "could not delete a coalesced small part (it is not read)");
+        }
+    }
     if opts.delete_after
         && let Err(e) = client.delete(&status).await
     {
@@ -551,18 +573,20 @@ async fn poll_until_complete(
     }
 }
 
-/// The run record of a job whose files are all committed, and whether the server reported
-/// fatal or error issues.
-fn run_record(job: &JobRecord, registry: &ViewRegistry) -> (RunManifest, bool) {
+/// The run record of a job whose files are all committed (its parts: `files`), and whether the
+/// server reported fatal or error issues.
+fn run_record(
+    job: &JobRecord,
+    registry: &ViewRegistry,
+    mut files: Vec<crate::dataset::WrittenFile>,
+) -> (RunManifest, bool) {
     let mut stats = DecodeStats::default();
     let mut inputs = Vec::new();
-    let mut files = Vec::new();
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut deleted = 0;
     let mut warnings = Vec::new();
     for (url, rec) in &job.files {
         debug_assert_eq!(rec.state, FileState::Committed);
-        files.extend(rec.parts.iter().cloned());
         let shown = Url::parse(url)
             .map(|u| crate::client::error_redact(&u))
             .unwrap_or_else(|_| url.clone());
