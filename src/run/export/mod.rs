@@ -17,31 +17,31 @@
 //! killed run leaves only staged parts no reader lists, and `--resume` rolls a committing file
 //! forward and skips committed ones. `--timeout` bounds the whole job, downloads included.
 
+mod builder;
 pub mod coalesce;
 mod files;
+mod poll;
+mod record;
 mod since;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
-    path::PathBuf,
-    sync::{Arc, Mutex, atomic::Ordering},
+    collections::HashSet,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use object_store::ObjectStoreExt;
 use url::Url;
 
+use builder::Running;
+pub use builder::{ExportBuilder, ExportOptions, OnCtrlC, find_unfinished};
 pub use since::{SINCE_AUTO, resolve_since_auto};
 
 use super::Progress;
 use crate::{
     Error, Result,
-    client::{BulkClient, ClientError, ExportRequest, Manifest, ManifestItem, PollOutcome},
-    dataset::{
-        DatasetLocation, FileKind, FileState, InputRecord, JobRecord, RunIds, RunManifest,
-        commit_staged,
-    },
-    flatten::DecodeStats,
+    client::{BulkClient, ClientError, Manifest, ManifestItem},
+    dataset::{DatasetLocation, FileKind, JobRecord, RunIds, RunManifest, commit_staged},
     view::ViewRegistry,
 };
 
@@ -92,40 +92,6 @@ pub enum ExportError {
     },
 }
 
-/// Options of an export run.
-#[derive(Debug, Clone)]
-pub struct ExportOptions {
-    /// Files downloaded in parallel (default [`DEFAULT_CONCURRENCY`]).
-    pub concurrency: usize,
-    /// Limit for the whole job, downloads included (default [`DEFAULT_TIMEOUT`]).
-    pub timeout: Duration,
-    /// Rows per batch.
-    pub batch_size: usize,
-    /// Parquet compression.
-    pub compression: parquet::basic::Compression,
-    /// Send DELETE to the status URL after success (default true).
-    pub delete_after: bool,
-    /// Also archive every downloaded file, as received, into this folder (`--keep-ndjson`).
-    pub keep_ndjson: Option<PathBuf>,
-    /// Rewrite the small parts of many small files into parts of a sensible size before the
-    /// run is published ([`coalesce`]; default true).
-    pub coalesce: bool,
-}
-
-impl Default for ExportOptions {
-    fn default() -> Self {
-        ExportOptions {
-            concurrency: DEFAULT_CONCURRENCY,
-            timeout: DEFAULT_TIMEOUT,
-            batch_size: crate::flatten::DEFAULT_BATCH_SIZE,
-            compression: parquet::basic::Compression::ZSTD(Default::default()),
-            delete_after: true,
-            keep_ndjson: None,
-            coalesce: true,
-        }
-    }
-}
-
 /// What an export run produced.
 #[derive(Debug, Clone)]
 pub struct ExportSummary {
@@ -133,161 +99,6 @@ pub struct ExportSummary {
     pub manifest: RunManifest,
     /// Whether the server's error files held fatal or error issues.
     pub server_errors: bool,
-}
-
-/// What Ctrl-C does to a running export (see [`ExportBuilder::with_ctrl_c`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnCtrlC {
-    /// Nothing: the caller handles signals (the default for library use).
-    Ignore,
-    /// Stop, and cancel the server's job with DELETE.
-    CancelServerJob,
-    /// Stop, and keep the server's job for `--resume`.
-    KeepServerJob,
-}
-
-/// Configures an export run.
-pub struct ExportBuilder {
-    client: BulkClient,
-    registry: Arc<ViewRegistry>,
-    location: DatasetLocation,
-    request: ExportRequest,
-    options: ExportOptions,
-    progress: Arc<Progress>,
-    resume: Option<JobRecord>,
-    ctrl_c: OnCtrlC,
-}
-
-impl ExportBuilder {
-    /// An export from `client`'s server into `location`, decoded with `registry`'s views.
-    pub fn new(client: BulkClient, registry: Arc<ViewRegistry>, location: DatasetLocation) -> Self {
-        ExportBuilder {
-            client,
-            registry,
-            location,
-            request: ExportRequest::default(),
-            options: ExportOptions::default(),
-            progress: Arc::new(Progress::default()),
-            resume: None,
-            ctrl_c: OnCtrlC::Ignore,
-        }
-    }
-    /// The kick-off request (`since: "auto"` is resolved against the dataset when the run
-    /// starts; default: a system-level export of everything).
-    pub fn with_request(mut self, request: ExportRequest) -> Self {
-        self.request = request;
-        self
-    }
-    /// Options (default [`ExportOptions::default`]).
-    pub fn with_options(mut self, options: ExportOptions) -> Self {
-        self.options = options;
-        self
-    }
-    /// Counters to update (default: fresh ones).
-    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
-        self.progress = progress;
-        self
-    }
-    /// Continue this unfinished job instead of starting one (its request wins over
-    /// [`with_request`](Self::with_request)); see [`find_unfinished`].
-    pub fn with_resume(mut self, job: Option<JobRecord>) -> Self {
-        self.resume = job;
-        self
-    }
-    /// What Ctrl-C does (default [`OnCtrlC::Ignore`]).
-    pub fn with_ctrl_c(mut self, on: OnCtrlC) -> Self {
-        self.ctrl_c = on;
-        self
-    }
-
-    /// Run the export; returns the published run record.
-    pub async fn run(self) -> Result<ExportSummary> {
-        let (client, location, ctrl_c) = (self.client.clone(), self.location.clone(), self.ctrl_c);
-        let limit = self.options.timeout;
-        let running = Arc::new(Running::default());
-        let job = run_export(self, running.clone());
-        let timed = async {
-            match tokio::time::timeout(limit, job).await {
-                Ok(r) => r,
-                Err(_) => Err(ExportError::Timeout {
-                    limit,
-                    running: running.describe(),
-                }
-                .into()),
-            }
-        };
-        if ctrl_c == OnCtrlC::Ignore {
-            return timed.await;
-        }
-        tokio::select! {
-            r = timed => r,
-            _ = tokio::signal::ctrl_c() => {
-                Err(interrupted(&client, &location, ctrl_c == OnCtrlC::KeepServerJob).await.into())
-            }
-        }
-    }
-}
-
-/// The newest unfinished job in `location` that `--resume` (no `base_url`) or the same command
-/// again (the same server and resolved request) continues.
-pub async fn find_unfinished(
-    location: &DatasetLocation,
-    same_as: Option<(&str, &ExportRequest)>,
-) -> Result<Option<JobRecord>> {
-    let job = JobRecord::latest_unfinished(location).await?;
-    Ok(match same_as {
-        None => job,
-        Some((base, request)) => job.filter(|j| j.same_export(base, request)),
-    })
-}
-
-/// After Ctrl-C: cancel the server's job (unless kept) and say whether it can be resumed.
-async fn interrupted(client: &BulkClient, location: &DatasetLocation, keep: bool) -> ExportError {
-    let Ok(Some(mut job)) = JobRecord::latest_unfinished(location).await else {
-        return ExportError::Interrupted { resumable: false };
-    };
-    if keep {
-        return ExportError::Interrupted { resumable: true };
-    }
-    if let Some(s) = job.status_url.as_deref().and_then(|s| Url::parse(s).ok()) {
-        match client.delete(&s).await {
-            Ok(()) => {
-                if job.failed().is_ok() {
-                    let _ = job.save(location).await;
-                }
-                return ExportError::Interrupted { resumable: false };
-            }
-            Err(e) => tracing::warn!(error = %e, "cancelling the server job failed"),
-        }
-    }
-    ExportError::Interrupted { resumable: true }
-}
-
-/// What is running, for the timeout's message.
-#[derive(Debug, Default)]
-struct Running {
-    downloading: Mutex<BTreeSet<String>>,
-}
-
-impl Running {
-    fn describe(&self) -> String {
-        let files = self
-            .downloading
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
-        if files.is_empty() {
-            return "waiting for the server's job (polling its status URL)".into();
-        }
-        let shown: Vec<&str> = files.iter().take(3).map(String::as_str).collect();
-        format!(
-            "downloading {} file{}: {}{}",
-            files.len(),
-            if files.len() == 1 { "" } else { "s" },
-            shown.join(", "),
-            if files.len() > 3 { ", …" } else { "" }
-        )
-    }
 }
 
 /// What every file task shares.
@@ -404,7 +215,7 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
             }
         };
 
-    let pages = poll_until_complete(
+    let pages = poll::poll_until_complete(
         &client,
         &status,
         &progress,
@@ -492,7 +303,7 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
             replaced: Vec::new(),
         }
     };
-    let (manifest, server_errors) = run_record(&job, &registry, coalesced.parts);
+    let (manifest, server_errors) = record::run_record(&job, &registry, coalesced.parts);
     manifest.publish(&location).await?;
     job.completed()?;
     job.save(&location).await?;
@@ -511,133 +322,4 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
         manifest,
         server_errors,
     })
-}
-
-/// Poll `status` until the job is complete, handing every partial manifest to `partial`;
-/// returns the complete manifest's pages.
-async fn poll_until_complete(
-    client: &BulkClient,
-    status: &Url,
-    progress: &Progress,
-    mut partial: impl FnMut(&Manifest, &mut Tasks),
-    tasks: &mut Tasks,
-) -> Result<Vec<Manifest>> {
-    let mut poll_url = status.clone();
-    let mut wait = client.retry().base;
-    let mut last_progress = String::new();
-    loop {
-        match client.poll(&poll_url).await? {
-            PollOutcome::InProgress {
-                progress: server_progress,
-                retry_after,
-                partial: page,
-            } => {
-                if let Some(p) = server_progress.filter(|p| *p != last_progress) {
-                    tracing::info!(progress = %p, "export in progress");
-                    progress.set_state(format!("server: {p}"));
-                    last_progress = p;
-                }
-                if let Some(m) = page {
-                    partial(&m, tasks);
-                    if let Some(next) = m.next_page() {
-                        poll_url = parse_url(next)?;
-                        continue;
-                    }
-                }
-                wait = match retry_after {
-                    Some(r) => client.retry().clamp_poll(r),
-                    None => client
-                        .retry()
-                        .next_backoff(wait)
-                        .min(client.retry().max_poll_interval),
-                };
-                tokio::time::sleep(wait).await;
-            }
-            PollOutcome::Complete(first) => {
-                let mut pages = vec![first];
-                while let Some(next) = pages.last().and_then(|m| m.next_page()).map(str::to_string)
-                {
-                    match client.fetch_page(&parse_url(&next)?).await? {
-                        PollOutcome::Complete(m) => pages.push(m),
-                        PollOutcome::InProgress { retry_after, .. } => {
-                            tokio::time::sleep(
-                                client.retry().clamp_poll(retry_after.unwrap_or(wait)),
-                            )
-                            .await;
-                        }
-                    }
-                }
-                return Ok(pages);
-            }
-        }
-    }
-}
-
-/// The run record of a job whose files are all committed (its parts: `files`), and whether the
-/// server reported fatal or error issues.
-fn run_record(
-    job: &JobRecord,
-    registry: &ViewRegistry,
-    mut files: Vec<crate::dataset::WrittenFile>,
-) -> (RunManifest, bool) {
-    let mut stats = DecodeStats::default();
-    let mut inputs = Vec::new();
-    let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
-    let mut deleted = 0;
-    let mut warnings = Vec::new();
-    for (url, rec) in &job.files {
-        debug_assert_eq!(rec.state, FileState::Committed);
-        let shown = Url::parse(url)
-            .map(|u| crate::client::error_redact(&u))
-            .unwrap_or_else(|_| url.clone());
-        match rec.kind {
-            FileKind::Output => {
-                stats.merge(&rec.stats);
-                let lines = rec.stats.lines - rec.stats.blank_lines;
-                if let Some(c) = rec.count.filter(|c| *c != lines) {
-                    let w = format!("{shown}: manifest count {c} but {lines} lines read");
-                    tracing::warn!("{w}");
-                    warnings.push(w);
-                }
-                inputs.push(InputRecord {
-                    source: shown,
-                    bytes: rec.stats.bytes,
-                    lines: rec.stats.lines,
-                    rejects: rec.stats.rejects(),
-                });
-            }
-            FileKind::Deleted => {
-                deleted += rec
-                    .stats
-                    .view_rows
-                    .get(crate::dataset::DELETED_TABLE)
-                    .copied()
-                    .unwrap_or(0);
-            }
-            FileKind::Error => {
-                for (k, v) in &rec.outcomes {
-                    *outcomes.entry(k.clone()).or_default() += v;
-                }
-            }
-        }
-    }
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    let server_errors = outcomes.get("fatal").is_some_and(|n| *n > 0)
-        || outcomes.get("error").is_some_and(|n| *n > 0);
-    let ids = RunIds {
-        run_id: job.run_id.clone(),
-        export: job.export.clone(),
-        started: job.started.clone(),
-    };
-    let manifest = RunManifest {
-        source: Some(job.base_url.clone()),
-        transaction_time: job.transaction_time.clone(),
-        outcomes,
-        deleted,
-        warnings,
-        request: Some(job.request.clone()),
-        ..RunManifest::finished("export", ids, stats, inputs, files)
-    }
-    .with_view_keys(registry);
-    (manifest, server_errors)
 }

@@ -1,0 +1,208 @@
+//! The builder of an export run: options, resume, Ctrl-C, and the job-wide timeout.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use url::Url;
+
+use super::{DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, ExportError, ExportSummary, run_export};
+use crate::{
+    Result,
+    client::{BulkClient, ExportRequest},
+    dataset::{DatasetLocation, JobRecord},
+    run::Progress,
+    view::ViewRegistry,
+};
+
+/// Options of an export run.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Files downloaded in parallel (default [`DEFAULT_CONCURRENCY`]).
+    pub concurrency: usize,
+    /// Limit for the whole job, downloads included (default [`DEFAULT_TIMEOUT`]).
+    pub timeout: Duration,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Parquet compression.
+    pub compression: parquet::basic::Compression,
+    /// Send DELETE to the status URL after success (default true).
+    pub delete_after: bool,
+    /// Also archive every downloaded file, as received, into this folder (`--keep-ndjson`).
+    pub keep_ndjson: Option<PathBuf>,
+    /// Rewrite the small parts of many small files into parts of a sensible size before the
+    /// run is published ([`coalesce`]; default true).
+    pub coalesce: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            concurrency: DEFAULT_CONCURRENCY,
+            timeout: DEFAULT_TIMEOUT,
+            batch_size: crate::flatten::DEFAULT_BATCH_SIZE,
+            compression: parquet::basic::Compression::ZSTD(Default::default()),
+            delete_after: true,
+            keep_ndjson: None,
+            coalesce: true,
+        }
+    }
+}
+
+/// What Ctrl-C does to a running export (see [`ExportBuilder::with_ctrl_c`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCtrlC {
+    /// Nothing: the caller handles signals (the default for library use).
+    Ignore,
+    /// Stop, and cancel the server's job with DELETE.
+    CancelServerJob,
+    /// Stop, and keep the server's job for `--resume`.
+    KeepServerJob,
+}
+
+/// Configures an export run.
+pub struct ExportBuilder {
+    pub(super) client: BulkClient,
+    pub(super) registry: Arc<ViewRegistry>,
+    pub(super) location: DatasetLocation,
+    pub(super) request: ExportRequest,
+    pub(super) options: ExportOptions,
+    pub(super) progress: Arc<Progress>,
+    pub(super) resume: Option<JobRecord>,
+    pub(super) ctrl_c: OnCtrlC,
+}
+
+impl ExportBuilder {
+    /// An export from `client`'s server into `location`, decoded with `registry`'s views.
+    pub fn new(client: BulkClient, registry: Arc<ViewRegistry>, location: DatasetLocation) -> Self {
+        ExportBuilder {
+            client,
+            registry,
+            location,
+            request: ExportRequest::default(),
+            options: ExportOptions::default(),
+            progress: Arc::new(Progress::default()),
+            resume: None,
+            ctrl_c: OnCtrlC::Ignore,
+        }
+    }
+    /// The kick-off request (`since: "auto"` is resolved against the dataset when the run
+    /// starts; default: a system-level export of everything).
+    pub fn with_request(mut self, request: ExportRequest) -> Self {
+        self.request = request;
+        self
+    }
+    /// Options (default [`ExportOptions::default`]).
+    pub fn with_options(mut self, options: ExportOptions) -> Self {
+        self.options = options;
+        self
+    }
+    /// Counters to update (default: fresh ones).
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+    /// Continue this unfinished job instead of starting one (its request wins over
+    /// [`with_request`](Self::with_request)); see [`find_unfinished`].
+    pub fn with_resume(mut self, job: Option<JobRecord>) -> Self {
+        self.resume = job;
+        self
+    }
+    /// What Ctrl-C does (default [`OnCtrlC::Ignore`]).
+    pub fn with_ctrl_c(mut self, on: OnCtrlC) -> Self {
+        self.ctrl_c = on;
+        self
+    }
+
+    /// Run the export; returns the published run record.
+    pub async fn run(self) -> Result<ExportSummary> {
+        let (client, location, ctrl_c) = (self.client.clone(), self.location.clone(), self.ctrl_c);
+        let limit = self.options.timeout;
+        let running = Arc::new(Running::default());
+        let job = run_export(self, running.clone());
+        let timed = async {
+            match tokio::time::timeout(limit, job).await {
+                Ok(r) => r,
+                Err(_) => Err(ExportError::Timeout {
+                    limit,
+                    running: running.describe(),
+                }
+                .into()),
+            }
+        };
+        if ctrl_c == OnCtrlC::Ignore {
+            return timed.await;
+        }
+        tokio::select! {
+            r = timed => r,
+            _ = tokio::signal::ctrl_c() => {
+                Err(interrupted(&client, &location, ctrl_c == OnCtrlC::KeepServerJob).await.into())
+            }
+        }
+    }
+}
+
+/// The newest unfinished job in `location` that `--resume` (no `base_url`) or the same command
+/// again (the same server and resolved request) continues.
+pub async fn find_unfinished(
+    location: &DatasetLocation,
+    same_as: Option<(&str, &ExportRequest)>,
+) -> Result<Option<JobRecord>> {
+    let job = JobRecord::latest_unfinished(location).await?;
+    Ok(match same_as {
+        None => job,
+        Some((base, request)) => job.filter(|j| j.same_export(base, request)),
+    })
+}
+
+/// After Ctrl-C: cancel the server's job (unless kept) and say whether it can be resumed.
+async fn interrupted(client: &BulkClient, location: &DatasetLocation, keep: bool) -> ExportError {
+    let Ok(Some(mut job)) = JobRecord::latest_unfinished(location).await else {
+        return ExportError::Interrupted { resumable: false };
+    };
+    if keep {
+        return ExportError::Interrupted { resumable: true };
+    }
+    if let Some(s) = job.status_url.as_deref().and_then(|s| Url::parse(s).ok()) {
+        match client.delete(&s).await {
+            Ok(()) => {
+                if job.failed().is_ok() {
+                    let _ = job.save(location).await;
+                }
+                return ExportError::Interrupted { resumable: false };
+            }
+            Err(e) => tracing::warn!(error = %e, "cancelling the server job failed"),
+        }
+    }
+    ExportError::Interrupted { resumable: true }
+}
+
+/// What is running, for the timeout's message.
+#[derive(Debug, Default)]
+pub(super) struct Running {
+    pub(super) downloading: Mutex<BTreeSet<String>>,
+}
+
+impl Running {
+    pub(super) fn describe(&self) -> String {
+        let files = self
+            .downloading
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        if files.is_empty() {
+            return "waiting for the server's job (polling its status URL)".into();
+        }
+        let shown: Vec<&str> = files.iter().take(3).map(String::as_str).collect();
+        format!(
+            "downloading {} file{}: {}{}",
+            files.len(),
+            if files.len() == 1 { "" } else { "s" },
+            shown.join(", "),
+            if files.len() > 3 { ", …" } else { "" }
+        )
+    }
+}
