@@ -31,6 +31,23 @@ pub enum Error {
     /// An export run failed.
     #[error(transparent)]
     Export(#[from] ExportError),
+    /// A run failed before it was published; the parts it had written were deleted.
+    #[error(
+        "run {run} into {output} failed after writing {parts} parts ({bytes} bytes), which were deleted: {source}"
+    )]
+    RunFailed {
+        /// The run id.
+        run: String,
+        /// The dataset.
+        output: String,
+        /// Parts it had written (deleted).
+        parts: usize,
+        /// Their bytes.
+        bytes: u64,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
     /// The run was cancelled (Ctrl-C, or a caller's cancel flag).
     #[error("cancelled")]
     Cancelled,

@@ -36,7 +36,7 @@ pub use manifest::{
     live_files,
 };
 pub use run_id::RunIds;
-pub use staging::{commit_staged, discard_run, discard_staged};
+pub use staging::{Discarded, commit_staged, discard_run, discard_staged};
 
 /// Directory of run records.
 pub const RUNS_DIR: &str = "_runs";

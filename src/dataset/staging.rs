@@ -42,18 +42,27 @@ pub async fn discard_staged(location: &DatasetLocation, files: &[WrittenFile]) {
     }
 }
 
+/// What [`discard_run`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Discarded {
+    /// Objects deleted.
+    pub objects: usize,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
 /// Delete every object of run `export` under `<table>/export=<export>/` in every table of the
 /// dataset: what a run that failed before publishing its record leaves behind (best effort;
-/// returns how many objects were deleted).
-pub async fn discard_run(location: &DatasetLocation, export: &str) -> usize {
+/// returns what was deleted).
+pub async fn discard_run(location: &DatasetLocation, export: &str) -> Discarded {
     let Ok(top) = location
         .store
         .list_with_delimiter(Some(&location.prefix))
         .await
     else {
-        return 0;
+        return Discarded::default();
     };
-    let mut deleted = 0;
+    let mut deleted = Discarded::default();
     for table in top.common_prefixes {
         let Some(name) = table.filename() else {
             continue;
@@ -65,7 +74,8 @@ pub async fn discard_run(location: &DatasetLocation, export: &str) -> usize {
         };
         for o in objects {
             if location.store.delete(&o.location).await.is_ok() {
-                deleted += 1;
+                deleted.objects += 1;
+                deleted.bytes += o.size;
             }
         }
     }

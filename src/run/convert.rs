@@ -149,10 +149,19 @@ impl ConvertBuilder {
             Ok(manifest)
         }
         .await;
-        if published.is_err() {
-            let n = discard_run(&location, &export).await;
-            tracing::info!(run = %export, objects = n, "deleted the parts of the failed run");
+        match published {
+            Ok(manifest) => Ok(manifest),
+            Err(source) => {
+                // Nothing of the failed run stays behind, and the message says what it wrote.
+                let discarded = discard_run(&location, &export).await;
+                Err(Error::RunFailed {
+                    run: export,
+                    output: location.url.to_string(),
+                    parts: discarded.objects,
+                    bytes: discarded.bytes,
+                    source: Box::new(source),
+                })
+            }
         }
-        published
     }
 }

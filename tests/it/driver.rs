@@ -156,7 +156,13 @@ async fn a_failed_convert_leaves_no_parts() {
         .run()
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("cut.ndjson.gz"), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("cut.ndjson.gz"), "{text}");
+    // The message says which output and how much the run had written before it was deleted.
+    assert!(
+        text.contains(tmp.path().to_str().unwrap()) && text.contains("parts ("),
+        "{text}"
+    );
     let parquet: Vec<_> = walk(tmp.path())
         .into_iter()
         .filter(|p| !p.ends_with("cut.ndjson.gz"))
@@ -287,6 +293,7 @@ async fn gzip_bombs_reach_the_decoder_in_bounded_pieces() {
     let inflated: u64 = s.manifest.inputs.iter().map(|i| i.bytes).sum();
     assert!(inflated > 4 * (32 << 20), "{inflated}");
     let largest = Progress::get(&progress.largest_chunk);
+    eprintln!("{inflated} bytes inflated; largest piece handed to a decoder: {largest} bytes");
     assert!(
         largest > 0 && largest <= flatfhir::run::DEFAULT_CHUNK_BYTES as u64,
         "largest piece handed to a decoder: {largest} bytes"
