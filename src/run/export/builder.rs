@@ -34,7 +34,7 @@ pub struct ExportOptions {
     /// Also archive every downloaded file, as received, into this folder (`--keep-ndjson`).
     pub keep_ndjson: Option<PathBuf>,
     /// Rewrite the small parts of many small files into parts of a sensible size before the
-    /// run is published ([`coalesce`]; default true).
+    /// run is published ([`super::coalesce`]; default true).
     pub coalesce: bool,
 }
 
