@@ -12,7 +12,7 @@ use flatfhir::{
 
 use super::{
     Outcome,
-    args::{StoreArgs, parse_compression},
+    args::{StoreArgs, parse_compression, parse_duration},
 };
 
 #[derive(Debug, Args)]
@@ -22,19 +22,20 @@ pub struct CompactArgs {
     data: String,
     #[command(flatten)]
     store: StoreArgs,
-    /// Rewrite a partition (one view, one run) when it has at least this many files.
-    #[arg(long, default_value_t = flatfhir::compact::DEFAULT_MIN_FILES)]
-    min_files: usize,
-    /// Only this view (repeatable, or comma-separated); default all.
+    /// Only this table (repeatable, or comma-separated); default all.
     #[arg(long = "view", value_name = "NAME", value_delimiter = ',')]
     views: Vec<String>,
-    /// Keep only the rows of `<view>_latest` (drops older versions and deleted resources).
-    #[arg(long)]
-    latest_only: bool,
+    /// Size of the files written, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = flatfhir::compact::DEFAULT_TARGET_SIZE >> 20)]
+    target_size: u64,
+    /// Then VACUUM: delete the files that versions committed within this retention no longer
+    /// need (e.g. 7d, 12h, 0s). Without it nothing is deleted and time travel reaches every version.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    retain: Option<std::time::Duration>,
     /// Parquet compression: zstd, zstd:LEVEL, snappy or none.
     #[arg(long, default_value = "zstd", value_parser = parse_compression)]
     compression: parquet::basic::Compression,
-    /// Print the compaction record as JSON on stdout.
+    /// Print what was done as JSON on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -54,11 +55,10 @@ impl CompactArgs {
             location: self.store.location(&self.data, false)?,
             data: self.data,
             opts: CompactOptions {
-                min_files: self.min_files.max(1),
                 views: self.views,
-                latest_only: self.latest_only,
+                target_size: self.target_size.max(1) << 20,
+                retain: self.retain,
                 compression: self.compression,
-                ..Default::default()
             },
             json: self.json,
         })
@@ -66,36 +66,30 @@ impl CompactArgs {
 }
 
 pub async fn run(a: CompactConfig) -> Result<Outcome> {
-    let opts = &a.opts;
-    let s = compact(&a.location, opts).await?;
+    let s = compact(&a.location, &a.opts).await?;
     let mut stdout = std::io::stdout().lock();
-    match (&s.manifest, a.json) {
-        (Some(m), true) => {
-            serde_json::to_writer_pretty(&mut stdout, m)?;
-            writeln!(stdout)?;
-        }
-        (Some(m), false) => writeln!(
-            stdout,
-            "compacted {} partitions of {}: {} files → {} ({} rows → {}); record _compactions/{}.json",
-            m.partitions.len(),
-            a.data,
-            s.files_before,
-            s.files_after,
-            s.rows.0,
-            s.rows.1,
-            m.id
-        )?,
-        (None, _) => writeln!(
-            stdout,
-            "nothing to compact in {} ({} files; no partition has {} or more)",
-            a.data, s.files_before, opts.min_files
-        )?,
+    if a.json {
+        serde_json::to_writer_pretty(&mut stdout, &s)?;
+        writeln!(stdout)?;
+        return Ok(Outcome::Success);
     }
-    if s.not_deleted > 0 {
-        eprintln!(
-            "warning: {} replaced files could not be deleted (not read any more; the next compact retries)",
-            s.not_deleted
-        );
+    let optimized: Vec<_> = s.tables.iter().filter(|t| t.version.is_some()).collect();
+    let removed: u64 = optimized.iter().map(|t| t.files_removed).sum();
+    let added: u64 = optimized.iter().map(|t| t.files_added).sum();
+    let deleted: usize = s.tables.iter().map(|t| t.files_deleted).sum();
+    if optimized.is_empty() {
+        writeln!(stdout, "nothing to compact in {} ({} tables)", a.data, s.tables.len())?;
+    } else {
+        writeln!(
+            stdout,
+            "compacted {} of {} tables of {}: {removed} files → {added}",
+            optimized.len(),
+            s.tables.len(),
+            a.data
+        )?;
+    }
+    if a.opts.retain.is_some() {
+        writeln!(stdout, "vacuum deleted {deleted} files no retained version needs")?;
     }
     Ok(Outcome::Success)
 }

@@ -2,13 +2,15 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// The filter for a verbosity (`-v` count minus `-q` count).
+/// The filter for a verbosity (`-v` count minus `-q` count). delta-rs logs every error it returns
+/// (a lost commit race it retries included); flatfhir reports the errors that matter once, so
+/// below `-vv` delta-rs's own events are off.
 pub fn filter_for(verbose: u8, quiet: u8) -> &'static str {
     match verbose as i16 - quiet as i16 {
         i16::MIN..=-2 => "off",
-        -1 => "error",
-        0 => "warn,flatfhir=info",
-        1 => "info,flatfhir=debug",
+        -1 => "error,deltalake_core=off,buoyant_kernel=off,buoyant_kernel_engine=off",
+        0 => "warn,flatfhir=info,deltalake_core=off,buoyant_kernel=off,buoyant_kernel_engine=off",
+        1 => "info,flatfhir=debug,deltalake_core=off,buoyant_kernel=off,buoyant_kernel_engine=off",
         2 => "debug,flatfhir=trace",
         _ => "trace",
     }

@@ -14,6 +14,7 @@ mod demo;
 mod export;
 mod keys;
 pub mod logging;
+mod migrate;
 mod output;
 mod progress;
 mod query;
@@ -59,8 +60,11 @@ enum Command {
     /// Serve a folder of ndjson as a FHIR Bulk Data server (for tests and for other clients).
     #[cfg(feature = "serve")]
     Serve(serve::ServeArgs),
-    /// Rewrite the many small files of a dataset into fewer large ones (atomically for `query`).
+    /// Compact a dataset's Delta tables (OPTIMIZE: small files into large ones, one commit per
+    /// table), and with --retain delete the files no retained version needs (VACUUM).
     Compact(compact::CompactArgs),
+    /// Convert a dataset written by flatfhir before Delta Lake into Delta tables, in place.
+    Migrate(migrate::MigrateArgs),
     /// Start the built-in server on the bundled sample, export a Group from it into
     /// ./flatfhir-demo through the whole pipeline, and query the result.
     #[cfg(feature = "serve")]
@@ -110,6 +114,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             Command::Query(a) => query::run(a.validate()?).await,
             Command::View(a) => view::run(a.validate()?).await,
             Command::Compact(a) => compact::run(a.validate()?).await,
+            Command::Migrate(a) => migrate::run(a.validate()?).await,
             #[cfg(feature = "serve")]
             Command::Demo(a) => demo::run(a, quiet).await,
             Command::Schemas(_) | Command::Keys(_) => unreachable!("ran above"),

@@ -8,7 +8,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
-use flatfhir::{dataset::DatasetLocation, query::Dataset};
+use flatfhir::{
+    dataset::DatasetLocation,
+    query::{AsOf, Dataset},
+};
 
 use super::{Outcome, args::StoreArgs, output};
 
@@ -37,6 +40,23 @@ pub struct QueryArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: QueryFormat,
+    /// Read the tables as they were right after a run (its id, as in `_runs/` and the `export`
+    /// column) or at a time (RFC 3339, e.g. 2026-12-01T00:00:00Z): Delta time travel.
+    #[arg(long, value_name = "RUN|TIME", value_parser = parse_as_of)]
+    as_of: Option<AsOf>,
+}
+
+/// A run id, or an RFC 3339 time.
+fn parse_as_of(s: &str) -> Result<AsOf, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(AsOf::Timestamp(t.with_timezone(&chrono::Utc)));
+    }
+    if s.len() >= 20 && s.as_bytes()[8] == b'T' && s.is_ascii() {
+        return Ok(AsOf::Run(s.to_string()));
+    }
+    Err(format!(
+        "{s:?} is neither a run id (e.g. 20261204T201010.123Z-0123456789ab) nor an RFC 3339 time"
+    ))
 }
 
 /// A validated query: the SQL read, the dataset resolved.
@@ -45,6 +65,7 @@ pub struct QueryConfig {
     data: String,
     location: DatasetLocation,
     format: QueryFormat,
+    as_of: AsOf,
 }
 
 impl QueryArgs {
@@ -70,16 +91,17 @@ impl QueryArgs {
             data: self.data,
             location,
             format: self.format,
+            as_of: self.as_of.unwrap_or_default(),
         })
     }
 }
 
 pub async fn run(c: QueryConfig) -> Result<Outcome> {
-    let ds = Dataset::open(&c.location).await?;
+    let ds = Dataset::open_as_of(&c.location, &c.as_of).await?;
     if ds.tables().is_empty() {
         tracing::warn!(
             data = c.data,
-            "the dataset has no finished runs; no tables are registered"
+            "the dataset has no committed tables; no tables are registered"
         );
     }
     let mut last = Vec::new();

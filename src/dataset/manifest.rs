@@ -1,15 +1,12 @@
-//! The run manifest (`_runs/<run id>.json`): what a run read, wrote and rejected. Written last —
-//! its presence is what makes a run's files visible to `query`.
-//!
-//! Compactions (`_compactions/<id>.json`, written by [`crate::compact`]) replace some files of published
-//! runs by fewer, larger ones. The files a reader should read are those of the published runs,
-//! minus the files compactions removed, plus the files they added: [`live_files`].
+//! The run record (`_runs/<run id>.json`): what a run read, wrote and rejected, and which Delta
+//! commits hold it. Written last, after the tables' commits ([`RunManifest::publish`]); the
+//! commits, not the record, are what make rows visible.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{COMPACTIONS_DIR, DatasetError, DatasetLocation, RUNS_DIR, RunIds};
+use super::{DatasetError, DatasetLocation, RUNS_DIR, RunIds};
 use crate::{client::ExportRequest, flatten::TypeCounts, view::ViewRegistry};
 
 /// A file written by a run.
@@ -23,6 +20,9 @@ pub struct WrittenFile {
     pub rows: u64,
     /// Bytes.
     pub bytes: u64,
+    /// Delta statistics (`numRecords`, min/max, null counts) from the file's footer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<String>,
 }
 
 /// What `<view>_latest` needs to know about a view: the resource type it reads, the column
@@ -106,6 +106,15 @@ pub struct RunManifest {
     /// Resource type and key columns of every view written (for `<view>_latest`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub view_keys: BTreeMap<String, ViewKey>,
+    /// The Delta version of each table that holds this run's rows (its commit).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub committed: BTreeMap<String, u64>,
+    /// RFC 3339 time at which the last of the run's commits was made (`query --as-of <run>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<String>,
+    /// The current-state tables (`<view>_latest`) this run merged into.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub current: Vec<String>,
 }
 
 impl RunManifest {
@@ -183,9 +192,28 @@ impl RunManifest {
         format!("{RUNS_DIR}/{run_id}.json")
     }
 
-    /// Write the manifest: the last step of a run.
-    pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), DatasetError> {
+    /// Write the run record (accounting; the Delta commits are what make rows visible).
+    pub async fn write_record(&self, loc: &DatasetLocation) -> Result<(), DatasetError> {
         loc.put_json(&Self::path(&self.run_id), self).await
+    }
+
+    /// Publish a finished run: one Delta commit per table (skipping tables that already hold
+    /// the run, so a resumed or retried publish adds nothing twice), then the current-state
+    /// tables merged, then the run record (which says which tables are committed).
+    pub async fn publish(&mut self, loc: &DatasetLocation) -> Result<(), DatasetError> {
+        self.committed = super::delta::commit_run(loc, self).await?;
+        let mut keys = BTreeMap::new();
+        if self.deleted > 0 {
+            // Tombstones can remove resources of types this run wrote no row of.
+            for run in Self::list(loc).await? {
+                keys.extend(run.view_keys);
+            }
+        }
+        keys.extend(self.view_keys.clone());
+        self.current = super::current::update_current(loc, self, &keys).await?;
+        self.published =
+            Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        self.write_record(loc).await
     }
 
     /// Every published run of a dataset, oldest first.
@@ -194,79 +222,6 @@ impl RunManifest {
         runs.sort_by(|a, b| (&a.started, &a.run_id).cmp(&(&b.started, &b.run_id)));
         Ok(runs)
     }
-}
-
-/// One partition rewritten by a compaction.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct CompactedPartition {
-    /// View (table) name.
-    pub view: String,
-    /// Value of the `export` partition column.
-    pub export: String,
-    /// Files replaced (relative to the dataset root); deleted after the record is published.
-    pub removed: Vec<String>,
-    /// Files that replace them.
-    pub added: Vec<WrittenFile>,
-}
-
-/// A published compaction (`_compactions/<id>.json`): written after its new files are complete
-/// and before the files it replaces are deleted, so readers switch atomically.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct CompactionManifest {
-    /// Unique id (also in the new files' names).
-    pub id: String,
-    /// RFC 3339 start time.
-    pub started: String,
-    /// RFC 3339 end time.
-    pub finished: String,
-    /// Whether only the latest version of each resource was kept.
-    #[serde(default)]
-    pub latest_only: bool,
-    /// Partitions rewritten.
-    pub partitions: Vec<CompactedPartition>,
-}
-
-impl CompactionManifest {
-    /// Relative path of a compaction record.
-    pub fn path(id: &str) -> String {
-        format!("{COMPACTIONS_DIR}/{id}.json")
-    }
-
-    /// Publish the record: the commit point of a compaction.
-    pub async fn publish(&self, loc: &DatasetLocation) -> Result<(), DatasetError> {
-        loc.put_json(&Self::path(&self.id), self).await
-    }
-
-    /// Every published compaction, oldest first.
-    pub async fn list(loc: &DatasetLocation) -> Result<Vec<CompactionManifest>, DatasetError> {
-        let mut all: Vec<CompactionManifest> = loc.list_json(COMPACTIONS_DIR).await?;
-        all.sort_by(|a, b| (&a.finished, &a.id).cmp(&(&b.finished, &b.id)));
-        Ok(all)
-    }
-}
-
-/// The files a reader should read, by path: every file of the published runs, minus the files
-/// compactions removed, plus the files they added (compactions applied oldest first).
-pub fn live_files(
-    runs: &[RunManifest],
-    compactions: &[CompactionManifest],
-) -> BTreeMap<String, WrittenFile> {
-    let mut live: BTreeMap<String, WrittenFile> = runs
-        .iter()
-        .flat_map(|r| r.files.iter())
-        .map(|f| (f.path.clone(), f.clone()))
-        .collect();
-    for c in compactions {
-        for p in &c.partitions {
-            for r in &p.removed {
-                live.remove(r);
-            }
-            for a in &p.added {
-                live.insert(a.path.clone(), a.clone());
-            }
-        }
-    }
-    live
 }
 
 #[cfg(test)]
@@ -279,55 +234,8 @@ mod tests {
             path: path.into(),
             rows,
             bytes: 1,
+            stats: None,
         }
-    }
-
-    #[test]
-    fn live_files_apply_compactions_in_order() {
-        let run = RunManifest {
-            files: vec![
-                file("patient", "patient/export=1/part-00000-a.parquet", 2),
-                file("patient", "patient/export=1/part-00001-a.parquet", 3),
-                file(
-                    "observation",
-                    "observation/export=1/part-00000-a.parquet",
-                    7,
-                ),
-            ],
-            ..Default::default()
-        };
-        let c1 = CompactionManifest {
-            id: "c1".into(),
-            partitions: vec![CompactedPartition {
-                view: "patient".into(),
-                export: "1".into(),
-                removed: vec![
-                    "patient/export=1/part-00000-a.parquet".into(),
-                    "patient/export=1/part-00001-a.parquet".into(),
-                ],
-                added: vec![file("patient", "patient/export=1/part-00000-c1.parquet", 5)],
-            }],
-            ..Default::default()
-        };
-        let c2 = CompactionManifest {
-            id: "c2".into(),
-            partitions: vec![CompactedPartition {
-                view: "patient".into(),
-                export: "1".into(),
-                removed: vec!["patient/export=1/part-00000-c1.parquet".into()],
-                added: vec![file("patient", "patient/export=1/part-00000-c2.parquet", 4)],
-            }],
-            ..Default::default()
-        };
-        let live = live_files(std::slice::from_ref(&run), &[c1, c2]);
-        assert_eq!(
-            live.keys().collect::<Vec<_>>(),
-            [
-                "observation/export=1/part-00000-a.parquet",
-                "patient/export=1/part-00000-c2.parquet"
-            ]
-        );
-        assert_eq!(live_files(&[run], &[]).len(), 3);
     }
 
     #[test]

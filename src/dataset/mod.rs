@@ -2,39 +2,41 @@
 //!
 //! Every command that reads or writes a dataset (`convert`, `export`, `compact`, `query`) goes
 //! through this module and through no other command's code, so the rules of the lake are stated
-//! once:
+//! once. Every table is a Delta Lake table ([`delta`]):
 //!
 //! ```text
 //! DIR/
-//!   <view>/export=<run id>/part-<n>-<run id>[-<input>].parquet   one table per view, a partition per run
-//!   _rejects/export=<run id>/…                                   rejected lines (file, line, reason, raw)
-//!   _deleted/export=<run id>/…, _outcomes/export=<run id>/…      an export's deleted and error files
-//!   _runs/<run id>.json                                          run record, written last (the commit point)
-//!   _jobs/<run id>.json                                          an export's job record (resume state)
-//!   _compactions/<id>.json                                       compaction records (swap files atomically)
+//!   <view>/_delta_log/…                                     history: every run's rows, partitioned by run
+//!   <view>/export=<run id>/part-<n>-<tag>.parquet
+//!   <view>_latest/_delta_log/…, <view>_latest/part-….parquet current state, kept by MERGE
+//!   _rejects/, _deleted/, _outcomes/                        rejected lines, tombstones, server outcomes
+//!   _runs/<run id>.json                                     run record (accounting), written last
+//!   _jobs/<run id>/…                                        an export's job record (resume state)
 //! ```
 //!
 //! * [`location`] — a folder or URL resolved once into an object store plus a prefix.
 //! * [`RunIds`] — run ids that are unique even for runs started in the same millisecond on
 //!   different machines; the `export=` partition value is the run id, so it orders runs and
 //!   tells them apart.
-//! * [`manifest`] — run records ([`RunManifest`]), compaction records and [`live_files`]: the
-//!   files a reader should read.
+//! * [`delta`] — a run's files committed, one commit per table, idempotently (`txn` = run id).
+//! * [`current`] — the `<view>_latest` tables, merged after every run.
+//! * [`manifest`] — run records ([`RunManifest`]); [`RunManifest::publish`] is the one way a run
+//!   becomes visible: tables' commits, current state, record.
 //! * [`job`] — an export's job record, a typed state machine with its resume decisions.
-//! * [`staging`] — staged parts made visible ([`commit_staged`]) or dropped ([`discard_staged`]).
+//! * [`staging`] — staged parts made final ([`commit_staged`]) or dropped ([`discard_staged`]).
 
+pub mod current;
+pub mod delta;
 pub mod job;
 pub mod location;
 pub mod manifest;
+pub mod migrate;
 mod run_id;
 pub mod staging;
 
 pub use job::{FileKind, FileRecord, FileState, JobRecord, JobState};
 pub use location::DatasetLocation;
-pub use manifest::{
-    CompactedPartition, CompactionManifest, InputRecord, RunManifest, ViewKey, WrittenFile,
-    live_files,
-};
+pub use manifest::{InputRecord, RunManifest, ViewKey, WrittenFile};
 pub use run_id::RunIds;
 pub use staging::{Discarded, commit_staged, discard_run, discard_staged};
 
@@ -42,8 +44,6 @@ pub use staging::{Discarded, commit_staged, discard_run, discard_staged};
 pub const RUNS_DIR: &str = "_runs";
 /// Directory of export job records.
 pub const JOBS_DIR: &str = "_jobs";
-/// Directory of compaction records.
-pub const COMPACTIONS_DIR: &str = "_compactions";
 /// Table of rejected lines.
 pub const REJECTS_TABLE: &str = "_rejects";
 /// Table of deleted resources announced by servers (tombstones).
@@ -85,6 +85,38 @@ pub enum DatasetError {
         #[source]
         source: parquet::errors::ParquetError,
     },
+    /// A Delta Lake operation on a table failed.
+    #[error("Delta table {table}")]
+    Delta {
+        /// The table.
+        table: String,
+        /// The cause.
+        #[source]
+        source: deltalake::DeltaTableError,
+    },
+    /// A run's files do not have the columns of the table they would be committed to (the view
+    /// changed since the table was created).
+    #[error(
+        "the columns of table {table} changed: the table has ({table_columns}), this run wrote \
+         ({run_columns}); write the changed view to a new dataset or under a new name"
+    )]
+    SchemaChanged {
+        /// The table.
+        table: String,
+        /// Its columns.
+        table_columns: String,
+        /// The run's.
+        run_columns: String,
+    },
+    /// The dataset was written by a flatfhir before Delta Lake tables.
+    #[error(
+        "{location} was written by an older flatfhir (plain Parquet listed by _runs/, no Delta \
+         tables): convert it in place with `flatfhir migrate --data {location}`"
+    )]
+    OldLayout {
+        /// The dataset.
+        location: String,
+    },
     /// A record could not be (de)serialised.
     #[error("record {path}")]
     Manifest {
@@ -94,4 +126,21 @@ pub enum DatasetError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// Refuse a dataset of the layout before Delta Lake — run records but no Delta table — with the
+/// command that converts it. Every command that reads or writes a dataset checks this first.
+pub async fn check_layout(location: &DatasetLocation) -> Result<(), DatasetError> {
+    use futures::StreamExt;
+    let mut records = location.store.list(Some(&location.child(RUNS_DIR)));
+    let has_runs = matches!(records.next().await, Some(Ok(_)));
+    if has_runs && location.delta_tables().await?.is_empty() {
+        let runs = RunManifest::list(location).await?;
+        if runs.iter().any(|r| !r.files.is_empty() && r.committed.is_empty()) {
+            return Err(DatasetError::OldLayout {
+                location: location.url.to_string(),
+            });
+        }
+    }
+    Ok(())
 }

@@ -52,8 +52,8 @@ pub struct Discarded {
 }
 
 /// Delete every object of run `export` under `<table>/export=<export>/` in every table of the
-/// dataset: what a run that failed before publishing its record leaves behind (best effort;
-/// returns what was deleted).
+/// dataset that has no commit of the run: what a run that failed before publishing leaves behind
+/// (best effort; returns what was deleted). A table that already holds the run keeps its files.
 pub async fn discard_run(location: &DatasetLocation, export: &str) -> Discarded {
     let Ok(top) = location
         .store
@@ -67,6 +67,11 @@ pub async fn discard_run(location: &DatasetLocation, export: &str) -> Discarded 
         let Some(name) = table.filename() else {
             continue;
         };
+        if let Ok(Some(t)) = location.open_table(name).await
+            && super::delta::holds_run(&t, export).await.unwrap_or(true)
+        {
+            continue;
+        }
         let dir = location.child(&format!("{name}/{}={export}", super::PARTITION_COLUMN));
         let objects: Vec<_> = match location.store.list(Some(&dir)).try_collect().await {
             Ok(v) => v,

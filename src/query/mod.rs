@@ -1,20 +1,22 @@
-//! DataFusion over a written dataset: one table per view, named by the view's `name`, plus a
-//! `<name>_latest` view of the current state.
+//! DataFusion over a written dataset: every Delta table of the dataset registered under its
+//! directory's name.
 //!
-//! * `<view>` — every row of every published run, with the `export` partition column. It is a
-//!   listing table over `<view>/` restricted to the `export=` partitions of published runs
-//!   (partition pruning makes that free) and to their live files ([`live::LiveFiles`]: a crashed
-//!   run's parts, staged files and files replaced by `flatfhir compact` are never read).
-//! * `<view>_latest` — for every resource id, the rows of its newest version: the run whose row
-//!   in the resource type's base view has the greatest `meta.lastUpdated`, then the newest run
-//!   (`export`); resources deleted in that run or a later one (the `_deleted` table of tombstones
-//!   that exports record from the server's `deleted` files) are left out. Views of the same
-//!   resource type (`patient`, `patient_name`, …) agree on the version they show.
+//! * `<view>` — the history: every row of every committed run, with the `export` partition
+//!   column (the run id); a Delta table partitioned by run, so `WHERE export = '…'` reads one
+//!   run's files only.
+//! * `<view>_latest` — the current state, a Delta table kept up to date by MERGE after each run
+//!   ([`crate::dataset::current`]): for every resource id the rows of its newest version
+//!   (greatest `meta.lastUpdated`, then the newest run), resources deleted by a tombstone left
+//!   out, views of one resource type agreeing on the version.
+//! * `_rejects`, `_deleted`, `_outcomes` — rejected lines, tombstones, server OperationOutcomes.
 //!
-//! The dataset can be local or in an object store (`s3://…`, `gs://…`, `az://…`): the store is
-//! registered with DataFusion under [`DATASET_URL`]. DataFusion's JSON functions
-//! (`json_get_str(resource, 'code', 'text')`, …) are registered so that queries can reach any
-//! field of the raw `resource` column.
+//! Each table is read at one snapshot (its latest version, or the version [`AsOf`] asks for):
+//! only files that snapshot's commits added and did not remove are read, so a crashed run's
+//! parts, and the small files `compact` replaced, are never read.
+//!
+//! The dataset can be local or in an object store (`s3://…`, `gs://…`, `az://…`). DataFusion's
+//! JSON functions (`json_get_str(resource, 'code', 'text')`, …) are registered so that queries
+//! can reach any field of the raw `resource` column.
 //!
 //! # Example
 //! ```no_run
@@ -26,34 +28,10 @@
 //! # Ok(()) }
 //! ```
 
-pub mod live;
+use datafusion::{arrow::record_batch::RecordBatch, error::DataFusionError, prelude::SessionContext};
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    sync::Arc,
-};
-
-use datafusion::{
-    arrow::{datatypes::DataType, record_batch::RecordBatch},
-    catalog::TableProvider,
-    datasource::{
-        file_format::parquet::ParquetFormat,
-        listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl},
-    },
-    error::DataFusionError,
-    prelude::{SessionContext, col, lit},
-};
-use object_store::{ObjectStore, path::Path, prefix::PrefixStore};
-
-use crate::dataset::{
-    CompactionManifest, DELETED_TABLE, DatasetError, DatasetLocation, PARTITION_COLUMN,
-    RunManifest, ViewKey, live_files,
-};
-
-/// Where the dataset's store is registered in the session (`<view>/` tables live below it).
-pub const DATASET_URL: &str = "flatfhir://dataset/";
-/// Suffix of the current-state views.
-pub const LATEST_SUFFIX: &str = "_latest";
+pub use crate::dataset::current::LATEST_SUFFIX;
+use crate::dataset::{DatasetError, DatasetLocation, RunManifest, current::provider};
 
 /// Errors querying a dataset.
 #[non_exhaustive]
@@ -83,14 +61,30 @@ fn datafusion_message(e: &DataFusionError) -> String {
     }
 }
 
+/// Which version of the tables to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AsOf {
+    /// The latest version of every table.
+    #[default]
+    Latest,
+    /// The state right after run `id` was published: every table at the newest version whose
+    /// commit is not later than that run's last commit.
+    Run(String),
+    /// The state at a point in time (RFC 3339): every table at its newest version committed
+    /// before it.
+    Timestamp(chrono::DateTime<chrono::Utc>),
+}
+
 /// One registered table.
 #[derive(Debug, Clone)]
 pub struct TableInfo {
     /// Table name.
     pub name: String,
-    /// Finished exports (partition values) it covers.
-    pub exports: Vec<String>,
-    /// Rows according to the run manifests.
+    /// The Delta version read.
+    pub version: u64,
+    /// Active files in that version.
+    pub files: usize,
+    /// Rows in that version (from the files' statistics).
     pub rows: u64,
 }
 
@@ -98,20 +92,40 @@ pub struct TableInfo {
 pub struct Dataset {
     ctx: SessionContext,
     tables: Vec<TableInfo>,
-    latest: Vec<String>,
     runs: Vec<RunManifest>,
-    compactions: Vec<CompactionManifest>,
 }
 
 impl Dataset {
-    /// Open a dataset: read its run manifests and register one table per view, plus the
-    /// `<view>_latest` views.
+    /// Open a dataset at the latest version of its tables.
     pub async fn open(location: &DatasetLocation) -> Result<Dataset, QueryError> {
+        Self::open_as_of(location, &AsOf::Latest).await
+    }
+
+    /// Open a dataset at the version [`AsOf`] names.
+    pub async fn open_as_of(location: &DatasetLocation, as_of: &AsOf) -> Result<Dataset, QueryError> {
+        crate::dataset::check_layout(location).await?;
         let runs = RunManifest::list(location).await?;
-        let compactions = CompactionManifest::list(location).await?;
-        let live = live_files(&runs, &compactions);
-        // Strings are read as written (Utf8, not Utf8View), so files that `compact` rewrites from
-        // query results keep the schema of the files beside them.
+        let names = location.delta_tables().await?;
+        let cutoff = match as_of {
+            AsOf::Latest => None,
+            AsOf::Timestamp(t) => Some(*t),
+            AsOf::Run(id) => {
+                let run = runs.iter().find(|r| &r.run_id == id).ok_or_else(|| {
+                    DatasetError::Location {
+                        location: location.url.to_string(),
+                        message: format!("no published run {id}"),
+                    }
+                })?;
+                let published = run.published.as_deref().unwrap_or(&run.finished);
+                let finished = chrono::DateTime::parse_from_rfc3339(published)
+                    .map_err(|e| DatasetError::Location {
+                        location: location.url.to_string(),
+                        message: format!("run {id}: finish time: {e}"),
+                    })?;
+                Some(finished.with_timezone(&chrono::Utc))
+            }
+        };
+        // Strings are read as written (Utf8, not Utf8View), as other engines read them.
         let mut config = datafusion::prelude::SessionConfig::new();
         config
             .options_mut()
@@ -120,78 +134,34 @@ impl Dataset {
             .schema_force_view_types = false;
         let mut ctx = SessionContext::new_with_config(config);
         datafusion_functions_json::register_all(&mut ctx)?;
-        let root: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(
-            location.store.clone(),
-            location.prefix.clone(),
-        ));
-        let live_paths: HashSet<Path> = live.keys().map(|p| Path::from(p.as_str())).collect();
-        let dataset_url = url::Url::parse(DATASET_URL).expect("a valid constant URL");
-        ctx.register_object_store(
-            &dataset_url,
-            Arc::new(live::LiveFiles::new(root, live_paths)),
-        );
-
-        let mut per_view: BTreeMap<String, (Vec<String>, u64)> = BTreeMap::new();
-        for f in live.values() {
-            let Some(export) = f
-                .path
-                .split('/')
-                .find_map(|s| s.strip_prefix(&format!("{PARTITION_COLUMN}=")))
-            else {
-                continue;
-            };
-            let e = per_view.entry(f.view.clone()).or_default();
-            if !e.0.iter().any(|x| x == export) {
-                e.0.push(export.to_string());
-            }
-            e.1 += f.rows;
-        }
         let mut tables = Vec::new();
-        let mut providers: BTreeMap<String, Arc<dyn TableProvider>> = BTreeMap::new();
-        for (view, (mut exports, rows)) in per_view {
-            exports.sort();
-            let table_url = ListingTableUrl::parse(format!("{DATASET_URL}{view}/"))?;
-            let format = ParquetFormat::default().with_force_view_types(false);
-            let options = ListingOptions::new(Arc::new(format))
-                .with_file_extension(".parquet")
-                .with_table_partition_cols(vec![(PARTITION_COLUMN.to_string(), DataType::Utf8)]);
-            let schema = options.infer_schema(&ctx.state(), &table_url).await?;
-            let config = ListingTableConfig::new(table_url)
-                .with_listing_options(options)
-                .with_schema(schema);
-            let table = Arc::new(ListingTable::try_new(config)?);
-            let df = ctx.read_table(table)?;
-            let filter = col(PARTITION_COLUMN)
-                .in_list(exports.iter().map(|e| lit(e.as_str())).collect(), false);
-            let provider = df.filter(filter)?.into_view();
-            ctx.register_table(view.as_str(), provider.clone())?;
-            providers.insert(view.clone(), provider);
+        for name in names {
+            let mut builder = location.table_builder(&name)?;
+            if let Some(t) = cutoff {
+                builder = builder.with_timestamp(t);
+            }
+            let table = match builder.load().await {
+                Ok(t) => t,
+                // Created after the cutoff: not part of that state.
+                Err(_) if cutoff.is_some() => continue,
+                Err(source) => return Err(DatasetError::Delta { table: name, source }.into()),
+            };
+            let (files, rows) = table_size(&table);
+            table
+                .update_datafusion_session(&ctx.state())
+                .map_err(|source| DatasetError::Delta {
+                    table: name.clone(),
+                    source,
+                })?;
+            ctx.register_table(name.as_str(), provider(&table, &name).await?)?;
             tables.push(TableInfo {
-                name: view,
-                exports,
+                version: table.version().unwrap_or_default(),
+                name,
+                files,
                 rows,
             });
         }
-        let mut keys: BTreeMap<String, ViewKey> = BTreeMap::new();
-        for run in &runs {
-            keys.extend(run.view_keys.clone()); // oldest first: the newest description wins
-        }
-        let mut latest = Vec::new();
-        for (name, provider) in latest_views(&providers, &keys).await? {
-            if providers.contains_key(&name) {
-                tracing::warn!(view = %name, "a view has the name of a _latest view; not shadowed");
-                continue;
-            }
-            ctx.register_table(name.as_str(), provider)?;
-            latest.push(name);
-        }
-        Ok(Dataset {
-            ctx,
-            tables,
-            latest,
-            runs,
-            compactions,
-        })
+        Ok(Dataset { ctx, tables, runs })
     }
 
     /// The DataFusion session, for anything beyond [`sql`](Self::sql).
@@ -199,24 +169,23 @@ impl Dataset {
         &self.ctx
     }
 
-    /// Registered tables.
+    /// Registered tables (history, current state and the internal tables), by name.
     pub fn tables(&self) -> &[TableInfo] {
         &self.tables
     }
 
-    /// Registered `<view>_latest` views.
-    pub fn latest_views(&self) -> &[String] {
-        &self.latest
+    /// Registered current-state tables (`<view>_latest`).
+    pub fn latest_views(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .filter(|t| t.name.ends_with(LATEST_SUFFIX))
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     /// Published runs, oldest first.
     pub fn runs(&self) -> &[RunManifest] {
         &self.runs
-    }
-
-    /// Published compactions, oldest first.
-    pub fn compactions(&self) -> &[CompactionManifest] {
-        &self.compactions
     }
 
     /// Run one SQL statement and collect its result.
@@ -225,108 +194,16 @@ impl Dataset {
     }
 }
 
-/// `"name"` with quotes doubled.
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `'text'` with quotes doubled.
-fn string_lit(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-/// Build the `<view>_latest` views. The plans are built in a scratch session in which the tables
-/// have plain names (`t0`, `t1`, `tombstones`), so view names need no quoting rules; the
-/// resulting views hold their tables, not names, and are registered in the real session.
-async fn latest_views(
-    providers: &BTreeMap<String, Arc<dyn TableProvider>>,
-    keys: &BTreeMap<String, ViewKey>,
-) -> Result<Vec<(String, Arc<dyn TableProvider>)>, QueryError> {
-    let scratch = SessionContext::new();
-    let has_column = |view: &str, c: &Option<String>| {
-        c.as_ref().is_some_and(|c| {
-            providers
-                .get(view)
-                .is_some_and(|p| p.schema().column_with_name(c).is_some())
-        })
+/// Active files and rows (from their statistics) of a loaded table.
+fn table_size(t: &deltalake::DeltaTable) -> (usize, u64) {
+    let Ok(snapshot) = t.snapshot() else {
+        return (0, 0);
     };
-    // Views with a usable id column, by resource type.
-    let mut by_resource: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (view, key) in keys {
-        if has_column(view.as_str(), &key.id_column) {
-            by_resource
-                .entry(key.resource.as_str())
-                .or_default()
-                .push(view.as_str());
-        }
+    let mut files = 0;
+    let mut rows = 0u64;
+    for f in snapshot.log_data() {
+        files += 1;
+        rows += f.num_records().unwrap_or(0) as u64;
     }
-    let tombstones = providers.get(DELETED_TABLE).filter(|p| {
-        ["resource_type", "id"]
-            .iter()
-            .all(|c| p.schema().column_with_name(c).is_some())
-    });
-    if let Some(t) = tombstones {
-        scratch.register_table("tombstones", t.clone())?;
-    }
-    let mut out = Vec::new();
-    let mut n = 0;
-    for (resource, views) in by_resource {
-        // The view whose rows decide the version: the base view (named after the resource
-        // type, with lastUpdated), else any view with lastUpdated, else the first one.
-        let base_name = crate::view::snake_case(resource);
-        let with_lu: Vec<&str> = views
-            .iter()
-            .copied()
-            .filter(|v| has_column(v, &keys[*v].last_updated_column))
-            .collect();
-        let base = with_lu
-            .iter()
-            .find(|v| **v == base_name)
-            .or(with_lu.first())
-            .or(views.first())
-            .copied()
-            .expect("at least one view per resource type");
-        let base_key = &keys[base];
-        let base_table = format!("t{n}");
-        n += 1;
-        scratch.register_table(base_table.as_str(), providers[base].clone())?;
-        let id = quote(base_key.id_column.as_deref().expect("checked"));
-        let order = match base_key
-            .last_updated_column
-            .as_deref()
-            .filter(|_| has_column(base, &base_key.last_updated_column))
-        {
-            Some(lu) => format!("{} DESC NULLS LAST, export DESC", quote(lu)),
-            None => "export DESC".to_string(),
-        };
-        // A tombstone hides the versions of its own run and of earlier runs.
-        let deleted = if tombstones.is_some() {
-            format!(
-                "LEFT JOIN (SELECT id, max(export) AS deleted_in FROM tombstones \
-                 WHERE resource_type = {} GROUP BY id) d ON d.id = w.key \
-                 WHERE w.rn = 1 AND (d.deleted_in IS NULL OR d.deleted_in < w.export)",
-                string_lit(resource)
-            )
-        } else {
-            "WHERE w.rn = 1".to_string()
-        };
-        let winners = format!(
-            "SELECT w.key, w.export FROM (SELECT {id} AS key, export, row_number() OVER \
-             (PARTITION BY {id} ORDER BY {order}) AS rn FROM {base_table} WHERE {id} IS NOT NULL) w \
-             {deleted}"
-        );
-        for view in views {
-            let table = format!("t{n}");
-            n += 1;
-            scratch.register_table(table.as_str(), providers[view].clone())?;
-            let vid = quote(keys[view].id_column.as_deref().expect("checked"));
-            let sql = format!(
-                "SELECT v.* FROM {table} v JOIN ({winners}) cur \
-                 ON v.{vid} = cur.key AND v.export = cur.export"
-            );
-            let df = scratch.sql(&sql).await?;
-            out.push((format!("{view}{LATEST_SUFFIX}"), df.into_view()));
-        }
-    }
-    Ok(out)
+    (files, rows)
 }

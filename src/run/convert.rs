@@ -121,6 +121,7 @@ impl ConvertBuilder {
             progress,
             cancel,
         } = self;
+        crate::dataset::check_layout(&location).await?;
         let ids = RunIds::new();
         // Planning reads big files once (to count lines before each range): off the runtime.
         let (split, threads) = (opts.split_bytes, opts.threads.max(1));
@@ -142,7 +143,7 @@ impl ConvertBuilder {
         let published = async {
             let decoded = driver.run(inputs, writer).await?;
             let files = decoded.sink.finish().await?;
-            let manifest =
+            let mut manifest =
                 RunManifest::finished("convert", ids, decoded.stats, decoded.inputs, files)
                     .with_view_keys(&registry);
             manifest.publish(&location).await?;

@@ -116,6 +116,7 @@ impl DatasetWriterBuilder {
 
 struct OpenFile {
     writer: AsyncArrowWriter<BufWriter>,
+    schema: datafusion::arrow::datatypes::SchemaRef,
     path: String,
     rows: u64,
 }
@@ -233,15 +234,21 @@ impl DatasetWriter {
             })?;
         Ok(OpenFile {
             writer,
+            schema: first.schema(),
             path,
             rows: 0,
         })
     }
 
     async fn close(&mut self, view: &str, f: OpenFile) -> Result<(), DatasetError> {
-        let OpenFile { writer, path, rows } = f;
+        let OpenFile {
+            writer,
+            schema,
+            path,
+            rows,
+        } = f;
         let mut writer = writer;
-        writer
+        let meta = writer
             .finish()
             .await
             .map_err(|source| DatasetError::Parquet {
@@ -254,6 +261,7 @@ impl DatasetWriter {
             path,
             rows,
             bytes,
+            stats: Some(crate::dataset::delta::file_stats(&meta, &schema)),
         });
         Ok(())
     }

@@ -3,6 +3,7 @@
 mod auth;
 mod cli;
 mod conformance;
+mod delta;
 mod convert;
 mod downloads;
 mod driver;

@@ -148,6 +148,7 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
         resume,
         ..
     } = b;
+    crate::dataset::check_layout(&location).await?;
     let mut job = match resume {
         Some(job) => {
             tracing::info!(run = job.run_id, "resuming export job");
@@ -303,7 +304,7 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
             replaced: Vec::new(),
         }
     };
-    let (manifest, server_errors) = record::run_record(&job, &registry, coalesced.parts);
+    let (mut manifest, server_errors) = record::run_record(&job, &registry, coalesced.parts);
     manifest.publish(&location).await?;
     job.completed()?;
     job.save(&location).await?;

@@ -1,0 +1,616 @@
+//! Every table of a dataset is a Delta Lake table: the commit protocol that Spark, Databricks,
+//! Trino, Athena, DuckDB, polars and pyarrow honour, instead of rules only flatfhir knows.
+//!
+//! * A run's parts are written by our own streaming Parquet writer (bounded memory) and become
+//!   visible in **one commit per table** ([`commit_run`]): `add` actions with statistics
+//!   (`numRecords`, min/max, null counts — computed from the Parquet footer the writer already
+//!   built, so engines can skip files), a `txn` action whose app id is the run id (so a retried
+//!   or resumed commit never adds the same rows twice), and `commitInfo` naming the run, the
+//!   server, the request and the export's `transactionTime`.
+//! * Parts that no commit names are invisible to every reader; a failed run's parts are deleted
+//!   ([`super::discard_run`]).
+//! * Commits are conditional puts of `_delta_log/<version>.json` (delta-rs retries a lost race
+//!   after checking the winner for conflicts), so several flatfhir processes can write one
+//!   dataset at once, locally or on an object store with conditional put.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Once},
+};
+
+use datafusion::arrow::{
+    array::{Array, ArrayRef, AsArray},
+    compute,
+    datatypes::{
+        DataType, Date32Type, Decimal128Type, Field, Int64Type, Schema, SchemaRef, TimeUnit,
+        TimestampMicrosecondType,
+    },
+};
+use deltalake::{
+    DeltaTable, DeltaTableBuilder, DeltaTableError,
+    kernel::{
+        Action, Add, StructType, Transaction,
+        engine::arrow_conversion::TryIntoKernel,
+        transaction::{CommitBuilder, CommitProperties},
+    },
+    operations::create::CreateBuilder,
+    protocol::{DeltaOperation, SaveMode},
+};
+use parquet::{
+    arrow::arrow_reader::statistics::StatisticsConverter, file::metadata::ParquetMetaData,
+};
+use serde_json::{Map, Value, json};
+use url::Url;
+
+use super::{DatasetError, DatasetLocation, PARTITION_COLUMN, RunManifest, WrittenFile};
+
+/// Key of the `commitInfo` entry that names the run (and of the `txn` app ids).
+pub const COMMIT_RUN_KEY: &str = "flatfhir.run";
+/// Fault injection (tests): the process aborts after this many of a run's table commits.
+pub const ABORT_AFTER_COMMITS_ENV: &str = "FLATFHIR_FAULT_ABORT_AFTER_COMMITS";
+/// Attempts at a commit that lost a race to a conflicting one before the run fails.
+pub const MAX_COMMIT_ATTEMPTS: usize = 8;
+
+/// Register delta-rs's object stores and log stores for `s3://`, `gs://` and `az://` (once).
+pub fn register_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        #[cfg(feature = "cloud")]
+        {
+            deltalake::aws::register_handlers(None);
+            deltalake::gcp::register_handlers(None);
+            deltalake::azure::register_handlers(None);
+        }
+    });
+}
+
+impl DatasetLocation {
+    /// URL of a table's directory (ends in `/`).
+    pub fn table_url(&self, table: &str) -> Url {
+        self.url
+            .join(&format!("{table}/"))
+            .expect("a table name is a valid relative URL")
+    }
+
+    /// A handle on table `table` (not loaded).
+    pub fn table_builder(&self, table: &str) -> Result<DeltaTableBuilder, DatasetError> {
+        register_handlers();
+        let url = self.table_url(table);
+        let builder =
+            DeltaTableBuilder::from_url(url.clone()).map_err(|source| DatasetError::Delta {
+                table: table.to_string(),
+                source,
+            })?;
+        Ok(match url.scheme() {
+            // delta-rs builds its own local store (rooted at `/`, with atomic create-if-absent).
+            "file" => builder,
+            // Our store is rooted at the bucket (or the in-process store's root).
+            _ => builder.with_storage_backend(self.store.clone(), url),
+        })
+    }
+
+    /// Whether table `table` has a Delta log (one listing request).
+    pub async fn has_table(&self, table: &str) -> Result<bool, DatasetError> {
+        use futures::StreamExt;
+        let log = self.child(&format!("{table}/_delta_log/"));
+        match self.store.list(Some(&log)).next().await {
+            None => Ok(false),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(object_store::Error::NotFound { .. })) => Ok(false),
+            Some(Err(source)) => Err(DatasetError::Store {
+                path: format!("{table}/_delta_log/"),
+                source,
+            }),
+        }
+    }
+
+    /// Load table `table` at its latest version; `None` when it has no Delta log yet.
+    pub async fn open_table(&self, table: &str) -> Result<Option<DeltaTable>, DatasetError> {
+        if !self.has_table(table).await? {
+            return Ok(None);
+        }
+        match self.table_builder(table)?.load().await {
+            Ok(t) => Ok(Some(t)),
+            Err(DeltaTableError::NotATable(_)) => Ok(None),
+            Err(source) => Err(DatasetError::Delta {
+                table: table.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Names of the Delta tables in the dataset (directories with a `_delta_log/`), sorted.
+    pub async fn delta_tables(&self) -> Result<Vec<String>, DatasetError> {
+        let top = self
+            .store
+            .list_with_delimiter(Some(&self.prefix))
+            .await
+            .map_err(|source| DatasetError::Store {
+                path: self.url.to_string(),
+                source,
+            })?;
+        let mut out = Vec::new();
+        for dir in top.common_prefixes {
+            let Some(name) = dir.filename() else { continue };
+            if self.has_table(name).await? {
+                out.push(name.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// A Delta error on one table.
+fn delta_err(table: &str) -> impl Fn(DeltaTableError) -> DatasetError + '_ {
+    move |source| DatasetError::Delta {
+        table: table.to_string(),
+        source,
+    }
+}
+
+/// Whether a commit failed because another writer won the race with a conflicting commit (worth
+/// retrying from a fresh snapshot).
+pub fn is_conflict(e: &DeltaTableError) -> bool {
+    matches!(
+        e,
+        DeltaTableError::VersionAlreadyExists(_) | DeltaTableError::Transaction { .. }
+    )
+}
+
+/// The Delta `stats` of a Parquet file (`numRecords`, and per top-level primitive column its
+/// min/max and null count) from the statistics the Parquet writer put in its footer. Bounds that
+/// Parquet truncated (long strings) are left out rather than written inexactly; timestamps are
+/// widened to the millisecond (Delta's stats precision), so skipping stays correct.
+pub fn file_stats(meta: &ParquetMetaData, schema: &Schema) -> String {
+    let rgs = meta.row_groups();
+    let parquet_schema = meta.file_metadata().schema_descr();
+    let (mut mins, mut maxs, mut nulls) = (Map::new(), Map::new(), Map::new());
+    for field in schema.fields() {
+        if field.data_type().is_nested() {
+            continue;
+        }
+        let Ok(conv) = StatisticsConverter::try_new(field.name(), schema, parquet_schema) else {
+            continue;
+        };
+        let Ok(null_counts) = conv.row_group_null_counts(rgs) else {
+            continue;
+        };
+        if null_counts.null_count() > 0 {
+            continue; // a row group without a null count: unknown
+        }
+        nulls.insert(field.name().clone(), json!(null_counts.values().iter().sum::<u64>()));
+        let exact = |a: Result<datafusion::arrow::array::BooleanArray, _>| {
+            a.is_ok_and(|a| a.null_count() == 0 && a.values().count_set_bits() == a.len())
+        };
+        if !exact(conv.row_group_is_min_value_exact(rgs))
+            || !exact(conv.row_group_is_max_value_exact(rgs))
+        {
+            continue;
+        }
+        let (Ok(lo), Ok(hi)) = (conv.row_group_mins(rgs), conv.row_group_maxes(rgs)) else {
+            continue;
+        };
+        // A row group without a bound is unknown unless all its values are null.
+        let rows = |i: usize| rgs[i].num_rows() as u64;
+        let unknown = (0..lo.len())
+            .any(|i| (lo.is_null(i) || hi.is_null(i)) && null_counts.value(i) != rows(i));
+        if unknown {
+            continue;
+        }
+        if let Some((l, h)) = bounds(&lo, &hi) {
+            mins.insert(field.name().clone(), l);
+            maxs.insert(field.name().clone(), h);
+        }
+    }
+    json!({
+        "numRecords": meta.file_metadata().num_rows(),
+        "minValues": mins,
+        "maxValues": maxs,
+        "nullCount": nulls,
+    })
+    .to_string()
+}
+
+/// The smallest of `lo` and the greatest of `hi`, as Delta stats JSON values.
+fn bounds(lo: &ArrayRef, hi: &ArrayRef) -> Option<(Value, Value)> {
+    match lo.data_type() {
+        DataType::Utf8 => Some((
+            json!(compute::min_string(lo.as_string::<i32>())?),
+            json!(compute::max_string(hi.as_string::<i32>())?),
+        )),
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
+            let lo = compute::cast(lo, &DataType::Int64).ok()?;
+            let hi = compute::cast(hi, &DataType::Int64).ok()?;
+            Some((
+                json!(compute::min(lo.as_primitive::<Int64Type>())?),
+                json!(compute::max(hi.as_primitive::<Int64Type>())?),
+            ))
+        }
+        DataType::Date32 => {
+            let day = |d: i32| {
+                chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?
+                    .checked_add_signed(chrono::TimeDelta::days(d.into()))
+                    .map(|d| json!(d.format("%Y-%m-%d").to_string()))
+            };
+            Some((
+                day(compute::min(lo.as_primitive::<Date32Type>())?)?,
+                day(compute::max(hi.as_primitive::<Date32Type>())?)?,
+            ))
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+            let utc = tz.is_some();
+            let text = |us: i64| {
+                let t = chrono::DateTime::from_timestamp_micros(us)?;
+                let s = t.format("%Y-%m-%dT%H:%M:%S%.3f").to_string();
+                Some(json!(if utc { format!("{s}Z") } else { s }))
+            };
+            let l = compute::min(lo.as_primitive::<TimestampMicrosecondType>())?;
+            let h = compute::max(hi.as_primitive::<TimestampMicrosecondType>())?;
+            Some((
+                text(l.div_euclid(1000) * 1000)?,
+                text(h.div_euclid(1000) * 1000 + if h.rem_euclid(1000) > 0 { 1000 } else { 0 })?,
+            ))
+        }
+        DataType::Decimal128(_, scale) => {
+            let text = |v: i128| {
+                use datafusion::arrow::datatypes::DecimalType;
+                let s = Decimal128Type::format_decimal(v, 38, *scale);
+                serde_json::from_str::<Value>(&s).ok()
+            };
+            Some((
+                text(compute::min(lo.as_primitive::<Decimal128Type>())?)?,
+                text(compute::max(hi.as_primitive::<Decimal128Type>())?)?,
+            ))
+        }
+        // Floats (NaN ordering) and booleans: null counts only.
+        _ => None,
+    }
+}
+
+/// The footer of a Parquet file: two ranged reads (the 8-byte tail, then the metadata).
+async fn read_footer(location: &DatasetLocation, path: &str) -> Result<ParquetMetaData, DatasetError> {
+    use object_store::ObjectStoreExt;
+    let object = location.child(path);
+    let store_err = |source| DatasetError::Store {
+        path: path.to_string(),
+        source,
+    };
+    let pq_err = |source| DatasetError::Parquet {
+        path: path.to_string(),
+        source,
+    };
+    let size = location.store.head(&object).await.map_err(store_err)?.size;
+    let short = || {
+        pq_err(parquet::errors::ParquetError::General(
+            "file too short for a Parquet footer".into(),
+        ))
+    };
+    let tail_start = size.checked_sub(8).ok_or_else(short)?;
+    let tail = location
+        .store
+        .get_range(&object, tail_start..size)
+        .await
+        .map_err(store_err)?;
+    let len = u64::from(u32::from_le_bytes(tail[..4].try_into().expect("8 bytes")));
+    let start = tail_start.checked_sub(len).ok_or_else(short)?;
+    let footer = location
+        .store
+        .get_range(&object, start..tail_start)
+        .await
+        .map_err(store_err)?;
+    parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&footer).map_err(pq_err)
+}
+
+/// The Arrow schema of a Parquet file (as written: the writer embeds it in the footer).
+pub async fn file_schema(location: &DatasetLocation, path: &str) -> Result<SchemaRef, DatasetError> {
+    let meta = read_footer(location, path).await?;
+    arrow_schema(&meta, path).map(Arc::new)
+}
+
+fn arrow_schema(meta: &ParquetMetaData, path: &str) -> Result<Schema, DatasetError> {
+    parquet::arrow::parquet_to_arrow_schema(
+        meta.file_metadata().schema_descr(),
+        meta.file_metadata().key_value_metadata(),
+    )
+    .map_err(|source| DatasetError::Parquet {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// The Delta schema of a table whose files have `schema`: the files' columns, then the
+/// partition column `export` when the table is partitioned by run.
+fn delta_schema(schema: &Schema, partitioned: bool) -> Result<StructType, DeltaTableError> {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    if partitioned && schema.field_with_name(PARTITION_COLUMN).is_err() {
+        fields.push(Field::new(PARTITION_COLUMN, DataType::Utf8, true));
+    }
+    let schema = Schema::new(fields);
+    let kernel: StructType = (&schema).try_into_kernel()?;
+    Ok(kernel)
+}
+
+/// Create table `table` with `schema` unless it exists (another writer may create it at the same
+/// time: whoever loses the race loads the winner's table).
+pub async fn create_table(
+    location: &DatasetLocation,
+    table: &str,
+    schema: &Schema,
+    partitioned: bool,
+) -> Result<DeltaTable, DatasetError> {
+    let fields = delta_schema(schema, partitioned).map_err(delta_err(table))?;
+    create_table_with(location, table, &fields, partitioned).await
+}
+
+/// [`create_table`] from a Delta schema.
+pub async fn create_table_with(
+    location: &DatasetLocation,
+    table: &str,
+    schema: &StructType,
+    partitioned: bool,
+) -> Result<DeltaTable, DatasetError> {
+    let err = delta_err(table);
+    if let Some(t) = location.open_table(table).await? {
+        return Ok(t);
+    }
+    let log_store = location.table_builder(table)?.build_storage().map_err(&err)?;
+    let mut create = CreateBuilder::new()
+        .with_log_store(log_store)
+        .with_table_name(table)
+        .with_save_mode(SaveMode::Ignore)
+        .with_columns(schema.fields().cloned());
+    if partitioned {
+        create = create.with_partition_columns([PARTITION_COLUMN]);
+    }
+    match create.await {
+        Ok(t) => Ok(t),
+        Err(e) if is_conflict(&e) => location
+            .open_table(table)
+            .await?
+            .ok_or_else(|| err(e)),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// What a run committed, per table: the table version that holds its rows.
+pub type Committed = BTreeMap<String, u64>;
+
+/// Commit a run's files: one commit per table (created on first use), each carrying the run's
+/// `txn` (app id = run id), so a table that already holds the run is skipped. Returns the version
+/// of each table that holds the run.
+pub async fn commit_run(
+    location: &DatasetLocation,
+    run: &RunManifest,
+) -> Result<Committed, DatasetError> {
+    let mut by_table: BTreeMap<&str, Vec<&WrittenFile>> = BTreeMap::new();
+    for f in &run.files {
+        by_table.entry(f.view.as_str()).or_default().push(f);
+    }
+    // Fault injection for the tests of crashes between two tables' commits.
+    let abort_after: Option<usize> = std::env::var(ABORT_AFTER_COMMITS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut committed = Committed::new();
+    for (table, files) in by_table {
+        let version = commit_files(location, table, run, &files).await?;
+        committed.insert(table.to_string(), version);
+        if abort_after == Some(committed.len()) {
+            eprintln!("{ABORT_AFTER_COMMITS_ENV}: aborting after {} commits", committed.len());
+            std::process::abort();
+        }
+    }
+    Ok(committed)
+}
+
+/// The `commitInfo` entries of a run's commits.
+pub fn commit_info(run: &RunManifest) -> HashMap<String, Value> {
+    let mut info = HashMap::from([
+        (COMMIT_RUN_KEY.to_string(), json!(run.run_id)),
+        ("flatfhir.kind".to_string(), json!(run.kind)),
+        ("flatfhir.version".to_string(), json!(run.flatfhir_version)),
+    ]);
+    if let Some(s) = &run.source {
+        info.insert("flatfhir.server".into(), json!(s));
+    }
+    if let Some(t) = &run.transaction_time {
+        info.insert("flatfhir.transactionTime".into(), json!(t));
+    }
+    if let Some(r) = &run.request {
+        info.insert(
+            "flatfhir.request".into(),
+            serde_json::to_value(r).unwrap_or(Value::Null),
+        );
+    }
+    info
+}
+
+/// Commit `files` of run `run` to `table` (see [`commit_run`]).
+async fn commit_files(
+    location: &DatasetLocation,
+    table: &str,
+    run: &RunManifest,
+    files: &[&WrittenFile],
+) -> Result<u64, DatasetError> {
+    let err = delta_err(table);
+    let Some(first) = files.first() else {
+        return Ok(0);
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let t = match location.open_table(table).await? {
+            Some(t) => t,
+            None => {
+                let schema = file_schema(location, &first.path).await?;
+                create_table(location, table, &schema, true).await?
+            }
+        };
+        if holds_run(&t, &run.run_id).await.map_err(&err)? {
+            return Ok(t.version().unwrap_or_default());
+        }
+        let snapshot = t.snapshot().map_err(&err)?.clone();
+        if attempt == 1 {
+            let ours = delta_schema(&*file_schema(location, &first.path).await?, true).map_err(&err)?;
+            let differs = |a: &StructType, b: &StructType| {
+                a.fields().len() != b.fields().len()
+                    || a
+                        .fields()
+                        .zip(b.fields())
+                        .any(|(x, y)| x.name() != y.name() || x.data_type() != y.data_type())
+            };
+            if differs(&ours, &snapshot.schema()) {
+                return Err(DatasetError::SchemaChanged {
+                    table: table.to_string(),
+                    table_columns: column_list(&snapshot.schema()),
+                    run_columns: column_list(&ours),
+                });
+            }
+        }
+        let mut actions = Vec::with_capacity(files.len());
+        for f in files {
+            actions.push(Action::Add(add_action(location, table, run, f).await?));
+        }
+        let props = CommitProperties::default()
+            .with_metadata(commit_info(run))
+            .with_application_transaction(Transaction::new(&run.run_id, 0));
+        let op = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: Some(vec![PARTITION_COLUMN.to_string()]),
+            predicate: None,
+        };
+        let result = CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(Some(&snapshot), t.log_store(), op)
+            .await;
+        match result {
+            Ok(done) => return Ok(done.version()),
+            Err(e) if is_conflict(&e) && attempt < MAX_COMMIT_ATTEMPTS => {
+                tracing::debug!(table, attempt, error = %e, "commit lost a race; retrying");
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+}
+
+/// Whether table `t` holds run `run` (a commit with its `txn`).
+pub async fn holds_run(t: &DeltaTable, run: &str) -> Result<bool, DeltaTableError> {
+    let snapshot = t.snapshot()?;
+    Ok(snapshot
+        .transaction_version(t.log_store().as_ref(), run)
+        .await?
+        .is_some())
+}
+
+/// The `add` action of a written file: path relative to the table, the run's partition value,
+/// size, and statistics (from the writer, or read from the file's footer).
+async fn add_action(
+    location: &DatasetLocation,
+    table: &str,
+    run: &RunManifest,
+    f: &WrittenFile,
+) -> Result<Add, DatasetError> {
+    let rel = f
+        .path
+        .strip_prefix(&format!("{table}/"))
+        .ok_or_else(|| DatasetError::Location {
+            location: f.path.clone(),
+            message: format!("a file of table {table} outside its directory"),
+        })?;
+    let stats = match &f.stats {
+        Some(s) => s.clone(),
+        None => footer_stats(location, &f.path).await?,
+    };
+    Ok(Add {
+        path: rel.to_string(),
+        partition_values: HashMap::from([(
+            PARTITION_COLUMN.to_string(),
+            Some(run.export.clone()),
+        )]),
+        size: f.bytes as i64,
+        modification_time: chrono::Utc::now().timestamp_millis(),
+        data_change: true,
+        stats: Some(stats),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+        clustering_provider: None,
+    })
+}
+
+/// Statistics of a file read from its footer (files written before statistics were recorded).
+async fn footer_stats(location: &DatasetLocation, path: &str) -> Result<String, DatasetError> {
+    let meta = read_footer(location, path).await?;
+    Ok(file_stats(&meta, &arrow_schema(&meta, path)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::{
+        array::{Date32Array, Int32Array, StringArray, TimestampMicrosecondArray},
+        record_batch::RecordBatch,
+    };
+    use parquet::arrow::ArrowWriter;
+
+    use super::*;
+
+    #[test]
+    fn stats_hold_bounds_and_null_counts_of_primitive_columns() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("n", DataType::Int32, true),
+            Field::new("d", DataType::Date32, true),
+            Field::new(
+                "t",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("long", DataType::Utf8, true),
+        ]));
+        let long = "x".repeat(200);
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec![Some("b"), None, Some("a")])),
+                Arc::new(Int32Array::from(vec![3, -1, 7])),
+                Arc::new(Date32Array::from(vec![0, 365, 1])),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![1_500, 2_000_001, 0])
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(StringArray::from(vec![long.as_str(), "a", "b"])),
+            ],
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut buf, schema.clone(), None).unwrap();
+        w.write(&batch).unwrap();
+        let meta = w.close().unwrap();
+        let stats: Value = serde_json::from_str(&file_stats(&meta, &schema)).unwrap();
+        assert_eq!(stats["numRecords"], json!(3));
+        assert_eq!(stats["minValues"]["id"], json!("a"));
+        assert_eq!(stats["maxValues"]["id"], json!("b"));
+        assert_eq!(stats["nullCount"]["id"], json!(1));
+        assert_eq!(stats["minValues"]["n"], json!(-1));
+        assert_eq!(stats["maxValues"]["n"], json!(7));
+        assert_eq!(stats["minValues"]["d"], json!("1970-01-01"));
+        assert_eq!(stats["maxValues"]["d"], json!("1971-01-01"));
+        assert_eq!(stats["minValues"]["t"], json!("1970-01-01T00:00:00.000Z"));
+        // 2.000001 s widened up to the next millisecond: still an upper bound.
+        assert_eq!(stats["maxValues"]["t"], json!("1970-01-01T00:00:02.001Z"));
+        // A truncated bound is left out, its null count kept.
+        assert!(stats["maxValues"].get("long").is_none());
+        assert_eq!(stats["nullCount"]["long"], json!(0));
+    }
+}
+
+/// `name type, …` of a Delta schema, for messages.
+fn column_list(s: &StructType) -> String {
+    s.fields()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
