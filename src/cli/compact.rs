@@ -78,7 +78,12 @@ pub async fn run(a: CompactConfig) -> Result<Outcome> {
     let added: u64 = optimized.iter().map(|t| t.files_added).sum();
     let deleted: usize = s.tables.iter().map(|t| t.files_deleted).sum();
     if optimized.is_empty() {
-        writeln!(stdout, "nothing to compact in {} ({} tables)", a.data, s.tables.len())?;
+        writeln!(
+            stdout,
+            "nothing to compact in {} ({} tables)",
+            a.data,
+            s.tables.len()
+        )?;
     } else {
         writeln!(
             stdout,
@@ -89,7 +94,10 @@ pub async fn run(a: CompactConfig) -> Result<Outcome> {
         )?;
     }
     if a.opts.retain.is_some() {
-        writeln!(stdout, "vacuum deleted {deleted} files no retained version needs")?;
+        writeln!(
+            stdout,
+            "vacuum deleted {deleted} files no retained version needs"
+        )?;
     }
     Ok(Outcome::Success)
 }

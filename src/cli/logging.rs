@@ -11,8 +11,11 @@ pub fn filter_for(verbose: u8, quiet: u8) -> &'static str {
         -1 => "error,deltalake_core=off,buoyant_kernel=off,buoyant_kernel_engine=off",
         0 => "warn,flatfhir=info,deltalake_core=off,buoyant_kernel=off,buoyant_kernel_engine=off",
         1 => "info,flatfhir=debug,deltalake_core=off,buoyant_kernel=off,buoyant_kernel_engine=off",
-        2 => "debug,flatfhir=trace",
-        _ => "trace",
+        // Other crates stay at debug (DataFusion's trace events print data values), delta-rs at
+        // info (its debug events print the commits' statistics: data values).
+        _ => {
+            "debug,flatfhir=trace,deltalake_core=info,buoyant_kernel=info,buoyant_kernel_engine=info"
+        }
     }
 }
 

@@ -38,7 +38,10 @@ use deltalake::{
 
 use super::{
     DELETED_TABLE, DatasetError, DatasetLocation, RunManifest, ViewKey,
-    delta::{MAX_COMMIT_ATTEMPTS, commit_info, create_table_with, is_conflict},
+    delta::{
+        COMMIT_RUN_KEY, MAX_COMMIT_ATTEMPTS, commit_info, create_table_with, is_conflict,
+        verify_commit,
+    },
 };
 
 /// Suffix of the current-state tables.
@@ -172,12 +175,10 @@ async fn register(
 
 /// DataFusion's view of a loaded Delta table.
 pub async fn provider(t: &DeltaTable, table: &str) -> Result<Arc<dyn TableProvider>, DatasetError> {
-    t.table_provider()
-        .await
-        .map_err(|e| DatasetError::Delta {
-            table: table.to_string(),
-            source: e.into(),
-        })
+    t.table_provider().await.map_err(|e| DatasetError::Delta {
+        table: table.to_string(),
+        source: e.into(),
+    })
 }
 
 /// `'text'` with quotes doubled.
@@ -198,13 +199,20 @@ async fn update_type(
 ) -> Result<Vec<String>, DatasetError> {
     let e = string_lit(&run.export);
     let (base, base_key) = (&tv.base.0, &tv.base.1);
-    let id = quote(base_key.id_column.as_deref().expect("views with an id column only"));
+    let id = quote(
+        base_key
+            .id_column
+            .as_deref()
+            .expect("views with an id column only"),
+    );
     let ctx = session();
     let err = df_err(base);
     if register(&ctx, location, base, "hist_b").await?.is_none() {
         return Ok(Vec::new());
     }
-    let has_tombs = register(&ctx, location, DELETED_TABLE, "tomb").await?.is_some();
+    let has_tombs = register(&ctx, location, DELETED_TABLE, "tomb")
+        .await?
+        .is_some();
     let latest_b = format!("{base}{LATEST_SUFFIX}");
     let cur_b = match register(&ctx, location, &latest_b, "cur_b").await? {
         Some(t) => t,
@@ -216,7 +224,9 @@ async fn update_type(
         .as_deref()
         .filter(|c| hist_schema.column_with_name(c).is_some())
         .map(quote);
-    let lu = lu_col.clone().unwrap_or_else(|| "CAST(NULL AS VARCHAR)".into());
+    let lu = lu_col
+        .clone()
+        .unwrap_or_else(|| "CAST(NULL AS VARCHAR)".into());
     let resource = string_lit(&tv.resource);
     // Tombstones per key: the newest run that deleted it.
     let tombs = if has_tombs {
@@ -226,9 +236,13 @@ async fn update_type(
     } else {
         "SELECT CAST(NULL AS VARCHAR) AS id, CAST(NULL AS VARCHAR) AS d WHERE false".into()
     };
-    let cur_lu = lu_col.clone().unwrap_or_else(|| "CAST(NULL AS VARCHAR)".into());
+    let cur_lu = lu_col
+        .clone()
+        .unwrap_or_else(|| "CAST(NULL AS VARCHAR)".into());
     let cur = if ctx.table_exist("cur_b").unwrap_or(false) {
-        format!("SELECT {id} AS k, max({cur_lu}) AS lu, max(export) AS export FROM cur_b GROUP BY {id}")
+        format!(
+            "SELECT {id} AS k, max({cur_lu}) AS lu, max(export) AS export FROM cur_b GROUP BY {id}"
+        )
     } else {
         "SELECT CAST(NULL AS VARCHAR) AS k, CAST(NULL AS VARCHAR) AS lu, CAST(NULL AS VARCHAR) AS export WHERE false".into()
     };
@@ -250,8 +264,20 @@ async fn update_type(
     } else {
         "SELECT CAST(NULL AS VARCHAR) AS k WHERE false".into()
     };
-    let wins = ctx.sql(&wins).await.map_err(&err)?.collect().await.map_err(&err)?;
-    let deletes = ctx.sql(&deletes).await.map_err(&err)?.collect().await.map_err(&err)?;
+    let wins = ctx
+        .sql(&wins)
+        .await
+        .map_err(&err)?
+        .collect()
+        .await
+        .map_err(&err)?;
+    let deletes = ctx
+        .sql(&deletes)
+        .await
+        .map_err(&err)?
+        .collect()
+        .await
+        .map_err(&err)?;
     let n_wins: usize = wins.iter().map(|b| b.num_rows()).sum();
     let n_deletes: usize = deletes.iter().map(|b| b.num_rows()).sum();
     if n_wins + n_deletes == 0 {
@@ -275,7 +301,10 @@ async fn update_type(
         .await
         .map_err(&err)?;
     let id_name = base_key.id_column.clone().expect("checked");
-    merge_into(&ctx, cur_b, &latest_b, &id_name, inserts, keys, run).await?;
+    merge_into(
+        location, &ctx, cur_b, &latest_b, &id_name, inserts, keys, run,
+    )
+    .await?;
     merged.push(latest_b.clone());
 
     // 2. The other views, from the base table as it now is.
@@ -327,13 +356,21 @@ async fn update_type(
             .collect();
         vctx.register_batch("versions", concat(&versions).map_err(&verr)?)
             .map_err(&verr)?;
-        let vid = quote(key.id_column.as_deref().expect("views with an id column only"));
+        let vid = quote(
+            key.id_column
+                .as_deref()
+                .expect("views with an id column only"),
+        );
         let in_list = if exports.is_empty() {
             "false".to_string()
         } else {
             format!(
                 "h.export IN ({})",
-                exports.iter().map(|x| string_lit(x)).collect::<Vec<_>>().join(", ")
+                exports
+                    .iter()
+                    .map(|x| string_lit(x))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         };
         let inserts = vctx
@@ -345,7 +382,10 @@ async fn update_type(
             .map_err(&verr)?;
         let keys = vctx.sql(touched).await.map_err(&verr)?;
         let vid_name = key.id_column.clone().expect("checked");
-        merge_into(&vctx, cur_v, &latest_v, &vid_name, inserts, keys, run).await?;
+        merge_into(
+            location, &vctx, cur_v, &latest_v, &vid_name, inserts, keys, run,
+        )
+        .await?;
         merged.push(latest_v);
     }
     Ok(merged)
@@ -389,7 +429,9 @@ async fn create_latest(
 /// MERGE into `target` (table `table`): delete every row whose `id` is one of `keys`, then insert
 /// `inserts` — in one commit carrying [`CURRENT_APP_ID`]. The source is the union of the rows to
 /// insert (merge key null: never matched) and the keys to delete (every other column null).
+#[allow(clippy::too_many_arguments)]
 async fn merge_into(
+    location: &DatasetLocation,
     ctx: &SessionContext,
     target: DeltaTable,
     table: &str,
@@ -409,18 +451,18 @@ async fn merge_into(
         let null = ScalarValue::try_from(f.data_type()).map_err(&err)?;
         null_row.push(lit(null).alias(f.name()));
     }
-    null_row.push(
-        datafusion::functions::expr_fn::arrow_cast(col("k"), lit("Utf8")).alias(MERGE_KEY),
-    );
+    null_row
+        .push(datafusion::functions::expr_fn::arrow_cast(col("k"), lit("Utf8")).alias(MERGE_KEY));
     let deletes = keys.select(null_row).map_err(&err)?;
     let source = inserts.union(deletes).map_err(&err)?;
     let version = target.version().map_or(0, |v| v as i64 + 1);
     let props = CommitProperties::default()
         .with_metadata(commit_info(run))
         .with_application_transaction(Transaction::new(CURRENT_APP_ID, version));
-    let predicate = datafusion::prelude::Expr::Column(
-        datafusion::common::Column::new(Some("target"), id),
-    )
+    let predicate = datafusion::prelude::Expr::Column(datafusion::common::Column::new(
+        Some("target"),
+        id,
+    ))
     .eq(datafusion::prelude::Expr::Column(
         datafusion::common::Column::new(Some("source"), MERGE_KEY),
     ));
@@ -464,10 +506,20 @@ async fn merge_into(
             table: table.to_string(),
             source,
         })?;
-    merge.await.map_err(|source| DatasetError::Delta {
+    let (merged, _) = merge.await.map_err(|source| DatasetError::Delta {
         table: table.to_string(),
         source,
     })?;
+    if let Some(v) = merged.version() {
+        let needle = format!("\"{COMMIT_RUN_KEY}\":{}", serde_json::json!(run.run_id));
+        if !verify_commit(location, table, v, &needle).await? {
+            // Recomputed from the winner's state, like a lost race.
+            return Err(DatasetError::Delta {
+                table: table.to_string(),
+                source: DeltaTableError::VersionAlreadyExists(v),
+            });
+        }
+    }
     Ok(())
 }
 
@@ -486,8 +538,14 @@ mod tests {
     #[test]
     fn the_base_view_is_the_one_named_after_the_type() {
         let keys = BTreeMap::from([
-            ("patient".to_string(), key("Patient", "id", Some("last_updated"))),
-            ("patient_name".to_string(), key("Patient", "patient_id", None)),
+            (
+                "patient".to_string(),
+                key("Patient", "id", Some("last_updated")),
+            ),
+            (
+                "patient_name".to_string(),
+                key("Patient", "patient_id", None),
+            ),
             ("odd".to_string(), key("Observation", "oid", None)),
             ("obs_lu".to_string(), key("Observation", "id", Some("lu"))),
         ]);

@@ -179,7 +179,10 @@ pub fn file_stats(meta: &ParquetMetaData, schema: &Schema) -> String {
         if null_counts.null_count() > 0 {
             continue; // a row group without a null count: unknown
         }
-        nulls.insert(field.name().clone(), json!(null_counts.values().iter().sum::<u64>()));
+        nulls.insert(
+            field.name().clone(),
+            json!(null_counts.values().iter().sum::<u64>()),
+        );
         let exact = |a: Result<datafusion::arrow::array::BooleanArray, _>| {
             a.is_ok_and(|a| a.null_count() == 0 && a.values().count_set_bits() == a.len())
         };
@@ -269,7 +272,10 @@ fn bounds(lo: &ArrayRef, hi: &ArrayRef) -> Option<(Value, Value)> {
 }
 
 /// The footer of a Parquet file: two ranged reads (the 8-byte tail, then the metadata).
-async fn read_footer(location: &DatasetLocation, path: &str) -> Result<ParquetMetaData, DatasetError> {
+async fn read_footer(
+    location: &DatasetLocation,
+    path: &str,
+) -> Result<ParquetMetaData, DatasetError> {
     use object_store::ObjectStoreExt;
     let object = location.child(path);
     let store_err = |source| DatasetError::Store {
@@ -303,7 +309,10 @@ async fn read_footer(location: &DatasetLocation, path: &str) -> Result<ParquetMe
 }
 
 /// The Arrow schema of a Parquet file (as written: the writer embeds it in the footer).
-pub async fn file_schema(location: &DatasetLocation, path: &str) -> Result<SchemaRef, DatasetError> {
+pub async fn file_schema(
+    location: &DatasetLocation,
+    path: &str,
+) -> Result<SchemaRef, DatasetError> {
     let meta = read_footer(location, path).await?;
     arrow_schema(&meta, path).map(Arc::new)
 }
@@ -354,7 +363,10 @@ pub async fn create_table_with(
     if let Some(t) = location.open_table(table).await? {
         return Ok(t);
     }
-    let log_store = location.table_builder(table)?.build_storage().map_err(&err)?;
+    let log_store = location
+        .table_builder(table)?
+        .build_storage()
+        .map_err(&err)?;
     let mut create = CreateBuilder::new()
         .with_log_store(log_store)
         .with_table_name(table)
@@ -365,10 +377,7 @@ pub async fn create_table_with(
     }
     match create.await {
         Ok(t) => Ok(t),
-        Err(e) if is_conflict(&e) => location
-            .open_table(table)
-            .await?
-            .ok_or_else(|| err(e)),
+        Err(e) if is_conflict(&e) => location.open_table(table).await?.ok_or_else(|| err(e)),
         Err(e) => Err(err(e)),
     }
 }
@@ -396,7 +405,10 @@ pub async fn commit_run(
         let version = commit_files(location, table, run, &files).await?;
         committed.insert(table.to_string(), version);
         if abort_after == Some(committed.len()) {
-            eprintln!("{ABORT_AFTER_COMMITS_ENV}: aborting after {} commits", committed.len());
+            eprintln!(
+                "{ABORT_AFTER_COMMITS_ENV}: aborting after {} commits",
+                committed.len()
+            );
             std::process::abort();
         }
     }
@@ -451,11 +463,11 @@ async fn commit_files(
         }
         let snapshot = t.snapshot().map_err(&err)?.clone();
         if attempt == 1 {
-            let ours = delta_schema(&*file_schema(location, &first.path).await?, true).map_err(&err)?;
+            let ours =
+                delta_schema(&*file_schema(location, &first.path).await?, true).map_err(&err)?;
             let differs = |a: &StructType, b: &StructType| {
                 a.fields().len() != b.fields().len()
-                    || a
-                        .fields()
+                    || a.fields()
                         .zip(b.fields())
                         .any(|(x, y)| x.name() != y.name() || x.data_type() != y.data_type())
             };
@@ -484,13 +496,58 @@ async fn commit_files(
             .build(Some(&snapshot), t.log_store(), op)
             .await;
         match result {
-            Ok(done) => return Ok(done.version()),
+            Ok(done) => {
+                let needle = format!("\"appId\":{}", json!(run.run_id));
+                if verify_commit(location, table, done.version(), &needle).await? {
+                    return Ok(done.version());
+                }
+                if attempt >= MAX_COMMIT_ATTEMPTS {
+                    return Err(err(DeltaTableError::VersionAlreadyExists(done.version())));
+                }
+            }
             Err(e) if is_conflict(&e) && attempt < MAX_COMMIT_ATTEMPTS => {
                 tracing::debug!(table, attempt, error = %e, "commit lost a race; retrying");
             }
             Err(e) => return Err(err(e)),
         }
     }
+}
+
+/// Read back commit `version` of `table` and check that it is ours (holds `needle`): a store
+/// whose conditional put is not atomic (a check, then a write) lets a racing writer overwrite a
+/// commit that was acknowledged, and some S3-compatible stores ignore `If-None-Match` outright.
+/// A commit found overwritten is made again. One small GET per commit.
+pub async fn verify_commit(
+    location: &DatasetLocation,
+    table: &str,
+    version: u64,
+    needle: &str,
+) -> Result<bool, DatasetError> {
+    use object_store::ObjectStoreExt;
+    let path = format!("{table}/_delta_log/{version:020}.json");
+    let body = location
+        .store
+        .get(&location.child(&path))
+        .await
+        .map_err(|source| DatasetError::Store {
+            path: path.clone(),
+            source,
+        })?
+        .bytes()
+        .await
+        .map_err(|source| DatasetError::Store {
+            path: path.clone(),
+            source,
+        })?;
+    let ours = memchr::memmem::find(&body, needle.as_bytes()).is_some();
+    if !ours {
+        tracing::warn!(
+            table,
+            version,
+            "commit was overwritten by another writer (the store's conditional put is not atomic); committing again"
+        );
+    }
+    Ok(ours)
 }
 
 /// Whether table `t` holds run `run` (a commit with its `txn`).
@@ -523,10 +580,7 @@ async fn add_action(
     };
     Ok(Add {
         path: rel.to_string(),
-        partition_values: HashMap::from([(
-            PARTITION_COLUMN.to_string(),
-            Some(run.export.clone()),
-        )]),
+        partition_values: HashMap::from([(PARTITION_COLUMN.to_string(), Some(run.export.clone()))]),
         size: f.bytes as i64,
         modification_time: chrono::Utc::now().timestamp_millis(),
         data_change: true,
@@ -578,8 +632,7 @@ mod tests {
                 Arc::new(Int32Array::from(vec![3, -1, 7])),
                 Arc::new(Date32Array::from(vec![0, 365, 1])),
                 Arc::new(
-                    TimestampMicrosecondArray::from(vec![1_500, 2_000_001, 0])
-                        .with_timezone("UTC"),
+                    TimestampMicrosecondArray::from(vec![1_500, 2_000_001, 0]).with_timezone("UTC"),
                 ),
                 Arc::new(StringArray::from(vec![long.as_str(), "a", "b"])),
             ],

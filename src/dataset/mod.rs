@@ -136,7 +136,10 @@ pub async fn check_layout(location: &DatasetLocation) -> Result<(), DatasetError
     let has_runs = matches!(records.next().await, Some(Ok(_)));
     if has_runs && location.delta_tables().await?.is_empty() {
         let runs = RunManifest::list(location).await?;
-        if runs.iter().any(|r| !r.files.is_empty() && r.committed.is_empty()) {
+        if runs
+            .iter()
+            .any(|r| !r.files.is_empty() && r.committed.is_empty())
+        {
             return Err(DatasetError::OldLayout {
                 location: location.url.to_string(),
             });

@@ -28,7 +28,9 @@
 //! # Ok(()) }
 //! ```
 
-use datafusion::{arrow::record_batch::RecordBatch, error::DataFusionError, prelude::SessionContext};
+use datafusion::{
+    arrow::record_batch::RecordBatch, error::DataFusionError, prelude::SessionContext,
+};
 
 pub use crate::dataset::current::LATEST_SUFFIX;
 use crate::dataset::{DatasetError, DatasetLocation, RunManifest, current::provider};
@@ -102,7 +104,10 @@ impl Dataset {
     }
 
     /// Open a dataset at the version [`AsOf`] names.
-    pub async fn open_as_of(location: &DatasetLocation, as_of: &AsOf) -> Result<Dataset, QueryError> {
+    pub async fn open_as_of(
+        location: &DatasetLocation,
+        as_of: &AsOf,
+    ) -> Result<Dataset, QueryError> {
         crate::dataset::check_layout(location).await?;
         let runs = RunManifest::list(location).await?;
         let names = location.delta_tables().await?;
@@ -117,11 +122,12 @@ impl Dataset {
                     }
                 })?;
                 let published = run.published.as_deref().unwrap_or(&run.finished);
-                let finished = chrono::DateTime::parse_from_rfc3339(published)
-                    .map_err(|e| DatasetError::Location {
+                let finished = chrono::DateTime::parse_from_rfc3339(published).map_err(|e| {
+                    DatasetError::Location {
                         location: location.url.to_string(),
                         message: format!("run {id}: finish time: {e}"),
-                    })?;
+                    }
+                })?;
                 Some(finished.with_timezone(&chrono::Utc))
             }
         };
@@ -144,7 +150,13 @@ impl Dataset {
                 Ok(t) => t,
                 // Created after the cutoff: not part of that state.
                 Err(_) if cutoff.is_some() => continue,
-                Err(source) => return Err(DatasetError::Delta { table: name, source }.into()),
+                Err(source) => {
+                    return Err(DatasetError::Delta {
+                        table: name,
+                        source,
+                    }
+                    .into());
+                }
             };
             let (files, rows) = table_size(&table);
             table

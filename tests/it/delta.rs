@@ -39,7 +39,14 @@ async fn one_number(ds: &Dataset, sql: &str) -> i64 {
 /// its partition exactly once, and the current state holds each resource once.
 async fn writers_at_once(out: &str, extra: &[String], loc: &DatasetLocation) {
     const N: usize = 4;
-    let children: Vec<_> = (0..N).map(|_| convert(out, extra)).collect();
+    let children: Vec<_> = (0..N)
+        .map(|_| {
+            let c = convert(out, extra);
+            // Overlapping runs, not runs in lockstep (see the S3 test's note).
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            c
+        })
+        .collect();
     for c in children {
         let o = c.wait_with_output().unwrap();
         assert!(
@@ -58,7 +65,11 @@ async fn writers_at_once(out: &str, extra: &[String], loc: &DatasetLocation) {
         }
         for run in &runs {
             assert_eq!(run.views[view], *rows, "every run read the same sample");
-            assert!(run.committed.contains_key(view), "{view} committed by {}", run.run_id);
+            assert!(
+                run.committed.contains_key(view),
+                "{view} committed by {}",
+                run.run_id
+            );
             let n = one_number(
                 &ds,
                 &format!(
@@ -67,14 +78,24 @@ async fn writers_at_once(out: &str, extra: &[String], loc: &DatasetLocation) {
                 ),
             )
             .await;
-            assert_eq!(n as u64, *rows, "{view}: run {}'s rows exactly once", run.run_id);
+            assert_eq!(
+                n as u64, *rows,
+                "{view}: run {}'s rows exactly once",
+                run.run_id
+            );
         }
     }
     // Current state: one version per resource, from one run, whatever order the merges ran in.
     let patients = one_number(&ds, "select count(distinct id) from patient").await;
-    assert_eq!(one_number(&ds, "select count(*) from patient_latest").await, patients);
+    assert_eq!(
+        one_number(&ds, "select count(*) from patient_latest").await,
+        patients
+    );
     let names = one.views["patient_name"] as i64;
-    assert_eq!(one_number(&ds, "select count(*) from patient_name_latest").await, names);
+    assert_eq!(
+        one_number(&ds, "select count(*) from patient_name_latest").await,
+        names
+    );
     assert_eq!(
         one_number(
             &ds,
@@ -99,6 +120,7 @@ async fn four_processes_write_one_local_dataset_at_once() {
 
 /// s3s-fs answers `If-None-Match: *` with 412 when the object exists — a check-then-write, not
 /// atomic under a tight race, but enough to exercise the commit protocol (lost races retried).
+/// A commit that such a race overwrote is found by reading it back and made again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_processes_write_one_s3_dataset_at_once() {
     let Some(s3) = S3Server::start() else {
@@ -118,19 +140,36 @@ async fn four_processes_write_one_s3_dataset_at_once() {
 async fn time_travel_to_a_run_and_compaction_under_a_reader() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().to_str().unwrap().to_string();
-    for _ in 0..2 {
-        let o = convert(&out, &[]).wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
     let loc = DatasetLocation::resolve(&out, false).unwrap();
+    let registry = std::sync::Arc::new(flatfhir::view::ViewRegistry::builtin().unwrap());
+    let inputs = flatfhir::run::expand_inputs(&[data("sample")]).unwrap();
+    for _ in 0..2 {
+        // Small files, so that OPTIMIZE has something to do.
+        flatfhir::run::convert::ConvertBuilder::new(registry.clone(), loc.clone())
+            .with_files(inputs.clone())
+            .with_options(flatfhir::run::convert::ConvertOptions {
+                max_rows_per_file: 300,
+                batch_size: 100,
+                ..Default::default()
+            })
+            .run()
+            .await
+            .unwrap();
+    }
     let runs = RunManifest::list(&loc).await.unwrap();
     let first = Dataset::open_as_of(&loc, &AsOf::Run(runs[0].run_id.clone()))
         .await
         .unwrap();
     let per_run = runs[0].views["patient"] as i64;
-    assert_eq!(one_number(&first, "select count(*) from patient").await, per_run);
+    assert_eq!(
+        one_number(&first, "select count(*) from patient").await,
+        per_run
+    );
     let now = Dataset::open(&loc).await.unwrap();
-    assert_eq!(one_number(&now, "select count(*) from patient").await, 2 * per_run);
+    assert_eq!(
+        one_number(&now, "select count(*) from patient").await,
+        2 * per_run
+    );
 
     // A reader holding the current version keeps answering through OPTIMIZE and VACUUM.
     let before = counts(&loc).await;
@@ -144,7 +183,10 @@ async fn time_travel_to_a_run_and_compaction_under_a_reader() {
     .await
     .unwrap();
     assert!(s.tables.iter().any(|t| t.files_removed > 0), "{s:?}");
-    assert_eq!(one_number(&now, "select count(*) from patient").await, 2 * per_run);
+    assert_eq!(
+        one_number(&now, "select count(*) from patient").await,
+        2 * per_run
+    );
     assert_eq!(
         one_number(&now, "select count(*) from observation").await,
         before["observation"]
@@ -172,7 +214,10 @@ async fn the_old_layout_is_refused_then_migrated() {
             std::fs::remove_dir_all(p.join("_delta_log")).unwrap();
         }
     }
-    for e in std::fs::read_dir(tmp.path().join("_runs")).unwrap().flatten() {
+    for e in std::fs::read_dir(tmp.path().join("_runs"))
+        .unwrap()
+        .flatten()
+    {
         let mut run: serde_json::Value =
             serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
         let run = run.as_object_mut().unwrap();
@@ -181,7 +226,11 @@ async fn the_old_layout_is_refused_then_migrated() {
         }
         std::fs::write(e.path(), serde_json::to_vec(&run).unwrap()).unwrap();
     }
-    let err = Dataset::open(&loc).await.err().expect("refused").to_string();
+    let err = Dataset::open(&loc)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("flatfhir migrate --data"), "{err}");
     let o = Command::new(env!("CARGO_BIN_EXE_flatfhir"))
         .args(["migrate", "--data", &out])
@@ -212,7 +261,15 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
     let base = srv.base_url().to_string();
     let bin = env!("CARGO_BIN_EXE_flatfhir");
     let o = Command::new(bin)
-        .args(["export", "--base-url", &base, "--patients", "--out", out_s, "-q"])
+        .args([
+            "export",
+            "--base-url",
+            &base,
+            "--patients",
+            "--out",
+            out_s,
+            "-q",
+        ])
         .env(flatfhir::dataset::delta::ABORT_AFTER_COMMITS_ENV, "3")
         .output()
         .unwrap();
@@ -229,7 +286,10 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
             assert_eq!(rows as u64, *n, "{table} holds the run whole");
         }
     }
-    assert!(RunManifest::list(&loc).await.unwrap().is_empty(), "no run record yet");
+    assert!(
+        RunManifest::list(&loc).await.unwrap().is_empty(),
+        "no run record yet"
+    );
 
     let o = Command::new(bin)
         .args(["export", "--resume", out_s, "-q"])

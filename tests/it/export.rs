@@ -527,7 +527,10 @@ async fn killed_export_resumes_with_exact_counts() {
         !out.join("_runs").exists() || std::fs::read_dir(out.join("_runs")).unwrap().count() == 0
     );
     let loc = DatasetLocation::resolve(out.to_str().unwrap(), false).unwrap();
-    assert!(loc.delta_tables().await.unwrap().is_empty(), "a table was committed");
+    assert!(
+        loc.delta_tables().await.unwrap().is_empty(),
+        "a table was committed"
+    );
 
     let o = std::process::Command::new(bin)
         .args(["export", "--resume", out.to_str().unwrap(), "-q"])

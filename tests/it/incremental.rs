@@ -227,6 +227,11 @@ async fn since_auto_tombstones_and_latest_views_match_the_server() {
     let removed: u64 = s.tables.iter().map(|t| t.files_removed).sum();
     let added: u64 = s.tables.iter().map(|t| t.files_added).sum();
     assert!(added < removed, "{s:?}");
-    assert!(s.tables.iter().map(|t| t.files_deleted).sum::<usize>() > 0, "{s:?}");
+    // Files the merges replaced before the compaction are vacuumed; those it replaced stay for
+    // readers of the version before it.
+    assert!(
+        s.tables.iter().map(|t| t.files_deleted).sum::<usize>() > 0,
+        "{s:?}"
+    );
     assert_eq!(counts(&loc).await, before);
 }

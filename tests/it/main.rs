@@ -3,8 +3,8 @@
 mod auth;
 mod cli;
 mod conformance;
-mod delta;
 mod convert;
+mod delta;
 mod downloads;
 mod driver;
 mod export;
