@@ -113,32 +113,44 @@ pub async fn update_current(
     run: &RunManifest,
     keys: &BTreeMap<String, ViewKey>,
 ) -> Result<Vec<String>, DatasetError> {
+    use futures::{StreamExt, TryStreamExt};
     let written: std::collections::BTreeSet<&str> =
         run.files.iter().map(|f| f.view.as_str()).collect();
-    let mut merged = Vec::new();
-    for tv in type_views(keys) {
-        let touched = written.contains(tv.base.0.as_str()) || (run.deleted > 0);
-        if !touched {
-            continue;
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match update_type(location, run, &tv).await {
-                Ok(tables) => {
-                    merged.extend(tables);
-                    break;
-                }
-                Err(DatasetError::Delta { source, table })
-                    if is_conflict(&source) && attempt < MAX_COMMIT_ATTEMPTS =>
-                {
-                    tracing::debug!(%table, attempt, error = %source, "current-state merge lost a race; recomputing");
-                }
-                Err(e) => return Err(e),
+    let types: Vec<TypeViews> = type_views(keys)
+        .into_iter()
+        .filter(|tv| written.contains(tv.base.0.as_str()) || run.deleted > 0)
+        .collect();
+    // Resource types are independent: their merges run side by side, one per core.
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let merged: Vec<Vec<String>> = futures::stream::iter(types)
+        .map(|tv| async move { update_type_retrying(location, run, &tv).await })
+        .buffer_unordered(parallel)
+        .try_collect()
+        .await?;
+    let mut merged: Vec<String> = merged.into_iter().flatten().collect();
+    merged.sort();
+    Ok(merged)
+}
+
+/// [`update_type`], recomputed from the winner's state when a merge lost a race.
+async fn update_type_retrying(
+    location: &DatasetLocation,
+    run: &RunManifest,
+    tv: &TypeViews,
+) -> Result<Vec<String>, DatasetError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match update_type(location, run, tv).await {
+            Ok(tables) => return Ok(tables),
+            Err(DatasetError::Delta { source, table })
+                if is_conflict(&source) && attempt < MAX_COMMIT_ATTEMPTS =>
+            {
+                tracing::debug!(%table, attempt, error = %source, "current-state merge lost a race; recomputing");
             }
+            Err(e) => return Err(e),
         }
     }
-    Ok(merged)
 }
 
 /// A session reading the dataset's Delta tables.
@@ -506,10 +518,19 @@ async fn merge_into(
             table: table.to_string(),
             source,
         })?;
-    let (merged, _) = merge.await.map_err(|source| DatasetError::Delta {
+    let t0 = std::time::Instant::now();
+    let (merged, metrics) = merge.await.map_err(|source| DatasetError::Delta {
         table: table.to_string(),
         source,
     })?;
+    tracing::debug!(
+        table,
+        seconds = t0.elapsed().as_secs_f32(),
+        inserted = metrics.num_target_rows_inserted,
+        deleted = metrics.num_target_rows_deleted,
+        copied = metrics.num_target_rows_copied,
+        "merged"
+    );
     if let Some(v) = merged.version() {
         let needle = format!("\"{COMMIT_RUN_KEY}\":{}", serde_json::json!(run.run_id));
         if !verify_commit(location, table, v, &needle).await? {

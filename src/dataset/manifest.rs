@@ -201,7 +201,15 @@ impl RunManifest {
     /// the run, so a resumed or retried publish adds nothing twice), then the current-state
     /// tables merged, then the run record (which says which tables are committed).
     pub async fn publish(&mut self, loc: &DatasetLocation) -> Result<(), DatasetError> {
+        let t0 = std::time::Instant::now();
         self.committed = super::delta::commit_run(loc, self).await?;
+        tracing::info!(
+            run = %self.run_id,
+            tables = self.committed.len(),
+            seconds = t0.elapsed().as_secs_f32(),
+            "committed the run's rows to the history tables"
+        );
+        let t1 = std::time::Instant::now();
         let mut keys = BTreeMap::new();
         if self.deleted > 0 {
             // Tombstones can remove resources of types this run wrote no row of.
@@ -211,6 +219,12 @@ impl RunManifest {
         }
         keys.extend(self.view_keys.clone());
         self.current = super::current::update_current(loc, self, &keys).await?;
+        tracing::info!(
+            run = %self.run_id,
+            tables = self.current.len(),
+            seconds = t1.elapsed().as_secs_f32(),
+            "merged the run into the current-state tables"
+        );
         self.published =
             Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         self.write_record(loc).await
