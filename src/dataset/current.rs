@@ -22,22 +22,35 @@
 //! table is read after the view's snapshot is taken, so the last writer of every table sees the
 //! final versions.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use datafusion::{
-    arrow::datatypes::{DataType, Field, Schema},
+    arrow::{
+        array::{AsArray, BooleanArray},
+        compute,
+        datatypes::{DataType, Int64Type},
+        record_batch::RecordBatch,
+    },
     catalog::TableProvider,
-    common::ScalarValue,
     error::DataFusionError,
-    prelude::{DataFrame, SessionContext, col, lit},
+    prelude::SessionContext,
 };
 use deltalake::{
     DeltaTable, DeltaTableError,
-    kernel::{Transaction, transaction::CommitProperties},
+    kernel::{
+        Action, Transaction,
+        transaction::{CommitBuilder, CommitProperties},
+    },
+    protocol::{DeltaOperation, SaveMode},
 };
 
+use futures::StreamExt;
+
 use super::{
-    DELETED_TABLE, DatasetError, DatasetLocation, RunManifest, ViewKey,
+    DELETED_TABLE, DatasetError, DatasetLocation, RunIds, RunManifest, ViewKey,
     delta::{
         COMMIT_RUN_KEY, MAX_COMMIT_ATTEMPTS, commit_info, create_table_with, is_conflict,
         verify_commit,
@@ -48,8 +61,6 @@ use super::{
 pub const LATEST_SUFFIX: &str = "_latest";
 /// App id of the `txn` action every current-state merge carries.
 pub const CURRENT_APP_ID: &str = "flatfhir.current";
-/// Column of a merge's source holding the key of a target row to delete (null on rows to insert).
-const MERGE_KEY: &str = "__flatfhir_merge_key";
 
 /// Errors of the current-state maintenance, attributed to a table.
 fn df_err(table: &str) -> impl Fn(DataFusionError) -> DatasetError + '_ {
@@ -295,107 +306,72 @@ async fn update_type(
     if n_wins + n_deletes == 0 {
         return Ok(Vec::new());
     }
-    ctx.register_batch("wins", concat(&wins).map_err(&err)?)
-        .map_err(&err)?;
-    ctx.register_batch("dels", concat(&deletes).map_err(&err)?)
-        .map_err(&err)?;
-    let mut merged = Vec::new();
-
-    // 1. The base view.
-    let inserts = ctx
+    let wins = key_set(&wins);
+    let deletes = key_set(&deletes);
+    let run_keys = ctx
         .sql(&format!(
-            "SELECT h.* FROM hist_b h JOIN wins w ON h.{id} = w.k WHERE h.export = {e}"
+            "SELECT count(DISTINCT {id}) FROM hist_b WHERE export = {e} AND {id} IS NOT NULL"
         ))
         .await
-        .map_err(&err)?;
-    let keys = ctx
-        .sql("SELECT k FROM wins UNION ALL SELECT k FROM dels")
+        .map_err(&err)?
+        .collect()
         .await
         .map_err(&err)?;
-    let id_name = base_key.id_column.clone().expect("checked");
-    merge_into(
-        location, &ctx, cur_b, &latest_b, &id_name, inserts, keys, run,
+    let run_keys = run_keys
+        .first()
+        .and_then(|b| {
+            b.column(0)
+                .as_primitive_opt::<Int64Type>()
+                .map(|a| a.value(0))
+        })
+        .unwrap_or(0) as usize;
+    let hist_b = location.open_table(base).await?.expect("registered above");
+    let mut merged = Vec::new();
+
+    // 1. The base view: this run's rows of the keys it won (all of its files when it won every
+    //    key); out go the rows of those keys and of the keys it deleted.
+    let all = wins.len() == run_keys;
+    let mut remove = wins.clone();
+    remove.extend(deletes.iter().cloned());
+    let inserts = vec![(run.export.clone(), (!all).then(|| wins.clone()))];
+    let id_name = base_key.id_column.as_deref().expect("checked");
+    apply(
+        location, cur_b, &latest_b, id_name, &hist_b, base, &remove, &inserts, run,
     )
     .await?;
     merged.push(latest_b.clone());
 
     // 2. The other views, from the base table as it now is.
+    let mut touched = wins;
+    touched.extend(deletes);
     for (view, key) in &tv.others {
         let latest_v = format!("{view}{LATEST_SUFFIX}");
-        let vctx = session();
-        let verr = df_err(view);
-        if register(&vctx, location, view, "hist_v").await?.is_none() {
+        let Some(hist_v) = location.open_table(view).await? else {
             continue;
-        }
-        let cur_v = match register(&vctx, location, &latest_v, "cur_v").await? {
+        };
+        let cur_v = match location.open_table(&latest_v).await? {
             Some(t) => t,
             None => create_latest(location, view, &latest_v).await?,
         };
         // Read after the view's snapshot was taken (see the module docs).
-        register(&vctx, location, &latest_b, "cur_b").await?;
-        vctx.register_batch("wins", concat(&wins).map_err(&verr)?)
-            .map_err(&verr)?;
-        vctx.register_batch("dels", concat(&deletes).map_err(&verr)?)
-            .map_err(&verr)?;
-        let touched = "SELECT k FROM wins UNION SELECT k FROM dels";
-        let versions = vctx
-            .sql(&format!(
-                "SELECT c.{id} AS k, max(c.export) AS export FROM cur_b c \
-                 JOIN ({touched}) t ON t.k = c.{id} GROUP BY c.{id}"
-            ))
-            .await
-            .map_err(&verr)?
-            .collect()
-            .await
-            .map_err(&verr)?;
-        let exports: std::collections::BTreeSet<String> = versions
-            .iter()
-            .flat_map(|b| {
-                let a = b
-                    .column_by_name("export")
-                    .map(|c| datafusion::arrow::compute::cast(c, &DataType::Utf8))
-                    .and_then(Result::ok);
-                a.map(|a| {
-                    use datafusion::arrow::array::AsArray;
-                    a.as_string::<i32>()
-                        .iter()
-                        .flatten()
-                        .map(str::to_string)
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
+        let versions = current_versions(location, &latest_b, id_name, &touched).await?;
+        let mut by_export: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+        for (k, x) in versions {
+            by_export.entry(x).or_default().insert(k);
+        }
+        let inserts: Vec<(String, Option<HashSet<String>>)> = by_export
+            .into_iter()
+            .map(|(x, keys)| {
+                let whole = x == run.export && keys.len() == run_keys;
+                (x, (!whole).then_some(keys))
             })
             .collect();
-        vctx.register_batch("versions", concat(&versions).map_err(&verr)?)
-            .map_err(&verr)?;
-        let vid = quote(
-            key.id_column
-                .as_deref()
-                .expect("views with an id column only"),
-        );
-        let in_list = if exports.is_empty() {
-            "false".to_string()
-        } else {
-            format!(
-                "h.export IN ({})",
-                exports
-                    .iter()
-                    .map(|x| string_lit(x))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        let inserts = vctx
-            .sql(&format!(
-                "SELECT h.* FROM hist_v h JOIN versions v ON h.{vid} = v.k AND h.export = v.export \
-                 WHERE {in_list}"
-            ))
-            .await
-            .map_err(&verr)?;
-        let keys = vctx.sql(touched).await.map_err(&verr)?;
-        let vid_name = key.id_column.clone().expect("checked");
-        merge_into(
-            location, &vctx, cur_v, &latest_v, &vid_name, inserts, keys, run,
+        let vid = key
+            .id_column
+            .as_deref()
+            .expect("views with an id column only");
+        apply(
+            location, cur_v, &latest_v, vid, &hist_v, view, &touched, &inserts, run,
         )
         .await?;
         merged.push(latest_v);
@@ -403,19 +379,352 @@ async fn update_type(
     Ok(merged)
 }
 
-/// One record batch of `batches` (an empty one of a one-column key schema when there are none).
-fn concat(
-    batches: &[datafusion::arrow::record_batch::RecordBatch],
-) -> Result<datafusion::arrow::record_batch::RecordBatch, DataFusionError> {
-    match batches.first() {
-        Some(b) => Ok(datafusion::arrow::compute::concat_batches(
-            &b.schema(),
-            batches,
-        )?),
-        None => Ok(datafusion::arrow::record_batch::RecordBatch::new_empty(
-            Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, true)])),
-        )),
+/// The strings of the first column of `batches`.
+fn key_set(batches: &[RecordBatch]) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for b in batches {
+        let Ok(c) = compute::cast(b.column(0), &DataType::Utf8) else {
+            continue;
+        };
+        out.extend(c.as_string::<i32>().iter().flatten().map(str::to_string));
     }
+    out
+}
+
+/// For the keys in `keys`, the run (`export`) whose version the current table `table` holds.
+async fn current_versions(
+    location: &DatasetLocation,
+    table: &str,
+    id: &str,
+    keys: &HashSet<String>,
+) -> Result<Vec<(String, String)>, DatasetError> {
+    let Some(t) = location.open_table(table).await? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for f in live_files(&t, table)? {
+        let Some(export) = f.export.clone() else {
+            continue;
+        };
+        let ids = read_column(location, table, &f.path, id).await?;
+        out.extend(
+            ids.into_iter()
+                .filter(|k| keys.contains(k))
+                .map(|k| (k, export.clone())),
+        );
+    }
+    Ok(out)
+}
+
+/// An active file of a table.
+struct LiveFile {
+    /// Path relative to the table.
+    path: String,
+    /// Its `export` partition value.
+    export: Option<String>,
+    remove: deltalake::kernel::Remove,
+    add: deltalake::kernel::Add,
+}
+
+/// The active files of a loaded table.
+fn live_files(t: &DeltaTable, table: &str) -> Result<Vec<LiveFile>, DatasetError> {
+    let snapshot = t.snapshot().map_err(|source| DatasetError::Delta {
+        table: table.to_string(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for f in snapshot.log_data() {
+        #[allow(deprecated)]
+        let add = f.add_action();
+        out.push(LiveFile {
+            path: f.path().to_string(),
+            export: f
+                .partition_values_map()
+                .remove(super::PARTITION_COLUMN)
+                .flatten(),
+            remove: f.remove_action(true),
+            add,
+        });
+    }
+    Ok(out)
+}
+
+/// The id range of a file from its stats, for `id`.
+fn with_id_range(f: &LiveFile, id: &str) -> Option<(String, String)> {
+    let s: serde_json::Value = serde_json::from_str(f.add.stats.as_deref()?).ok()?;
+    let lo = s["minValues"][id].as_str()?.to_string();
+    let hi = s["maxValues"][id].as_str()?.to_string();
+    Some((lo, hi))
+}
+
+/// The values of column `column` of a table's file, as strings.
+async fn read_column(
+    location: &DatasetLocation,
+    table: &str,
+    path: &str,
+    column: &str,
+) -> Result<Vec<String>, DatasetError> {
+    let mut out = Vec::new();
+    let mut stream = open_file(location, table, path, Some(column)).await?;
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(|source| DatasetError::Parquet {
+            path: format!("{table}/{path}"),
+            source,
+        })?;
+        out.extend(key_set(&[b]));
+    }
+    Ok(out)
+}
+
+/// A stream of a table file's record batches (all columns, or one).
+#[allow(deprecated)] // ParquetObjectReader: its replacement is not in this parquet release yet
+async fn open_file(
+    location: &DatasetLocation,
+    table: &str,
+    path: &str,
+    column: Option<&str>,
+) -> Result<
+    parquet::arrow::async_reader::ParquetRecordBatchStream<
+        parquet::arrow::async_reader::ParquetObjectReader,
+    >,
+    DatasetError,
+> {
+    let full = format!("{table}/{path}");
+    let pq = |source| DatasetError::Parquet {
+        path: full.clone(),
+        source,
+    };
+    #[allow(deprecated)]
+    let reader = parquet::arrow::async_reader::ParquetObjectReader::new(
+        location.store.clone(),
+        location.child(&full),
+    );
+    let mut builder = parquet::arrow::ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(pq)?
+        .with_batch_size(8192);
+    if let Some(c) = column {
+        let Some(i) = builder.schema().fields().iter().position(|f| f.name() == c) else {
+            return Err(pq(parquet::errors::ParquetError::General(format!(
+                "no column {c}"
+            ))));
+        };
+        let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), [i]);
+        builder = builder.with_projection(mask);
+    }
+    builder.build().map_err(pq)
+}
+
+/// Bring current table `table` (loaded as `target`) to its new state in one commit: the rows
+/// whose `id` is in `remove` go (files holding none stay untouched, files holding only such
+/// rows are dropped, others rewritten without them); `inserts` come from the history table
+/// `hist_name` (loaded as `hist`): per run partition, the rows of some keys, or all of its files,
+/// copied as they are. The commit carries [`CURRENT_APP_ID`].
+#[allow(clippy::too_many_arguments)]
+async fn apply(
+    location: &DatasetLocation,
+    target: DeltaTable,
+    table: &str,
+    id: &str,
+    hist: &DeltaTable,
+    hist_name: &str,
+    remove: &HashSet<String>,
+    inserts: &[(String, Option<HashSet<String>>)],
+    run: &RunManifest,
+) -> Result<(), DatasetError> {
+    let derr = |source| DatasetError::Delta {
+        table: table.to_string(),
+        source,
+    };
+    let sorted: std::collections::BTreeSet<&str> = remove.iter().map(String::as_str).collect();
+    let tag = format!("{}-{}", RunIds::new().tag(), run.export.len());
+    let mut actions = Vec::new();
+    let mut seq = 0usize;
+    // Out: rows of removed keys.
+    for f in live_files(&target, table)? {
+        if let Some((lo, hi)) = with_id_range(&f, id)
+            && sorted.range(lo.as_str()..=hi.as_str()).next().is_none()
+        {
+            continue; // no removed key can be in this file
+        }
+        let ids = read_column(location, table, &f.path, id).await?;
+        let hits = ids.iter().filter(|k| remove.contains(*k)).count();
+        if hits == 0 {
+            continue;
+        }
+        actions.push(Action::Remove(f.remove.clone()));
+        if hits < ids.len() {
+            let keep = |k: &str| !remove.contains(k);
+            if let Some(add) = rewrite(
+                location, table, table, &f.path, &f.export, id, &keep, &tag, &mut seq,
+            )
+            .await?
+            {
+                actions.push(Action::Add(add));
+            }
+        }
+    }
+    // In: this run's (or the winning runs') rows.
+    for (export, keys) in inserts {
+        for f in live_files(hist, hist_name)?
+            .into_iter()
+            .filter(|f| f.export.as_deref() == Some(export.as_str()))
+        {
+            match keys {
+                None => actions.push(Action::Add(copy(location, hist_name, table, &f).await?)),
+                Some(keys) => {
+                    let keep = |k: &str| keys.contains(k);
+                    if let Some(add) = rewrite(
+                        location, hist_name, table, &f.path, &f.export, id, &keep, &tag, &mut seq,
+                    )
+                    .await?
+                    {
+                        actions.push(Action::Add(add));
+                    }
+                }
+            }
+        }
+    }
+    if actions.is_empty() {
+        return Ok(());
+    }
+    let version = target.version().map_or(0, |v| v as i64 + 1);
+    let props = CommitProperties::default()
+        .with_metadata(commit_info(run))
+        .with_application_transaction(Transaction::new(CURRENT_APP_ID, version));
+    let op = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: Some(vec![super::PARTITION_COLUMN.to_string()]),
+        predicate: Some(format!("current state after run {}", run.run_id)),
+    };
+    let snapshot = target.snapshot().map_err(derr)?;
+    let done = CommitBuilder::from(props)
+        .with_actions(actions)
+        .build(Some(snapshot), target.log_store(), op)
+        .await
+        .map_err(derr)?;
+    let needle = format!("\"{COMMIT_RUN_KEY}\":{}", serde_json::json!(run.run_id));
+    if !verify_commit(location, table, done.version(), &needle).await? {
+        // Recomputed from the winner's state, like a lost race.
+        return Err(derr(DeltaTableError::VersionAlreadyExists(done.version())));
+    }
+    Ok(())
+}
+
+/// Copy a history file into current table `table`, byte for byte (same partition, same stats).
+async fn copy(
+    location: &DatasetLocation,
+    hist_name: &str,
+    table: &str,
+    f: &LiveFile,
+) -> Result<deltalake::kernel::Add, DatasetError> {
+    use object_store::ObjectStoreExt;
+    let from = location.child(&format!("{hist_name}/{}", f.path));
+    let to_rel = f.path.clone();
+    let to = location.child(&format!("{table}/{to_rel}"));
+    location
+        .store
+        .copy(&from, &to)
+        .await
+        .map_err(|source| DatasetError::Store {
+            path: format!("{table}/{to_rel}"),
+            source,
+        })?;
+    let mut add = f.add.clone();
+    add.path = to_rel;
+    add.modification_time = chrono::Utc::now().timestamp_millis();
+    add.data_change = true;
+    Ok(add)
+}
+
+/// Write the rows of file `path` of table `from` whose `id` passes `keep` into a new file of
+/// table `to` (same partition); `None` when no row passes.
+#[allow(clippy::too_many_arguments)]
+async fn rewrite(
+    location: &DatasetLocation,
+    from: &str,
+    to: &str,
+    path: &str,
+    export: &Option<String>,
+    id: &str,
+    keep: &dyn Fn(&str) -> bool,
+    tag: &str,
+    seq: &mut usize,
+) -> Result<Option<deltalake::kernel::Add>, DatasetError> {
+    let dir = export
+        .as_ref()
+        .map(|x| format!("{}={x}/", super::PARTITION_COLUMN))
+        .unwrap_or_default();
+    let rel = format!("{dir}part-{:05}-{tag}.parquet", *seq);
+    *seq += 1;
+    let full = format!("{to}/{rel}");
+    let pq = |source| DatasetError::Parquet {
+        path: full.clone(),
+        source,
+    };
+    let mut stream = open_file(location, from, path, None).await?;
+    let schema = stream.schema().clone();
+    let Some(idx) = schema.fields().iter().position(|f| f.name() == id) else {
+        return Ok(None);
+    };
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .set_created_by(format!("flatfhir {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    // Opened at the first kept row, so that a file with none writes nothing.
+    let mut writer = None;
+    let mut rows = 0usize;
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(pq)?;
+        let ids = compute::cast(b.column(idx), &DataType::Utf8).map_err(|e| pq(e.into()))?;
+        let mask: BooleanArray = ids
+            .as_string::<i32>()
+            .iter()
+            .map(|k| Some(k.is_some_and(keep)))
+            .collect();
+        let kept = compute::filter_record_batch(&b, &mask).map_err(|e| pq(e.into()))?;
+        if kept.num_rows() > 0 {
+            rows += kept.num_rows();
+            if writer.is_none() {
+                let sink = object_store::buffered::BufWriter::new(
+                    location.store.clone(),
+                    location.child(&full),
+                );
+                writer = Some(
+                    parquet::arrow::AsyncArrowWriter::try_new(
+                        sink,
+                        schema.clone(),
+                        Some(props.clone()),
+                    )
+                    .map_err(pq)?,
+                );
+            }
+            if let Some(w) = writer.as_mut() {
+                w.write(&kept).await.map_err(pq)?;
+            }
+        }
+    }
+    let Some(mut writer) = writer.filter(|_| rows > 0) else {
+        return Ok(None);
+    };
+    let meta = writer.finish().await.map_err(pq)?;
+    let size = writer.bytes_written() as i64;
+    Ok(Some(deltalake::kernel::Add {
+        path: rel,
+        partition_values: export
+            .iter()
+            .map(|x| (super::PARTITION_COLUMN.to_string(), Some(x.clone())))
+            .collect(),
+        size,
+        modification_time: chrono::Utc::now().timestamp_millis(),
+        data_change: true,
+        stats: Some(super::delta::file_stats(&meta, &schema)),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+        clustering_provider: None,
+    }))
 }
 
 /// Create the current table of `view` with the history table's schema (`export` a plain column).
@@ -435,113 +744,7 @@ async fn create_latest(
         table: view.to_string(),
         source,
     })?;
-    create_table_with(location, latest, &snapshot.schema(), false).await
-}
-
-/// MERGE into `target` (table `table`): delete every row whose `id` is one of `keys`, then insert
-/// `inserts` — in one commit carrying [`CURRENT_APP_ID`]. The source is the union of the rows to
-/// insert (merge key null: never matched) and the keys to delete (every other column null).
-#[allow(clippy::too_many_arguments)]
-async fn merge_into(
-    location: &DatasetLocation,
-    ctx: &SessionContext,
-    target: DeltaTable,
-    table: &str,
-    id: &str,
-    inserts: DataFrame,
-    keys: DataFrame,
-    run: &RunManifest,
-) -> Result<(), DatasetError> {
-    let err = df_err(table);
-    let schema = inserts.schema().as_arrow().clone();
-    let columns: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    let inserts = inserts
-        .with_column(MERGE_KEY, lit(ScalarValue::Utf8(None)))
-        .map_err(&err)?;
-    let mut null_row = Vec::with_capacity(columns.len() + 1);
-    for f in schema.fields() {
-        let null = ScalarValue::try_from(f.data_type()).map_err(&err)?;
-        null_row.push(lit(null).alias(f.name()));
-    }
-    null_row
-        .push(datafusion::functions::expr_fn::arrow_cast(col("k"), lit("Utf8")).alias(MERGE_KEY));
-    let deletes = keys.select(null_row).map_err(&err)?;
-    let source = inserts.union(deletes).map_err(&err)?;
-    let version = target.version().map_or(0, |v| v as i64 + 1);
-    let props = CommitProperties::default()
-        .with_metadata(commit_info(run))
-        .with_application_transaction(Transaction::new(CURRENT_APP_ID, version));
-    let predicate = datafusion::prelude::Expr::Column(datafusion::common::Column::new(
-        Some("target"),
-        id,
-    ))
-    .eq(datafusion::prelude::Expr::Column(
-        datafusion::common::Column::new(Some("source"), MERGE_KEY),
-    ));
-    target
-        .update_datafusion_session(&ctx.state())
-        .map_err(|source| DatasetError::Delta {
-            table: table.to_string(),
-            source,
-        })?;
-    let merge = target
-        .merge(source, predicate)
-        .with_session_state(Arc::new(ctx.state()))
-        .with_source_alias("source")
-        .with_target_alias("target")
-        .with_commit_properties(props)
-        .when_matched_delete(|d| d)
-        .map_err(|source| DatasetError::Delta {
-            table: table.to_string(),
-            source,
-        })?
-        .when_not_matched_insert(|mut i| {
-            i = i.predicate(
-                datafusion::prelude::Expr::Column(datafusion::common::Column::new(
-                    Some("source"),
-                    MERGE_KEY,
-                ))
-                .is_null(),
-            );
-            for c in &columns {
-                i = i.set(
-                    c.as_str(),
-                    datafusion::prelude::Expr::Column(datafusion::common::Column::new(
-                        Some("source"),
-                        c.as_str(),
-                    )),
-                );
-            }
-            i
-        })
-        .map_err(|source| DatasetError::Delta {
-            table: table.to_string(),
-            source,
-        })?;
-    let t0 = std::time::Instant::now();
-    let (merged, metrics) = merge.await.map_err(|source| DatasetError::Delta {
-        table: table.to_string(),
-        source,
-    })?;
-    tracing::debug!(
-        table,
-        seconds = t0.elapsed().as_secs_f32(),
-        inserted = metrics.num_target_rows_inserted,
-        deleted = metrics.num_target_rows_deleted,
-        copied = metrics.num_target_rows_copied,
-        "merged"
-    );
-    if let Some(v) = merged.version() {
-        let needle = format!("\"{COMMIT_RUN_KEY}\":{}", serde_json::json!(run.run_id));
-        if !verify_commit(location, table, v, &needle).await? {
-            // Recomputed from the winner's state, like a lost race.
-            return Err(DatasetError::Delta {
-                table: table.to_string(),
-                source: DeltaTableError::VersionAlreadyExists(v),
-            });
-        }
-    }
-    Ok(())
+    create_table_with(location, latest, &snapshot.schema(), true).await
 }
 
 #[cfg(test)]
