@@ -276,7 +276,7 @@ async fn update_type(
          LEFT JOIN ({cur}) c ON c.k = r.k LEFT JOIN ({tombs}) t ON t.id = r.k \
          WHERE (t.d IS NULL OR t.d < {e}) AND (c.k IS NULL \
            OR (r.lu IS NOT NULL AND (c.lu IS NULL OR r.lu > c.lu)) \
-           OR ((r.lu = c.lu OR (r.lu IS NULL AND c.lu IS NULL)) AND {e} >= c.export))"
+           OR ((r.lu = c.lu OR (r.lu IS NULL AND c.lu IS NULL)) AND {e} > c.export))"
     );
     // Keys this run deleted whose current version is not newer than the tombstone.
     let deletes = if has_tombs {
@@ -540,8 +540,10 @@ async fn apply(
     let tag = format!("{}-{}", RunIds::new().tag(), run.export.len());
     let mut actions = Vec::new();
     let mut seq = 0usize;
+    let live = live_files(&target, table)?;
+    let active: HashSet<&str> = live.iter().map(|f| f.path.as_str()).collect();
     // Out: rows of removed keys.
-    for f in live_files(&target, table)? {
+    for f in &live {
         if let Some((lo, hi)) = with_id_range(&f, id)
             && sorted.range(lo.as_str()..=hi.as_str()).next().is_none()
         {
@@ -571,6 +573,10 @@ async fn apply(
             .filter(|f| f.export.as_deref() == Some(export.as_str()))
         {
             match keys {
+                // Already there (a recomputed update): the file stays, neither removed nor copied.
+                None if active.contains(f.path.as_str()) => {
+                    actions.retain(|a| !matches!(a, Action::Remove(r) if r.path == f.path))
+                }
                 None => actions.push(Action::Add(copy(location, hist_name, table, &f).await?)),
                 Some(keys) => {
                     let keep = |k: &str| keys.contains(k);
@@ -595,7 +601,9 @@ async fn apply(
     let op = DeltaOperation::Write {
         mode: SaveMode::Append,
         partition_by: Some(vec![super::PARTITION_COLUMN.to_string()]),
-        predicate: Some(format!("current state after run {}", run.run_id)),
+        // No read predicate (one would be parsed as SQL by the conflict checker): conflicts
+        // between current-state commits are caught by their common `txn` app id.
+        predicate: None,
     };
     let snapshot = target.snapshot().map_err(derr)?;
     let done = CommitBuilder::from(props)
