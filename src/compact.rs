@@ -94,7 +94,7 @@ pub async fn compact(location: &DatasetLocation, opts: &CompactOptions) -> Resul
     {
         let err = |source| DatasetError::Delta {
             table: name.clone(),
-            source,
+            source: Box::new(source),
         };
         let Some(table) = location.open_table(name).await? else {
             continue;

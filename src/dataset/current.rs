@@ -66,7 +66,7 @@ pub const CURRENT_APP_ID: &str = "flatfhir.current";
 fn df_err(table: &str) -> impl Fn(DataFusionError) -> DatasetError + '_ {
     move |e| DatasetError::Delta {
         table: table.to_string(),
-        source: DeltaTableError::from(e),
+        source: Box::new(DeltaTableError::from(e)),
     }
 }
 
@@ -190,7 +190,7 @@ async fn register(
     t.update_datafusion_session(&ctx.state())
         .map_err(|source| DatasetError::Delta {
             table: table.to_string(),
-            source,
+            source: Box::new(source),
         })?;
     ctx.register_table(name, provider).map_err(df_err(table))?;
     Ok(Some(t))
@@ -200,7 +200,7 @@ async fn register(
 pub async fn provider(t: &DeltaTable, table: &str) -> Result<Arc<dyn TableProvider>, DatasetError> {
     t.table_provider().await.map_err(|e| DatasetError::Delta {
         table: table.to_string(),
-        source: e.into(),
+        source: Box::new(e.into()),
     })
 }
 
@@ -430,7 +430,7 @@ struct LiveFile {
 fn live_files(t: &DeltaTable, table: &str) -> Result<Vec<LiveFile>, DatasetError> {
     let snapshot = t.snapshot().map_err(|source| DatasetError::Delta {
         table: table.to_string(),
-        source,
+        source: Box::new(source),
     })?;
     let mut out = Vec::new();
     for f in snapshot.log_data() {
@@ -534,7 +534,7 @@ async fn apply(
 ) -> Result<(), DatasetError> {
     let derr = |source| DatasetError::Delta {
         table: table.to_string(),
-        source,
+        source: Box::new(source),
     };
     let sorted: std::collections::BTreeSet<&str> = remove.iter().map(String::as_str).collect();
     let tag = format!("{}-{}", RunIds::new().tag(), run.export.len());
@@ -544,7 +544,7 @@ async fn apply(
     let active: HashSet<&str> = live.iter().map(|f| f.path.as_str()).collect();
     // Out: rows of removed keys.
     for f in &live {
-        if let Some((lo, hi)) = with_id_range(&f, id)
+        if let Some((lo, hi)) = with_id_range(f, id)
             && sorted.range(lo.as_str()..=hi.as_str()).next().is_none()
         {
             continue; // no removed key can be in this file
@@ -750,7 +750,7 @@ async fn create_latest(
         })?;
     let snapshot = hist.snapshot().map_err(|source| DatasetError::Delta {
         table: view.to_string(),
-        source,
+        source: Box::new(source),
     })?;
     create_table_with(location, latest, &snapshot.schema(), true).await
 }

@@ -79,7 +79,7 @@ impl DatasetLocation {
         let builder =
             DeltaTableBuilder::from_url(url.clone()).map_err(|source| DatasetError::Delta {
                 table: table.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(match url.scheme() {
             // delta-rs builds its own local store (rooted at `/`, with atomic create-if-absent).
@@ -114,7 +114,7 @@ impl DatasetLocation {
             Err(DeltaTableError::NotATable(_)) => Ok(None),
             Err(source) => Err(DatasetError::Delta {
                 table: table.to_string(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -145,7 +145,7 @@ impl DatasetLocation {
 fn delta_err(table: &str) -> impl Fn(DeltaTableError) -> DatasetError + '_ {
     move |source| DatasetError::Delta {
         table: table.to_string(),
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -599,6 +599,14 @@ async fn footer_stats(location: &DatasetLocation, path: &str) -> Result<String, 
     Ok(file_stats(&meta, &arrow_schema(&meta, path)?))
 }
 
+/// `name type, …` of a Delta schema, for messages.
+fn column_list(s: &StructType) -> String {
+    s.fields()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -658,12 +666,4 @@ mod tests {
         assert!(stats["maxValues"].get("long").is_none());
         assert_eq!(stats["nullCount"]["long"], json!(0));
     }
-}
-
-/// `name type, …` of a Delta schema, for messages.
-fn column_list(s: &StructType) -> String {
-    s.fields()
-        .map(|f| format!("{} {}", f.name(), f.data_type()))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -91,7 +91,7 @@ pub async fn migrate(location: &DatasetLocation) -> Result<Migrated, DatasetErro
         if let Some(t) = location.open_table(table).await? {
             let snapshot = t.snapshot().map_err(|source| DatasetError::Delta {
                 table: table.clone(),
-                source,
+                source: Box::new(source),
             })?;
             rows.1 = snapshot
                 .log_data()

@@ -92,7 +92,7 @@ pub enum DatasetError {
         table: String,
         /// The cause.
         #[source]
-        source: deltalake::DeltaTableError,
+        source: Box<deltalake::DeltaTableError>,
     },
     /// A run's files do not have the columns of the table they would be committed to (the view
     /// changed since the table was created).

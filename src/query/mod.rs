@@ -153,7 +153,7 @@ impl Dataset {
                 Err(source) => {
                     return Err(DatasetError::Delta {
                         table: name,
-                        source,
+                        source: Box::new(source),
                     }
                     .into());
                 }
@@ -163,7 +163,7 @@ impl Dataset {
                 .update_datafusion_session(&ctx.state())
                 .map_err(|source| DatasetError::Delta {
                     table: name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             ctx.register_table(name.as_str(), provider(&table, &name).await?)?;
             tables.push(TableInfo {
