@@ -9,7 +9,8 @@
 //!     └──────────────► run::Driver ◄───────────────────────────────┘
 //!                        │  decode threads: flatten::Decoder (view: compiled ViewDefinitions)
 //!                        ▼  one bounded stream of view batches
-//!                      sink::DatasetWriter (Parquet parts) ──► dataset (commit protocol)
+//!                      sink::DatasetWriter (Parquet parts) ──► dataset (Delta Lake commits,
+//!                                                                 │  current-state tables)
 //!                                                                 │
 //!                                                   query::Dataset (DataFusion SQL)
 //! ```
@@ -20,13 +21,14 @@
 //! * [`flatten`] — a push decoder: ndjson bytes in, one `RecordBatch` stream per view out; bad
 //!   lines become [`flatten::Reject`] records, never panics or silent drops.
 //! * [`sink`] — view batches into Parquet parts, with bounded memory.
-//! * [`dataset`] — the lake: layout, run ids, run and job records, staging and commit; every
-//!   command that reads or writes a dataset goes through it.
+//! * [`dataset`] — the lake: every table a Delta Lake table (delta-rs); layout, run ids, one
+//!   commit per table per run, the current-state tables, run and job records; every command that
+//!   reads or writes a dataset goes through it.
 //! * [`run`] — the one driver (input → decode → write) and the commands composed of it:
 //!   [`run::convert`], [`run::export`], [`run::view`].
-//! * [`query`] — a DataFusion `SessionContext` over a dataset, one table per view, plus
-//!   current-state views.
-//! * [`compact`] — rewrites many small files into fewer large ones, atomically for `query`.
+//! * [`query`] — a DataFusion `SessionContext` over a dataset's Delta tables (history and
+//!   current state), with time travel.
+//! * [`compact`] — Delta OPTIMIZE and VACUUM.
 //! * `serve` (cargo feature `serve`, on by default) — a Bulk Data server over a folder of
 //!   ndjson, with injectable faults (tests, demos, other clients); [`sample`] is the bundled
 //!   sample it serves in `flatfhir demo`.

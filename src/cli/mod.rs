@@ -30,7 +30,7 @@ use clap::{Parser, Subcommand};
 
 use flatfhir::dataset::RunManifest;
 
-/// flatfhir — FHIR Bulk Data (ndjson) → SQL-on-FHIR views → Hive-partitioned Parquet → SQL.
+/// flatfhir — FHIR Bulk Data (ndjson) → SQL-on-FHIR views → Delta Lake tables → SQL.
 #[derive(Debug, Parser)]
 #[command(name = "flatfhir", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
