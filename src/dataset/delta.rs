@@ -46,6 +46,11 @@ use super::{DatasetError, DatasetLocation, PARTITION_COLUMN, RunManifest, Writte
 
 /// Key of the `commitInfo` entry that names the run (and of the `txn` app ids).
 pub const COMMIT_RUN_KEY: &str = "flatfhir.run";
+/// Commits between two checkpoints of a table (`delta.checkpointInterval`). Opening a table
+/// reads its newest checkpoint and the commits after it, and `query` opens every table: with
+/// one commit per run, a checkpoint every 10 runs keeps opening a dataset flat as runs
+/// accumulate (Delta's default, 100, let it grow ~10× over the first 100 runs).
+pub const CHECKPOINT_INTERVAL: u64 = 10;
 /// Fault injection (tests): the process aborts after this many of a run's table commits.
 pub const ABORT_AFTER_COMMITS_ENV: &str = "FLATFHIR_FAULT_ABORT_AFTER_COMMITS";
 /// Attempts at a commit that lost a race to a conflicting one before the run fails.
@@ -371,6 +376,10 @@ pub async fn create_table_with(
         .with_log_store(log_store)
         .with_table_name(table)
         .with_save_mode(SaveMode::Ignore)
+        .with_configuration_property(
+            deltalake::TableProperty::CheckpointInterval,
+            Some(CHECKPOINT_INTERVAL.to_string()),
+        )
         .with_columns(schema.fields().cloned());
     if partitioned {
         create = create.with_partition_columns([PARTITION_COLUMN]);
