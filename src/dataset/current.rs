@@ -241,6 +241,11 @@ async fn update_type(
         Some(t) => t,
         None => create_latest(location, base, &latest_b).await?,
     };
+    // The first run of a type (no current rows, no tombstones): it wins every key, so every
+    // view's current table is its files, copied — nothing to compute.
+    if !has_tombs && live_files(&cur_b, &latest_b)?.is_empty() {
+        return first_run(location, run, tv, cur_b).await;
+    }
     let hist_schema = ctx.table_provider("hist_b").await.map_err(&err)?.schema();
     let lu_col = base_key
         .last_updated_column
@@ -375,6 +380,53 @@ async fn update_type(
         )
         .await?;
         merged.push(latest_v);
+    }
+    Ok(merged)
+}
+
+/// [`update_type`] for a type whose current tables are empty: every view's current table gets the
+/// run's history files, copied whole (a view whose current table is not empty after all — a
+/// race with another writer — is left to a recomputation, as a conflict).
+async fn first_run(
+    location: &DatasetLocation,
+    run: &RunManifest,
+    tv: &TypeViews,
+    cur_b: DeltaTable,
+) -> Result<Vec<String>, DatasetError> {
+    let none = HashSet::new();
+    let whole = vec![(run.export.clone(), None)];
+    let mut merged = Vec::new();
+    let mut targets = vec![(tv.base.0.clone(), tv.base.1.clone(), Some(cur_b))];
+    targets.extend(tv.others.iter().map(|(v, k)| (v.clone(), k.clone(), None)));
+    for (view, key, target) in targets {
+        let latest = format!("{view}{LATEST_SUFFIX}");
+        let Some(hist) = location.open_table(&view).await? else {
+            continue;
+        };
+        let target = match target {
+            Some(t) => t,
+            None => match location.open_table(&latest).await? {
+                Some(t) => t,
+                None => create_latest(location, &view, &latest).await?,
+            },
+        };
+        if !live_files(&target, &latest)?.is_empty() {
+            return Err(DatasetError::Delta {
+                table: latest,
+                source: Box::new(DeltaTableError::VersionAlreadyExists(
+                    target.version().unwrap_or_default(),
+                )),
+            });
+        }
+        let id = key
+            .id_column
+            .as_deref()
+            .expect("views with an id column only");
+        apply(
+            location, target, &latest, id, &hist, &view, &none, &whole, run,
+        )
+        .await?;
+        merged.push(latest);
     }
     Ok(merged)
 }

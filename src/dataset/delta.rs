@@ -51,6 +51,8 @@ pub const COMMIT_RUN_KEY: &str = "flatfhir.run";
 /// one commit per run, a checkpoint every 10 runs keeps opening a dataset flat as runs
 /// accumulate (Delta's default, 100, let it grow ~10× over the first 100 runs).
 pub const CHECKPOINT_INTERVAL: u64 = 10;
+/// Tables whose commits of one run are in flight at once.
+const COMMIT_CONCURRENCY: usize = 8;
 /// Fault injection (tests): the process aborts after this many of a run's table commits.
 pub const ABORT_AFTER_COMMITS_ENV: &str = "FLATFHIR_FAULT_ABORT_AFTER_COMMITS";
 /// Attempts at a commit that lost a race to a conflicting one before the run fails.
@@ -409,18 +411,25 @@ pub async fn commit_run(
     let abort_after: Option<usize> = std::env::var(ABORT_AFTER_COMMITS_ENV)
         .ok()
         .and_then(|v| v.parse().ok());
-    let mut committed = Committed::new();
-    for (table, files) in by_table {
-        let version = commit_files(location, table, run, &files).await?;
-        committed.insert(table.to_string(), version);
-        if abort_after == Some(committed.len()) {
-            eprintln!(
-                "{ABORT_AFTER_COMMITS_ENV}: aborting after {} commits",
-                committed.len()
-            );
-            std::process::abort();
-        }
-    }
+    // Tables are independent: their commits go out side by side.
+    use futures::{StreamExt, TryStreamExt};
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let committed: Committed = futures::stream::iter(by_table)
+        .map(|(table, files)| {
+            let done = &done;
+            async move {
+                let version = commit_files(location, table, run, &files).await?;
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if abort_after == Some(n) {
+                    eprintln!("{ABORT_AFTER_COMMITS_ENV}: aborting after {n} commits");
+                    std::process::abort();
+                }
+                Ok::<_, DatasetError>((table.to_string(), version))
+            }
+        })
+        .buffer_unordered(COMMIT_CONCURRENCY)
+        .try_collect()
+        .await?;
     Ok(committed)
 }
 

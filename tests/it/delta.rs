@@ -278,7 +278,8 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
     let expected = srv.counts();
     let ds = Dataset::open(&loc).await.unwrap();
     let committed: Vec<String> = ds.tables().iter().map(|t| t.name.clone()).collect();
-    assert_eq!(committed.len(), 3, "{committed:?}");
+    // Commits go out side by side: the abort comes after the 3rd, others may have landed too.
+    assert!(committed.len() >= 3, "{committed:?}");
     for (t, n) in &expected {
         let table = flatfhir::view::snake_case(t);
         if committed.contains(&table) {
@@ -299,6 +300,10 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
     crate::export::assert_exact(&out, &expected).await;
     let runs = RunManifest::list(&loc).await.unwrap();
     assert_eq!(runs.len(), 1);
-    assert!(runs[0].committed.len() > 3, "{:?}", runs[0].committed);
+    assert!(
+        runs[0].committed.len() > committed.len(),
+        "{:?}",
+        runs[0].committed
+    );
     srv.shutdown().await;
 }
