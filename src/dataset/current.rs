@@ -164,8 +164,9 @@ async fn update_type_retrying(
     }
 }
 
-/// A session reading the dataset's Delta tables.
-fn session() -> SessionContext {
+/// A session reading the dataset's Delta tables: strings are read as written (Utf8, not
+/// Utf8View), as other engines read them.
+pub fn session() -> SessionContext {
     let mut config = datafusion::prelude::SessionConfig::new();
     config
         .options_mut()

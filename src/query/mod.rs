@@ -131,14 +131,7 @@ impl Dataset {
                 Some(finished.with_timezone(&chrono::Utc))
             }
         };
-        // Strings are read as written (Utf8, not Utf8View), as other engines read them.
-        let mut config = datafusion::prelude::SessionConfig::new();
-        config
-            .options_mut()
-            .execution
-            .parquet
-            .schema_force_view_types = false;
-        let mut ctx = SessionContext::new_with_config(config);
+        let mut ctx = crate::dataset::current::session();
         datafusion_functions_json::register_all(&mut ctx)?;
         let mut tables = Vec::new();
         for name in names {
