@@ -52,8 +52,8 @@ use futures::StreamExt;
 use super::{
     DELETED_TABLE, DatasetError, DatasetLocation, RunIds, RunManifest, ViewKey,
     delta::{
-        COMMIT_RUN_KEY, MAX_COMMIT_ATTEMPTS, commit_info, create_table_with, is_conflict,
-        verify_commit,
+        COMMIT_RUN_KEY, MAX_COMMIT_ATTEMPTS, commit_holds, commit_info, create_table_holding,
+        create_table_with, is_conflict, verify_commit,
     },
 };
 
@@ -187,14 +187,25 @@ async fn register(
     let Some(t) = location.open_table(table).await? else {
         return Ok(None);
     };
-    let provider = provider(&t, table).await?;
+    register_loaded(ctx, &t, table, name).await?;
+    Ok(Some(t))
+}
+
+/// [`register`] for a table already loaded.
+async fn register_loaded(
+    ctx: &SessionContext,
+    t: &DeltaTable,
+    table: &str,
+    name: &str,
+) -> Result<(), DatasetError> {
+    let provider = provider(t, table).await?;
     t.update_datafusion_session(&ctx.state())
         .map_err(|source| DatasetError::Delta {
             table: table.to_string(),
             source: Box::new(source),
         })?;
     ctx.register_table(name, provider).map_err(df_err(table))?;
-    Ok(Some(t))
+    Ok(())
 }
 
 /// DataFusion's view of a loaded Delta table.
@@ -231,22 +242,30 @@ async fn update_type(
     );
     let ctx = session();
     let err = df_err(base);
-    if register(&ctx, location, base, "hist_b").await?.is_none() {
+    let Some(hist_b) = location.open_table(base).await? else {
         return Ok(Vec::new());
-    }
-    let has_tombs = register(&ctx, location, DELETED_TABLE, "tomb")
-        .await?
-        .is_some();
+    };
+    let has_tombs = location.has_table(DELETED_TABLE).await?;
     let latest_b = format!("{base}{LATEST_SUFFIX}");
-    let cur_b = match register(&ctx, location, &latest_b, "cur_b").await? {
+    let cur_b = location.open_table(&latest_b).await?;
+    // The first run of a type (no current rows, no tombstones): it wins every key, so every
+    // view's current table is its files, copied — nothing to compute.
+    let empty = match &cur_b {
+        Some(t) => live_files(t, &latest_b)?.is_empty(),
+        None => true,
+    };
+    if !has_tombs && empty {
+        return first_run(location, run, tv, hist_b, cur_b).await;
+    }
+    register_loaded(&ctx, &hist_b, base, "hist_b").await?;
+    if has_tombs {
+        register(&ctx, location, DELETED_TABLE, "tomb").await?;
+    }
+    let cur_b = match cur_b {
         Some(t) => t,
         None => create_latest(location, base, &latest_b).await?,
     };
-    // The first run of a type (no current rows, no tombstones): it wins every key, so every
-    // view's current table is its files, copied — nothing to compute.
-    if !has_tombs && live_files(&cur_b, &latest_b)?.is_empty() {
-        return first_run(location, run, tv, cur_b).await;
-    }
+    register_loaded(&ctx, &cur_b, &latest_b, "cur_b").await?;
     let hist_schema = ctx.table_provider("hist_b").await.map_err(&err)?.schema();
     let lu_col = base_key
         .last_updated_column
@@ -331,7 +350,6 @@ async fn update_type(
                 .map(|a| a.value(0))
         })
         .unwrap_or(0) as usize;
-    let hist_b = location.open_table(base).await?.expect("registered above");
     let mut merged = Vec::new();
 
     // 1. The base view: this run's rows of the keys it won (all of its files when it won every
@@ -392,24 +410,30 @@ async fn first_run(
     location: &DatasetLocation,
     run: &RunManifest,
     tv: &TypeViews,
-    cur_b: DeltaTable,
+    hist_b: DeltaTable,
+    cur_b: Option<DeltaTable>,
 ) -> Result<Vec<String>, DatasetError> {
     let none = HashSet::new();
     let whole = vec![(run.export.clone(), None)];
     let mut merged = Vec::new();
-    let mut targets = vec![(tv.base.0.clone(), tv.base.1.clone(), Some(cur_b))];
+    let mut targets = vec![(tv.base.0.clone(), tv.base.1.clone(), Some((hist_b, cur_b)))];
     targets.extend(tv.others.iter().map(|(v, k)| (v.clone(), k.clone(), None)));
-    for (view, key, target) in targets {
+    for (view, key, loaded) in targets {
         let latest = format!("{view}{LATEST_SUFFIX}");
-        let Some(hist) = location.open_table(&view).await? else {
-            continue;
+        let (hist, target) = match loaded {
+            Some(pair) => pair,
+            None => {
+                let Some(hist) = location.open_table(&view).await? else {
+                    continue;
+                };
+                (hist, location.open_table(&latest).await?)
+            }
         };
-        let target = match target {
-            Some(t) => t,
-            None => match location.open_table(&latest).await? {
-                Some(t) => t,
-                None => create_latest(location, &view, &latest).await?,
-            },
+        let Some(target) = target else {
+            // No current table yet: created holding the run's files, in one commit.
+            create_latest_holding(location, &hist, &view, &latest, run).await?;
+            merged.push(latest);
+            continue;
         };
         if !live_files(&target, &latest)?.is_empty() {
             return Err(DatasetError::Delta {
@@ -786,6 +810,44 @@ async fn rewrite(
         default_row_commit_version: None,
         clustering_provider: None,
     }))
+}
+
+/// Create the current table of `view` (see [`create_latest`]) holding the history files of `run`,
+/// copied whole, in its first commit. Another writer that created it first wins: this one then
+/// fails as a conflict, and the type is recomputed from the winner's state.
+async fn create_latest_holding(
+    location: &DatasetLocation,
+    hist: &DeltaTable,
+    view: &str,
+    latest: &str,
+    run: &RunManifest,
+) -> Result<(), DatasetError> {
+    let derr = |source| DatasetError::Delta {
+        table: latest.to_string(),
+        source: Box::new(source),
+    };
+    let mut actions = Vec::new();
+    for f in live_files(hist, view)?
+        .into_iter()
+        .filter(|f| f.export.as_deref() == Some(run.export.as_str()))
+    {
+        actions.push(Action::Add(copy(location, view, latest, &f).await?));
+    }
+    let schema = hist.snapshot().map_err(derr)?.schema();
+    let props = CommitProperties::default()
+        .with_metadata(commit_info(run))
+        .with_application_transaction(Transaction::new(CURRENT_APP_ID, 0));
+    let t = create_table_holding(location, latest, &schema, true, actions, Some(props)).await?;
+    let needle = format!("\"{COMMIT_RUN_KEY}\":{}", serde_json::json!(run.run_id));
+    // Another writer's table (or an overwritten commit, see `verify_commit`): a lost race.
+    if t.version() != Some(0) || !commit_holds(location, latest, 0, &needle).await? {
+        tracing::debug!(
+            table = latest,
+            "another writer created the current table first"
+        );
+        return Err(derr(DeltaTableError::VersionAlreadyExists(0)));
+    }
+    Ok(())
 }
 
 /// Create the current table of `view` with the history table's schema (`export` a plain column).

@@ -366,10 +366,25 @@ pub async fn create_table_with(
     schema: &StructType,
     partitioned: bool,
 ) -> Result<DeltaTable, DatasetError> {
-    let err = delta_err(table);
     if let Some(t) = location.open_table(table).await? {
         return Ok(t);
     }
+    create_table_holding(location, table, schema, partitioned, Vec::new(), None).await
+}
+
+/// Create table `table` whose first commit (version 0) also holds `actions` (a run's files and
+/// its `txn`): one commit instead of two for a table's first run. When the table exists already
+/// (another writer created it first), the winner's table is returned without `actions`: the
+/// caller checks whether it holds its run.
+pub async fn create_table_holding(
+    location: &DatasetLocation,
+    table: &str,
+    schema: &StructType,
+    partitioned: bool,
+    actions: Vec<Action>,
+    props: Option<CommitProperties>,
+) -> Result<DeltaTable, DatasetError> {
+    let err = delta_err(table);
     let log_store = location
         .table_builder(table)?
         .build_storage()
@@ -385,6 +400,12 @@ pub async fn create_table_with(
         .with_columns(schema.fields().cloned());
     if partitioned {
         create = create.with_partition_columns([PARTITION_COLUMN]);
+    }
+    if let Some(props) = props {
+        create = create.with_commit_properties(props);
+    }
+    if !actions.is_empty() {
+        create = create.with_actions(actions);
     }
     match create.await {
         Ok(t) => Ok(t),
@@ -466,56 +487,78 @@ async fn commit_files(
     let Some(first) = files.first() else {
         return Ok(0);
     };
+    let ours = delta_schema(&*file_schema(location, &first.path).await?, true).map_err(&err)?;
+    let mut adds = Vec::with_capacity(files.len());
+    for f in files {
+        adds.push(Action::Add(add_action(location, table, run, f).await?));
+    }
+    let props = || {
+        CommitProperties::default()
+            .with_metadata(commit_info(run))
+            .with_application_transaction(Transaction::new(&run.run_id, 0))
+    };
+    let needle = format!("\"appId\":{}", json!(run.run_id));
     let mut attempt = 0;
     loop {
         attempt += 1;
+        let mut created = false;
         let t = match location.open_table(table).await? {
             Some(t) => t,
             None => {
-                let schema = file_schema(location, &first.path).await?;
-                create_table(location, table, &schema, true).await?
+                created = true;
+                // The table's first run: created with the run's files in one commit.
+                let created =
+                    create_table_holding(location, table, &ours, true, adds.clone(), Some(props()))
+                        .await;
+                match created {
+                    Ok(t) => t,
+                    Err(DatasetError::Delta { source, .. })
+                        if is_conflict(&source) && attempt < MAX_COMMIT_ATTEMPTS =>
+                    {
+                        tracing::debug!(table, attempt, error = %source, "create lost a race; retrying");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         };
         if holds_run(&t, &run.run_id).await.map_err(&err)? {
-            return Ok(t.version().unwrap_or_default());
+            let version = t.version().unwrap_or_default();
+            // A table this attempt created is ours only if its first commit says so (read back,
+            // see `verify_commit`); otherwise the run was committed before (a resumed run).
+            if !created || verify_commit(location, table, version, &needle).await? {
+                return Ok(version);
+            }
+            if attempt >= MAX_COMMIT_ATTEMPTS {
+                return Err(err(DeltaTableError::VersionAlreadyExists(version)));
+            }
+            continue;
         }
         let snapshot = t.snapshot().map_err(&err)?.clone();
-        if attempt == 1 {
-            let ours =
-                delta_schema(&*file_schema(location, &first.path).await?, true).map_err(&err)?;
-            let differs = |a: &StructType, b: &StructType| {
-                a.fields().len() != b.fields().len()
-                    || a.fields()
-                        .zip(b.fields())
-                        .any(|(x, y)| x.name() != y.name() || x.data_type() != y.data_type())
-            };
-            if differs(&ours, &snapshot.schema()) {
-                return Err(DatasetError::SchemaChanged {
-                    table: table.to_string(),
-                    table_columns: column_list(&snapshot.schema()),
-                    run_columns: column_list(&ours),
-                });
-            }
+        let differs = |a: &StructType, b: &StructType| {
+            a.fields().len() != b.fields().len()
+                || a.fields()
+                    .zip(b.fields())
+                    .any(|(x, y)| x.name() != y.name() || x.data_type() != y.data_type())
+        };
+        if differs(&ours, &snapshot.schema()) {
+            return Err(DatasetError::SchemaChanged {
+                table: table.to_string(),
+                table_columns: column_list(&snapshot.schema()),
+                run_columns: column_list(&ours),
+            });
         }
-        let mut actions = Vec::with_capacity(files.len());
-        for f in files {
-            actions.push(Action::Add(add_action(location, table, run, f).await?));
-        }
-        let props = CommitProperties::default()
-            .with_metadata(commit_info(run))
-            .with_application_transaction(Transaction::new(&run.run_id, 0));
         let op = DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: Some(vec![PARTITION_COLUMN.to_string()]),
             predicate: None,
         };
-        let result = CommitBuilder::from(props)
-            .with_actions(actions)
+        let result = CommitBuilder::from(props())
+            .with_actions(adds.clone())
             .build(Some(&snapshot), t.log_store(), op)
             .await;
         match result {
             Ok(done) => {
-                let needle = format!("\"appId\":{}", json!(run.run_id));
                 if verify_commit(location, table, done.version(), &needle).await? {
                     return Ok(done.version());
                 }
@@ -541,6 +584,24 @@ pub async fn verify_commit(
     version: u64,
     needle: &str,
 ) -> Result<bool, DatasetError> {
+    let ours = commit_holds(location, table, version, needle).await?;
+    if !ours {
+        tracing::warn!(
+            table,
+            version,
+            "commit was overwritten by another writer (the store's conditional put is not atomic); committing again"
+        );
+    }
+    Ok(ours)
+}
+
+/// Whether commit `version` of `table` contains `needle` (one GET).
+pub async fn commit_holds(
+    location: &DatasetLocation,
+    table: &str,
+    version: u64,
+    needle: &str,
+) -> Result<bool, DatasetError> {
     use object_store::ObjectStoreExt;
     let path = format!("{table}/_delta_log/{version:020}.json");
     let body = location
@@ -557,15 +618,7 @@ pub async fn verify_commit(
             path: path.clone(),
             source,
         })?;
-    let ours = memchr::memmem::find(&body, needle.as_bytes()).is_some();
-    if !ours {
-        tracing::warn!(
-            table,
-            version,
-            "commit was overwritten by another writer (the store's conditional put is not atomic); committing again"
-        );
-    }
-    Ok(ours)
+    Ok(memchr::memmem::find(&body, needle.as_bytes()).is_some())
 }
 
 /// Whether table `t` holds run `run` (a commit with its `txn`).
