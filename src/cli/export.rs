@@ -60,6 +60,12 @@ pub struct ExportArgs {
     /// the dataset, and runs a full export when there is none.
     #[arg(long, value_name = "INSTANT|auto")]
     since: Option<String>,
+    /// Full snapshot: resources of the exported types that earlier runs of the same export
+    /// (server, level, group) brought and this export no longer holds are removed from the
+    /// current-state tables (`<view>_latest`; the history keeps them). For servers that do not
+    /// report deletions; needs a full export (no --since, --until, --type-filter, --patient).
+    #[arg(long, conflicts_with_all = ["since", "until", "type_filters", "patients_filter", "resume"])]
+    snapshot: bool,
     /// _until: only resources changed before this FHIR instant.
     #[arg(long, value_name = "INSTANT")]
     until: Option<String>,
@@ -367,6 +373,7 @@ pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
     let display = progress::ProgressDisplay::start(progress.clone(), 0, 0, quiet);
     let summary = ExportBuilder::new(client, Arc::new(c.registry), c.location)
         .with_request(request)
+        .with_snapshot(a.snapshot)
         .with_resume(resume)
         .with_options(options)
         .with_progress(progress)
@@ -405,6 +412,23 @@ pub fn finish_export(
                 stdout,
                 "{} deleted resources listed by the server: table `_deleted`",
                 m.deleted
+            )?;
+        }
+        if m.snapshot {
+            let removed: u64 = m.snapshot_removed.values().sum();
+            let by_type: Vec<String> = m
+                .snapshot_removed
+                .iter()
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect();
+            writeln!(
+                stdout,
+                "snapshot: {removed} resources no longer exported removed from the current state{}",
+                if by_type.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", by_type.join(", "))
+                }
             )?;
         }
         for (sev, n) in &m.outcomes {

@@ -117,30 +117,55 @@ pub fn type_views(keys: &BTreeMap<String, ViewKey>) -> Vec<TypeViews> {
     out
 }
 
-/// Bring the current tables of every resource type `run` wrote or deleted up to date. Returns the
-/// current tables merged.
+/// What a snapshot run (`export --snapshot`) removes from the current state: keys of `types`
+/// whose current version came from one of `runs` (earlier runs of the same export, by `export`
+/// value) and that the snapshot did not bring.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotScope {
+    /// `export` values of the earlier runs of the same export.
+    pub runs: Vec<String>,
+    /// Resource types the snapshot covers.
+    pub types: std::collections::BTreeSet<String>,
+}
+
+/// Bring the current tables of every resource type `run` wrote or deleted (or, for a snapshot,
+/// covers) up to date. Returns the current tables merged and, per type, the keys a snapshot
+/// removed.
 pub async fn update_current(
     location: &DatasetLocation,
     run: &RunManifest,
     keys: &BTreeMap<String, ViewKey>,
-) -> Result<Vec<String>, DatasetError> {
+    snapshot: Option<&SnapshotScope>,
+) -> Result<(Vec<String>, BTreeMap<String, u64>), DatasetError> {
     use futures::{StreamExt, TryStreamExt};
     let written: std::collections::BTreeSet<&str> =
         run.files.iter().map(|f| f.view.as_str()).collect();
+    let covered = |tv: &TypeViews| snapshot.is_some_and(|s| s.types.contains(&tv.resource));
     let types: Vec<TypeViews> = type_views(keys)
         .into_iter()
-        .filter(|tv| written.contains(tv.base.0.as_str()) || run.deleted > 0)
+        .filter(|tv| written.contains(tv.base.0.as_str()) || run.deleted > 0 || covered(tv))
         .collect();
     // Resource types are independent: their merges run side by side, one per core.
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let merged: Vec<Vec<String>> = futures::stream::iter(types)
-        .map(|tv| async move { update_type_retrying(location, run, &tv).await })
+    let merged: Vec<(Vec<String>, String, u64)> = futures::stream::iter(types)
+        .map(|tv| async move {
+            let scope = snapshot.filter(|_| covered(&tv));
+            let (tables, removed) = update_type_retrying(location, run, &tv, scope).await?;
+            Ok::<_, DatasetError>((tables, tv.resource.clone(), removed))
+        })
         .buffer_unordered(parallel)
         .try_collect()
         .await?;
-    let mut merged: Vec<String> = merged.into_iter().flatten().collect();
-    merged.sort();
-    Ok(merged)
+    let mut tables = Vec::new();
+    let mut removed = BTreeMap::new();
+    for (t, resource, n) in merged {
+        tables.extend(t);
+        if n > 0 {
+            removed.insert(resource, n);
+        }
+    }
+    tables.sort();
+    Ok((tables, removed))
 }
 
 /// [`update_type`], recomputed from the winner's state when a merge lost a race.
@@ -148,11 +173,12 @@ async fn update_type_retrying(
     location: &DatasetLocation,
     run: &RunManifest,
     tv: &TypeViews,
-) -> Result<Vec<String>, DatasetError> {
+    snapshot: Option<&SnapshotScope>,
+) -> Result<(Vec<String>, u64), DatasetError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match update_type(location, run, tv).await {
+        match update_type(location, run, tv, snapshot).await {
             Ok(tables) => return Ok(tables),
             Err(DatasetError::Delta { source, table })
                 if is_conflict(&source) && attempt < MAX_COMMIT_ATTEMPTS =>
@@ -231,7 +257,8 @@ async fn update_type(
     location: &DatasetLocation,
     run: &RunManifest,
     tv: &TypeViews,
-) -> Result<Vec<String>, DatasetError> {
+    snapshot: Option<&SnapshotScope>,
+) -> Result<(Vec<String>, u64), DatasetError> {
     let e = string_lit(&run.export);
     let (base, base_key) = (&tv.base.0, &tv.base.1);
     let id = quote(
@@ -243,7 +270,7 @@ async fn update_type(
     let ctx = session();
     let err = df_err(base);
     let Some(hist_b) = location.open_table(base).await? else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     };
     let has_tombs = location.has_table(DELETED_TABLE).await?;
     let latest_b = format!("{base}{LATEST_SUFFIX}");
@@ -255,7 +282,7 @@ async fn update_type(
         None => true,
     };
     if !has_tombs && empty {
-        return first_run(location, run, tv, hist_b, cur_b).await;
+        return Ok((first_run(location, run, tv, hist_b, cur_b).await?, 0));
     }
     register_loaded(&ctx, &hist_b, base, "hist_b").await?;
     if has_tombs {
@@ -312,6 +339,28 @@ async fn update_type(
     } else {
         "SELECT CAST(NULL AS VARCHAR) AS k WHERE false".into()
     };
+    // A snapshot: keys whose current version an earlier run of the same export brought and
+    // that this run did not.
+    let absent = match snapshot.filter(|s| !s.runs.is_empty()) {
+        Some(s) => {
+            let runs: Vec<String> = s.runs.iter().map(|r| string_lit(r)).collect();
+            format!(
+                "SELECT c.k FROM ({cur}) c LEFT JOIN (SELECT DISTINCT {id} AS k FROM hist_b \
+                 WHERE export = {e}) r ON r.k = c.k WHERE r.k IS NULL AND c.export IN ({})",
+                runs.join(", ")
+            )
+        }
+        None => "SELECT CAST(NULL AS VARCHAR) AS k WHERE false".into(),
+    };
+    let deletes = format!("{deletes} UNION {absent}");
+    let n_absent = ctx
+        .sql(&format!("SELECT count(*) FROM ({absent})"))
+        .await
+        .map_err(&err)?
+        .collect()
+        .await
+        .map_err(&err)?;
+    let n_absent = count_of(&n_absent);
     let wins = ctx
         .sql(&wins)
         .await
@@ -329,7 +378,7 @@ async fn update_type(
     let n_wins: usize = wins.iter().map(|b| b.num_rows()).sum();
     let n_deletes: usize = deletes.iter().map(|b| b.num_rows()).sum();
     if n_wins + n_deletes == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     let wins = key_set(&wins);
     let deletes = key_set(&deletes);
@@ -342,14 +391,7 @@ async fn update_type(
         .collect()
         .await
         .map_err(&err)?;
-    let run_keys = run_keys
-        .first()
-        .and_then(|b| {
-            b.column(0)
-                .as_primitive_opt::<Int64Type>()
-                .map(|a| a.value(0))
-        })
-        .unwrap_or(0) as usize;
+    let run_keys = count_of(&run_keys) as usize;
     let mut merged = Vec::new();
 
     // 1. The base view: this run's rows of the keys it won (all of its files when it won every
@@ -400,7 +442,20 @@ async fn update_type(
         .await?;
         merged.push(latest_v);
     }
-    Ok(merged)
+    Ok((merged, n_absent))
+}
+
+/// The single count of a `SELECT count(*)`.
+fn count_of(batches: &[RecordBatch]) -> u64 {
+    batches
+        .first()
+        .filter(|b| b.num_rows() > 0)
+        .and_then(|b| {
+            b.column(0)
+                .as_primitive_opt::<Int64Type>()
+                .map(|a| a.value(0))
+        })
+        .unwrap_or(0) as u64
 }
 
 /// [`update_type`] for a type whose current tables are empty: every view's current table gets the

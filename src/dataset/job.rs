@@ -148,6 +148,9 @@ pub struct JobRecord {
     pub transaction_time: Option<String>,
     /// Where the job is.
     pub state: JobState,
+    /// A full snapshot (`export --snapshot`): see [`super::RunManifest::snapshot`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
     /// Files by manifest URL (stored one object per file, not in the job's own object).
     #[serde(skip)]
     pub files: BTreeMap<String, FileRecord>,
@@ -176,6 +179,7 @@ impl JobRecord {
             status_url: None,
             transaction_time: None,
             state: JobState::Created,
+            snapshot: false,
             files: BTreeMap::new(),
         }
     }

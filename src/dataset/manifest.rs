@@ -115,6 +115,14 @@ pub struct RunManifest {
     /// The current-state tables (`<view>_latest`) this run merged into.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub current: Vec<String>,
+    /// A full snapshot (`export --snapshot`): resources of the exported types that earlier runs
+    /// of the same export brought and this one did not are removed from the current state.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
+    /// Per resource type: resources a snapshot run removed from the current state because the
+    /// export no longer held them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshot_removed: BTreeMap<String, u64>,
 }
 
 impl RunManifest {
@@ -211,14 +219,22 @@ impl RunManifest {
         );
         let t1 = std::time::Instant::now();
         let mut keys = BTreeMap::new();
-        if self.deleted > 0 {
-            // Tombstones can remove resources of types this run wrote no row of.
-            for run in Self::list(loc).await? {
+        let mut snapshot = None;
+        if self.deleted > 0 || self.snapshot {
+            // Tombstones and snapshots can remove resources of types this run wrote no row of.
+            let runs = Self::list(loc).await?;
+            if self.snapshot {
+                snapshot = Some(self.snapshot_scope(&runs));
+            }
+            for run in runs {
                 keys.extend(run.view_keys);
             }
         }
         keys.extend(self.view_keys.clone());
-        self.current = super::current::update_current(loc, self, &keys).await?;
+        let (current, removed) =
+            super::current::update_current(loc, self, &keys, snapshot.as_ref()).await?;
+        self.current = current;
+        self.snapshot_removed = removed;
         tracing::info!(
             run = %self.run_id,
             tables = self.current.len(),
@@ -228,6 +244,37 @@ impl RunManifest {
         self.published =
             Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         self.write_record(loc).await
+    }
+
+    /// What a snapshot run removes from: the runs of the same export before it (same server,
+    /// level and group, whatever their `_since`, types or filters) and the types it covers
+    /// (those it asked for with `_type`, else those it read).
+    pub fn snapshot_scope(&self, runs: &[RunManifest]) -> super::current::SnapshotScope {
+        let scope = |r: &RunManifest| {
+            let q = r.request.as_ref()?;
+            Some((
+                r.source.as_deref()?.trim_end_matches('/').to_string(),
+                q.level(),
+            ))
+        };
+        let ours = scope(self);
+        let runs = runs
+            .iter()
+            .filter(|r| r.kind == "export" && r.run_id != self.run_id && r.export < self.export)
+            .filter(|r| ours.is_some() && scope(r) == ours)
+            .map(|r| r.export.clone())
+            .collect();
+        let asked = self
+            .request
+            .as_ref()
+            .map(|q| q.types.clone())
+            .unwrap_or_default();
+        let types = if asked.is_empty() {
+            self.types.keys().cloned().collect()
+        } else {
+            asked.into_iter().collect()
+        };
+        super::current::SnapshotScope { runs, types }
     }
 
     /// Every published run of a dataset, oldest first.

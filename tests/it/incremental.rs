@@ -21,11 +21,11 @@ use serde_json::json;
 
 use crate::store::counts;
 
-const OLD: &str = "2020-01-01T00:00:00Z";
+pub(crate) const OLD: &str = "2020-01-01T00:00:00Z";
 /// After the first run's transactionTime, whenever the test runs.
-const NEW: &str = "2099-01-01T00:00:00Z";
+pub(crate) const NEW: &str = "2099-01-01T00:00:00Z";
 
-fn patient(id: &str, gender: &str, names: &[&str], updated: &str) -> serde_json::Value {
+pub(crate) fn patient(id: &str, gender: &str, names: &[&str], updated: &str) -> serde_json::Value {
     json!({
         "resourceType": "Patient", "id": id, "meta": {"lastUpdated": updated},
         "gender": gender,
@@ -33,7 +33,7 @@ fn patient(id: &str, gender: &str, names: &[&str], updated: &str) -> serde_json:
     })
 }
 
-fn observation(id: &str, patient: &str, value: f64, updated: &str) -> serde_json::Value {
+pub(crate) fn observation(id: &str, patient: &str, value: f64, updated: &str) -> serde_json::Value {
     json!({
         "resourceType": "Observation", "id": id, "meta": {"lastUpdated": updated},
         "status": "final", "code": {"text": "weight"},
@@ -42,7 +42,7 @@ fn observation(id: &str, patient: &str, value: f64, updated: &str) -> serde_json
     })
 }
 
-fn files(resources: &[serde_json::Value]) -> DataSource {
+pub(crate) fn files(resources: &[serde_json::Value]) -> DataSource {
     let mut by_type: std::collections::BTreeMap<String, String> = Default::default();
     for r in resources {
         let t = r["resourceType"].as_str().unwrap().to_string();
@@ -81,7 +81,7 @@ fn day_two() -> Vec<serde_json::Value> {
     v
 }
 
-async fn start(data: DataSource, addr: SocketAddr, deleted: &[&str]) -> RunningServer {
+pub(crate) async fn start(data: DataSource, addr: SocketAddr, deleted: &[&str]) -> RunningServer {
     ServerBuilder::new(data)
         .with_addr(addr)
         .with_delay(Duration::from_millis(100))
@@ -95,7 +95,7 @@ async fn start(data: DataSource, addr: SocketAddr, deleted: &[&str]) -> RunningS
         .unwrap()
 }
 
-fn auto() -> ExportRequest {
+pub(crate) fn auto() -> ExportRequest {
     ExportRequest {
         level: Some(ExportLevel::System),
         since: Some("auto".into()),
@@ -119,7 +119,7 @@ async fn run(srv: &RunningServer, loc: &DatasetLocation, request: ExportRequest)
         .unwrap()
 }
 
-async fn one(ds: &Dataset, sql: &str) -> String {
+pub(crate) async fn one(ds: &Dataset, sql: &str) -> String {
     let b = ds.sql(sql).await.unwrap();
     let s = flatfhir::arrow::util::pretty::pretty_format_batches(&b)
         .unwrap()

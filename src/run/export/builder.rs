@@ -73,6 +73,7 @@ pub struct ExportBuilder {
     pub(super) progress: Arc<Progress>,
     pub(super) resume: Option<JobRecord>,
     pub(super) ctrl_c: OnCtrlC,
+    pub(super) snapshot: bool,
 }
 
 impl ExportBuilder {
@@ -87,6 +88,7 @@ impl ExportBuilder {
             progress: Arc::new(Progress::default()),
             resume: None,
             ctrl_c: OnCtrlC::Ignore,
+            snapshot: false,
         }
     }
     /// The kick-off request (`since: "auto"` is resolved against the dataset when the run
@@ -109,6 +111,15 @@ impl ExportBuilder {
     /// [`with_request`](Self::with_request)); see [`find_unfinished`].
     pub fn with_resume(mut self, job: Option<JobRecord>) -> Self {
         self.resume = job;
+        self
+    }
+    /// A full snapshot (default false): resources of the exported types that earlier runs of
+    /// the same export (same server, level and group) brought and this export does not hold are
+    /// removed from the current-state tables (the history keeps them). Refused, before any
+    /// request, for exports that are not full: `_since` (including `auto` continuing from an
+    /// earlier run), `_until`, `_typeFilter` or `patient`.
+    pub fn with_snapshot(mut self, snapshot: bool) -> Self {
+        self.snapshot = snapshot;
         self
     }
     /// What Ctrl-C does (default [`OnCtrlC::Ignore`]).

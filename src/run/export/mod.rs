@@ -80,6 +80,14 @@ pub enum ExportError {
         /// The dataset.
         location: String,
     },
+    /// `--snapshot` on an export that is not full.
+    #[error(
+        "--snapshot needs a full export, and {why}: a snapshot would remove from the current state every resource it did not bring"
+    )]
+    NotASnapshot {
+        /// Which parameter makes the export partial.
+        why: String,
+    },
     /// Interrupted (Ctrl-C).
     #[error("interrupted; {}", if *resumable {
         "the server job is kept: continue with `flatfhir export --resume DIR`"
@@ -90,6 +98,27 @@ pub enum ExportError {
         /// Whether the server's job was kept for `--resume`.
         resumable: bool,
     },
+}
+
+/// A snapshot needs a full export: every resource of the exported types that the population
+/// holds (see [`ExportBuilder::with_snapshot`]).
+fn check_snapshot(request: &crate::client::ExportRequest, auto: bool) -> Result<()> {
+    let why = if let Some(since) = &request.since {
+        if auto {
+            format!("--since auto continues from the last run ({since}) and exports only changes")
+        } else {
+            "--since exports only what changed".into()
+        }
+    } else if request.until.is_some() {
+        "--until leaves out what changed later".into()
+    } else if !request.type_filters.is_empty() {
+        "--type-filter exports a subset of each type".into()
+    } else if !request.patients.is_empty() {
+        "--patient exports a subset of the population".into()
+    } else {
+        return Ok(());
+    };
+    Err(ExportError::NotASnapshot { why }.into())
 }
 
 /// What an export run produced.
@@ -146,6 +175,7 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
         options: opts,
         progress,
         resume,
+        snapshot,
         ..
     } = b;
     crate::dataset::check_layout(&location).await?;
@@ -155,8 +185,13 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
             job
         }
         None => {
+            let auto = request.since.as_deref() == Some(SINCE_AUTO);
             let request = resolve_since_auto(&location, client.base().as_str(), request).await?;
-            let job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
+            if snapshot {
+                check_snapshot(&request, auto)?;
+            }
+            let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
+            job.snapshot = snapshot;
             job.save(&location).await?;
             job
         }

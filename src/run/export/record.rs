@@ -73,6 +73,7 @@ pub(super) fn run_record(
         deleted,
         warnings,
         request: Some(job.request.clone()),
+        snapshot: job.snapshot,
         ..RunManifest::finished("export", ids, stats, inputs, files)
     }
     .with_view_keys(registry);

@@ -1,0 +1,225 @@
+//! Unattended nightly runs: full snapshots that remove what a server deleted without saying so,
+//! and current state for servers whose resources carry no `meta.lastUpdated`.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use flatfhir::{
+    client::{BulkClientBuilder, ExportRequest, RetryConfig},
+    dataset::DatasetLocation,
+    query::Dataset,
+    run::export::{ExportBuilder, ExportSummary},
+    serve::RunningServer,
+    view::ViewRegistry,
+};
+use serde_json::json;
+
+use crate::incremental::{NEW, OLD, auto, files, observation, one, patient, start};
+
+async fn export(
+    srv: &RunningServer,
+    loc: &DatasetLocation,
+    request: ExportRequest,
+    snapshot: bool,
+) -> flatfhir::Result<ExportSummary> {
+    let client = BulkClientBuilder::new(srv.base_url().clone())
+        .with_retry(RetryConfig {
+            base: Duration::from_millis(50),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let registry = Arc::new(ViewRegistry::builtin().unwrap());
+    ExportBuilder::new(client, registry, loc.clone())
+        .with_request(request)
+        .with_snapshot(snapshot)
+        .run()
+        .await
+}
+
+fn full() -> ExportRequest {
+    ExportRequest {
+        since: None,
+        ..auto()
+    }
+}
+
+fn addr_of(srv: &RunningServer) -> SocketAddr {
+    let u = srv.base_url();
+    format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
+        .parse()
+        .unwrap()
+}
+
+/// Every current-state table holds what the server holds, count by count.
+async fn assert_current_is(ds: &Dataset, srv: &RunningServer) {
+    for (t, n) in srv.counts() {
+        let view = flatfhir::view::snake_case(&t);
+        let got = one(ds, &format!("select count(*) from {view}_latest")).await;
+        assert_eq!(got, n.to_string(), "{view}_latest matches the server's {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_removes_what_the_server_deleted_without_a_tombstone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    // Rows from another source (a converted file) share the tables: no snapshot of the server
+    // may remove them.
+    let other = tmp.path().join("other.ndjson");
+    std::fs::write(
+        &other,
+        format!("{}\n", patient("c1", "female", &["Elsewhere"], OLD)),
+    )
+    .unwrap();
+    flatfhir::run::convert::ConvertBuilder::new(
+        Arc::new(ViewRegistry::builtin().unwrap()),
+        loc.clone(),
+    )
+    .with_files(vec![other])
+    .run()
+    .await
+    .unwrap();
+
+    // Night 1: everything.
+    let mut day_one: Vec<_> = (1..=4)
+        .map(|i| patient(&format!("p{i}"), "female", &["Old"], OLD))
+        .collect();
+    day_one.extend(
+        (1..=6).map(|i| observation(&format!("o{i}"), &format!("p{}", 1 + i % 4), i as f64, OLD)),
+    );
+    let srv = start(files(&day_one), "127.0.0.1:0".parse().unwrap(), &[]).await;
+    let addr = addr_of(&srv);
+    export(&srv, &loc, auto(), false).await.unwrap();
+    srv.shutdown().await;
+
+    // Night 2: p2 and o2 are gone from the server, which lists no `deleted` file; p1 changed.
+    let mut day_two = vec![patient("p1", "male", &["New"], NEW)];
+    day_two.extend([3, 4].map(|i| patient(&format!("p{i}"), "female", &["Old"], OLD)));
+    day_two.extend(
+        [1, 3, 4, 5, 6]
+            .map(|i| observation(&format!("o{i}"), &format!("p{}", 1 + i % 4), i as f64, OLD)),
+    );
+    let srv = start(files(&day_two), addr, &[]).await;
+    let second = export(&srv, &loc, auto(), false).await.unwrap();
+    assert_eq!(second.manifest.types["Patient"].rows, 1);
+    let ds = Dataset::open(&loc).await.unwrap();
+    // An incremental run cannot know: p2 stays (and c1 from the file).
+    assert_eq!(
+        one(&ds, "select id from patient_latest order by id").await,
+        "c1\np1\np2\np3\np4"
+    );
+
+    // A snapshot asked for on top of --since is refused before any request.
+    let refused = export(&srv, &loc, auto(), true)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("--snapshot needs a full export"),
+        "{refused}"
+    );
+    let with_filter = ExportRequest {
+        type_filters: vec!["Patient?gender=male".into()],
+        ..full()
+    };
+    let refused = export(&srv, &loc, with_filter, true)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("--type-filter"), "{refused}");
+
+    // Night 3: a full snapshot. p2 and o2 leave the current state; the history keeps them.
+    let third = export(&srv, &loc, full(), true).await.unwrap();
+    assert!(third.manifest.snapshot);
+    assert_eq!(
+        third.manifest.snapshot_removed,
+        [("Observation".to_string(), 1), ("Patient".to_string(), 1)].into()
+    );
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one(
+            &ds,
+            "select id, gender from patient_latest where id <> 'c1' order by id"
+        )
+        .await,
+        "p1 | male\np3 | female\np4 | female"
+    );
+    assert_eq!(
+        one(&ds, "select id from observation_latest order by id").await,
+        "o1\no3\no4\no5\no6"
+    );
+    assert_eq!(
+        one(
+            &ds,
+            "select count(*) from patient_name_latest where patient_id = 'p2'"
+        )
+        .await,
+        "0"
+    );
+    assert_eq!(
+        one(&ds, "select count(*) from patient_latest where id = 'c1'").await,
+        "1"
+    );
+    assert_eq!(
+        one(&ds, "select count(*) from patient where id = 'p2'").await,
+        "1"
+    );
+    // Apart from c1 (the file's), current state is the server's.
+    let current = srv.counts();
+    assert_eq!(
+        one(&ds, "select count(*) from patient_latest").await,
+        (current["Patient"] + 1).to_string()
+    );
+    assert_eq!(
+        one(&ds, "select count(*) from observation_latest").await,
+        current["Observation"].to_string()
+    );
+
+    // The same snapshot again removes nothing more.
+    let again = export(&srv, &loc, full(), true).await.unwrap();
+    assert!(
+        again.manifest.snapshot_removed.is_empty(),
+        "{:?}",
+        again.manifest.snapshot_removed
+    );
+    srv.shutdown().await;
+}
+
+/// Resources without `meta.lastUpdated` (Synthea's, some EHRs'): the newest run wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_last_updated_the_newest_run_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    let bare = |id: &str, gender: &str, family: &str| json!({"resourceType": "Patient", "id": id, "gender": gender, "name": [{"family": family}]});
+    let srv = start(
+        files(&[bare("p1", "female", "First"), bare("p2", "female", "Two")]),
+        "127.0.0.1:0".parse().unwrap(),
+        &[],
+    )
+    .await;
+    let addr = addr_of(&srv);
+    export(&srv, &loc, full(), false).await.unwrap();
+    srv.shutdown().await;
+    let srv = start(
+        files(&[bare("p1", "male", "Second"), bare("p2", "female", "Two")]),
+        addr,
+        &[],
+    )
+    .await;
+    export(&srv, &loc, full(), false).await.unwrap();
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one(&ds, "select id, gender from patient_latest order by id").await,
+        "p1 | male\np2 | female"
+    );
+    assert_eq!(
+        one(
+            &ds,
+            "select patient_id, family from patient_name_latest order by patient_id"
+        )
+        .await,
+        "p1 | Second\np2 | Two"
+    );
+    assert_current_is(&ds, &srv).await;
+    srv.shutdown().await;
+}
