@@ -66,6 +66,11 @@ pub struct ExportArgs {
     /// report deletions; needs a full export (no --since, --until, --type-filter, --patient).
     #[arg(long, conflicts_with_all = ["since", "until", "type_filters", "patients_filter", "resume"])]
     snapshot: bool,
+    /// On a Group export with --since: do not look for members who joined since the earlier
+    /// runs (by default their whole history is fetched first: a `_type=Patient&_elements=id`
+    /// export lists the members, then one POST export per 500 new members, without _since).
+    #[arg(long)]
+    no_backfill: bool,
     /// _until: only resources changed before this FHIR instant.
     #[arg(long, value_name = "INSTANT")]
     until: Option<String>,
@@ -367,6 +372,7 @@ pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
         delete_after: !a.no_delete,
         keep_ndjson: a.keep_ndjson.clone(),
         coalesce: !a.no_coalesce,
+        backfill: !a.no_backfill,
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());
@@ -412,6 +418,22 @@ pub fn finish_export(
                 stdout,
                 "{} deleted resources listed by the server: table `_deleted`",
                 m.deleted
+            )?;
+        }
+        if let Some(b) = &m.backfill {
+            writeln!(
+                stdout,
+                "Group members: {} now, {} new since the earlier runs{}",
+                b.members,
+                b.new_members,
+                if b.runs.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; their whole history came first, in run {}",
+                        b.runs.join(", ")
+                    )
+                }
             )?;
         }
         if m.snapshot {

@@ -190,6 +190,46 @@ async fn update_type_retrying(
     }
 }
 
+/// The ids of `resource` that the runs `exports` brought (from the type's base history table);
+/// `None` when `keys` name no base view of the type (those runs wrote none).
+pub async fn resource_ids(
+    location: &DatasetLocation,
+    keys: &BTreeMap<String, ViewKey>,
+    resource: &str,
+    exports: &[String],
+) -> Result<Option<HashSet<String>>, DatasetError> {
+    let Some(tv) = type_views(keys)
+        .into_iter()
+        .find(|tv| tv.resource == resource)
+    else {
+        return Ok(None);
+    };
+    let (view, key) = &tv.base;
+    let ctx = session();
+    if register(&ctx, location, view, "hist").await?.is_none() || exports.is_empty() {
+        return Ok(Some(HashSet::new()));
+    }
+    let id = quote(
+        key.id_column
+            .as_deref()
+            .expect("views with an id column only"),
+    );
+    let runs: Vec<String> = exports.iter().map(|x| string_lit(x)).collect();
+    let sql = format!(
+        "SELECT DISTINCT {id} FROM hist WHERE {id} IS NOT NULL AND export IN ({})",
+        runs.join(", ")
+    );
+    let err = df_err(view);
+    let batches = ctx
+        .sql(&sql)
+        .await
+        .map_err(&err)?
+        .collect()
+        .await
+        .map_err(&err)?;
+    Ok(Some(key_set(&batches)))
+}
+
 /// A session reading the dataset's Delta tables: strings are read as written (Utf8, not
 /// Utf8View), as other engines read them.
 pub fn session() -> SessionContext {

@@ -151,6 +151,10 @@ pub struct JobRecord {
     /// A full snapshot (`export --snapshot`): see [`super::RunManifest::snapshot`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snapshot: bool,
+    /// New Group members whose history was fetched before this job (done once: a resumed job
+    /// does not look again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<super::Backfill>,
     /// Files by manifest URL (stored one object per file, not in the job's own object).
     #[serde(skip)]
     pub files: BTreeMap<String, FileRecord>,
@@ -180,6 +184,7 @@ impl JobRecord {
             transaction_time: None,
             state: JobState::Created,
             snapshot: false,
+            backfill: None,
             files: BTreeMap::new(),
         }
     }

@@ -39,6 +39,20 @@ pub struct ViewKey {
     pub last_updated_column: Option<String>,
 }
 
+/// New Group members found by a Group export with `_since` (the IG's "Group membership"
+/// pattern): their whole history was fetched by `runs` (runs of their own, `patient` = the new
+/// members, no `_since`) before the run that holds this record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Backfill {
+    /// Members the Group has now.
+    pub members: u64,
+    /// Members no earlier run of the same Group export brought.
+    pub new_members: u64,
+    /// Run ids of the backfill runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<String>,
+}
+
 /// One input of a run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct InputRecord {
@@ -119,6 +133,10 @@ pub struct RunManifest {
     /// of the same export brought and this one did not are removed from the current state.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snapshot: bool,
+    /// A Group export with `_since`: the members that joined since earlier runs and the runs
+    /// that fetched their whole history first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<Backfill>,
     /// Per resource type: resources a snapshot run removed from the current state because the
     /// export no longer held them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -223,3 +223,89 @@ async fn without_last_updated_the_newest_run_wins() {
     assert_current_is(&ds, &srv).await;
     srv.shutdown().await;
 }
+
+fn group(members: &[&str], updated: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "Group", "id": "cohort", "type": "person", "actual": true,
+        "meta": {"lastUpdated": updated},
+        "member": members.iter().map(|m| json!({"entity": {"reference": format!("Patient/{m}")}})).collect::<Vec<_>>(),
+    })
+}
+
+fn cohort() -> ExportRequest {
+    ExportRequest {
+        level: Some(flatfhir::client::ExportLevel::Group("cohort".into())),
+        ..auto()
+    }
+}
+
+/// A patient who joins the Group after a run arrives with their whole history, not only what
+/// changed since (the IG's "Group membership" pattern).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_group_member_arrives_with_their_whole_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    // Everything old: p3 exists on the server but is not in the Group yet.
+    let mut data: Vec<_> = (1..=3)
+        .map(|i| patient(&format!("p{i}"), "female", &["Old"], OLD))
+        .collect();
+    data.extend(
+        (1..=6).map(|i| observation(&format!("o{i}"), &format!("p{}", 1 + i % 3), i as f64, OLD)),
+    );
+    let mut night_one = data.clone();
+    night_one.push(group(&["p1", "p2"], OLD));
+    let srv = start(files(&night_one), "127.0.0.1:0".parse().unwrap(), &[]).await;
+    let addr = addr_of(&srv);
+    let first = export(&srv, &loc, cohort(), false).await.unwrap();
+    assert_eq!(first.manifest.types["Patient"].rows, 2);
+    assert_eq!(first.manifest.backfill, None);
+    srv.shutdown().await;
+
+    // p3 joins (their old resources unchanged); p1 changes.
+    let mut night_two = data.clone();
+    night_two[0] = patient("p1", "male", &["New"], NEW);
+    night_two.push(group(&["p1", "p2", "p3"], NEW));
+    let srv = start(files(&night_two), addr, &[]).await;
+    let second = export(&srv, &loc, cohort(), false).await.unwrap();
+    let backfill = second
+        .manifest
+        .backfill
+        .clone()
+        .expect("new members were looked for");
+    assert_eq!(
+        (backfill.members, backfill.new_members, backfill.runs.len()),
+        (3, 1, 1)
+    );
+    // The _since run itself brought only what changed.
+    assert_eq!(second.manifest.types["Patient"].rows, 1);
+    assert!(
+        srv.log()
+            .iter()
+            .any(|r| r.method == "POST" && r.path.contains("Group/cohort/$export")),
+        "the backfill is a POST with patient parameters"
+    );
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one(&ds, "select id, gender from patient_latest order by id").await,
+        "p1 | male\np2 | female\np3 | female"
+    );
+    // p3's observations from before the first run are there; the current state is the Group's.
+    assert_eq!(
+        one(
+            &ds,
+            "select id, patient_id from observation_latest order by id"
+        )
+        .await,
+        "o1 | p2\no2 | p3\no3 | p1\no4 | p2\no5 | p3\no6 | p1"
+    );
+    // The next night: nobody new, and --since auto continues from the _since run, not from
+    // the backfill run.
+    let third = export(&srv, &loc, cohort(), false).await.unwrap();
+    let b = third.manifest.backfill.clone().unwrap();
+    assert_eq!((b.members, b.new_members, b.runs.len()), (3, 0, 0));
+    assert_eq!(
+        third.manifest.request.as_ref().unwrap().since,
+        second.manifest.transaction_time
+    );
+    srv.shutdown().await;
+}

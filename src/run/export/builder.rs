@@ -36,6 +36,9 @@ pub struct ExportOptions {
     /// Rewrite the small parts of many small files into parts of a sensible size before the
     /// run is published ([`super::coalesce`]; default true).
     pub coalesce: bool,
+    /// On a Group export with `_since`, fetch the whole history of members that joined since
+    /// the earlier runs first ([`super::members`]; default true).
+    pub backfill: bool,
 }
 
 impl Default for ExportOptions {
@@ -48,6 +51,7 @@ impl Default for ExportOptions {
             delete_after: true,
             keep_ndjson: None,
             coalesce: true,
+            backfill: true,
         }
     }
 }

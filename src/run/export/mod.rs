@@ -20,6 +20,7 @@
 mod builder;
 pub mod coalesce;
 mod files;
+pub mod members;
 mod poll;
 mod record;
 mod since;
@@ -166,7 +167,23 @@ fn parse_url(u: &str) -> Result<Url> {
     Url::parse(u).map_err(|e| ClientError::Invalid(format!("{u:?}: {e}")).into())
 }
 
-async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSummary> {
+async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<ExportSummary> {
+    crate::dataset::check_layout(&b.location).await?;
+    let mut backfill = None;
+    if b.resume.is_none() {
+        let auto = b.request.since.as_deref() == Some(SINCE_AUTO);
+        let request = std::mem::take(&mut b.request);
+        b.request = resolve_since_auto(&b.location, b.client.base().as_str(), request).await?;
+        if b.snapshot {
+            check_snapshot(&b.request, auto)?;
+        }
+        if b.options.backfill
+            && let Some(group) = members::wants_backfill(&b.request)
+        {
+            let group = group.to_string();
+            backfill = members::backfill(&b, &group, &b.progress).await?;
+        }
+    }
     let ExportBuilder {
         client,
         registry,
@@ -178,20 +195,15 @@ async fn run_export(b: ExportBuilder, running: Arc<Running>) -> Result<ExportSum
         snapshot,
         ..
     } = b;
-    crate::dataset::check_layout(&location).await?;
     let mut job = match resume {
         Some(job) => {
             tracing::info!(run = job.run_id, "resuming export job");
             job
         }
         None => {
-            let auto = request.since.as_deref() == Some(SINCE_AUTO);
-            let request = resolve_since_auto(&location, client.base().as_str(), request).await?;
-            if snapshot {
-                check_snapshot(&request, auto)?;
-            }
             let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
             job.snapshot = snapshot;
+            job.backfill = backfill;
             job.save(&location).await?;
             job
         }

@@ -74,6 +74,7 @@ pub(super) fn run_record(
         warnings,
         request: Some(job.request.clone()),
         snapshot: job.snapshot,
+        backfill: job.backfill.clone(),
         ..RunManifest::finished("export", ids, stats, inputs, files)
     }
     .with_view_keys(registry);
