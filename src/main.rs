@@ -1,5 +1,6 @@
 //! The `flatfhir` binary: parse the command line, set up logging, run, map the outcome to an
-//! exit code (0 success; 1 finished but rejects exceeded `--max-rejects`; 2 error).
+//! exit code (0 success; 1 finished but rejects exceeded `--max-rejects`; 2 error; 3 the same
+//! export is already running in another process, nothing done).
 
 use std::process::ExitCode;
 
@@ -27,7 +28,15 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {}", error_chain(&e));
-            ExitCode::from(2)
+            let busy = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<flatfhir::Error>(),
+                    Some(flatfhir::Error::Export(
+                        flatfhir::run::export::ExportError::Busy { .. }
+                    ))
+                )
+            });
+            ExitCode::from(if busy { 3 } else { 2 })
         }
     }
 }

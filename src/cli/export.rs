@@ -343,7 +343,11 @@ pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
         let request = resolve_since_auto(&c.location, base.as_str(), request).await?;
         // The same command again continues the job it left unfinished.
         let same = find_unfinished(&c.location, Some((base.as_str(), &request))).await?;
-        if same.is_some() {
+        let busy = match &same {
+            Some(job) => job.holder(&c.location).await?.is_some(),
+            None => false,
+        };
+        if same.is_some() && !busy {
             eprintln!(
                 "flatfhir: continuing the unfinished export job in {}",
                 c.out

@@ -363,6 +363,125 @@ impl JobRecord {
     }
 }
 
+/// How often a running export rewrites its lease ([`JobRecord::hold`]).
+pub const LEASE_RENEW: std::time::Duration = std::time::Duration::from_secs(20);
+/// A lease not renewed for this long belongs to a process that is gone.
+pub const LEASE_STALE: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// A running process's claim on a job (`_jobs/<run id>.lease`): an overlapping cron run of the
+/// same export sees the job is being worked on and leaves it alone, while a job whose process
+/// was killed is continued at once (same host, process gone) or after [`LEASE_STALE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Host name of the holder.
+    pub host: String,
+    /// Process id of the holder.
+    pub pid: u32,
+    /// RFC 3339 time of the last renewal.
+    pub renewed: String,
+}
+
+impl Lease {
+    fn now() -> Lease {
+        Lease {
+            host: host_name(),
+            pid: std::process::id(),
+            renewed: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }
+    }
+
+    /// Seconds since the last renewal.
+    pub fn age(&self) -> std::time::Duration {
+        chrono::DateTime::parse_from_rfc3339(&self.renewed)
+            .ok()
+            .and_then(|t| (chrono::Utc::now() - t.to_utc()).to_std().ok())
+            .unwrap_or(std::time::Duration::MAX)
+    }
+
+    /// Whether the holder may still be running.
+    fn live(&self) -> bool {
+        if self.age() >= LEASE_STALE {
+            return false;
+        }
+        // On this host, a process that is gone holds nothing (a killed run resumes at once).
+        let proc_fs = std::path::Path::new("/proc/self").exists();
+        !(proc_fs
+            && self.host == host_name()
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists())
+    }
+}
+
+/// This machine's name (Linux's; elsewhere `HOSTNAME`, else `unknown`).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Renews a job's lease while alive; dropped, it stops renewing and deletes the lease.
+pub struct LeaseGuard {
+    task: tokio::task::JoinHandle<()>,
+    loc: DatasetLocation,
+    path: String,
+}
+
+impl LeaseGuard {
+    /// Stop renewing and delete the lease (the job is finished).
+    pub async fn release(self) {
+        use object_store::ObjectStoreExt;
+        self.task.abort();
+        let _ = self.loc.store.delete(&self.loc.child(&self.path)).await;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let (loc, path) = (self.loc.clone(), self.path.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                use object_store::ObjectStoreExt;
+                let _ = loc.store.delete(&loc.child(&path)).await;
+            });
+        }
+    }
+}
+
+impl JobRecord {
+    fn lease_path(run_id: &str) -> String {
+        format!("{JOBS_DIR}/{run_id}.lease")
+    }
+
+    /// The lease of a process that may still be working on this job, if any.
+    pub async fn holder(&self, loc: &DatasetLocation) -> Result<Option<Lease>, DatasetError> {
+        let lease: Option<Lease> = loc.get_json_opt(&Self::lease_path(&self.run_id)).await?;
+        Ok(lease.filter(Lease::live))
+    }
+
+    /// Claim the job: write its lease now and every [`LEASE_RENEW`] until the guard is dropped.
+    pub async fn hold(&self, loc: &DatasetLocation) -> Result<LeaseGuard, DatasetError> {
+        let path = Self::lease_path(&self.run_id);
+        loc.put_json(&path, &Lease::now()).await?;
+        let (l, p) = (loc.clone(), path.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_RENEW).await;
+                if let Err(e) = l.put_json(&p, &Lease::now()).await {
+                    tracing::warn!(error = %e, "could not renew the job's lease");
+                }
+            }
+        });
+        Ok(LeaseGuard {
+            task,
+            loc: loc.clone(),
+            path,
+        })
+    }
+}
+
 /// FNV-1a, 64 bit: a stable (across runs and builds) name for a file URL.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {

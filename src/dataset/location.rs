@@ -208,6 +208,21 @@ impl DatasetLocation {
         Ok(out)
     }
 
+    /// Read the JSON document at `rel`; `None` when there is none.
+    pub async fn get_json_opt<T: DeserializeOwned>(
+        &self,
+        rel: &str,
+    ) -> Result<Option<T>, DatasetError> {
+        match self.get_json(&self.child(rel)).await {
+            Ok(v) => Ok(Some(v)),
+            Err(DatasetError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn get_json<T: DeserializeOwned>(&self, location: &Path) -> Result<T, DatasetError> {
         let path = location.to_string();
         let store_err = |source| DatasetError::Store {

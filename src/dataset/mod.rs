@@ -34,7 +34,7 @@ pub mod migrate;
 mod run_id;
 pub mod staging;
 
-pub use job::{FileKind, FileRecord, FileState, JobRecord, JobState};
+pub use job::{FileKind, FileRecord, FileState, JobRecord, JobState, Lease};
 pub use location::DatasetLocation;
 pub use manifest::{Backfill, InputRecord, RunManifest, ViewKey, WrittenFile};
 pub use run_id::RunIds;

@@ -309,3 +309,92 @@ async fn a_new_group_member_arrives_with_their_whole_history() {
     );
     srv.shutdown().await;
 }
+
+/// An overlapping cron run of the same export leaves the running one alone (exit code 3, nothing
+/// written); a run whose process was killed is continued at once by the same command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlapping_run_of_the_same_export_steps_aside() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let srv = flatfhir::serve::ServerBuilder::new(files(&[
+        patient("p1", "female", &["A"], OLD),
+        patient("p2", "male", &["B"], OLD),
+    ]))
+    .with_addr("127.0.0.1:0".parse().unwrap())
+    .with_delay(Duration::from_secs(4))
+    .start()
+    .await
+    .unwrap();
+    let cmd = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_flatfhir"));
+        c.args(["export", "--system", "--since", "auto", "-q", "--base-url"])
+            .arg(srv.base_url().as_str())
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let jobs = out.join("_jobs");
+    let wait_for_lease = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let leased = std::fs::read_dir(&jobs).ok().is_some_and(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".lease"))
+            });
+            if leased {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no lease written");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // A runs (polling for 4 s); B, the same command, steps aside.
+    let a = cmd().spawn().unwrap();
+    wait_for_lease();
+    let b = cmd().output().unwrap();
+    let stderr = String::from_utf8_lossy(&b.stderr);
+    assert_eq!(b.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("being run by another flatfhir process"),
+        "{stderr}"
+    );
+    let a = a.wait_with_output().unwrap();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let loc = DatasetLocation::resolve(out.to_str().unwrap(), false).unwrap();
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(one(&ds, "select count(*) from patient").await, "2");
+    // The finished job holds no lease.
+    wait_for_lease_gone(&jobs);
+
+    // A is killed while polling; the same command continues its job at once.
+    let mut a = cmd().spawn().unwrap();
+    wait_for_lease();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let c = cmd().output().unwrap();
+    let stderr = String::from_utf8_lossy(&c.stderr);
+    assert!(c.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("continuing the unfinished export job"),
+        "{stderr}"
+    );
+    let ds = Dataset::open(&loc).await.unwrap();
+    // Run 2 (--since auto, nothing changed) added no rows; every run is whole.
+    assert_eq!(one(&ds, "select count(*) from patient").await, "2");
+    assert_eq!(one(&ds, "select count(*) from patient_latest").await, "2");
+    srv.shutdown().await;
+}
+
+fn wait_for_lease_gone(jobs: &std::path::Path) {
+    let leased = || {
+        std::fs::read_dir(jobs).ok().is_some_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".lease"))
+        })
+    };
+    assert!(!leased(), "a finished job's lease is deleted");
+}

@@ -81,6 +81,20 @@ pub enum ExportError {
         /// The dataset.
         location: String,
     },
+    /// Another process is working on the job (an overlapping scheduled run).
+    #[error(
+        "export job {run} is being run by another flatfhir process (host {host}, pid {pid}, alive {seconds} s ago); not starting a second one"
+    )]
+    Busy {
+        /// The job's run id.
+        run: String,
+        /// The holder's host.
+        host: String,
+        /// The holder's process id.
+        pid: u32,
+        /// Seconds since the holder renewed its lease.
+        seconds: u64,
+    },
     /// `--snapshot` on an export that is not full.
     #[error(
         "--snapshot needs a full export, and {why}: a snapshot would remove from the current state every resource it did not bring"
@@ -197,6 +211,15 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
     } = b;
     let mut job = match resume {
         Some(job) => {
+            if let Some(lease) = job.holder(&location).await? {
+                return Err(ExportError::Busy {
+                    run: job.run_id.clone(),
+                    seconds: lease.age().as_secs(),
+                    host: lease.host,
+                    pid: lease.pid,
+                }
+                .into());
+            }
             tracing::info!(run = job.run_id, "resuming export job");
             job
         }
@@ -208,6 +231,7 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
             job
         }
     };
+    let lease = job.hold(&location).await?;
     let plan = job.resume_plan();
     for url in &plan.roll_forward {
         commit_staged(&location, &job.files[url].parts).await?;
@@ -356,6 +380,7 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
     job.completed()?;
     job.save(&location).await?;
     job.prune_files(&location).await;
+    lease.release().await;
     for p in &coalesced.replaced {
         if let Err(e) = location.store.delete(&location.child(&p.path)).await {
             tracing::warn!(path = %p.path, error = %e, "could not delete a coalesced small part (it is not read)");
