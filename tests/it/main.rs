@@ -10,6 +10,7 @@ mod driver;
 mod export;
 mod flatten;
 mod incremental;
+mod profiles;
 mod s3;
 mod store;
 mod support;
