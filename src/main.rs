@@ -4,8 +4,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 mod cli;
 
 /// jemalloc rather than the system allocator: with glibc's, peak RSS grew with input size
@@ -16,9 +14,9 @@ mod cli;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let (args, matches) = cli::Cli::parse_with_matches();
     cli::logging::init(args.verbose, args.quiet);
-    match cli::run(args) {
+    match cli::run(args, &matches) {
         Ok(outcome) => outcome.exit_code(),
         Err(e) => {
             if e.chain().any(|c| {

@@ -12,10 +12,10 @@ use flatfhir::{dataset::DatasetLocation, view::ViewRegistry};
 pub struct SchemaArgs {
     /// Folder of ViewDefinition JSON files: adds views, or replaces built-in ones of the same name.
     #[arg(long, value_name = "DIR", env = "FLATFHIR_SCHEMAS")]
-    schemas: Option<PathBuf>,
+    pub schemas: Option<PathBuf>,
     /// Do not add the raw `resource` JSON column to base views.
     #[arg(long)]
-    no_raw: bool,
+    pub no_raw: bool,
 }
 
 impl SchemaArgs {

@@ -1,9 +1,13 @@
 //! `flatfhir export`: a Bulk Data export into a dataset.
+//!
+//! The flags may come from a profile of a config file (`--profile NAME`, see [`super::profile`]):
+//! [`ExportArgs::with_profile`] fills what neither the command line nor the environment set,
+//! before [`ExportArgs::validate`] checks the result as if it had all been typed.
 
 use std::{io::Write, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{ArgMatches, Args, parser::ValueSource};
 use url::Url;
 
 use flatfhir::{
@@ -26,14 +30,42 @@ use flatfhir::{
 use super::{
     Outcome,
     args::{SchemaArgs, StoreArgs, parse_duration, parse_header, parse_kv},
-    check_rejects, output, progress,
+    check_rejects, output,
+    profile::{CONFIG_ENV, ConfigFile, NamedProfile, PROFILE_ENV, ProfileError},
+    progress,
 };
 
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("level").args(["system", "patients", "group"]))]
 pub struct ExportArgs {
+    /// Take the settings that neither the command line nor the environment gives from this
+    /// profile of the config file (a nightly job: `flatfhir export --profile epic-prod`).
+    ///
+    /// Precedence: command-line flag > environment variable > profile > built-in default. The
+    /// file (TOML) holds `[profiles.NAME]` tables whose keys are the long flags of this command
+    /// with `_` for `-`: `base_url = "https://ehr.example/fhir"`, `group = "cohort-1"` (or
+    /// `system = true`, `patients = true`), `type = ["Patient", "Observation"]`,
+    /// `since = "auto"`, `client_id`, `private_key = "key.pem"`, `out`, `max_retries = 8`,
+    /// `timeout = "12h"`, `header = { X-Tenant = "a" }`, `store_option = { aws_region = "…" }`.
+    /// A list on the command line replaces the profile's list; `--header` and `--store-option`
+    /// replace only the entries of the same name. A bearer token or client id given on the
+    /// command line or in the environment replaces the profile's way of authorizing. Flags
+    /// that take no value can only be switched on, so a profile that sets one cannot be
+    /// overridden by a flag.
+    ///
+    /// Secrets only by reference: `bearer_token_env = "VAR"` or `bearer_token_file = "PATH"`,
+    /// `header_env`/`header_file` for secret headers (Authorization, Cookie, …), and
+    /// `store_option_env`/`store_option_file` for store credentials; a secret written inline,
+    /// and any unknown key, is an error naming the file and line. Relative paths are relative
+    /// to the config file.
+    #[arg(long, value_name = "NAME", env = PROFILE_ENV, help_heading = "Config file")]
+    profile: Option<String>,
+    /// The config file of --profile [default: $XDG_CONFIG_HOME/flatfhir/config.toml, else
+    /// ~/.config/flatfhir/config.toml].
+    #[arg(long, value_name = "FILE", env = CONFIG_ENV, help_heading = "Config file")]
+    config: Option<PathBuf>,
     /// FHIR base URL of the server (e.g. https://ehr.example/fhir).
-    #[arg(long, env = "FLATFHIR_BASE_URL", required_unless_present = "resume")]
+    #[arg(long, env = "FLATFHIR_BASE_URL")]
     base_url: Option<String>,
     /// System-level export: [base]/$export.
     #[arg(long)]
@@ -45,7 +77,7 @@ pub struct ExportArgs {
     #[arg(long, value_name = "ID")]
     group: Option<String>,
     /// Output dataset: a folder, or a URL (file://, s3://, gs://, az://, abfss://).
-    #[arg(long, short, value_name = "DIR", required_unless_present = "resume")]
+    #[arg(long, short, value_name = "DIR")]
     out: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
@@ -116,17 +148,11 @@ pub struct ExportArgs {
         long,
         env = "FLATFHIR_BEARER_TOKEN",
         hide_env_values = true,
-        help_heading = "Authorization",
-        conflicts_with = "client_id"
+        help_heading = "Authorization"
     )]
     bearer_token: Option<String>,
     /// SMART Backend Services client id (registered with the server). Needs --private-key.
-    #[arg(
-        long,
-        env = "FLATFHIR_CLIENT_ID",
-        help_heading = "Authorization",
-        requires = "private_key"
-    )]
+    #[arg(long, env = "FLATFHIR_CLIENT_ID", help_heading = "Authorization")]
     client_id: Option<String>,
     /// Private key that signs client assertions: PEM (PKCS#8; RSA or EC P-384) or a JWK / JWKS
     /// file (the key is picked by --kid). Create one with `flatfhir keys generate`.
@@ -134,8 +160,7 @@ pub struct ExportArgs {
         long,
         env = "FLATFHIR_PRIVATE_KEY",
         value_name = "FILE",
-        help_heading = "Authorization",
-        requires = "client_id"
+        help_heading = "Authorization"
     )]
     private_key: Option<PathBuf>,
     /// Key id sent as the assertion's `kid` (default: the JWK's kid, else the key's RFC 7638
@@ -224,6 +249,133 @@ pub struct ExportConfig {
 }
 
 impl ExportArgs {
+    /// Lay the profile named by `--profile` (or `FLATFHIR_PROFILE`) under what the command line
+    /// and the environment set. `m` are the export command's matches: they say where each value
+    /// came from. Reads the config file and the secrets the profile uses; sends nothing.
+    pub fn with_profile(mut self: Box<Self>, m: &ArgMatches) -> Result<Box<Self>> {
+        let Some(name) = self.profile.clone() else {
+            if let Some(path) = &self.config
+                && m.value_source("config") == Some(ValueSource::CommandLine)
+            {
+                return Err(ProfileError::NoProfile {
+                    path: path.display().to_string(),
+                }
+                .into());
+            }
+            return Ok(self);
+        };
+        let path = ConfigFile::locate(self.config.as_deref(), &name)?;
+        let profile = ConfigFile::load(&path)?.profile(&name)?;
+        self.apply(profile, m)?;
+        Ok(self)
+    }
+
+    /// Fill every setting that neither the command line nor the environment gave from `np`.
+    fn apply(&mut self, np: NamedProfile, m: &ArgMatches) -> Result<()> {
+        let given = |id: &str| {
+            matches!(
+                m.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        // One way of authorizing given by the user replaces the profile's other way.
+        let user_bearer = given("bearer_token");
+        let user_smart = given("client_id") || given("private_key");
+        let bearer = match user_bearer || user_smart {
+            true => None,
+            false => np.bearer_token()?,
+        };
+        // Entries named on the command line replace the profile's of the same name only.
+        let headers =
+            np.headers(|h| !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(h)))?;
+        self.headers = headers.into_iter().chain(self.headers.drain(..)).collect();
+        let options = &mut self.store.store_options;
+        let profile_options = np.store_options(|k| !options.iter().any(|(n, _)| n == k))?;
+        *options = profile_options
+            .into_iter()
+            .chain(options.drain(..))
+            .collect();
+
+        let p = np.profile;
+        // `$field` takes the profile's value unless the user gave one (clap ids are field names).
+        macro_rules! fill {
+            ($($field:ident = $value:expr),* $(,)?) => {$(
+                if let Some(v) = $value
+                    && !given(stringify!($field))
+                {
+                    self.$field = v;
+                }
+            )*};
+        }
+        if !(given("system") || given("patients") || given("group")) {
+            fill!(
+                system = p.system,
+                patients = p.patients,
+                group = p.group.map(Some),
+            );
+        }
+        if !user_bearer {
+            fill!(
+                client_id = p.client_id.map(Some),
+                private_key = p.private_key.map(|k| Some(k.0)),
+            );
+        }
+        fill!(
+            bearer_token = bearer.map(Some),
+            base_url = p.base_url.map(Some),
+            out = p.out.map(Some),
+            types = p.types,
+            // A snapshot asked for on the command line is a full export: the profile's
+            // `since` (often `auto`, for the nightly runs) does not apply to it.
+            since = p.since.filter(|_| !given("snapshot")).map(Some),
+            snapshot = p.snapshot,
+            no_backfill = p.no_backfill,
+            until = p.until.map(Some),
+            type_filters = p.type_filter,
+            elements = p.elements,
+            patients_filter = p.patient,
+            include_associated_data = p.include_associated_data,
+            output_format = p.output_format.map(Some),
+            organize_output_by = p.organize_output_by.map(Some),
+            allow_partial_manifests = p.allow_partial_manifests,
+            params = p.param.map(|ps| ps.into_iter().map(|kv| kv.0).collect()),
+            post = p.post,
+            lenient = p.lenient,
+            separate_export_status = p.separate_export_status,
+            kid = p.kid.map(Some),
+            alg = p.alg.map(|a| Some(a.0)),
+            scope = p.scope.map(Some),
+            smart_v2 = p.smart_v2,
+            token_url = p.token_url.map(Some),
+            jku = p.jku.map(Some),
+            allow_insecure_http = p.allow_insecure_http,
+            allow_token_host = p.allow_token_host,
+            concurrency = p.concurrency,
+            timeout = p.timeout.map(|d| d.0),
+            max_poll_interval = p.max_poll_interval.map(|d| d.0),
+            idle_timeout = p.idle_timeout.map(|d| d.0),
+            max_redirects = p.max_redirects,
+            max_retries = p.max_retries,
+            no_delete = p.no_delete,
+            keep_job = p.keep_job,
+            keep_ndjson = p.keep_ndjson.map(Some),
+            no_coalesce = p.no_coalesce,
+            max_rejects = p.max_rejects.map(Some),
+            json = p.json,
+        );
+        if let Some(dir) = p.schemas
+            && !given("schemas")
+        {
+            self.schema.schemas = Some(dir);
+        }
+        if let Some(no_raw) = p.no_raw
+            && !given("no_raw")
+        {
+            self.schema.no_raw = no_raw;
+        }
+        Ok(())
+    }
+
     /// Check everything that can be checked without the network.
     pub fn validate(self: Box<Self>) -> Result<ExportConfig> {
         let registry = self.schema.registry()?;
@@ -232,17 +384,22 @@ impl ExportArgs {
             .resume
             .clone()
             .or_else(|| self.out.clone())
-            .context("--out DIR is required")?;
+            .context("--out DIR is required (or `out` in the --profile)")?;
         let location = self.store.location(&out, !resume)?;
         let (base_url, request) = if resume {
             (None, None)
         } else {
-            let base = self.base_url.as_deref().context("--base-url is required")?;
+            let base = self.base_url.as_deref().context(
+                "--base-url is required (or FLATFHIR_BASE_URL, or `base_url` in the --profile)",
+            )?;
             let base = Url::parse(base).with_context(|| format!("invalid --base-url {base:?}"))?;
             let request = self.request()?;
             request.validate()?;
             (Some(base), Some(request))
         };
+        if self.bearer_token.is_some() && self.client_id.is_some() {
+            bail!("a bearer token and --client-id: choose one way to authorize");
+        }
         let key = match (&self.client_id, &self.private_key) {
             (Some(id), Some(path)) => {
                 flatfhir::auth::warn_if_key_readable_by_others(path);
@@ -258,7 +415,9 @@ impl ExportArgs {
                 }
                 Some((id.clone(), key))
             }
-            _ => None,
+            (Some(_), None) => bail!("--client-id needs --private-key (the key that signs)"),
+            (None, Some(_)) => bail!("--private-key needs --client-id"),
+            (None, None) => None,
         };
         let token_url = self
             .token_url
@@ -474,4 +633,163 @@ pub fn finish_export(
         return Ok(Outcome::RejectsExceeded);
     }
     Ok(check_rejects(m, max_rejects))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::Duration};
+
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+    use crate::cli::profile::tests::nightly;
+
+    /// `flatfhir export ARGS…` with profile `epic-prod` of the shared test file applied.
+    fn with_profile(args: &[&str]) -> Box<ExportArgs> {
+        let cmd = super::super::Cli::command();
+        let m = cmd
+            .try_get_matches_from(["flatfhir", "export"].iter().chain(args))
+            .unwrap();
+        let m = m.subcommand_matches("export").unwrap();
+        let mut a = Box::new(ExportArgs::from_arg_matches(m).unwrap());
+        a.apply(nightly("epic-prod"), m).unwrap();
+        a
+    }
+
+    #[test]
+    fn the_profile_fills_what_the_command_line_leaves_unset() {
+        let a = with_profile(&[]);
+        assert_eq!(a.base_url.as_deref(), Some("https://ehr.example/fhir"));
+        let r = a.request().unwrap();
+        assert_eq!(r.level, Some(ExportLevel::Group("cohort-1".into())));
+        assert_eq!(r.types, ["Patient", "Observation"]);
+        assert_eq!(r.since.as_deref(), Some("auto"));
+        assert_eq!(r.params, [("_flatfhirFault".into(), "slow:1".into())]);
+        assert_eq!(a.client_id.as_deref(), Some("flatfhir"));
+        let key = Path::new("/etc/flatfhir/keys/private-key.pem");
+        assert_eq!(a.private_key.as_deref(), Some(key));
+        assert_eq!(a.out.as_deref(), Some("/etc/flatfhir/warehouse"));
+        assert_eq!(a.concurrency, 2, "a profile value beats a built-in default");
+        assert_eq!(a.max_retries, 8);
+        assert_eq!(a.timeout, Duration::from_secs(12 * 3600));
+        assert!(a.no_delete && a.schema.no_raw);
+        // Unset in the profile: the built-in defaults stay.
+        assert_eq!(a.idle_timeout, Duration::from_secs(300));
+        assert_eq!(a.max_redirects, flatfhir::client::DEFAULT_MAX_REDIRECTS);
+    }
+
+    #[test]
+    fn a_snapshot_on_the_command_line_drops_the_profiles_since() {
+        let a = with_profile(&["--snapshot"]);
+        assert!(a.snapshot);
+        assert_eq!(a.request().unwrap().since, None);
+    }
+
+    #[test]
+    fn command_line_flags_override_the_profile() {
+        let a = with_profile(&[
+            "--base-url",
+            "https://other.example/fhir",
+            "--patients",
+            "--type",
+            "Condition",
+            "--max-retries",
+            "1",
+            "--concurrency",
+            "4",
+            "--header",
+            "x-tenant: b",
+            "--store-option",
+            "aws_region=us-east-1",
+            "--out",
+            "elsewhere",
+        ]);
+        assert_eq!(a.base_url.as_deref(), Some("https://other.example/fhir"));
+        let r = a.request().unwrap();
+        assert_eq!(r.level, Some(ExportLevel::Patients), "the level as a whole");
+        assert_eq!(a.group, None);
+        assert_eq!(r.types, ["Condition"], "a list replaces the profile's");
+        assert_eq!(r.since.as_deref(), Some("auto"), "what no flag named stays");
+        assert_eq!(a.max_retries, 1);
+        assert_eq!(
+            a.concurrency, 4,
+            "even when the flag gives the default value"
+        );
+        assert_eq!(a.out.as_deref(), Some("elsewhere"));
+        // Headers and store options: the command line's replace the profile's of that name.
+        let mut h = a.headers.clone();
+        h.sort();
+        assert_eq!(
+            h,
+            [
+                ("X-Site".into(), "north".into()),
+                ("x-tenant".into(), "b".into())
+            ]
+        );
+        let mut o = a.store.store_options.clone();
+        o.sort();
+        assert_eq!(
+            o,
+            [
+                ("aws_endpoint".into(), "http://minio:9000".into()),
+                ("aws_region".into(), "us-east-1".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_way_of_authorizing_on_the_command_line_replaces_the_profiles() {
+        let a = with_profile(&["--bearer-token", "t"]);
+        assert_eq!(a.bearer_token.as_deref(), Some("t"));
+        assert_eq!((a.client_id, a.private_key), (None, None));
+        // The other SMART settings stay; without a client id they are not used.
+        assert_eq!(a.scope.as_deref(), Some("system/*.rs"));
+
+        let a = with_profile(&["--private-key", "/other/key.pem"]);
+        assert_eq!(a.private_key.as_deref(), Some(Path::new("/other/key.pem")));
+        assert_eq!(a.client_id.as_deref(), Some("flatfhir"));
+    }
+
+    #[test]
+    fn without_a_profile_nothing_changes_and_auth_pairs_are_checked() {
+        let cmd = super::super::Cli::command();
+        let parse = |args: &[&str]| {
+            let m = cmd
+                .clone()
+                .try_get_matches_from(["flatfhir", "export"].iter().chain(args))
+                .unwrap();
+            let m = m.subcommand_matches("export").unwrap().clone();
+            let a = Box::new(ExportArgs::from_arg_matches(&m).unwrap());
+            a.with_profile(&m).unwrap()
+        };
+        let a = parse(&["--base-url", "http://x/fhir", "--system", "--out", "d"]);
+        assert_eq!(a.concurrency, flatfhir::run::export::DEFAULT_CONCURRENCY);
+        let err = |args: &[&str]| match parse(args).validate() {
+            Ok(_) => panic!("{args:?} validated"),
+            Err(e) => e.to_string(),
+        };
+        let base = ["--base-url", "http://x/fhir", "--system", "--out"];
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().to_str().unwrap();
+        let e = err(&[&base[..], &[out, "--client-id", "c"]].concat());
+        assert!(e.contains("--client-id needs --private-key"), "{e}");
+        let e = err(&[&base[..], &[out, "--private-key", "k.pem"]].concat());
+        assert!(e.contains("--private-key needs --client-id"), "{e}");
+        let e = err(&[
+            &base[..],
+            &[
+                out,
+                "--bearer-token",
+                "t",
+                "--client-id",
+                "c",
+                "--private-key",
+                "k",
+            ],
+        ]
+        .concat());
+        assert!(e.contains("choose one way to authorize"), "{e}");
+        let e = err(&["--system", "--out", out]);
+        assert!(e.contains("--base-url is required"), "{e}");
+    }
 }

@@ -16,6 +16,7 @@ mod keys;
 pub mod logging;
 mod migrate;
 mod output;
+mod profile;
 mod progress;
 mod query;
 mod schemas;
@@ -26,7 +27,7 @@ mod view;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use flatfhir::dataset::RunManifest;
 
@@ -74,6 +75,18 @@ enum Command {
     Keys(keys::KeysCommand),
 }
 
+impl Cli {
+    /// Parse the process's arguments and keep clap's matches with them: they tell which values
+    /// the command line or the environment gave, which a `--profile` must not override.
+    pub fn parse_with_matches() -> (Cli, ArgMatches) {
+        let matches = Cli::command().get_matches();
+        match Cli::from_arg_matches(&matches) {
+            Ok(cli) => (cli, matches),
+            Err(e) => e.format(&mut Cli::command()).exit(),
+        }
+    }
+}
+
 /// How a command that ran to its end went.
 pub enum Outcome {
     /// Exit 0.
@@ -93,8 +106,8 @@ impl Outcome {
     }
 }
 
-/// Run the command.
-pub fn run(cli: Cli) -> Result<Outcome> {
+/// Run the command; `matches` are the ones `cli` was made from.
+pub fn run(cli: Cli, matches: &ArgMatches) -> Result<Outcome> {
     let quiet = cli.quiet > 0;
     // Commands that need no runtime run without one.
     match cli.command {
@@ -107,7 +120,10 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         .build()?;
     rt.block_on(async {
         match cli.command {
-            Command::Export(a) => export::run(a.validate()?, quiet).await,
+            Command::Export(a) => {
+                let m = matches.subcommand_matches("export").unwrap_or(matches);
+                export::run(a.with_profile(m)?.validate()?, quiet).await
+            }
             #[cfg(feature = "serve")]
             Command::Serve(a) => serve::run(a).await,
             Command::Convert(a) => convert::run(a.validate()?, quiet).await,

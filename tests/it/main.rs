@@ -11,6 +11,7 @@ mod export;
 mod flatten;
 mod incremental;
 mod nightly;
+mod profiles;
 mod s3;
 mod store;
 mod support;
