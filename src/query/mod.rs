@@ -97,6 +97,9 @@ pub struct Dataset {
     runs: Vec<RunManifest>,
 }
 
+/// Tables whose Delta logs are read at once when a dataset is opened.
+const TABLES_LOADED_AT_ONCE: usize = 8;
+
 impl Dataset {
     /// Open a dataset at the latest version of its tables.
     pub async fn open(location: &DatasetLocation) -> Result<Dataset, QueryError> {
@@ -133,24 +136,30 @@ impl Dataset {
         };
         let mut ctx = crate::dataset::current::session();
         datafusion_functions_json::register_all(&mut ctx)?;
-        let mut tables = Vec::new();
-        for name in names {
-            let mut builder = location.table_builder(&name)?;
-            if let Some(t) = cutoff {
-                builder = builder.with_timestamp(t);
-            }
-            let table = match builder.load().await {
-                Ok(t) => t,
-                // Created after the cutoff: not part of that state.
-                Err(_) if cutoff.is_some() => continue,
-                Err(source) => {
-                    return Err(DatasetError::Delta {
+        // Tables load side by side (each is a listing and a few small reads of its log).
+        use futures::{StreamExt, TryStreamExt};
+        let loaded: Vec<(String, Option<deltalake::DeltaTable>)> = futures::stream::iter(names)
+            .map(|name| async move {
+                let mut builder = location.table_builder(&name)?;
+                if let Some(t) = cutoff {
+                    builder = builder.with_timestamp(t);
+                }
+                match builder.load().await {
+                    Ok(t) => Ok((name, Some(t))),
+                    // Created after the cutoff: not part of that state.
+                    Err(_) if cutoff.is_some() => Ok((name, None)),
+                    Err(source) => Err(DatasetError::Delta {
                         table: name,
                         source: Box::new(source),
-                    }
-                    .into());
+                    }),
                 }
-            };
+            })
+            .buffered(TABLES_LOADED_AT_ONCE)
+            .try_collect()
+            .await?;
+        let mut tables = Vec::new();
+        for (name, table) in loaded {
+            let Some(table) = table else { continue };
             let (files, rows) = table_size(&table);
             table
                 .update_datafusion_session(&ctx.state())
