@@ -16,7 +16,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::logging::init(args.verbose, args.quiet);
+    cli::logging::init(args.verbose, args.quiet, args.log_format);
     match cli::run(args) {
         Ok(outcome) => outcome.exit_code(),
         Err(e) => {
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {}", error_chain(&e));
+            cli::logging::say(tracing::Level::ERROR, &error_chain(&e));
             ExitCode::from(2)
         }
     }

@@ -11,6 +11,7 @@ mod export;
 mod flatten;
 mod incremental;
 mod s3;
+mod scheduler;
 mod store;
 mod support;
 mod valid_fhir;
