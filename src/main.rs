@@ -15,7 +15,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let (args, matches) = cli::Cli::parse_with_matches();
-    cli::logging::init(args.verbose, args.quiet);
+    cli::logging::init(args.verbose, args.quiet, args.log_format);
     match cli::run(args, &matches) {
         Ok(outcome) => outcome.exit_code(),
         Err(e) => {
@@ -25,16 +25,8 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {}", error_chain(&e));
-            let busy = e.chain().any(|c| {
-                matches!(
-                    c.downcast_ref::<flatfhir::Error>(),
-                    Some(flatfhir::Error::Export(
-                        flatfhir::run::export::ExportError::Busy { .. }
-                    ))
-                )
-            });
-            ExitCode::from(if busy { 3 } else { 2 })
+            cli::logging::say(tracing::Level::ERROR, &error_chain(&e));
+            ExitCode::from(cli::exit_code_of(&e))
         }
     }
 }

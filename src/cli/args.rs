@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use flatfhir::{dataset::DatasetLocation, view::ViewRegistry};
+use flatfhir::{
+    dataset::DatasetLocation,
+    run::metrics::{RunResult, prometheus_text, write_atomically},
+    view::ViewRegistry,
+};
 
 /// The views in use: built-in defaults plus `--schemas DIR`.
 #[derive(Debug, Args)]
@@ -47,6 +51,80 @@ impl StoreArgs {
             &self.store_options,
             create,
         )?)
+    }
+}
+
+/// `--metrics-file`: the run summary in the Prometheus text format.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Write the run summary in the Prometheus text format to FILE at the end of the run,
+    /// success or failure (replaced atomically; for a node-exporter textfile collector).
+    #[arg(long, value_name = "FILE", env = "FLATFHIR_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
+}
+
+impl MetricsArgs {
+    /// Write the metrics file, if one was asked for. A failure to write it is a warning: the
+    /// run's own outcome stands, and the file's stale timestamp is what an alert sees.
+    pub fn write(&self, command: &str, dataset: &str, result: &RunResult<'_>, exit_code: u8) {
+        let Some(path) = &self.metrics_file else {
+            return;
+        };
+        let dataset = match url::Url::parse(dataset) {
+            Ok(u) if dataset.contains("://") => flatfhir::client::error_redact(&u),
+            _ => dataset.to_string(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let text = prometheus_text(command, &dataset, result, exit_code, now);
+        if let Err(e) = write_atomically(path, &text) {
+            // Said, not logged: the scheduler's alert depends on this file.
+            super::logging::say(
+                tracing::Level::WARN,
+                &format!("could not write the metrics file {}: {e}", path.display()),
+            );
+        }
+    }
+}
+
+impl MetricsArgs {
+    /// After a run: the metrics file from its record, or — failed — from its duration and what
+    /// its HTTP requests did (`http`); then the run's own result.
+    pub fn report(
+        &self,
+        command: &str,
+        dataset: &str,
+        started: std::time::Instant,
+        result: Result<(super::Outcome, flatfhir::dataset::RunManifest)>,
+        http: impl FnOnce() -> flatfhir::client::HttpSummary,
+    ) -> Result<super::Outcome> {
+        match result {
+            Ok((outcome, manifest)) => {
+                let published = RunResult::Published(&manifest);
+                self.write(command, dataset, &published, outcome.code());
+                Ok(outcome)
+            }
+            Err(e) => {
+                let failed = RunResult::Failed {
+                    duration_seconds: started.elapsed().as_secs_f64(),
+                    http: http(),
+                };
+                self.write(command, dataset, &failed, super::exit_code_of(&e));
+                Err(e)
+            }
+        }
+    }
+
+    /// A run that failed before it started (flags, inputs, keys): the metrics file says so too.
+    pub fn failed_early(&self, command: &str, dataset: &str, e: anyhow::Error) -> anyhow::Error {
+        let failed = RunResult::Failed {
+            duration_seconds: 0.0,
+            http: Default::default(),
+        };
+        self.write(command, dataset, &failed, super::exit_code_of(&e));
+        e
     }
 }
 

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 use flatfhir::{
-    dataset::DatasetLocation,
+    dataset::{DatasetLocation, RunManifest},
     run::{
         Progress,
         convert::{ConvertBuilder, ConvertOptions},
@@ -17,7 +17,7 @@ use flatfhir::{
 
 use super::{
     Outcome,
-    args::{SchemaArgs, StoreArgs, parse_compression},
+    args::{MetricsArgs, SchemaArgs, StoreArgs, parse_compression},
     check_rejects, output, progress,
 };
 
@@ -51,6 +51,8 @@ pub struct ConvertArgs {
     /// Print the run manifest as JSON on stdout instead of the summary table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// A validated `convert`: views compiled, inputs found, output resolved.
@@ -62,9 +64,15 @@ pub struct ConvertConfig {
     options: ConvertOptions,
     max_rejects: Option<u64>,
     json: bool,
+    metrics: MetricsArgs,
 }
 
 impl ConvertArgs {
+    /// `--metrics-file` and the dataset it reports on, for a run that fails validation.
+    pub fn metrics(&self) -> (MetricsArgs, String) {
+        (self.metrics.clone(), self.out.clone())
+    }
+
     /// Check everything that can be checked before the run.
     pub fn validate(self) -> Result<ConvertConfig> {
         let registry = self.schema.registry()?;
@@ -90,11 +98,19 @@ impl ConvertArgs {
             options,
             max_rejects: self.max_rejects,
             json: self.json,
+            metrics: self.metrics,
         })
     }
 }
 
 pub async fn run(c: ConvertConfig, quiet: bool) -> Result<Outcome> {
+    let started = std::time::Instant::now();
+    let (metrics, dataset) = (c.metrics.clone(), c.out.clone());
+    let result = convert(c, quiet).await;
+    metrics.report("convert", &dataset, started, result, Default::default)
+}
+
+async fn convert(c: ConvertConfig, quiet: bool) -> Result<(Outcome, RunManifest)> {
     let total: u64 = c
         .files
         .iter()
@@ -125,5 +141,5 @@ pub async fn run(c: ConvertConfig, quiet: bool) -> Result<Outcome> {
     } else {
         output::write_accounting(&mut stdout, &manifest, &c.out)?;
     }
-    Ok(check_rejects(&manifest, c.max_rejects))
+    Ok((check_rejects(&manifest, c.max_rejects), manifest))
 }

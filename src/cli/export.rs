@@ -13,10 +13,10 @@ use url::Url;
 use flatfhir::{
     auth::{PrivateKey, SigningAlg},
     client::{
-        Auth, BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig, SmartAuth, SmartConfig,
-        smart::export_scope,
+        Auth, BulkClient, BulkClientBuilder, ExportLevel, ExportRequest, RetryConfig, SmartAuth,
+        SmartConfig, smart::export_scope,
     },
-    dataset::DatasetLocation,
+    dataset::{DatasetLocation, RunManifest},
     run::{
         Progress,
         export::{
@@ -29,8 +29,8 @@ use flatfhir::{
 
 use super::{
     Outcome,
-    args::{SchemaArgs, StoreArgs, parse_duration, parse_header, parse_kv},
-    check_rejects, output,
+    args::{MetricsArgs, SchemaArgs, StoreArgs, parse_duration, parse_header, parse_kv},
+    check_rejects, logging, output,
     profile::{CONFIG_ENV, ConfigFile, NamedProfile, PROFILE_ENV, ProfileError},
     progress,
 };
@@ -194,6 +194,10 @@ pub struct ExportArgs {
     /// Files downloaded in parallel.
     #[arg(long, default_value_t = flatfhir::run::export::DEFAULT_CONCURRENCY)]
     concurrency: usize,
+    /// Most requests to the server in flight at once (kick-off, status and downloads); halved
+    /// while the server answers 429/503, raised again as it recovers [default: --concurrency].
+    #[arg(long, value_name = "N", env = "FLATFHIR_MAX_CONCURRENT_REQUESTS")]
+    max_concurrent_requests: Option<usize>,
     /// Give up on the whole job after this long (e.g. 90s, 30m, 12h, 7d).
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     timeout: std::time::Duration,
@@ -232,6 +236,8 @@ pub struct ExportArgs {
     /// Print the run manifest as JSON on stdout instead of the summary table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// A validated export: views compiled, the request and flags checked, the key read, the
@@ -351,6 +357,7 @@ impl ExportArgs {
             allow_insecure_http = p.allow_insecure_http,
             allow_token_host = p.allow_token_host,
             concurrency = p.concurrency,
+            max_concurrent_requests = p.max_concurrent_requests.map(Some),
             timeout = p.timeout.map(|d| d.0),
             max_poll_interval = p.max_poll_interval.map(|d| d.0),
             idle_timeout = p.idle_timeout.map(|d| d.0),
@@ -368,12 +375,23 @@ impl ExportArgs {
         {
             self.schema.schemas = Some(dir);
         }
+        if let Some(file) = p.metrics_file
+            && !given("metrics_file")
+        {
+            self.metrics.metrics_file = Some(file);
+        }
         if let Some(no_raw) = p.no_raw
             && !given("no_raw")
         {
             self.schema.no_raw = no_raw;
         }
         Ok(())
+    }
+
+    /// `--metrics-file` and the dataset it reports on, for a run that fails validation.
+    pub fn metrics(&self) -> (MetricsArgs, String) {
+        let out = self.resume.as_ref().or(self.out.as_ref());
+        (self.metrics.clone(), out.cloned().unwrap_or_default())
     }
 
     /// Check everything that can be checked without the network.
@@ -486,7 +504,22 @@ impl ExportConfig {
     }
 }
 
-pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
+pub async fn run(c: ExportConfig, quiet: bool) -> Result<Outcome> {
+    let started = std::time::Instant::now();
+    let metrics = c.args.metrics.clone();
+    let dataset = c.out.clone();
+    let mut client: Option<BulkClient> = None;
+    let result = export(c, quiet, &mut client).await;
+    let http = || client.map(|c| c.http_summary()).unwrap_or_default();
+    metrics.report("export", &dataset, started, result, http)
+}
+
+/// The export; `client` is set once built, for the figures of a failed run.
+async fn export(
+    mut c: ExportConfig,
+    quiet: bool,
+    client: &mut Option<BulkClient>,
+) -> Result<(Outcome, RunManifest)> {
     let (base, request, resume) = if c.resume {
         let job = find_unfinished(&c.location, None).await?.ok_or_else(|| {
             ExportError::NothingToResume {
@@ -507,9 +540,9 @@ pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
             None => false,
         };
         if same.is_some() && !busy {
-            eprintln!(
-                "flatfhir: continuing the unfinished export job in {}",
-                c.out
+            logging::say(
+                tracing::Level::INFO,
+                &format!("continuing the unfinished export job in {}", c.out),
             );
         }
         (base, request, same)
@@ -521,14 +554,16 @@ pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
         max_poll_interval: a.max_poll_interval,
         ..Default::default()
     };
-    let client = BulkClientBuilder::new(base)
+    let built = BulkClientBuilder::new(base)
         .with_auth(auth)
         .with_headers(a.headers.clone())
         .with_retry(retry)
         .with_token_hosts(a.allow_token_host.clone())
         .with_idle_timeout(a.idle_timeout)
         .with_max_redirects(a.max_redirects)
+        .with_max_concurrent_requests(a.max_concurrent_requests.unwrap_or(a.concurrency))
         .build()?;
+    let client = client.insert(built).clone();
     let options = ExportOptions {
         concurrency: a.concurrency.max(1),
         timeout: a.timeout,
@@ -554,7 +589,9 @@ pub async fn run(mut c: ExportConfig, quiet: bool) -> Result<Outcome> {
         .run()
         .await;
     display.stop();
-    finish_export(&summary?, &c.out, a.json, a.max_rejects)
+    let summary = summary?;
+    let outcome = finish_export(&summary, &c.out, a.json, a.max_rejects)?;
+    Ok((outcome, summary.manifest))
 }
 
 pub fn finish_export(
@@ -627,8 +664,9 @@ pub fn finish_export(
         }
     }
     if summary.server_errors {
-        eprintln!(
-            "error: the server reported fatal or error issues for this export (see table `_outcomes`)"
+        logging::say(
+            tracing::Level::ERROR,
+            "the server reported fatal or error issues for this export (see table `_outcomes`)",
         );
         return Ok(Outcome::RejectsExceeded);
     }

@@ -43,6 +43,16 @@ pub struct Cli {
     /// Less output on stderr (-q errors only and no progress, -qq nothing).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub quiet: u8,
+    /// Log lines on stderr: text, or json (one object per line: time, level, run_id, message,
+    /// fields; no progress bar).
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = logging::LogFormat::Text,
+        env = "FLATFHIR_LOG_FORMAT",
+        global = true
+    )]
+    pub log_format: logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,16 +109,36 @@ pub enum Outcome {
 impl Outcome {
     /// The process exit code.
     pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.code())
+    }
+
+    /// The process exit code, as a number.
+    pub fn code(&self) -> u8 {
         match self {
-            Outcome::Success => ExitCode::SUCCESS,
-            Outcome::RejectsExceeded => ExitCode::from(1),
+            Outcome::Success => 0,
+            Outcome::RejectsExceeded => 1,
         }
     }
 }
 
+/// The exit code of a command that failed: 3 when the same export is being run by another
+/// process (nothing was done), else 2.
+pub fn exit_code_of(e: &anyhow::Error) -> u8 {
+    let busy = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<flatfhir::Error>(),
+            Some(flatfhir::Error::Export(
+                flatfhir::run::export::ExportError::Busy { .. }
+            ))
+        )
+    });
+    if busy { 3 } else { 2 }
+}
+
 /// Run the command; `matches` are the ones `cli` was made from.
 pub fn run(cli: Cli, matches: &ArgMatches) -> Result<Outcome> {
-    let quiet = cli.quiet > 0;
+    // JSON logs are read by machines: no progress bar between their lines.
+    let quiet = cli.quiet > 0 || cli.log_format == logging::LogFormat::Json;
     // Commands that need no runtime run without one.
     match cli.command {
         Command::Schemas(c) => return schemas::run(c),
@@ -122,11 +152,27 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<Outcome> {
         match cli.command {
             Command::Export(a) => {
                 let m = matches.subcommand_matches("export").unwrap_or(matches);
-                export::run(a.with_profile(m)?.validate()?, quiet).await
+                let (metrics, out) = a.metrics();
+                let a = match a.with_profile(m) {
+                    Ok(a) => a,
+                    Err(e) => return Err(metrics.failed_early("export", &out, e)),
+                };
+                // The profile may name the metrics file and the dataset.
+                let (metrics, out) = a.metrics();
+                match a.validate() {
+                    Ok(c) => export::run(c, quiet).await,
+                    Err(e) => Err(metrics.failed_early("export", &out, e)),
+                }
             }
             #[cfg(feature = "serve")]
             Command::Serve(a) => serve::run(a).await,
-            Command::Convert(a) => convert::run(a.validate()?, quiet).await,
+            Command::Convert(a) => {
+                let (metrics, out) = a.metrics();
+                match a.validate() {
+                    Ok(c) => convert::run(c, quiet).await,
+                    Err(e) => Err(metrics.failed_early("convert", &out, e)),
+                }
+            }
             Command::Query(a) => query::run(a.validate()?).await,
             Command::View(a) => view::run(a.validate()?).await,
             Command::Compact(a) => compact::run(a.validate()?).await,
@@ -142,9 +188,12 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<Outcome> {
 fn check_rejects(manifest: &RunManifest, max: Option<u64>) -> Outcome {
     match max {
         Some(max) if manifest.rejects > max => {
-            eprintln!(
-                "error: {} lines rejected, more than --max-rejects {max}",
-                manifest.rejects
+            logging::say(
+                tracing::Level::ERROR,
+                &format!(
+                    "{} lines rejected, more than --max-rejects {max}",
+                    manifest.rejects
+                ),
             );
             Outcome::RejectsExceeded
         }

@@ -343,12 +343,14 @@ pub struct Profile {
     pub schemas: Option<PathBuf>,
     pub no_raw: Option<bool>,
     pub keep_ndjson: Option<PathBuf>,
+    pub metrics_file: Option<PathBuf>,
     pub no_coalesce: Option<bool>,
     pub max_rejects: Option<u64>,
     pub json: Option<bool>,
 
     // Limits and the job.
     pub concurrency: Option<usize>,
+    pub max_concurrent_requests: Option<usize>,
     pub timeout: Option<Dur>,
     pub max_poll_interval: Option<Dur>,
     pub idle_timeout: Option<Dur>,
@@ -409,6 +411,7 @@ impl Profile {
             &mut self.bearer_token_file,
             &mut self.schemas,
             &mut self.keep_ndjson,
+            &mut self.metrics_file,
         ]
         .into_iter()
         .flatten()
@@ -917,7 +920,15 @@ out = "s3://bucket/fhir"
             // Not profile settings: choosing the profile, continuing a job, help; and a bearer
             // token, which a profile names by reference only.
             if [
-                "profile", "config", "resume", "help", "version", "verbose", "quiet",
+                "profile",
+                "config",
+                "resume",
+                "help",
+                "version",
+                "verbose",
+                "quiet",
+                // Logging starts before the profile is read.
+                "log-format",
             ]
             .contains(&long)
             {

@@ -69,7 +69,9 @@ impl BulkClient {
     /// ([`token_allowed`](Self::token_allowed)) and only when `requires_token` (the manifest's
     /// `requiresAccessToken`); the user's extra headers also go only to those hops. Transient
     /// failures (5xx, 429, network errors, an idle timeout) are retried with backoff, and a `401`
-    /// with SMART auth renews the token once.
+    /// with SMART auth renews the token once. The download holds a slot of the client's
+    /// concurrency limit ([`with_max_concurrent_requests`](super::BulkClientBuilder::with_max_concurrent_requests))
+    /// until it is read to the end or dropped.
     #[tracing::instrument(level = "debug", skip(self, url), fields(url = %redact(url)))]
     pub async fn download(&self, url: &Url, requires_token: bool) -> Result<Download, ClientError> {
         let first = self.open_file(url, requires_token, 0).await?;
@@ -106,6 +108,8 @@ pub struct Download {
     offset: u64,
     resumes: u32,
     state: State,
+    /// The slot in the client's concurrency limit, held until the body is read (or dropped).
+    _permit: Option<super::limiter::Permit>,
 }
 
 enum State {
@@ -127,8 +131,14 @@ impl std::fmt::Debug for Download {
 }
 
 impl Download {
-    fn new(client: BulkClient, requested: Url, requires_token: bool, first: FileResponse) -> Self {
+    fn new(
+        client: BulkClient,
+        requested: Url,
+        requires_token: bool,
+        mut first: FileResponse,
+    ) -> Self {
         Download {
+            _permit: first.permit.take(),
             client,
             requested,
             url: first.url,
@@ -186,6 +196,7 @@ impl Download {
             return None;
         }
         self.resumes += 1;
+        self.client.http_stats().retry();
         tracing::info!(
             url = %redact(&self.url),
             offset = self.offset,
@@ -219,6 +230,7 @@ impl Stream for Download {
                     Some(Ok(chunk)) if chunk.is_empty() => {}
                     Some(Ok(chunk)) => {
                         this.offset += chunk.len() as u64;
+                        this.client.http_stats().received(chunk.len() as u64);
                         return Poll::Ready(Some(Ok(chunk)));
                     }
                     None => {

@@ -17,7 +17,9 @@ use super::{
     ClientError, ExportRequest, Manifest, RetryConfig, SmartAuth,
     download::{self, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REDIRECTS},
     error::{OperationOutcome, body_detail, redact},
+    limiter::{DEFAULT_MAX_CONCURRENT_REQUESTS, Limiter, Permit},
     parse_retry_after,
+    stats::{HttpStats, HttpSummary, is_throttle},
 };
 
 /// How requests are authorised.
@@ -54,6 +56,7 @@ pub struct BulkClientBuilder {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_redirects: u32,
+    max_concurrent_requests: usize,
 }
 
 impl BulkClientBuilder {
@@ -68,6 +71,7 @@ impl BulkClientBuilder {
             connect_timeout: Duration::from_secs(30),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_redirects: DEFAULT_MAX_REDIRECTS,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
         }
     }
     /// Authorisation (default none).
@@ -106,6 +110,14 @@ impl BulkClientBuilder {
         self.max_redirects = hops;
         self
     }
+    /// Most requests in flight at once (default [`DEFAULT_MAX_CONCURRENT_REQUESTS`], at least
+    /// 1): kick-off, status and file requests all count, and a file download holds its slot
+    /// until its body is read. The limit halves whenever the server answers `429` or `503` and
+    /// climbs back by one after a round of successes ([`limiter`](super::limiter)).
+    pub fn with_max_concurrent_requests(mut self, n: usize) -> Self {
+        self.max_concurrent_requests = n.max(1);
+        self
+    }
     /// Build.
     pub fn build(self) -> Result<BulkClient, ClientError> {
         match self.base.scheme() {
@@ -125,7 +137,12 @@ impl BulkClientBuilder {
             .user_agent(concat!("flatfhir/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Invalid(e.to_string()))?;
-        Ok(BulkClient { http, cfg: self })
+        Ok(BulkClient {
+            http,
+            limiter: Limiter::new(self.max_concurrent_requests),
+            stats: Arc::new(HttpStats::default()),
+            cfg: self,
+        })
     }
 }
 
@@ -157,13 +174,18 @@ pub struct FileResponse {
     pub offset: u64,
     /// The server accepts byte ranges (`Accept-Ranges: bytes`).
     pub ranges: bool,
+    /// The request's slot in the client's concurrency limit, held while the body is read.
+    pub(super) permit: Option<Permit>,
 }
 
-/// The Bulk Data HTTP client.
+/// The Bulk Data HTTP client. Clones share the connection pool, the concurrency limit and the
+/// counters.
 #[derive(Debug, Clone)]
 pub struct BulkClient {
     http: reqwest::Client,
     cfg: BulkClientBuilder,
+    limiter: Arc<Limiter>,
+    stats: Arc<HttpStats>,
 }
 
 impl BulkClient {
@@ -175,6 +197,22 @@ impl BulkClient {
     /// The retry policy.
     pub fn retry(&self) -> &RetryConfig {
         &self.cfg.retry
+    }
+
+    /// The counters of this client's requests (shared by its clones), for callers that retry
+    /// whole files on their own.
+    pub fn http_stats(&self) -> &Arc<HttpStats> {
+        &self.stats
+    }
+
+    /// What this client's requests did so far, with the concurrency limit's figures.
+    pub fn http_summary(&self) -> HttpSummary {
+        let aimd = self.limiter.snapshot();
+        HttpSummary {
+            max_concurrency: aimd.cap() as u64,
+            min_concurrency: aimd.min_limit() as u64,
+            ..self.stats.summary()
+        }
     }
 
     /// The idle timeout of every request ([`BulkClientBuilder::with_idle_timeout`]).
@@ -265,7 +303,20 @@ impl BulkClient {
         url: &Url,
         rb: reqwest::RequestBuilder,
     ) -> Result<Response, ClientError> {
-        rb.send().await.map_err(|source| {
+        let sent = rb.send().await;
+        match &sent {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                self.stats.response(status);
+                if is_throttle(status) {
+                    self.limiter.throttled();
+                } else if resp.status().is_success() {
+                    self.limiter.succeeded();
+                }
+            }
+            Err(_) => self.stats.transport_error(),
+        }
+        sent.map_err(|source| {
             if source.is_timeout() {
                 ClientError::Stalled {
                     method,
@@ -293,16 +344,33 @@ impl BulkClient {
         }
     }
 
-    async fn backoff(&self, attempt: u32, prev: &mut Duration, hint: Option<Duration>, what: &str) {
+    /// Wait before retry `attempt` after `e`: the server's `Retry-After` (`hint`) when it sent
+    /// one, else backoff. Counted as a retry, and the wait as throttling when `e` is a `429` or
+    /// `503`.
+    async fn backoff(
+        &self,
+        attempt: u32,
+        prev: &mut Duration,
+        hint: Option<Duration>,
+        what: &str,
+        e: &ClientError,
+    ) {
         let wait = hint
             .map(|h| self.cfg.retry.clamp_poll(h))
             .unwrap_or_else(|| self.cfg.retry.next_backoff(*prev));
         *prev = wait;
+        let throttled = matches!(e, ClientError::Status { status, .. } if is_throttle(*status));
+        self.stats.retry();
+        if throttled {
+            self.stats.waited_throttled(wait);
+        }
         tracing::info!(
             retry = attempt,
             of = self.cfg.retry.max_retries,
             wait_ms = wait.as_millis() as u64,
-            "{what}: retrying"
+            throttled,
+            "{what}: retry {attempt} of {}",
+            self.cfg.retry.max_retries
         );
         tokio::time::sleep(wait).await;
     }
@@ -340,7 +408,9 @@ impl BulkClient {
             } else {
                 "GET"
             };
+            let permit = self.limiter.acquire().await;
             let sent = self.send(name, &url, rb).await;
+            drop(permit);
             if self.renew_after_401(&sent, &used, &mut renewed).await {
                 continue;
             }
@@ -384,7 +454,7 @@ impl BulkClient {
             }
             attempt += 1;
             tracing::warn!(error = %e, "kick-off failed");
-            self.backoff(attempt, &mut prev, hint, "kick-off").await;
+            self.backoff(attempt, &mut prev, hint, "kick-off", &e).await;
         }
     }
 
@@ -396,7 +466,9 @@ impl BulkClient {
         loop {
             let (rb, used) = self.request(Method::GET, status, true).await?;
             let rb = rb.header(ACCEPT, "application/json");
+            let permit = self.limiter.acquire().await;
             let sent = self.send("GET", status, rb).await;
+            drop(permit);
             if self.renew_after_401(&sent, &used, &mut renewed).await {
                 continue;
             }
@@ -468,7 +540,7 @@ impl BulkClient {
             }
             attempt += 1;
             tracing::warn!(error = %e, "status request failed");
-            self.backoff(attempt, &mut prev, hint, "status").await;
+            self.backoff(attempt, &mut prev, hint, "status", &e).await;
         }
     }
 
@@ -490,12 +562,17 @@ impl BulkClient {
         requires_token: bool,
         from: u64,
     ) -> Result<FileResponse, ClientError> {
-        self.open_file_with(url, requires_token, from, from > 0)
-            .await
+        let permit = self.limiter.acquire().await;
+        let mut opened = self
+            .open_file_with(url, requires_token, from, from > 0)
+            .await?;
+        opened.permit = Some(permit);
+        Ok(opened)
     }
 
     /// [`open_file`](Self::open_file), asking for the identity encoding when `identity` (a
-    /// resumed identity body must stay identity, even from byte 0).
+    /// resumed identity body must stay identity, even from byte 0), without taking a slot of
+    /// the concurrency limit (a resume runs in the slot of the download it resumes).
     pub(super) async fn open_file_with(
         &self,
         url: &Url,
@@ -543,6 +620,7 @@ impl BulkClient {
                         gzip,
                         offset,
                         ranges,
+                        permit: None,
                     });
                 }
                 Ok(resp) => {
@@ -557,7 +635,7 @@ impl BulkClient {
             }
             attempt += 1;
             tracing::warn!(error = %e, "download failed");
-            self.backoff(attempt, &mut prev, hint, "download").await;
+            self.backoff(attempt, &mut prev, hint, "download", &e).await;
         }
     }
 
@@ -618,7 +696,9 @@ impl BulkClient {
         let mut renewed = false;
         let resp = loop {
             let (rb, used) = self.request(Method::DELETE, status, true).await?;
+            let permit = self.limiter.acquire().await;
             let sent = self.send("DELETE", status, rb).await;
+            drop(permit);
             if !self.renew_after_401(&sent, &used, &mut renewed).await {
                 break sent?;
             }

@@ -23,6 +23,9 @@
 //! A file body is consumed as a [`Download`]: a `Stream` of raw (possibly gzip-encoded) bytes
 //! that resumes a cut identity body with `Range` by itself.
 //!
+//! Politeness ([`limiter`]): at most `max_concurrent_requests` requests in flight, fewer while
+//! the server answers `429`/`503`; what the requests did is counted in [`stats`].
+//!
 //! Authorization ([`Auth`]): none, a static bearer token, or SMART Backend Services
 //! ([`SmartAuth`]: signed client assertion → short-lived token, renewed before expiry and once
 //! more on a `401`).
@@ -30,15 +33,19 @@
 pub mod download;
 mod error;
 mod http;
+pub mod limiter;
 pub mod manifest;
 pub mod request;
 pub mod retry;
 pub mod smart;
+pub mod stats;
 
 pub use download::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REDIRECTS, Download};
 pub use error::{ClientError, OperationOutcome, redact as error_redact, redact_raw};
 pub use http::{Auth, BulkClient, BulkClientBuilder, FileResponse, PollOutcome};
+pub use limiter::DEFAULT_MAX_CONCURRENT_REQUESTS;
 pub use manifest::{Manifest, ManifestItem};
 pub use request::{ExportLevel, ExportRequest};
 pub use retry::{RetryConfig, parse_retry_after};
 pub use smart::{SmartAuth, SmartConfig};
+pub use stats::HttpSummary;

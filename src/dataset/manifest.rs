@@ -7,7 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::{DatasetError, DatasetLocation, RUNS_DIR, RunIds};
-use crate::{client::ExportRequest, flatten::TypeCounts, view::ViewRegistry};
+use crate::{
+    client::{ExportRequest, HttpSummary},
+    flatten::TypeCounts,
+    view::ViewRegistry,
+};
 
 /// A file written by a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +68,56 @@ pub struct InputRecord {
     pub lines: u64,
     /// Lines rejected.
     pub rejects: u64,
+}
+
+/// Wall-clock seconds a run spent in each phase. Phases can overlap: with partial manifests,
+/// downloads start while the server's job is still polled.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PhaseSeconds {
+    /// Exports: the kick-off request, retries included (0 for a resumed job).
+    pub kick_off: f64,
+    /// Exports: polling the status URL until the manifest was complete.
+    pub poll: f64,
+    /// Downloading and decoding into staged parts (exports: from the complete manifest until
+    /// the last file is staged; `convert`: reading and decoding the files).
+    pub decode: f64,
+    /// Exports: rewriting the small parts of many small files into larger ones.
+    pub coalesce: f64,
+    /// The Delta commits to the history tables.
+    pub commit: f64,
+    /// Merging the run into the current-state tables.
+    pub current_state: f64,
+}
+
+impl PhaseSeconds {
+    /// Every phase with its name (as in the JSON record), in pipeline order.
+    pub fn named(&self) -> [(&'static str, f64); 6] {
+        [
+            ("kick_off", self.kick_off),
+            ("poll", self.poll),
+            ("decode", self.decode),
+            ("coalesce", self.coalesce),
+            ("commit", self.commit),
+            ("current_state", self.current_state),
+        ]
+    }
+}
+
+/// How a run went, for schedulers and dashboards: durations, bytes and what its HTTP requests
+/// did. (All zero in records written before flatfhir kept these figures.)
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RunMetrics {
+    /// Seconds from the run's start to its record (a resumed export counts from its first
+    /// start).
+    pub duration_seconds: f64,
+    /// Seconds per phase.
+    pub phases: PhaseSeconds,
+    /// Bytes of ndjson read (decompressed).
+    pub bytes_read: u64,
+    /// Exports: requests, responses by status, retries, throttling, bytes received.
+    pub http: HttpSummary,
 }
 
 /// Everything about one run.
@@ -141,6 +195,9 @@ pub struct RunManifest {
     /// export no longer held them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub snapshot_removed: BTreeMap<String, u64>,
+    /// Durations, bytes and HTTP figures.
+    #[serde(default)]
+    pub metrics: RunMetrics,
 }
 
 impl RunManifest {
@@ -156,7 +213,12 @@ impl RunManifest {
         inputs: Vec<InputRecord>,
         files: Vec<WrittenFile>,
     ) -> RunManifest {
+        let bytes_read = inputs.iter().map(|i| i.bytes).sum();
         RunManifest {
+            metrics: RunMetrics {
+                bytes_read,
+                ..Default::default()
+            },
             run_id,
             export,
             started,
@@ -229,6 +291,7 @@ impl RunManifest {
     pub async fn publish(&mut self, loc: &DatasetLocation) -> Result<(), DatasetError> {
         let t0 = std::time::Instant::now();
         self.committed = super::delta::commit_run(loc, self).await?;
+        self.metrics.phases.commit = t0.elapsed().as_secs_f64();
         tracing::info!(
             run = %self.run_id,
             tables = self.committed.len(),
@@ -253,14 +316,19 @@ impl RunManifest {
             super::current::update_current(loc, self, &keys, snapshot.as_ref()).await?;
         self.current = current;
         self.snapshot_removed = removed;
+        self.metrics.phases.current_state = t1.elapsed().as_secs_f64();
         tracing::info!(
             run = %self.run_id,
             tables = self.current.len(),
             seconds = t1.elapsed().as_secs_f32(),
             "merged the run into the current-state tables"
         );
-        self.published =
-            Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        let now = chrono::Utc::now();
+        self.published = Some(now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        if let Ok(started) = chrono::DateTime::parse_from_rfc3339(&self.started) {
+            self.metrics.duration_seconds =
+                (now - started.with_timezone(&chrono::Utc)).as_seconds_f64();
+        }
         self.write_record(loc).await
     }
 
@@ -315,6 +383,17 @@ mod tests {
             bytes: 1,
             stats: None,
         }
+    }
+
+    #[test]
+    fn records_written_before_metrics_still_read() {
+        let old = r#"{"run_id":"r","export":"e","started":"2024-01-01T00:00:00Z",
+            "finished":"2024-01-01T00:00:01Z","kind":"convert","flatfhir_version":"0.1.0",
+            "inputs":[],"types":{},"views":{},"blank_lines":0,"rejects":0,"files":[]}"#;
+        let m: RunManifest = serde_json::from_str(old).unwrap();
+        assert_eq!(m.metrics, RunMetrics::default());
+        let round: RunManifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(round, m);
     }
 
     #[test]

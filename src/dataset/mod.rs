@@ -36,7 +36,9 @@ pub mod staging;
 
 pub use job::{FileKind, FileRecord, FileState, JobRecord, JobState, Lease};
 pub use location::DatasetLocation;
-pub use manifest::{Backfill, InputRecord, RunManifest, ViewKey, WrittenFile};
+pub use manifest::{
+    Backfill, InputRecord, PhaseSeconds, RunManifest, RunMetrics, ViewKey, WrittenFile,
+};
 pub use run_id::RunIds;
 pub use staging::{Discarded, commit_staged, discard_run, discard_staged};
 

@@ -12,6 +12,8 @@ use std::{
     sync::{Arc, atomic::AtomicBool},
 };
 
+use tracing::Instrument;
+
 use super::{DEFAULT_SPLIT_BYTES, DriverBuilder, Progress, input::plan_files};
 use crate::{
     Error, Result,
@@ -140,15 +142,21 @@ impl ConvertBuilder {
             .with_cancel(cancel)
             .build();
         let export = ids.export.clone();
+        // Every event of the run, on every thread it spawns, carries the run id.
+        let span = tracing::info_span!("run", run_id = %ids.run_id);
         let published = async {
+            let t = std::time::Instant::now();
             let decoded = driver.run(inputs, writer).await?;
             let files = decoded.sink.finish().await?;
+            let decode = t.elapsed().as_secs_f64();
             let mut manifest =
                 RunManifest::finished("convert", ids, decoded.stats, decoded.inputs, files)
                     .with_view_keys(&registry);
+            manifest.metrics.phases.decode = decode;
             manifest.publish(&location).await?;
             Ok(manifest)
         }
+        .instrument(span)
         .await;
         match published {
             Ok(manifest) => Ok(manifest),

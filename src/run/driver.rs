@@ -162,8 +162,11 @@ impl Driver {
         for _ in 0..threads {
             let (cfg, queue, tx, stop) =
                 (self.cfg.clone(), queue.clone(), tx.clone(), stop.clone());
+            // The caller's span (the run id) on the thread's events too.
+            let span = tracing::Span::current();
             decoders.push(tokio::task::spawn_blocking(
                 move || -> Result<Vec<InputOutcome>, FlattenError> {
+                    let _span = span.enter();
                     let mut done = Vec::new();
                     loop {
                         if stop.load(Ordering::Relaxed) || cfg.cancel.load(Ordering::Relaxed) {
@@ -240,7 +243,9 @@ fn spawn_sink<S: BatchSink>(
     mut rx: mpsc::Receiver<ViewBatch>,
 ) -> tokio::task::JoinHandle<Result<S>> {
     let handle = tokio::runtime::Handle::current();
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
         handle.block_on(async move {
             while let Some(batch) = rx.recv().await {
                 sink.write(batch).await?;

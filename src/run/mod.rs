@@ -13,6 +13,7 @@
 //! * [`input`] — the inputs, gzip sniffing, file splitting.
 //! * [`convert`], [`export`], [`view`] — the commands, each a short composition of the driver,
 //!   the client and the dataset protocol.
+//! * [`metrics`] — the run summary in the Prometheus text format (`--metrics-file`).
 //!
 //! Before, each command had its own copy of this loop, and the copies had drifted: an export
 //! kept every reject of a file in memory until the file ended, and its progress never counted
@@ -22,6 +23,7 @@ pub mod convert;
 mod driver;
 pub mod export;
 pub mod input;
+pub mod metrics;
 pub mod view;
 
 use std::{

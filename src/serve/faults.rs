@@ -36,6 +36,9 @@ pub struct Faults {
     pub status_429: u32,
     /// Fail the job: once it is done, polls answer `500` with a `processing` OperationOutcome.
     pub status_fatal: bool,
+    /// Answer the first this-many requests for each file with `429` + `Retry-After` (a server
+    /// that throttles downloads).
+    pub file_429: u32,
     /// Cut every file's first download after about half its bytes (connection reset mid-body).
     pub cut_file_once: bool,
     /// Index of a file (the `n` of `{n}.ndjson`) that answers `410 Gone`. Manifests fetched after
@@ -105,6 +108,7 @@ impl RequestFaults {
                 "status-transient" => f.status_transient = number(1)? as u32,
                 "status-429" => f.status_429 = number(1)? as u32,
                 "status-fatal" => f.status_fatal = true,
+                "file-429" => f.file_429 = number(1)? as u32,
                 "cut-file" => f.cut_file_once = true,
                 "file-gone" => f.file_gone = Some(number(0)? as usize),
                 "slow" => {
@@ -180,6 +184,7 @@ impl Faults {
             status_transient: self.status_transient.max(job.status_transient),
             status_429: self.status_429.max(job.status_429),
             status_fatal: self.status_fatal || job.status_fatal,
+            file_429: self.file_429.max(job.file_429),
             cut_file_once: self.cut_file_once || job.cut_file_once,
             file_gone: job.file_gone.or(self.file_gone),
             slow_chunk: job.slow_chunk.or(self.slow_chunk),
@@ -247,6 +252,7 @@ mod tests {
         assert!(RequestFaults::parse(["redirect-file:0"]).is_err());
         assert!(RequestFaults::parse(["redirect-file:elsewhere"]).is_err());
         assert!(f("stall-file,no-gzip").stall_file && f("no-gzip").no_gzip);
+        assert_eq!((f("file-429").file_429, f("file-429:3").file_429), (1, 3));
         assert_eq!(f("gzip-bomb:2").gzip_bomb, Some(2 << 20));
         assert_eq!(f("gzip-bomb").gzip_bomb, Some(300 << 20));
         assert_eq!(f("gzip-bomb").gzip_bombs, 1);

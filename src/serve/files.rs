@@ -1,5 +1,5 @@
 //! File downloads: `GET [files base]/$export-file/{job}/{n}.ndjson` and the storage origin's
-//! `GET /storage/{job}/{n}.ndjson`, with gzip, `Range` and the download faults (cut, stall,
+//! `GET /storage/{job}/{n}.ndjson`, with gzip, `Range` and the download faults (429, cut, stall,
 //! gone, slow, redirect, no-gzip, gzip bomb).
 
 use std::io::Write;
@@ -52,6 +52,21 @@ pub(super) async fn download(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.into_owned())
     };
+    if job.faults.file_429 > 0 {
+        let throttle = {
+            let mut s = job.state();
+            let n429 = s.throttled.entry(n).or_default();
+            *n429 += 1;
+            *n429 <= job.faults.file_429
+        };
+        if throttle {
+            let mut resp = Issue::error("throttled", "too many downloads (fault file-429)")
+                .response(StatusCode::TOO_MANY_REQUESTS);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, state.retry_after(&job.faults));
+            return resp;
+        }
+    }
     let fresh = query("fresh").is_some_and(|v| v == "1");
     if job.faults.file_gone == Some(n) && !fresh {
         job.state().gone_served = true;

@@ -1,6 +1,6 @@
 //! An export job: its state between kick-off and DELETE, its files and its manifest.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -75,6 +75,8 @@ pub(super) struct JobOutput {
 pub(super) struct JobState {
     /// Status polls so far.
     pub polls: u32,
+    /// `429` answers so far per file (for `file_429`).
+    pub throttled: HashMap<usize, u32>,
     /// Files downloaded at least once (for `cut_file_once`).
     pub downloaded: HashSet<usize>,
     /// The `file_gone` file has answered `410`, so manifests now list a fresh URL.

@@ -72,6 +72,7 @@
 //! | `status-transient[:N]` | `status_transient` | the first N polls answer `500` with a `transient` OperationOutcome |
 //! | `status-429[:N]` | `status_429` | the first N polls answer `429` + `Retry-After` |
 //! | `status-fatal` | `status_fatal` | once the job is done, polls answer `500` with a `processing` OperationOutcome |
+//! | `file-429[:N]` | `file_429` | the first N requests for each file answer `429` + `Retry-After` |
 //! | `cut-file` | `cut_file_once` | every file's first download is cut after about half of its bytes |
 //! | `file-gone[:N]` | `file_gone` | file N (default 0) answers `410`; manifests fetched after that list a fresh URL for it |
 //! | `slow[:MS]` | `slow_chunk` | a delay (default 50 ms) between 8 KiB body chunks |

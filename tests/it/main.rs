@@ -13,6 +13,7 @@ mod incremental;
 mod nightly;
 mod profiles;
 mod s3;
+mod scheduler;
 mod store;
 mod support;
 mod valid_fhir;

@@ -66,7 +66,9 @@ pub async fn coalesce(
     // Decoding and encoding Parquet is CPU work: off the I/O runtime, like the driver's sink.
     let handle = tokio::runtime::Handle::current();
     let (location, export, tag) = (location.clone(), export.to_string(), tag.to_string());
+    let span = tracing::Span::current();
     let rewritten = tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
         handle.block_on(async move {
             let mut writer =
                 DatasetWriterBuilder::new(location.clone(), format!("{tag}-c"), export)

@@ -62,6 +62,7 @@ pub(super) async fn process_item(
             }
             Err(e) if attempt < sh.client.retry().max_retries && retryable(&e) => {
                 attempt += 1;
+                sh.client.http_stats().retry();
                 backoff = sh.client.retry().next_backoff(backoff);
                 tracing::info!(retry = attempt, of = sh.client.retry().max_retries, error = %e, "file attempt failed; starting over");
                 tokio::time::sleep(backoff).await;

@@ -32,6 +32,7 @@ use std::{
 };
 
 use object_store::ObjectStoreExt;
+use tracing::Instrument;
 use url::Url;
 
 use builder::Running;
@@ -209,7 +210,7 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
         snapshot,
         ..
     } = b;
-    let mut job = match resume {
+    let job = match resume {
         Some(job) => {
             if let Some(lease) = job.holder(&location).await? {
                 return Err(ExportError::Busy {
@@ -231,6 +232,24 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
             job
         }
     };
+    // Every event of the run, on every task and thread it spawns, carries the run id.
+    let span = tracing::info_span!("run", run_id = %job.run_id);
+    run_job(client, registry, location, opts, progress, running, job)
+        .instrument(span)
+        .await
+}
+
+/// The export of `job` (new or resumed), from kick-off to the published run record.
+async fn run_job(
+    client: BulkClient,
+    registry: Arc<ViewRegistry>,
+    location: DatasetLocation,
+    opts: ExportOptions,
+    progress: Arc<Progress>,
+    running: Arc<Running>,
+    mut job: JobRecord,
+) -> Result<ExportSummary> {
+    let mut phases = crate::dataset::PhaseSeconds::default();
     let lease = job.hold(&location).await?;
     let plan = job.resume_plan();
     for url in &plan.roll_forward {
@@ -241,7 +260,9 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
     let status = match &plan.status_url {
         Some(s) => parse_url(s)?,
         None => {
+            let t = std::time::Instant::now();
             let s = client.kick_off(&job.request).await?;
+            phases.kick_off = t.elapsed().as_secs_f64();
             tracing::info!(status = %crate::client::error_redact(&s), "export accepted");
             progress.set_state("export accepted");
             job.kicked_off(&s)?;
@@ -279,14 +300,18 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
                 }
                 index += 1;
                 let (shared, sem, n) = (shared.clone(), sem.clone(), index);
-                tasks.spawn(async move {
-                    let _permit = sem.acquire_owned().await;
-                    let r = files::process_item(&shared, kind, &item, requires_token, n).await;
-                    (item.url, kind, r)
-                });
+                tasks.spawn(
+                    async move {
+                        let _permit = sem.acquire_owned().await;
+                        let r = files::process_item(&shared, kind, &item, requires_token, n).await;
+                        (item.url, kind, r)
+                    }
+                    .in_current_span(),
+                );
             }
         };
 
+    let t = std::time::Instant::now();
     let pages = poll::poll_until_complete(
         &client,
         &status,
@@ -295,6 +320,8 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
         &mut tasks,
     )
     .await;
+    phases.poll = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let pages = match pages {
         Ok(p) => p,
         Err(e) => {
@@ -363,9 +390,11 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
     if let Some(e) = failure {
         return Err(e);
     }
+    phases.decode = t.elapsed().as_secs_f64();
 
     // Small parts of many small files into parts of a sensible size, before publishing.
     progress.set_state("coalescing small parts");
+    let t = std::time::Instant::now();
     let parts: Vec<_> = job.files.values().flat_map(|r| r.parts.clone()).collect();
     let coalesced = if opts.coalesce {
         coalesce::coalesce(&location, &job.export, &shared.tag, opts.compression, parts).await?
@@ -375,7 +404,10 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
             replaced: Vec::new(),
         }
     };
+    phases.coalesce = t.elapsed().as_secs_f64();
     let (mut manifest, server_errors) = record::run_record(&job, &registry, coalesced.parts);
+    manifest.metrics.phases = phases;
+    manifest.metrics.http = client.http_summary();
     manifest.publish(&location).await?;
     job.completed()?;
     job.save(&location).await?;
