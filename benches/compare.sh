@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# Times `flatfhir convert` beside DuckDB (read_ndjson_auto -> zstd Parquet per type, 2 threads) on
-# the same ndjson files in the same run, with peak RSS for both, at one or more input sizes, and
-# prints one table. With --export it also times `flatfhir export` against `flatfhir serve` on
-# loopback beside a plain download of the same files (same server, same gzip negotiation).
+# Times `flatfhir convert` beside its peers on the same ndjson files in the same run — DuckDB 1.5
+# (read_ndjson_auto -> zstd Parquet per type, 2 threads; the fastest here, pinned), DuckDB 2.x
+# (same script, its own venv) and polars (scan_ndjson -> sink_parquet, zstd) — with peak RSS
+# for each, at one or more input sizes, and prints one table. With --export it also times
+# `flatfhir export` against `flatfhir serve` on loopback beside a plain download of the same
+# files (same server, same gzip negotiation).
 #
-#   usage: benches/compare.sh [--export] [--no-duckdb] [--repeat N] [NDJSON_DIR] [COPIES ...]
+#   usage: benches/compare.sh [--export] [--peers "duckdb duckdb2 polars"] [--no-duckdb]
+#                             [--repeat N] [--force] [NDJSON_DIR] [COPIES ...]
 #
 #   NDJSON_DIR defaults to ../shared/data/synthea-100. Each COPIES (default 1) concatenates the
 #   input that many times with rewritten ids (benches/replicate.py), e.g. `1 10 20 100`.
-#   --repeat N runs every measurement N times (in turns: each tool once, then again) and keeps
-#   the fastest time and the largest peak RSS. FLATFHIR_BIN overrides the binary (default: a
-#   fresh `cargo build --release`). The machine is shared and noisy: compare rows of one run,
-#   never numbers of different runs.
+#   --peers chooses the peers (default all three; --no-duckdb: none). --repeat N runs every
+#   measurement N times (in turns: each tool once, then again) and keeps the fastest time and
+#   the largest peak RSS. The script refuses to measure while the 1-minute load average says
+#   another job is running (above 0.5 after waiting up to 2 minutes for it to settle); --force
+#   measures anyway. FLATFHIR_BIN overrides the binary (default: a fresh `cargo build
+#   --release`). Compare rows of one run, never numbers of different runs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 export_too=0
-duck=1
+peers="duckdb duckdb2 polars"
 repeat=1
+force=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --export) export_too=1; shift ;;
-    --no-duckdb) duck=0; shift ;;
+    --no-duckdb) peers=""; shift ;;
+    --peers) peers="$2"; shift 2 ;;
     --repeat) repeat="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --force) force=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
+has_peer() { case " $peers " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 src="${1:-$here/../shared/data/synthea-100}"
 shift || true
 sizes=("$@")
@@ -33,12 +42,22 @@ sizes=("$@")
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flatfhir/target}"
 venv="${FLATFHIR_VENV:-$HOME/.cache/flatfhir/venv}"
-if [ "$duck" = 1 ] && { [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; }; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb>=1.1,<2'
-fi
+venv2="${FLATFHIR_VENV_DUCKDB2:-$HOME/.cache/flatfhir/venv-duckdb2}"
+# ensure VENV MODULE VERSION_CHECK PIP_SPEC: a venv whose MODULE's version passes VERSION_CHECK.
+ensure() {
+  local v="$1" module="$2" check="$3" spec="$4"
+  [ -x "$v/bin/python" ] || python3 -m venv "$v"
+  if ! "$v/bin/python" -c "import $module, sys; v = $module.__version__; sys.exit(0 if $check else 1)" 2>/dev/null; then
+    "$v/bin/pip" install --quiet --disable-pip-version-check "$spec"
+  fi
+}
+if has_peer duckdb; then ensure "$venv" duckdb "v.startswith('1.5.')" 'duckdb>=1.5,<1.6'; fi
+if has_peer polars; then ensure "$venv" polars "int(v.split('.')[0]) >= 1" 'polars>=1'; fi
+if has_peer duckdb2; then ensure "$venv2" duckdb "int(v.split('.')[0]) >= 2" 'duckdb>=2,<3'; fi
 py="$venv/bin/python"
 [ -x "$py" ] || py=python3
+py2="$venv2/bin/python"
+version() { "$1" -c "import $2; print($2.__version__)" 2>/dev/null || echo "?"; }
 if [ -z "${FLATFHIR_BIN:-}" ]; then
   (cd "$here" && cargo build --release --locked --quiet)
 fi
@@ -80,6 +99,34 @@ for t in types:
     con.execute(f"COPY (SELECT * FROM read_ndjson_auto('{src}/{t}.*ndjson', maximum_object_size=67108864, union_by_name=true)) "
                 f"TO '{out}/{t}/data.parquet' (FORMAT parquet, COMPRESSION zstd)")
 PY
+
+cat > "$work/pl_convert.py" <<'PY'
+import glob, os, sys
+import polars as pl
+src, out = sys.argv[1], sys.argv[2]
+types = sorted({os.path.basename(f).split('.')[0] for f in glob.glob(os.path.join(src, '*.ndjson'))})
+for t in types:
+    os.makedirs(os.path.join(out, t), exist_ok=True)
+    pl.scan_ndjson(sorted(glob.glob(f"{src}/{t}.*ndjson")) or f"{src}/{t}.ndjson", infer_schema_length=None) \
+        .sink_parquet(f"{out}/{t}/data.parquet", compression="zstd")
+PY
+
+# quiet_machine: wait (up to 2 minutes) for the 1-minute load average to drop under 0.5;
+# refuse to measure above it unless --force (another job's CPU time would be counted).
+quiet_machine() {
+  local load
+  for _ in $(seq 24); do
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    awk -v l="$load" 'BEGIN { exit !(l < 0.5) }' && return 0
+    sleep 5
+  done
+  if [ "$force" = 1 ]; then
+    echo "warning: load average $load: another job is running; measuring anyway (--force)" >&2
+    return 0
+  fi
+  echo "error: load average $load after 2 minutes: another job is running; not measuring (--force to measure anyway)" >&2
+  exit 3
+}
 
 # A plain Bulk Data client: kick-off, poll, then GET every file (4 at a time, like `flatfhir
 # export`'s default concurrency, asking for gzip as it does) and save the bytes as received.
@@ -140,14 +187,23 @@ for n in "${sizes[@]}"; do
   echo "x$n: $((bytes / 1000000)) MB, $lines resources" >&2
   rm -f "$work"/*.best
   tools=(flatfhir)
-  [ "$duck" = 1 ] && tools+=(duckdb)
+  for p in duckdb duckdb2 polars; do has_peer "$p" && tools+=("$p"); done
   [ "$export_too" = 1 ] && tools+=(download export)
+  quiet_machine
   for _ in $(seq "$repeat"); do
     measure flatfhir "$bin" convert "$input" --out "$work/ff" -q >/dev/null
     rm -rf "$work/ff"
-    if [ "$duck" = 1 ]; then
+    if has_peer duckdb; then
       measure duckdb "$py" "$work/duck.py" "$input" "$work/duck" >/dev/null
       rm -rf "$work/duck"
+    fi
+    if has_peer duckdb2; then
+      measure duckdb2 "$py2" "$work/duck.py" "$input" "$work/duck" >/dev/null
+      rm -rf "$work/duck"
+    fi
+    if has_peer polars; then
+      measure polars "$py" "$work/pl_convert.py" "$input" "$work/pl" >/dev/null
+      rm -rf "$work/pl"
     fi
     if [ "$export_too" = 1 ]; then
       start_server "$input"
@@ -166,6 +222,9 @@ done
 
 echo
 echo "input: $src"
+has_peer duckdb && echo "duckdb: $(version "$py" duckdb)"
+has_peer duckdb2 && echo "duckdb2: $(version "$py2" duckdb)"
+has_peer polars && echo "polars: $(version "$py" polars)"
 printf '%-6s %-9s %9s %9s %12s %10s %12s %9s\n' \
   size tool seconds MB/s resources/s ratio 'peak RSS MB' 'vs x10'
 printf '%s\n' "${rows[@]}" | awk '
@@ -175,11 +234,13 @@ printf '%s\n' "${rows[@]}" | awk '
       # ratio: convert vs DuckDB (>1 = flatfhir faster); export vs plain download (<=1.2 target)
       ratio = "-"
       if (tool[i] == "flatfhir" && (size[i]" duckdb") in t) ratio = sprintf("%.2fx", t[size[i]" duckdb"] / s[i])
+      if ((tool[i] == "duckdb2" || tool[i] == "polars") && (size[i]" flatfhir") in t) ratio = sprintf("%.2fx ff", s[i] / t[size[i]" flatfhir"])
       if (tool[i] == "export" && (size[i]" download") in t) ratio = sprintf("%.2fx dl", s[i] / t[size[i]" download"])
       lin = "-"
       if (("x10 "tool[i]) in t && size[i] != "x10") lin = sprintf("%.2fx", s[i] / t["x10 "tool[i]])
       printf "%-6s %-9s %9.2f %9.1f %12.0f %10s %12.0f %9s\n", size[i], tool[i], s[i], b[i]/1e6/s[i], l[i]/s[i], ratio, rss[i]/1024, lin
     }
   }'
-echo "ratio: flatfhir rows = DuckDB time / flatfhir time; export rows = export time / download time."
+echo "ratio: flatfhir rows = DuckDB 1.5 time / flatfhir time; duckdb2 and polars rows = their time / flatfhir time;"
+echo "       export rows = export time / download time."
 echo "vs x10: this size's time / the same tool's time at x10 (linear = copies/10)."
