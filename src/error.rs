@@ -31,9 +31,18 @@ pub enum Error {
     /// An export run failed.
     #[error(transparent)]
     Export(#[from] ExportError),
-    /// A run failed before it was published; the parts it had written were deleted.
+    /// A run failed before it was published; the parts it had written were deleted (those of
+    /// tables that had committed it already stay, and the message names them).
     #[error(
-        "run {run} into {output} failed after writing {parts} parts ({bytes} bytes), which were deleted: {source}"
+        "run {run} into {output} failed after writing {parts} parts ({bytes} bytes), which were deleted{}: {source}",
+        if committed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; tables {} had committed it before the failure and hold its rows",
+                committed.join(", ")
+            )
+        }
     )]
     RunFailed {
         /// The run id.
@@ -44,6 +53,8 @@ pub enum Error {
         parts: usize,
         /// Their bytes.
         bytes: u64,
+        /// Tables that hold the run (committed before the failure).
+        committed: Vec<String>,
         /// Why it failed.
         #[source]
         source: Box<Error>,

@@ -432,14 +432,24 @@ pub async fn commit_run(
     let abort_after: Option<usize> = std::env::var(ABORT_AFTER_COMMITS_ENV)
         .ok()
         .and_then(|v| v.parse().ok());
-    // Tables are independent: their commits go out side by side.
+    // Tables are independent: their commits go out side by side. Every table's schema is
+    // checked first, so a run refused by one table commits to none.
     use futures::{StreamExt, TryStreamExt};
+    let checked: Vec<(&str, Vec<&WrittenFile>, Option<DeltaTable>)> =
+        futures::stream::iter(by_table)
+            .map(|(table, files)| async move {
+                let loaded = preflight(location, table, &files).await?;
+                Ok::<_, DatasetError>((table, files, loaded))
+            })
+            .buffer_unordered(COMMIT_CONCURRENCY)
+            .try_collect()
+            .await?;
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let committed: Committed = futures::stream::iter(by_table)
-        .map(|(table, files)| {
+    let committed: Committed = futures::stream::iter(checked)
+        .map(|(table, files, loaded)| {
             let done = &done;
             async move {
-                let version = commit_files(location, table, run, &files).await?;
+                let version = commit_files(location, table, run, &files, loaded).await?;
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 if abort_after == Some(n) {
                     eprintln!("{ABORT_AFTER_COMMITS_ENV}: aborting after {n} commits");
@@ -477,11 +487,48 @@ pub fn commit_info(run: &RunManifest) -> HashMap<String, Value> {
 }
 
 /// Commit `files` of run `run` to `table` (see [`commit_run`]).
+/// Load `table` (if it exists) and check that the run's files have its columns.
+async fn preflight(
+    location: &DatasetLocation,
+    table: &str,
+    files: &[&WrittenFile],
+) -> Result<Option<DeltaTable>, DatasetError> {
+    let Some(first) = files.first() else {
+        return Ok(None);
+    };
+    let Some(t) = location.open_table(table).await? else {
+        return Ok(None);
+    };
+    let ours = delta_schema(&*file_schema(location, &first.path).await?, true)
+        .map_err(delta_err(table))?;
+    let theirs = t.snapshot().map_err(delta_err(table))?.schema();
+    check_schema(table, &ours, &theirs)?;
+    Ok(Some(t))
+}
+
+/// A file whose columns differ from the table's is refused.
+fn check_schema(table: &str, ours: &StructType, theirs: &StructType) -> Result<(), DatasetError> {
+    let differs = ours.fields().len() != theirs.fields().len()
+        || ours
+            .fields()
+            .zip(theirs.fields())
+            .any(|(x, y)| x.name() != y.name() || x.data_type() != y.data_type());
+    if differs {
+        return Err(DatasetError::SchemaChanged {
+            table: table.to_string(),
+            table_columns: column_list(theirs),
+            run_columns: column_list(ours),
+        });
+    }
+    Ok(())
+}
+
 async fn commit_files(
     location: &DatasetLocation,
     table: &str,
     run: &RunManifest,
     files: &[&WrittenFile],
+    mut loaded: Option<DeltaTable>,
 ) -> Result<u64, DatasetError> {
     let err = delta_err(table);
     let Some(first) = files.first() else {
@@ -502,7 +549,11 @@ async fn commit_files(
     loop {
         attempt += 1;
         let mut created = false;
-        let t = match location.open_table(table).await? {
+        let opened = match loaded.take() {
+            Some(t) => Some(t),
+            None => location.open_table(table).await?,
+        };
+        let t = match opened {
             Some(t) => t,
             None => {
                 created = true;
@@ -535,19 +586,8 @@ async fn commit_files(
             continue;
         }
         let snapshot = t.snapshot().map_err(&err)?.clone();
-        let differs = |a: &StructType, b: &StructType| {
-            a.fields().len() != b.fields().len()
-                || a.fields()
-                    .zip(b.fields())
-                    .any(|(x, y)| x.name() != y.name() || x.data_type() != y.data_type())
-        };
-        if differs(&ours, &snapshot.schema()) {
-            return Err(DatasetError::SchemaChanged {
-                table: table.to_string(),
-                table_columns: column_list(&snapshot.schema()),
-                run_columns: column_list(&ours),
-            });
-        }
+        // Again: another writer may have created the table meanwhile.
+        check_schema(table, &ours, &snapshot.schema())?;
         let op = DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: Some(vec![PARTITION_COLUMN.to_string()]),

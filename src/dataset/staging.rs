@@ -43,12 +43,14 @@ pub async fn discard_staged(location: &DatasetLocation, files: &[WrittenFile]) {
 }
 
 /// What [`discard_run`] deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Discarded {
     /// Objects deleted.
     pub objects: usize,
     /// Their bytes.
     pub bytes: u64,
+    /// Tables that hold the run already (committed before the failure): their files stay.
+    pub committed: Vec<String>,
 }
 
 /// Delete every object of run `export` under `<table>/export=<export>/` in every table of the
@@ -70,6 +72,7 @@ pub async fn discard_run(location: &DatasetLocation, export: &str) -> Discarded 
         if let Ok(Some(t)) = location.open_table(name).await
             && super::delta::holds_run(&t, export).await.unwrap_or(true)
         {
+            deleted.committed.push(name.to_string());
             continue;
         }
         let dir = location.child(&format!("{name}/{}={export}", super::PARTITION_COLUMN));

@@ -168,6 +168,7 @@ impl ConvertBuilder {
                     output: location.url.to_string(),
                     parts: discarded.objects,
                     bytes: discarded.bytes,
+                    committed: discarded.committed,
                     source: Box::new(source),
                 })
             }

@@ -311,3 +311,40 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
     assert!(runs[0].committed.len() > whole, "{:?}", runs[0].committed);
     srv.shutdown().await;
 }
+
+/// A run whose columns one table does not have (a view changed with `--schemas`) is refused
+/// before any table commits it: every table keeps its rows, and the message names the columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_view_refuses_the_run_before_any_table_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let out_s = out.to_str().unwrap().to_string();
+    let first = convert(&out_s, &[]).wait_with_output().unwrap();
+    assert!(first.status.success());
+    let loc = DatasetLocation::resolve(&out_s, false).unwrap();
+    let before = counts(&loc).await;
+
+    // The patient view with one more column (patient sorts after most tables the run writes).
+    let views = tmp.path().join("views");
+    std::fs::create_dir_all(&views).unwrap();
+    let mut patient: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::support::repo().join("schemas/patient.json")).unwrap(),
+    )
+    .unwrap();
+    patient["select"][0]["column"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "extra_gender", "path": "gender", "type": "code"}));
+    std::fs::write(views.join("patient.json"), patient.to_string()).unwrap();
+    let second = convert(
+        &out_s,
+        &["--schemas".into(), views.to_str().unwrap().to_string()],
+    )
+    .wait_with_output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(stderr.contains("extra_gender"), "{stderr}");
+    assert!(!stderr.contains("had committed it"), "{stderr}");
+    assert_eq!(counts(&loc).await, before, "no table holds the refused run");
+}
