@@ -13,7 +13,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "select gender, count(*) from patient group by gender".into());
     let ds = Dataset::open(&DatasetLocation::resolve(&dir, false)?).await?;
-    for t in ds.tables() {
+    for t in ds.tables().await? {
         println!("table {:32} {:8} rows", t.name, t.rows);
     }
     print_batches(&ds.sql(&sql).await?)?;

@@ -98,7 +98,7 @@ impl QueryArgs {
 
 pub async fn run(c: QueryConfig) -> Result<Outcome> {
     let ds = Dataset::open_as_of(&c.location, &c.as_of).await?;
-    if ds.tables().is_empty() {
+    if ds.table_names().is_empty() {
         tracing::warn!(
             data = c.data,
             "the dataset has no committed tables; no tables are registered"

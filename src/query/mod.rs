@@ -1,10 +1,11 @@
-//! DataFusion over a written dataset: every Delta table of the dataset registered under its
-//! directory's name.
+//! DataFusion over a written dataset: every Delta table of the dataset under its directory's
+//! name, its log read when a query first names it (opening a dataset lists names only, so a
+//! query of one table costs one table's log however many tables and runs there are).
 //!
 //! * `<view>` — the history: every row of every committed run, with the `export` partition
 //!   column (the run id); a Delta table partitioned by run, so `WHERE export = '…'` reads one
 //!   run's files only.
-//! * `<view>_latest` — the current state, a Delta table kept up to date by MERGE after each run
+//! * `<view>_latest` — the current state, a Delta table kept up to date after each run
 //!   ([`crate::dataset::current`]): for every resource id the rows of its newest version
 //!   (greatest `meta.lastUpdated`, then the newest run), resources deleted by a tombstone left
 //!   out, views of one resource type agreeing on the version.
@@ -28,8 +29,13 @@
 //! # Ok(()) }
 //! ```
 
+use std::{collections::HashMap, sync::Arc};
+
 use datafusion::{
-    arrow::record_batch::RecordBatch, error::DataFusionError, prelude::SessionContext,
+    arrow::record_batch::RecordBatch,
+    catalog::{SchemaProvider, TableProvider},
+    error::DataFusionError,
+    prelude::SessionContext,
 };
 
 pub use crate::dataset::current::LATEST_SUFFIX;
@@ -93,11 +99,11 @@ pub struct TableInfo {
 /// A dataset opened for SQL.
 pub struct Dataset {
     ctx: SessionContext,
-    tables: Vec<TableInfo>,
+    schema: Arc<LazyTables>,
     runs: Vec<RunManifest>,
 }
 
-/// Tables whose Delta logs are read at once when a dataset is opened.
+/// Tables whose Delta logs are read at once by [`Dataset::tables`].
 const TABLES_LOADED_AT_ONCE: usize = 8;
 
 impl Dataset {
@@ -106,7 +112,9 @@ impl Dataset {
         Self::open_as_of(location, &AsOf::Latest).await
     }
 
-    /// Open a dataset at the version [`AsOf`] names.
+    /// Open a dataset at the version [`AsOf`] names. Only the table names are listed here; a
+    /// table's Delta log is read when a query first names it, so a query of one table costs
+    /// one table's log, however many tables and runs the dataset holds.
     pub async fn open_as_of(
         location: &DatasetLocation,
         as_of: &AsOf,
@@ -136,46 +144,19 @@ impl Dataset {
         };
         let mut ctx = crate::dataset::current::session();
         datafusion_functions_json::register_all(&mut ctx)?;
-        // Tables load side by side (each is a listing and a few small reads of its log).
-        use futures::{StreamExt, TryStreamExt};
-        let loaded: Vec<(String, Option<deltalake::DeltaTable>)> = futures::stream::iter(names)
-            .map(|name| async move {
-                let mut builder = location.table_builder(&name)?;
-                if let Some(t) = cutoff {
-                    builder = builder.with_timestamp(t);
-                }
-                match builder.load().await {
-                    Ok(t) => Ok((name, Some(t))),
-                    // Created after the cutoff: not part of that state.
-                    Err(_) if cutoff.is_some() => Ok((name, None)),
-                    Err(source) => Err(DatasetError::Delta {
-                        table: name,
-                        source: Box::new(source),
-                    }),
-                }
-            })
-            .buffered(TABLES_LOADED_AT_ONCE)
-            .try_collect()
-            .await?;
-        let mut tables = Vec::new();
-        for (name, table) in loaded {
-            let Some(table) = table else { continue };
-            let (files, rows) = table_size(&table);
-            table
-                .update_datafusion_session(&ctx.state())
-                .map_err(|source| DatasetError::Delta {
-                    table: name.clone(),
-                    source: Box::new(source),
-                })?;
-            ctx.register_table(name.as_str(), provider(&table, &name).await?)?;
-            tables.push(TableInfo {
-                version: table.version().unwrap_or_default(),
-                name,
-                files,
-                rows,
-            });
-        }
-        Ok(Dataset { ctx, tables, runs })
+        let schema = Arc::new(LazyTables {
+            location: location.clone(),
+            names,
+            cutoff,
+            runtime: ctx.runtime_env(),
+            loaded: tokio::sync::Mutex::new(HashMap::new()),
+            extra: Default::default(),
+        });
+        let catalog = ctx
+            .catalog("datafusion")
+            .ok_or_else(|| DataFusionError::Internal("no default catalog".into()))?;
+        catalog.register_schema("public", schema.clone())?;
+        Ok(Dataset { ctx, schema, runs })
     }
 
     /// The DataFusion session, for anything beyond [`sql`](Self::sql).
@@ -183,17 +164,33 @@ impl Dataset {
         &self.ctx
     }
 
-    /// Registered tables (history, current state and the internal tables), by name.
-    pub fn tables(&self) -> &[TableInfo] {
-        &self.tables
+    /// The dataset's table names (history, current state and the internal tables), sorted.
+    pub fn table_names(&self) -> &[String] {
+        &self.schema.names
     }
 
-    /// Registered current-state tables (`<view>_latest`).
+    /// Every table with its version, files and rows (reads every table's log; a table created
+    /// after the [`AsOf`] point is left out).
+    pub async fn tables(&self) -> Result<Vec<TableInfo>, QueryError> {
+        use futures::{StreamExt, TryStreamExt};
+        let infos: Vec<Option<TableInfo>> = futures::stream::iter(self.schema.names.clone())
+            .map(|name| async move {
+                let loaded = self.schema.load(&name).await?;
+                Ok::<_, QueryError>(loaded.map(|(info, _)| info))
+            })
+            .buffered(TABLES_LOADED_AT_ONCE)
+            .try_collect()
+            .await?;
+        Ok(infos.into_iter().flatten().collect())
+    }
+
+    /// The current-state tables (`<view>_latest`).
     pub fn latest_views(&self) -> Vec<String> {
-        self.tables
+        self.schema
+            .names
             .iter()
-            .filter(|t| t.name.ends_with(LATEST_SUFFIX))
-            .map(|t| t.name.clone())
+            .filter(|t| t.ends_with(LATEST_SUFFIX))
+            .cloned()
             .collect()
     }
 
@@ -205,6 +202,135 @@ impl Dataset {
     /// Run one SQL statement and collect its result.
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
         Ok(self.ctx.sql(sql).await?.collect().await?)
+    }
+}
+
+/// The dataset's tables as DataFusion's default schema, each loaded on first use (at the
+/// [`AsOf`] point) and kept.
+#[derive(Debug)]
+struct LazyTables {
+    location: DatasetLocation,
+    names: Vec<String>,
+    cutoff: Option<chrono::DateTime<chrono::Utc>>,
+    /// The session's runtime, where each table's object store is registered for its scans.
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+    #[allow(clippy::type_complexity)]
+    loaded: tokio::sync::Mutex<HashMap<String, Option<(TableInfo, Arc<dyn TableProvider>)>>>,
+    /// Tables and views the session registers (`CREATE VIEW …` in a query script).
+    extra: std::sync::Mutex<HashMap<String, Arc<dyn TableProvider>>>,
+}
+
+impl LazyTables {
+    /// Load table `name` (once); `None` when it did not exist at the cutoff.
+    async fn load(
+        &self,
+        name: &str,
+    ) -> Result<Option<(TableInfo, Arc<dyn TableProvider>)>, QueryError> {
+        if let Some(hit) = self.loaded.lock().await.get(name) {
+            return Ok(hit.clone());
+        }
+        let mut builder = self.location.table_builder(name)?;
+        if let Some(t) = self.cutoff {
+            builder = builder.with_timestamp(t);
+        }
+        let table = match builder.load().await {
+            Ok(t) => Some(t),
+            // Created after the cutoff: not part of that state.
+            Err(_) if self.cutoff.is_some() => None,
+            Err(source) => {
+                return Err(DatasetError::Delta {
+                    table: name.to_string(),
+                    source: Box::new(source),
+                }
+                .into());
+            }
+        };
+        let loaded = match table {
+            None => None,
+            Some(table) => {
+                let state = datafusion::execution::SessionStateBuilder::new()
+                    .with_runtime_env(self.runtime.clone())
+                    .build();
+                table
+                    .update_datafusion_session(&state)
+                    .map_err(|source| DatasetError::Delta {
+                        table: name.to_string(),
+                        source: Box::new(source),
+                    })?;
+                let (files, rows) = table_size(&table);
+                let info = TableInfo {
+                    name: name.to_string(),
+                    version: table.version().unwrap_or_default(),
+                    files,
+                    rows,
+                };
+                Some((info, provider(&table, name).await?))
+            }
+        };
+        self.loaded
+            .lock()
+            .await
+            .insert(name.to_string(), loaded.clone());
+        Ok(loaded)
+    }
+}
+
+#[async_trait::async_trait]
+impl SchemaProvider for LazyTables {
+    fn table_names(&self) -> Vec<String> {
+        let mut names = self.names.clone();
+        names.extend(self.extra().keys().cloned());
+        names
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        if let Some(t) = self.extra().get(name) {
+            return Ok(Some(t.clone()));
+        }
+        if !self.is_delta_table(name) {
+            return Ok(None);
+        }
+        match self.load(name).await {
+            Ok(loaded) => Ok(loaded.map(|(_, p)| p)),
+            Err(QueryError::DataFusion(e)) => Err(e),
+            Err(e) => Err(DataFusionError::External(Box::new(e))),
+        }
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.is_delta_table(name) || self.extra().contains_key(name)
+    }
+
+    fn register_table(
+        &self,
+        name: String,
+        table: Arc<dyn TableProvider>,
+    ) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        if self.is_delta_table(&name) {
+            return Err(DataFusionError::Plan(format!(
+                "{name} is a table of the dataset; choose another name"
+            )));
+        }
+        Ok(self.extra().insert(name, table))
+    }
+
+    fn deregister_table(
+        &self,
+        name: &str,
+    ) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        Ok(self.extra().remove(name))
+    }
+}
+
+impl LazyTables {
+    fn is_delta_table(&self, name: &str) -> bool {
+        self.names
+            .binary_search_by(|n| n.as_str().cmp(name))
+            .is_ok()
+    }
+
+    fn extra(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<dyn TableProvider>>> {
+        self.extra.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
