@@ -6,11 +6,13 @@
 # `flatfhir export` against `flatfhir serve` on loopback beside a plain download of the same
 # files (same server, same gzip negotiation).
 #
-#   usage: benches/compare.sh [--export] [--peers "duckdb duckdb2 polars"] [--no-duckdb]
-#                             [--repeat N] [--force] [NDJSON_DIR] [COPIES ...]
+#   usage: benches/compare.sh [--export [--file-rate RATE]] [--peers "duckdb duckdb2 polars"]
+#                             [--no-duckdb] [--repeat N] [--force] [NDJSON_DIR] [COPIES ...]
 #
 #   NDJSON_DIR defaults to ../shared/data/synthea-100. Each COPIES (default 1) concatenates the
 #   input that many times with rewritten ids (benches/replicate.py), e.g. `1 10 20 100`.
+#   --file-rate RATE (e.g. 2MB) makes the server send each file at most that many bytes per
+#   second, as an EHR's storage does, so that the local server does not compete for the cores.
 #   --peers chooses the peers (default all three; --no-duckdb: none). --repeat N runs every
 #   measurement N times (in turns: each tool once, then again) and keeps the fastest time and
 #   the largest peak RSS. The script refuses to measure while the 1-minute load average says
@@ -20,17 +22,19 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 export_too=0
+file_rate=""
 peers="duckdb duckdb2 polars"
 repeat=1
 force=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --export) export_too=1; shift ;;
+    --file-rate) file_rate="$2"; shift 2 ;;
     --no-duckdb) peers=""; shift ;;
     --peers) peers="$2"; shift 2 ;;
     --repeat) repeat="$2"; shift 2 ;;
     --force) force=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
@@ -160,7 +164,7 @@ PY
 start_server() { # DIR -> base URL in $base
   local port
   port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$bin" serve --data "$1" --addr "127.0.0.1:$port" --delay 0s -q >/dev/null 2>"$work/serve.err" &
+  "$bin" serve --data "$1" --addr "127.0.0.1:$port" --delay 0s ${file_rate:+--file-rate "$file_rate"} -q >/dev/null 2>"$work/serve.err" &
   server_pid=$!
   base="http://127.0.0.1:$port/fhir"
   for _ in $(seq 100); do

@@ -1,6 +1,8 @@
 //! Decode + flatten throughput per resource type (bundled sample, default views), the parts of it
 //! (JSON parsing alone; FHIRPath evaluation of representative views over parsed resources), and
-//! Parquet encoding throughput. Inputs are built outside the timed loop.
+//! Parquet encoding throughput: a view's columns per codec, and the raw `resource` column (the
+//! largest column of every run) per codec, with the size each codec writes printed beside its
+//! time. Inputs are built outside the timed loop.
 //!
 //!     cargo bench --bench flatten
 //!     cargo bench --bench flatten -- fhirpath     # one group
@@ -173,5 +175,75 @@ fn write_parquet(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, parse_json, fhirpath, write_parquet);
+/// The raw `resource` column alone (every base view's, bundled sample), encoded as the writer
+/// encodes it (plain, no dictionary, no statistics) with each candidate codec. Prints each
+/// codec's output size against the raw bytes: the choice is CPU (criterion's time) against
+/// bytes at rest and read back.
+fn raw_column(c: &mut Criterion) {
+    use parquet::basic::{Encoding, ZstdLevel};
+    use parquet::file::properties::EnabledStatistics;
+    let registry = Arc::new(ViewRegistry::builtin().expect("default views compile"));
+    let mut d = DecoderBuilder::new(registry, "bench").build();
+    for (_, bytes) in sample() {
+        d.decode(&bytes).expect("decodes");
+    }
+    let columns: Vec<_> = d
+        .finish()
+        .expect("finishes")
+        .into_iter()
+        .filter_map(|vb| {
+            let col = vb.batch.column_by_name("resource")?.clone();
+            datafusion::arrow::record_batch::RecordBatch::try_from_iter([("resource", col)]).ok()
+        })
+        .collect();
+    let raw: usize = columns
+        .iter()
+        .map(|b| {
+            let a = b.column(0).as_any();
+            a.downcast_ref::<datafusion::arrow::array::StringArray>()
+                .map_or(0, |s| s.value_data().len())
+        })
+        .sum();
+    let mut g = c.benchmark_group("raw_column");
+    g.throughput(Throughput::Bytes(raw as u64));
+    let zstd = |l| Compression::ZSTD(ZstdLevel::try_new(l).expect("valid level"));
+    for (name, codec) in [
+        ("zstd1", zstd(1)),
+        ("zstd3", zstd(3)),
+        ("lz4_raw", Compression::LZ4_RAW),
+        ("snappy", Compression::SNAPPY),
+        ("none", Compression::UNCOMPRESSED),
+    ] {
+        let write = || {
+            let props = WriterProperties::builder()
+                .set_compression(codec)
+                .set_dictionary_enabled(false)
+                .set_encoding(Encoding::PLAIN)
+                .set_statistics_enabled(EnabledStatistics::None)
+                .build();
+            let mut w =
+                ArrowWriter::try_new(Vec::new(), columns[0].schema(), Some(props)).expect("writer");
+            for b in &columns {
+                w.write(b).expect("write");
+            }
+            w.into_inner().expect("close").len()
+        };
+        let size = write();
+        eprintln!(
+            "raw_column/{name}: {raw} raw bytes -> {size} bytes ({:.2}x)",
+            raw as f64 / size as f64
+        );
+        g.bench_function(name, |b| b.iter(write));
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    decode,
+    parse_json,
+    fhirpath,
+    write_parquet,
+    raw_column
+);
 criterion_main!(benches);

@@ -163,6 +163,33 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(secs))
 }
 
+/// A byte count: `500k`, `2MB`, `1.5M`, `1GiB`, or plain bytes (k/M/G are powers of 1,000,
+/// Ki/Mi/Gi of 1,024; a trailing `B` or `/s` is allowed).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let (num, unit) = t.split_at(
+        t.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?} (e.g. 500k, 2MB, 1GiB)"))?;
+    let unit = unit.trim();
+    let unit = unit.strip_suffix(['B', 'b']).unwrap_or(unit);
+    let scale: f64 = match unit {
+        "" => 1.0,
+        "k" | "K" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("bad size unit in {s:?} (k, M, G, Ki, Mi, Gi)")),
+    };
+    Ok((n * scale).round() as u64)
+}
+
 pub fn parse_compression(s: &str) -> Result<parquet::basic::Compression, String> {
     use parquet::basic::{Compression, ZstdLevel};
     match s.split_once(':') {
@@ -178,5 +205,21 @@ pub fn parse_compression(s: &str) -> Result<parquet::basic::Compression, String>
         _ => Err(format!(
             "unknown compression {s:?} (zstd, zstd:LEVEL, snappy, none)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("2MB"), Ok(2_000_000));
+        assert_eq!(parse_bytes("500k"), Ok(500_000));
+        assert_eq!(parse_bytes("1.5M/s"), Ok(1_500_000));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("2 parsecs").is_err());
+        assert!(parse_bytes("MB").is_err());
     }
 }

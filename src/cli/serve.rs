@@ -9,7 +9,7 @@ use flatfhir::serve::{AuthClient, DataSource, ServerBuilder};
 
 use super::{
     Outcome,
-    args::{parse_duration, parse_kv},
+    args::{parse_bytes, parse_duration, parse_kv},
 };
 
 #[derive(Debug, Args)]
@@ -24,6 +24,11 @@ pub struct ServeArgs {
     /// gets the manifest.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     delay: std::time::Duration,
+    /// Send each file download at most this fast (bytes per second on the wire, e.g. 2MB), as
+    /// an EHR's file storage does; default: as fast as the client reads. Benchmarks of a
+    /// client against a local server use it so that the server does not compete for the cores.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    file_rate: Option<u64>,
     /// Resources per output file.
     #[arg(long, default_value_t = flatfhir::serve::DEFAULT_RESOURCES_PER_FILE)]
     resources_per_file: usize,
@@ -97,7 +102,8 @@ pub async fn run(a: ServeArgs) -> Result<Outcome> {
         .with_bearer_token(a.bearer_token.clone())
         .with_smart_clients(serve_clients(&a)?)
         .with_token_lifetime(a.token_lifetime)
-        .with_scope_syntax(a.scope_syntax);
+        .with_scope_syntax(a.scope_syntax)
+        .with_file_rate(a.file_rate);
     let server = if a.requires_access_token {
         server.with_requires_access_token(true)
     } else {

@@ -21,6 +21,8 @@ use super::server::AppState;
 
 /// Body chunk size when the `slow` fault is on.
 const SLOW_CHUNK_BYTES: usize = 8 * 1024;
+/// Body chunk size under a per-download rate ([`super::ServerBuilder::with_file_rate`]).
+const PACED_CHUNK_BYTES: usize = 64 * 1024;
 /// `application/fhir+ndjson`
 const FHIR_NDJSON: &str = "application/fhir+ndjson";
 
@@ -188,13 +190,18 @@ async fn serve(
         Ending::Whole
     };
     let gzip_ok = accepts_gzip(headers) && !faults.no_gzip;
+    let pace = match (faults.slow_chunk, state.config.file_rate) {
+        (Some(delay), _) => Pace::Delay(delay),
+        (None, Some(rate)) => Pace::Rate(rate),
+        (None, None) => Pace::Free,
+    };
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let resp = Response::builder()
         .header(header::CONTENT_TYPE, FHIR_NDJSON)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::VARY, "accept-encoding");
     if let Some(bomb) = &export_file.bomb {
-        return serve_bomb(resp, bomb, range, gzip_ok, ending, faults.slow_chunk);
+        return serve_bomb(resp, bomb, range, gzip_ok, ending, pace);
     }
 
     let body = export_file.body();
@@ -226,7 +233,7 @@ async fn serve(
         None => body,
     };
     resp.header(header::CONTENT_LENGTH, data.len())
-        .body(body_of(data, ending, faults.slow_chunk))
+        .body(body_of(data, ending, pace))
         .unwrap_or_else(|e| {
             Issue::error("exception", e.to_string()).response(StatusCode::INTERNAL_SERVER_ERROR)
         })
@@ -240,7 +247,7 @@ fn serve_bomb(
     range: Option<&str>,
     gzip_ok: bool,
     ending: Ending,
-    slow: Option<Duration>,
+    pace: Pace,
 ) -> Response {
     let total = bomb.plain_len();
     let built = match range.map(|r| (r, parse_range(r, total as usize))) {
@@ -256,7 +263,7 @@ fn serve_bomb(
         _ if gzip_ok => {
             resp = resp.header(header::CONTENT_ENCODING, "gzip");
             resp.header(header::CONTENT_LENGTH, bomb.gzip.len())
-                .body(body_of(bomb.gzip.clone(), ending, slow))
+                .body(body_of(bomb.gzip.clone(), ending, pace))
         }
         _ => resp
             .header(header::CONTENT_LENGTH, total)
@@ -346,11 +353,22 @@ enum Ending {
     Stall(usize, watch::Receiver<bool>),
 }
 
-/// The response body: whole, or in 8 KiB chunks with a delay (`slow`), cut off with a
-/// connection error (`cut-file`) or stalled (`stall-file`). With `Content-Length` set, hyper
-/// closes the connection when the stream fails, so the client sees a short body and an error.
-fn body_of(data: Bytes, ending: Ending, slow: Option<Duration>) -> Body {
-    if matches!(ending, Ending::Whole) && slow.is_none() {
+/// How fast a response body is sent.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    /// As fast as the connection takes it.
+    Free,
+    /// 8 KiB chunks with this delay between them (the `slow` fault).
+    Delay(Duration),
+    /// At most this many bytes per second (the server's per-download rate).
+    Rate(u64),
+}
+
+/// The response body: whole, or in chunks at a pace ([`Pace`]), cut off with a connection
+/// error (`cut-file`) or stalled (`stall-file`). With `Content-Length` set, hyper closes the
+/// connection when the stream fails, so the client sees a short body and an error.
+fn body_of(data: Bytes, ending: Ending, pace: Pace) -> Body {
+    if matches!(ending, Ending::Whole) && matches!(pace, Pace::Free) {
         return Body::from(data);
     }
     let limit = match &ending {
@@ -358,11 +376,12 @@ fn body_of(data: Bytes, ending: Ending, slow: Option<Duration>) -> Body {
         Ending::Cut => data.len() / 2,
         Ending::Stall(at, _) => (*at).min(data.len() / 2),
     };
-    let chunk = if slow.is_some() {
-        SLOW_CHUNK_BYTES
-    } else {
-        limit.max(1)
+    let chunk = match pace {
+        Pace::Free => limit.max(1),
+        Pace::Delay(_) => SLOW_CHUNK_BYTES,
+        Pace::Rate(_) => PACED_CHUNK_BYTES,
     };
+    let started = tokio::time::Instant::now();
     let ending = Arc::new(ending);
     let stream = futures::stream::unfold(Some(0usize), move |pos| {
         let (data, ending) = (data.clone(), ending.clone());
@@ -385,10 +404,14 @@ fn body_of(data: Bytes, ending: Ending, slow: Option<Duration>) -> Body {
                 let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, cut);
                 return Some((Err(cut), None));
             }
-            if pos > 0
-                && let Some(delay) = slow
-            {
-                tokio::time::sleep(delay).await;
+            match pace {
+                Pace::Delay(delay) if pos > 0 => tokio::time::sleep(delay).await,
+                Pace::Rate(rate) => {
+                    // Not before the bytes sent so far are due at `rate`.
+                    let due = Duration::from_secs_f64(pos as f64 / rate.max(1) as f64);
+                    tokio::time::sleep_until(started + due).await;
+                }
+                _ => {}
             }
             let end = (pos + chunk).min(limit);
             Some((Ok(data.slice(pos..end)), Some(end)))

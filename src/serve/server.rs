@@ -64,6 +64,7 @@ pub(super) struct Config {
     pub bearer_token: Option<String>,
     pub smart: SmartSettings,
     pub files_on_separate_origin: bool,
+    pub file_rate: Option<u64>,
     pub faults: Faults,
 }
 
@@ -95,6 +96,7 @@ impl ServerBuilder {
                     scope_syntax: ScopeSyntax::Both,
                 },
                 files_on_separate_origin: false,
+                file_rate: None,
                 faults: Faults::default(),
             },
         }
@@ -176,6 +178,15 @@ impl ServerBuilder {
     /// as servers that put files on S3 or a CDN do. Default `false`.
     pub fn with_files_on_separate_origin(mut self, separate: bool) -> Self {
         self.config.files_on_separate_origin = separate;
+        self
+    }
+
+    /// Send each file download at most `bytes_per_sec` bytes per second on the wire (gzip
+    /// bytes when gzip is negotiated), as a real server's storage does; default `None`: as fast
+    /// as the client reads. A benchmark of a client against a throttled local server measures
+    /// what the client adds to the download time, without the server taking the cores.
+    pub fn with_file_rate(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.config.file_rate = bytes_per_sec.filter(|r| *r > 0);
         self
     }
 

@@ -702,7 +702,25 @@ async fn slow_chunks() {
     server.shutdown().await;
 
     // A body of several 8 KiB chunks takes at least (chunks - 1) delays.
-    let big: String = (0..400)
+    let (big, elapsed) = timed_download(400, |b| {
+        b.with_faults(Faults {
+            slow_chunk: Some(Duration::from_millis(40)),
+            ..Faults::default()
+        })
+    })
+    .await;
+    let chunks = big.div_ceil(8192) as u32;
+    assert!(elapsed >= Duration::from_millis(40) * (chunks - 1));
+}
+
+/// Serve one file of `lines` Basic resources (~100 bytes each) from a server configured by
+/// `configure`, download it whole (identity encoding) and check it: its length and the time
+/// the download took.
+async fn timed_download(
+    lines: usize,
+    configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+) -> (usize, Duration) {
+    let big: String = (0..lines)
         .map(|i| {
             format!(
                 r#"{{"resourceType":"Basic","id":"b{i}","note":"{}"}}{}"#,
@@ -711,25 +729,28 @@ async fn slow_chunks() {
             )
         })
         .collect();
-    let server = start(
-        ServerBuilder::new(DataSource::Files(vec![(
-            "b".into(),
-            Bytes::from(big.clone()),
-        )]))
-        .with_delay(Duration::ZERO)
-        .with_faults(Faults {
-            slow_chunk: Some(Duration::from_millis(40)),
-            ..Faults::default()
-        }),
-    )
-    .await;
+    let builder = ServerBuilder::new(DataSource::Files(vec![(
+        "b".into(),
+        Bytes::from(big.clone()),
+    )]))
+    .with_delay(Duration::ZERO);
+    let server = start(configure(builder)).await;
     let manifest = export(&server, "$export", &[]).await;
     let started = std::time::Instant::now();
     let text = download(manifest["output"][0]["url"].as_str().unwrap()).await;
+    let elapsed = started.elapsed();
     assert_eq!(text, big);
-    let chunks = big.len().div_ceil(8192) as u32;
-    assert!(started.elapsed() >= Duration::from_millis(40) * (chunks - 1));
     server.shutdown().await;
+    (big.len(), elapsed)
+}
+
+#[tokio::test]
+async fn a_file_rate_paces_every_download() {
+    // ~300 KB of identity bytes at 1 MB/s: the body arrives whole, in no less than ~0.3 s
+    // (the rate is a floor on the time, never a ceiling: a slow machine only takes longer).
+    let (len, elapsed) = timed_download(3000, |b| b.with_file_rate(Some(1_000_000))).await;
+    // The last 64 KiB chunk is due at (len - 64 KiB) / rate.
+    assert!(elapsed >= Duration::from_secs_f64((len - 64 * 1024) as f64 / 1e6));
 }
 
 #[tokio::test]
