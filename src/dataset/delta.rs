@@ -96,9 +96,16 @@ impl DatasetLocation {
         })
     }
 
-    /// Whether table `table` has a Delta log (one listing request).
+    /// Whether table `table` has a Delta log: one HEAD of its first commit, else (a log whose
+    /// first commits were cleaned up) one listing request. A listing alone would cost a stat of
+    /// every log file on a local store, which grows with the number of runs.
     pub async fn has_table(&self, table: &str) -> Result<bool, DatasetError> {
         use futures::StreamExt;
+        use object_store::ObjectStoreExt;
+        let first = self.child(&format!("{table}/_delta_log/{:020}.json", 0));
+        if self.store.head(&first).await.is_ok() {
+            return Ok(true);
+        }
         let log = self.child(&format!("{table}/_delta_log/"));
         match self.store.list(Some(&log)).next().await {
             None => Ok(false),
@@ -128,6 +135,20 @@ impl DatasetLocation {
 
     /// Names of the Delta tables in the dataset (directories with a `_delta_log/`), sorted.
     pub async fn delta_tables(&self) -> Result<Vec<String>, DatasetError> {
+        let mut out = self.table_dirs(usize::MAX).await?;
+        out.sort();
+        Ok(out)
+    }
+
+    /// Whether the dataset holds at least one Delta table (stops at the first found).
+    pub async fn has_delta_tables(&self) -> Result<bool, DatasetError> {
+        Ok(!self.table_dirs(1).await?.is_empty())
+    }
+
+    /// Up to `limit` of the top-level directories that hold a Delta table, probed
+    /// [`TABLES_PROBED_AT_ONCE`] at a time.
+    async fn table_dirs(&self, limit: usize) -> Result<Vec<String>, DatasetError> {
+        use futures::{StreamExt, TryStreamExt};
         let top = self
             .store
             .list_with_delimiter(Some(&self.prefix))
@@ -136,17 +157,26 @@ impl DatasetLocation {
                 path: self.url.to_string(),
                 source,
             })?;
-        let mut out = Vec::new();
-        for dir in top.common_prefixes {
-            let Some(name) = dir.filename() else { continue };
-            if self.has_table(name).await? {
-                out.push(name.to_string());
-            }
-        }
-        out.sort();
-        Ok(out)
+        let names: Vec<String> = top
+            .common_prefixes
+            .iter()
+            .filter_map(|dir| dir.filename().map(str::to_string))
+            .collect();
+        futures::stream::iter(names)
+            .map(|name| async move {
+                Ok::<_, DatasetError>(self.has_table(&name).await?.then_some(name))
+            })
+            .buffered(TABLES_PROBED_AT_ONCE)
+            .try_filter_map(|found| async move { Ok(found) })
+            .take(limit)
+            .try_collect()
+            .await
     }
 }
+
+/// Table directories probed for a Delta log at once when a dataset is listed (16: local stat
+/// calls and object-store HEAD requests both overlap well).
+const TABLES_PROBED_AT_ONCE: usize = 16;
 
 /// A Delta error on one table.
 fn delta_err(table: &str) -> impl Fn(DeltaTableError) -> DatasetError + '_ {

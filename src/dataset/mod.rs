@@ -136,7 +136,7 @@ pub async fn check_layout(location: &DatasetLocation) -> Result<(), DatasetError
     use futures::StreamExt;
     let mut records = location.store.list(Some(&location.child(RUNS_DIR)));
     let has_runs = matches!(records.next().await, Some(Ok(_)));
-    if has_runs && location.delta_tables().await?.is_empty() {
+    if has_runs && !location.has_delta_tables().await? {
         let runs = RunManifest::list(location).await?;
         if runs
             .iter()

@@ -100,7 +100,6 @@ pub struct TableInfo {
 pub struct Dataset {
     ctx: SessionContext,
     schema: Arc<LazyTables>,
-    runs: Vec<RunManifest>,
 }
 
 /// Tables whose Delta logs are read at once by [`Dataset::tables`].
@@ -120,18 +119,23 @@ impl Dataset {
         as_of: &AsOf,
     ) -> Result<Dataset, QueryError> {
         crate::dataset::check_layout(location).await?;
-        let runs = RunManifest::list(location).await?;
         let names = location.delta_tables().await?;
         let cutoff = match as_of {
             AsOf::Latest => None,
             AsOf::Timestamp(t) => Some(*t),
             AsOf::Run(id) => {
-                let run = runs.iter().find(|r| &r.run_id == id).ok_or_else(|| {
-                    DatasetError::Location {
-                        location: location.url.to_string(),
-                        message: format!("no published run {id}"),
-                    }
-                })?;
+                let no_run = || DatasetError::Location {
+                    location: location.url.to_string(),
+                    message: format!("no published run {id}"),
+                };
+                // A run id names an object: refuse one that would name another path.
+                if id.is_empty() || id.contains(['/', '\\']) || id.starts_with('.') {
+                    return Err(no_run().into());
+                }
+                let run: RunManifest = location
+                    .get_json_opt(&RunManifest::path(id))
+                    .await?
+                    .ok_or_else(no_run)?;
                 let published = run.published.as_deref().unwrap_or(&run.finished);
                 let finished = chrono::DateTime::parse_from_rfc3339(published).map_err(|e| {
                     DatasetError::Location {
@@ -156,7 +160,7 @@ impl Dataset {
             .catalog("datafusion")
             .ok_or_else(|| DataFusionError::Internal("no default catalog".into()))?;
         catalog.register_schema("public", schema.clone())?;
-        Ok(Dataset { ctx, schema, runs })
+        Ok(Dataset { ctx, schema })
     }
 
     /// The DataFusion session, for anything beyond [`sql`](Self::sql).
@@ -194,9 +198,10 @@ impl Dataset {
             .collect()
     }
 
-    /// Published runs, oldest first.
-    pub fn runs(&self) -> &[RunManifest] {
-        &self.runs
+    /// Published runs, oldest first (every run record is read: opening the dataset reads
+    /// none, so that it costs the same after 10 runs or 10,000).
+    pub async fn runs(&self) -> Result<Vec<RunManifest>, QueryError> {
+        Ok(RunManifest::list(&self.schema.location).await?)
     }
 
     /// Run one SQL statement and collect its result.

@@ -274,7 +274,7 @@ async fn s3_uploads_that_keep_failing_fail_the_run_and_publish_nothing() {
     let direct =
         DatasetLocation::resolve_with_options(&s3.url("broken"), &s3.options(), false).unwrap();
     let ds = Dataset::open(&direct).await.unwrap();
-    assert!(ds.runs().is_empty());
+    assert!(ds.runs().await.unwrap().is_empty());
     assert!(ds.table_names().is_empty(), "{:?}", ds.table_names());
     srv.shutdown().await;
 }
