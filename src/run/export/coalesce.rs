@@ -63,17 +63,83 @@ pub async fn coalesce(
     if groups.is_empty() {
         return Ok(out);
     }
-    // Decoding and encoding Parquet is CPU work: off the I/O runtime, like the driver's sink.
+    // Decoding and encoding Parquet is CPU work: off the I/O runtime, like the driver's sink,
+    // and spread over the cores: the views are dealt into COALESCE_BUCKETS buckets of about
+    // equal bytes (the same buckets, so the same part names, on a resumed run), rewritten side
+    // by side.
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut buckets: Vec<(u64, Vec<ViewParts>)> =
+        (0..COALESCE_BUCKETS).map(|_| (0, Vec::new())).collect();
+    groups.sort_by_key(|(view, small)| {
+        let bytes: u64 = small.iter().map(|p| p.bytes).sum();
+        (std::cmp::Reverse(bytes), view.clone())
+    });
+    for (view, small) in groups {
+        let bytes: u64 = small.iter().map(|p| p.bytes).sum();
+        let lightest = buckets
+            .iter_mut()
+            .min_by_key(|(b, _)| *b)
+            .expect("COALESCE_BUCKETS > 0");
+        lightest.0 += bytes;
+        lightest.1.push((view, small));
+    }
+    let jobs = buckets
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (_, groups))| !groups.is_empty())
+        .map(|(k, (_, groups))| {
+            // Bucket 0 keeps the tag of a single rewriter (`<tag>-c`).
+            let tag = if k == 0 {
+                format!("{tag}-c")
+            } else {
+                format!("{tag}-c{k}")
+            };
+            rewrite(
+                location.clone(),
+                export.to_string(),
+                tag,
+                compression,
+                groups,
+            )
+        });
+    use futures::{StreamExt, TryStreamExt};
+    let rewritten: Vec<(Vec<WrittenFile>, Vec<WrittenFile>)> = futures::stream::iter(jobs)
+        .buffer_unordered(parallel)
+        .try_collect()
+        .await?;
+    for (parts, replaced) in rewritten {
+        out.parts.extend(parts);
+        out.replaced.extend(replaced);
+    }
+    out.parts.sort_by(|a, b| a.path.cmp(&b.path));
+    out.replaced.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// A view and its small parts.
+type ViewParts = (String, Vec<WrittenFile>);
+
+/// Buckets the views to coalesce are dealt into (4): at most this many rewriters, each with its
+/// own writer, run side by side (as many at once as there are cores).
+const COALESCE_BUCKETS: usize = 4;
+
+/// Rewrite each view's small parts of `groups` into new parts tagged `tag`, on a blocking
+/// thread. Returns the new parts and the small parts they replace.
+async fn rewrite(
+    location: DatasetLocation,
+    export: String,
+    tag: String,
+    compression: parquet::basic::Compression,
+    groups: Vec<ViewParts>,
+) -> Result<(Vec<WrittenFile>, Vec<WrittenFile>)> {
     let handle = tokio::runtime::Handle::current();
-    let (location, export, tag) = (location.clone(), export.to_string(), tag.to_string());
     let span = tracing::Span::current();
-    let rewritten = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let _span = span.enter();
         handle.block_on(async move {
-            let mut writer =
-                DatasetWriterBuilder::new(location.clone(), format!("{tag}-c"), export)
-                    .with_compression(compression)
-                    .build();
+            let mut writer = DatasetWriterBuilder::new(location.clone(), tag, export)
+                .with_compression(compression)
+                .build();
             let mut replaced = Vec::new();
             for (view, small) in groups {
                 let before: u64 = small.iter().map(|p| p.rows).sum();
@@ -119,11 +185,7 @@ pub async fn coalesce(
         })
     })
     .await
-    .map_err(|e| crate::Error::Internal(format!("the coalescing thread failed: {e}")))??;
-    out.parts.extend(rewritten.0);
-    out.replaced = rewritten.1;
-    out.parts.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
+    .map_err(|e| crate::Error::Internal(format!("the coalescing thread failed: {e}")))?
 }
 
 #[cfg(test)]
@@ -175,5 +237,53 @@ mod tests {
             again.parts.last().unwrap().path,
             c.parts.last().unwrap().path
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn views_are_rewritten_side_by_side_under_stable_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = DatasetLocation::resolve(dir.path().to_str().unwrap(), true).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let views = ["a", "b", "c", "d", "e", "f"];
+        let mut parts = Vec::new();
+        for i in 0..5i64 {
+            let mut w = DatasetWriterBuilder::new(loc.clone(), format!("f{i}"), "e1").build();
+            for (k, view) in views.iter().enumerate() {
+                // Views of different sizes, so the buckets are dealt by bytes.
+                let n: Vec<i64> = (0..(k as i64 + 1) * 50).map(|j| i * 1000 + j).collect();
+                let batch =
+                    RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(n))])
+                        .unwrap();
+                w.write_batch(view, &batch).await.unwrap();
+            }
+            parts.extend(w.finish().await.unwrap());
+        }
+        let compression = parquet::basic::Compression::UNCOMPRESSED;
+        let c = coalesce(&loc, "e1", "run", compression, parts.clone())
+            .await
+            .unwrap();
+        // One part per view, exact rows, written by more than one rewriter.
+        let rows: Vec<(&str, u64)> = c.parts.iter().map(|p| (p.view.as_str(), p.rows)).collect();
+        let want: Vec<(&str, u64)> = views
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (*v, 5 * 50 * (k as u64 + 1)))
+            .collect();
+        let mut sorted = rows.clone();
+        sorted.sort();
+        assert_eq!(sorted, want);
+        assert_eq!(c.replaced.len(), parts.len());
+        let tags: std::collections::BTreeSet<&str> = c
+            .parts
+            .iter()
+            .filter_map(|p| p.path.rsplit_once("-run-")?.1.strip_suffix(".parquet"))
+            .collect();
+        assert!(tags.len() > 1, "{tags:?}");
+        // Again (a resumed run): the same names.
+        let again = coalesce(&loc, "e1", "run", compression, parts)
+            .await
+            .unwrap();
+        let names = |c: &Coalesced| c.parts.iter().map(|p| p.path.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&again), names(&c));
     }
 }
