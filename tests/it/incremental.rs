@@ -103,7 +103,12 @@ pub(crate) fn auto() -> ExportRequest {
     }
 }
 
-async fn run(srv: &RunningServer, loc: &DatasetLocation, request: ExportRequest) -> ExportSummary {
+/// An export of `request` from `srv` into `loc` with the default views and fast retries.
+pub(crate) fn exporter(
+    srv: &RunningServer,
+    loc: &DatasetLocation,
+    request: ExportRequest,
+) -> ExportBuilder {
     let client = BulkClientBuilder::new(srv.base_url().clone())
         .with_retry(RetryConfig {
             base: Duration::from_millis(50),
@@ -112,11 +117,11 @@ async fn run(srv: &RunningServer, loc: &DatasetLocation, request: ExportRequest)
         .build()
         .unwrap();
     let registry = Arc::new(ViewRegistry::builtin().unwrap());
-    ExportBuilder::new(client, registry, loc.clone())
-        .with_request(request)
-        .run()
-        .await
-        .unwrap()
+    ExportBuilder::new(client, registry, loc.clone()).with_request(request)
+}
+
+async fn run(srv: &RunningServer, loc: &DatasetLocation, request: ExportRequest) -> ExportSummary {
+    exporter(srv, loc, request).run().await.unwrap()
 }
 
 pub(crate) async fn one(ds: &Dataset, sql: &str) -> String {

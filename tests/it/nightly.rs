@@ -4,12 +4,8 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use flatfhir::{
-    client::{BulkClientBuilder, ExportRequest, RetryConfig},
-    dataset::DatasetLocation,
-    query::Dataset,
-    run::export::{ExportBuilder, ExportSummary},
-    serve::RunningServer,
-    view::ViewRegistry,
+    client::ExportRequest, dataset::DatasetLocation, query::Dataset, run::export::ExportSummary,
+    serve::RunningServer, view::ViewRegistry,
 };
 use serde_json::json;
 
@@ -21,16 +17,7 @@ async fn export(
     request: ExportRequest,
     snapshot: bool,
 ) -> flatfhir::Result<ExportSummary> {
-    let client = BulkClientBuilder::new(srv.base_url().clone())
-        .with_retry(RetryConfig {
-            base: Duration::from_millis(50),
-            ..Default::default()
-        })
-        .build()
-        .unwrap();
-    let registry = Arc::new(ViewRegistry::builtin().unwrap());
-    ExportBuilder::new(client, registry, loc.clone())
-        .with_request(request)
+    crate::incremental::exporter(srv, loc, request)
         .with_snapshot(snapshot)
         .run()
         .await
