@@ -21,7 +21,11 @@ use super::json::{Json, JsonRef, json_ref};
 use super::{
     ViewError,
     definition::{ColumnDef, Select, ViewDefinition},
-    fhirpath::{Constants, Env, Expression, Item, Literal, ParsedReference, Step, parse_reference},
+    dispatch::{MemberDispatch, Resolved},
+    fhirpath::{
+        Constants, Env, Expression, Item, Literal, ParsedReference, Step, parse_reference,
+        push_flat,
+    },
     types::{Cell, ColumnType, Converted, convert},
 };
 
@@ -75,6 +79,8 @@ struct SelectNode {
     iteration: Iteration,
     /// Columns whose paths are member chains, sharing their common prefixes.
     planned: Vec<TrieNode>,
+    /// The members `planned` reads from the focus, found in one scan of it.
+    planned_dispatch: Option<MemberDispatch>,
     /// The other columns, evaluated one by one.
     columns: Vec<(usize, Expression)>,
     /// No iteration, no `unionAll`, and every nested select simple too: the node yields exactly
@@ -97,6 +103,8 @@ struct TrieNode {
     /// Columns whose path ends here.
     columns: Vec<usize>,
     children: Vec<TrieNode>,
+    /// The members `children` read from each value of this step, found in one scan of it.
+    dispatch: Option<MemberDispatch>,
     /// Over no input, this node and its children yield no values and only single-valued
     /// columns, whose cells stay null: the subtree is skipped (most optional elements are
     /// absent, and the chains below them would each be walked to set a null).
@@ -115,6 +123,7 @@ impl TrieNode {
                     step: step.clone(),
                     columns: Vec::new(),
                     children: Vec::new(),
+                    dispatch: None,
                     skip_when_empty: false,
                 });
                 nodes.len() - 1
@@ -127,15 +136,17 @@ impl TrieNode {
         }
     }
 
-    /// Set [`TrieNode::skip_when_empty`] once the trie is complete (`columns` indexed as in
-    /// the nodes). A collection column is never skipped: its empty value is `[]`, not null.
-    fn mark(nodes: &mut [TrieNode], columns: &[ColumnSpec]) {
-        for n in nodes {
-            TrieNode::mark(&mut n.children, columns);
+    /// Set [`TrieNode::skip_when_empty`] and the dispatches once the trie is complete
+    /// (`columns` indexed as in the nodes); returns the dispatch of `nodes` themselves. A
+    /// collection column is never skipped: its empty value is `[]`, not null.
+    fn mark(nodes: &mut [TrieNode], columns: &[ColumnSpec]) -> Option<MemberDispatch> {
+        for n in nodes.iter_mut() {
+            n.dispatch = TrieNode::mark(&mut n.children, columns);
             n.skip_when_empty = n.step.keeps_empty()
                 && n.columns.iter().all(|&c| !columns[c].collection)
                 && n.children.iter().all(|c| c.skip_when_empty);
         }
+        MemberDispatch::new(nodes.iter().map(|n| &n.step))
     }
 }
 
@@ -170,6 +181,7 @@ const MAX_KEPT_LEN: usize = 1 << 16;
 pub struct EvalScratch {
     items: Vec<Vec<Item<'static>>>,
     refs: Vec<RefMemo<'static>>,
+    found: Vec<Option<Json<'static>>>,
     cells: Vec<ManuallyDrop<Cell<'static>>>,
     lists: Vec<Vec<RowId>>,
     parts: Vec<Vec<RowId>>,
@@ -212,6 +224,7 @@ impl EvalScratch {
             pool: Pool {
                 items: std::mem::take(&mut self.items),
                 refs: std::mem::take(&mut self.refs),
+                found: std::mem::take(&mut self.found),
             },
             cells: std::mem::take(&mut self.cells),
             owned: false,
@@ -226,6 +239,7 @@ impl EvalScratch {
         let mut refs = std::mem::take(&mut b.pool.refs);
         refs.clear();
         self.refs = emptied(refs);
+        self.found = emptied(std::mem::take(&mut b.pool.found));
         self.items = std::mem::take(&mut b.pool.items)
             .into_iter()
             .take(SPARE_ITEM_BUFFERS)
@@ -335,6 +349,9 @@ struct Pool<'a> {
     /// references (each Observation view reads `subject`), so each is parsed once per resource.
     /// At most [`MEMO_REFERENCES`], searched linearly.
     refs: Vec<RefMemo<'a>>,
+    /// The members [`MemberDispatch::scan`]s found, one slot per trie child, a stack with the
+    /// innermost node's slots last.
+    found: Vec<Option<Json<'a>>>,
 }
 
 /// References remembered per resource. A `forEach` over many references (a Group's members)
@@ -428,6 +445,8 @@ pub struct CompiledView {
     root: SelectNode,
     schema: SchemaRef,
     raw_column: bool,
+    /// Member lookups through [`MemberDispatch`] (see [`CompiledView::set_member_dispatch`]).
+    member_dispatch: bool,
 }
 
 impl CompiledView {
@@ -491,6 +510,7 @@ impl CompiledView {
             root,
             schema,
             raw_column: false,
+            member_dispatch: true,
         })
     }
 
@@ -519,6 +539,14 @@ impl CompiledView {
             }
             self.schema = Arc::new(Schema::new(fields));
         }
+    }
+
+    /// Find the members a trie node reads with one scan of each object (default) rather than
+    /// one scan per member. The results are the same; the switch exists so that tests can
+    /// compare the two.
+    #[doc(hidden)]
+    pub fn set_member_dispatch(&mut self, on: bool) {
+        self.member_dispatch = on;
     }
 
     /// View (table) name.
@@ -774,7 +802,8 @@ impl CompiledView {
         first_error: &mut Option<(usize, EvalError)>,
     ) {
         let one = std::slice::from_ref(focus);
-        self.walk(&node.planned, one, env, row, pool, first_error);
+        let dispatch = node.planned_dispatch.as_ref();
+        self.walk(&node.planned, dispatch, one, env, row, pool, first_error);
         for (c, expr) in &node.columns {
             let mut items = pool.pop();
             let mut tmp = pool.pop();
@@ -794,35 +823,90 @@ impl CompiledView {
         }
     }
 
-    /// Evaluate a trie of member-chain columns over `input`, each shared prefix once.
+    /// Evaluate a trie of member-chain columns over `input`, each shared prefix once. Over
+    /// one object, the members the nodes read are found in one scan of it (`dispatch`).
+    #[allow(clippy::too_many_arguments)]
     fn walk<'a>(
         &self,
         nodes: &[TrieNode],
+        dispatch: Option<&MemberDispatch>,
         input: &[Item<'a>],
         env: &Env<'a>,
         row: &mut RowMut<'_, 'a>,
         pool: &mut Pool<'a>,
         first_error: &mut Option<(usize, EvalError)>,
     ) {
+        if self.member_dispatch
+            && let (Some(d), [Item::Json { value, .. }]) = (dispatch, input)
+            && let JsonRef::Object(object) = json_ref(value)
+        {
+            let start = pool.found.len();
+            pool.found.resize(start + d.len(), None);
+            let scan = d.scan(object, &mut pool.found[start..]);
+            for (i, n) in nodes.iter().enumerate() {
+                let (v, ty) = match d.resolve(i, scan, &pool.found[start..]) {
+                    Resolved::Navigate => {
+                        self.step(n, input, env, row, pool, first_error);
+                        continue;
+                    }
+                    Resolved::Found(v, ty) if !v.is_null() => (v, ty),
+                    Resolved::Found(..) | Resolved::Absent => {
+                        if !n.skip_when_empty {
+                            self.visit(n, &[], env, row, pool, first_error);
+                        }
+                        continue;
+                    }
+                };
+                if let JsonRef::Array(_) = json_ref(v) {
+                    let mut buf = pool.pop();
+                    push_flat(v, ty, &mut buf);
+                    self.visit(n, &buf, env, row, pool, first_error);
+                    pool.push(buf);
+                } else {
+                    let one = [Item::Json {
+                        value: v,
+                        fhir_type: ty,
+                    }];
+                    self.visit(n, &one, env, row, pool, first_error);
+                }
+            }
+            pool.found.truncate(start);
+            return;
+        }
         for n in nodes {
             if input.is_empty() && n.skip_when_empty {
                 continue;
             }
-            if let Step::First = n.step {
-                self.visit(n, &input[..input.len().min(1)], env, row, pool, first_error);
-                continue;
-            }
-            let mut buf = pool.pop();
-            match &n.step {
-                Step::ReferenceKey(ty) => pool.reference_keys(input, ty.as_deref(), &mut buf),
-                step => step.apply(input, env, &mut buf),
-            }
-            self.visit(n, &buf, env, row, pool, first_error);
-            pool.push(buf);
+            self.step(n, input, env, row, pool, first_error);
         }
     }
 
+    /// Apply `n`'s step to `input` and visit `n` with the result.
+    #[inline]
+    fn step<'a>(
+        &self,
+        n: &TrieNode,
+        input: &[Item<'a>],
+        env: &Env<'a>,
+        row: &mut RowMut<'_, 'a>,
+        pool: &mut Pool<'a>,
+        first_error: &mut Option<(usize, EvalError)>,
+    ) {
+        if let Step::First = n.step {
+            self.visit(n, &input[..input.len().min(1)], env, row, pool, first_error);
+            return;
+        }
+        let mut buf = pool.pop();
+        match &n.step {
+            Step::ReferenceKey(ty) => pool.reference_keys(input, ty.as_deref(), &mut buf),
+            step => step.apply(input, env, &mut buf),
+        }
+        self.visit(n, &buf, env, row, pool, first_error);
+        pool.push(buf);
+    }
+
     /// The cells of `n`'s columns and its children, for the values `items` of its step.
+    #[inline]
     fn visit<'a>(
         &self,
         n: &TrieNode,
@@ -839,7 +923,8 @@ impl CompiledView {
             }
         }
         if !n.children.is_empty() {
-            self.walk(&n.children, items, env, row, pool, first_error);
+            let dispatch = n.dispatch.as_ref();
+            self.walk(&n.children, dispatch, items, env, row, pool, first_error);
         }
     }
 
@@ -1087,7 +1172,7 @@ impl Compiler<'_> {
                 None => columns.push((idx, expr)),
             }
         }
-        TrieNode::mark(&mut planned, &self.columns);
+        let planned_dispatch = TrieNode::mark(&mut planned, &self.columns);
         let mut selects = Vec::new();
         for (i, n) in s.select.iter().enumerate() {
             selects.push(self.select(n, &join_locus(locus, &format!("select[{i}]")))?);
@@ -1128,6 +1213,7 @@ impl Compiler<'_> {
         Ok(SelectNode {
             iteration,
             planned,
+            planned_dispatch,
             columns,
             simple,
             selects,

@@ -18,6 +18,7 @@
 
 pub mod compile;
 pub mod definition;
+mod dispatch;
 pub mod fhirpath;
 pub mod json;
 pub mod types;
@@ -145,6 +146,19 @@ impl ViewRegistry {
             if let Some(v) = Arc::get_mut(v) {
                 let is_base = *name == snake_case(v.resource());
                 v.set_raw_column(raw && is_base);
+            }
+        }
+        self
+    }
+
+    /// [`CompiledView::set_member_dispatch`] for every view added so far (while the registry
+    /// is not shared): lets tests compare the scan of each object once with member-by-member
+    /// navigation.
+    #[doc(hidden)]
+    pub fn with_member_dispatch(mut self, on: bool) -> Self {
+        for v in self.by_name.values_mut() {
+            if let Some(v) = Arc::get_mut(v) {
+                v.set_member_dispatch(on);
             }
         }
         self

@@ -165,7 +165,7 @@ pub(crate) fn decimal_item(d: Decimal) -> Item<'static> {
 }
 
 /// Push `v` (flattening arrays, skipping nulls) typed as `fhir_type`.
-fn push_flat<'a>(v: Json<'a>, fhir_type: Option<&'a str>, out: &mut Vec<Item<'a>>) {
+pub(crate) fn push_flat<'a>(v: Json<'a>, fhir_type: Option<&'a str>, out: &mut Vec<Item<'a>>) {
     match json_ref(v) {
         JsonRef::Null => {}
         JsonRef::Array(a) => out.extend(

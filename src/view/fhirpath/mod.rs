@@ -55,12 +55,18 @@ mod types;
 mod values;
 
 pub use eval::MAX_EVAL_WORK;
+pub(crate) use eval::push_flat;
 pub use functions::MAX_REPEAT_ITEMS;
 pub(crate) use functions::{ParsedReference, parse_reference};
 pub use parser::MAX_DEPTH;
 pub(crate) use path::{PathPlan, Step};
 pub use types::{Constants, Env, FhirPathError, Item, Literal};
 pub use values::DIV_SCALE;
+#[cfg(test)]
+pub(crate) use {
+    eval::{navigate, navigate_typed},
+    parser::TypeSpec,
+};
 
 use parser::{BinOp, EnvVar, Func, Node};
 

@@ -1,0 +1,378 @@
+//! One scan of an object's members for all the member steps read from it.
+//!
+//! A view's member-chain columns form a trie ([`super::compile`]); the children of one trie node
+//! are the members read from the same object (`code`, `status`, `subject`, `valueQuantity`, …:
+//! thirty or more at the root of a base view). Looking each one up on its own scans the
+//! object's keys once per child, so the keys of a resource's root are compared hundreds of
+//! times. A [`MemberDispatch`] compiled for the node's children instead scans the object once:
+//! each key is looked up in a perfect hash of the names the children read, and the member found
+//! is handed to its child.
+//!
+//! The scan does only what is sure to give the same result as navigation member by member
+//! ([`crate::view::fhirpath::eval`]); anything else is left to it ([`Resolved::Navigate`]):
+//!
+//! - `name`: the member `name` when present (it wins over choice elements, as in navigation);
+//!   when absent and no key is `name` followed by an upper-case letter (a possible choice
+//!   element `nameType`), nothing; otherwise the child navigates.
+//! - `name.ofType(T)`: the member `nameT` when present; when neither `name` nor any other
+//!   `nameX` key is present, nothing; otherwise the child navigates.
+//! - every other step (`first()`, `getReferenceKey()`, names starting with an upper-case
+//!   letter, …) navigates.
+
+use super::fhirpath::Step;
+use super::json::{Json, JsonObject, bytes_eq};
+
+/// Most children one dispatch serves (one bit each in a `u64`).
+pub(crate) const MAX_CHILDREN: usize = 64;
+/// Fewest member children for which a dispatch is worth its scan.
+const MIN_MEMBERS: usize = 2;
+
+/// What one child of the trie node reads, as the scan sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    /// Navigated on its own.
+    Navigate,
+    /// The member of that exact name.
+    Member,
+    /// The choice element `nameT`, typed `T`.
+    Typed(&'static str),
+}
+
+/// A name the scan looks for, and the children it concerns.
+#[derive(Debug)]
+struct Name {
+    bytes: Box<[u8]>,
+    /// The [`Role::Member`] child reading this name.
+    member: Option<u8>,
+    /// The [`Role::Typed`] child whose choice element this is (`valueQuantity`).
+    typed: Option<u8>,
+    /// Children (bit per child) for which this name is the element's base name (`value` of
+    /// `value` and of `value.ofType(Quantity)`): a key that is this name followed by an
+    /// upper-case letter may be one of its choice elements.
+    base_of: u64,
+    /// [`Role::Typed`] children whose base name this is: the key itself being present means the
+    /// child must navigate (`value.ofType(T)` over a plain `value` member).
+    plain_of: u64,
+}
+
+/// The compiled scan for the children of one trie node; see the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct MemberDispatch {
+    roles: Vec<Role>,
+    names: Vec<Name>,
+    /// Open table of `names` indices ([`EMPTY`] when free), indexed by the top bits of
+    /// [`key_hash`]; no two names share a slot.
+    table: Box<[u16]>,
+    seed: u64,
+    shift: u32,
+    /// Bit `n` set when some base name has `n` bytes: the prefixes of a key worth looking up.
+    base_lens: u64,
+}
+
+const EMPTY: u16 = u16::MAX;
+
+/// What the scan found for the children of a node.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Scan {
+    /// Children whose member was found (its value is in the scan's slot for the child).
+    present: u64,
+    /// Children that must navigate on their own.
+    navigate: u64,
+}
+
+/// How one child gets its values after a [`MemberDispatch::scan`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Resolved<'a> {
+    /// This member's value (flattened as navigation does), typed when the step was `ofType`.
+    Found(Json<'a>, Option<&'static str>),
+    /// No values.
+    Absent,
+    /// Navigate as without a dispatch.
+    Navigate,
+}
+
+impl MemberDispatch {
+    /// The dispatch for trie children taking `steps`, in child order; `None` when too few of
+    /// them read members (or too many children), or their names defeat the hash.
+    pub(crate) fn new<'s>(steps: impl ExactSizeIterator<Item = &'s Step>) -> Option<Self> {
+        if steps.len() > MAX_CHILDREN {
+            return None;
+        }
+        let mut roles = Vec::with_capacity(steps.len());
+        let mut names: Vec<Name> = Vec::new();
+        fn name_at(names: &mut Vec<Name>, bytes: &[u8]) -> usize {
+            if let Some(i) = names.iter().position(|n| *n.bytes == *bytes) {
+                return i;
+            }
+            names.push(Name {
+                bytes: bytes.into(),
+                member: None,
+                typed: None,
+                base_of: 0,
+                plain_of: 0,
+            });
+            names.len() - 1
+        }
+        for (i, step) in steps.enumerate() {
+            let bit = 1u64 << i;
+            let role = match step {
+                Step::Member(name) if starts_lower(name) => {
+                    let n = name_at(&mut names, name.as_bytes());
+                    names[n].member = Some(i as u8);
+                    names[n].base_of |= bit;
+                    Role::Member
+                }
+                Step::TypedMember(name, ty) if starts_lower(name) => match ty.fhir {
+                    Some(f) if !f.is_empty() => {
+                        let mut key = name.as_bytes().to_vec();
+                        key.push(f.as_bytes()[0].to_ascii_uppercase());
+                        key.extend_from_slice(&f.as_bytes()[1..]);
+                        let k = name_at(&mut names, &key);
+                        names[k].typed = Some(i as u8);
+                        let b = name_at(&mut names, name.as_bytes());
+                        names[b].base_of |= bit;
+                        names[b].plain_of |= bit;
+                        Role::Typed(f)
+                    }
+                    _ => Role::Navigate,
+                },
+                _ => Role::Navigate,
+            };
+            roles.push(role);
+        }
+        if roles.iter().filter(|r| **r != Role::Navigate).count() < MIN_MEMBERS
+            || names.len() >= usize::from(EMPTY)
+        {
+            return None;
+        }
+        let base_lens = names
+            .iter()
+            .filter(|n| n.base_of != 0 && n.bytes.len() < 64)
+            .fold(0u64, |m, n| m | 1 << n.bytes.len());
+        let mut bits = (names.len() * 2)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(3);
+        while bits <= 12 {
+            for seed in 1..=512u64 {
+                let shift = 64 - bits;
+                let mut table = vec![EMPTY; 1 << bits].into_boxed_slice();
+                let clash = names.iter().enumerate().any(|(i, n)| {
+                    let slot = &mut table[(key_hash(&n.bytes, seed) >> shift) as usize];
+                    let taken = *slot != EMPTY;
+                    *slot = i as u16;
+                    taken
+                });
+                if !clash {
+                    return Some(MemberDispatch {
+                        roles,
+                        names,
+                        table,
+                        seed,
+                        shift,
+                        base_lens,
+                    });
+                }
+            }
+            bits += 1;
+        }
+        None
+    }
+
+    #[inline]
+    fn find(&self, key: &[u8]) -> Option<&Name> {
+        let i = self.table[(key_hash(key, self.seed) >> self.shift) as usize];
+        let n = self.names.get(usize::from(i))?;
+        bytes_eq(&n.bytes, key).then_some(n)
+    }
+
+    /// Scan `object`'s members once, writing the member each [`Role::Member`] / [`Role::Typed`]
+    /// child reads into `found[child]` (the first one, if a key is repeated, as navigation
+    /// does). `found` must have a slot per child; slots of children not found are left as they
+    /// are.
+    pub(crate) fn scan<'a>(&self, object: JsonObject<'a>, found: &mut [Option<Json<'a>>]) -> Scan {
+        let mut s = Scan::default();
+        for (key, value) in object.raw_members() {
+            if let Some(n) = self.find(key) {
+                for c in [n.member, n.typed].into_iter().flatten() {
+                    let bit = 1u64 << c;
+                    if s.present & bit == 0 {
+                        s.present |= bit;
+                        found[usize::from(c)] = Some(value);
+                    }
+                }
+                s.navigate |= n.plain_of;
+            }
+            // A possible choice element `nameType` of a base name read here.
+            for (i, b) in key.iter().enumerate().skip(1).take(63) {
+                if b.is_ascii_uppercase()
+                    && self.base_lens >> i & 1 == 1
+                    && let Some(n) = self.find(&key[..i])
+                {
+                    s.navigate |= n.base_of;
+                }
+            }
+        }
+        s
+    }
+
+    /// How child `i` gets its values after `scan` (with `found` as filled by it).
+    #[inline]
+    pub(crate) fn resolve<'a>(
+        &self,
+        i: usize,
+        scan: Scan,
+        found: &[Option<Json<'a>>],
+    ) -> Resolved<'a> {
+        let bit = 1u64 << i;
+        match self.roles[i] {
+            Role::Navigate => Resolved::Navigate,
+            role if scan.present & bit != 0 => match found[i] {
+                Some(v) => Resolved::Found(
+                    v,
+                    if let Role::Typed(f) = role {
+                        Some(f)
+                    } else {
+                        None
+                    },
+                ),
+                None => Resolved::Navigate,
+            },
+            _ if scan.navigate & bit != 0 => Resolved::Navigate,
+            _ => Resolved::Absent,
+        }
+    }
+
+    /// Number of children the dispatch was compiled for.
+    pub(crate) fn len(&self) -> usize {
+        self.roles.len()
+    }
+}
+
+fn starts_lower(name: &str) -> bool {
+    name.starts_with(|c: char| !c.is_ascii_uppercase())
+}
+
+/// A hash of a member name from its length and its first and last eight bytes (names that
+/// agree on all three share every slot whatever the seed; such a dispatch is not built).
+#[inline]
+fn key_hash(k: &[u8], seed: u64) -> u64 {
+    let n = k.len();
+    let mut head = [0u8; 8];
+    let mut tail = [0u8; 8];
+    if n >= 8 {
+        head.copy_from_slice(&k[..8]);
+        tail.copy_from_slice(&k[n - 8..]);
+    } else {
+        head[..n].copy_from_slice(k);
+    }
+    let a = (u64::from_le_bytes(head) ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let b = (u64::from_le_bytes(tail) ^ n as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    a ^ b.rotate_left(29) ^ (a >> 29)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::fhirpath::{Item, TypeSpec, navigate, navigate_typed};
+    use crate::view::json::{JsonDoc, JsonRef};
+
+    fn typed(name: &str, ty: &'static str) -> Step {
+        Step::TypedMember(
+            name.into(),
+            TypeSpec {
+                namespace: None,
+                name: ty.into(),
+                fhir: Some(ty),
+                system: None,
+            },
+        )
+    }
+
+    /// Every child resolves to what navigating on its own gives, over objects with exact
+    /// members, choice elements, both, repeats, nulls and arrays.
+    #[test]
+    fn a_scan_gives_what_navigation_gives() {
+        let steps = vec![
+            Step::Member("value".into()),
+            typed("value", "Quantity"),
+            typed("value", "string"),
+            Step::Member("status".into()),
+            Step::Member("code".into()),
+            Step::First,
+            Step::Member("Observation".into()),
+            typed("effective", "Period"),
+            Step::Member("valueQuantity".into()),
+        ];
+        let d = MemberDispatch::new(steps.iter()).expect("a dispatch");
+        let docs = [
+            r#"{"status":"final","code":{"text":"x"},"valueQuantity":{"value":1}}"#,
+            r#"{"value":3,"valueQuantity":{"value":1},"valueString":"s"}"#,
+            r#"{"valueString":"a","valueMarkdown":"b","status":null}"#,
+            r#"{"status":"a","status":"b","code":[{"t":1},null,{"t":2}]}"#,
+            r#"{"effectivePeriod":{"start":"2020"},"effectiveDateTime":"2020"}"#,
+            r#"{"effective":{"start":"2020"},"resourceType":"Observation"}"#,
+            r#"{"valueBoolean":true,"valueInteger":2,"vaLue":1,"Value":2}"#,
+            r#"{"valueMarkdown":"m","valueAge":{"value":1},"effectiveInstant":"2020"}"#,
+            r#"{"value":{"value":1},"effective":"x","effectiveDateTime":"y"}"#,
+            r#"{}"#,
+        ];
+        for text in docs {
+            let doc = JsonDoc::parse(text).expect("json");
+            let root = doc.root();
+            let JsonRef::Object(obj) = root.kind() else {
+                panic!("object")
+            };
+            let mut found = vec![None; d.len()];
+            let scan = d.scan(obj, &mut found);
+            let item = Item::Json {
+                value: root,
+                fhir_type: None,
+            };
+            for (i, step) in steps.iter().enumerate() {
+                let mut want = Vec::new();
+                match step {
+                    Step::Member(n) => navigate(&item, n, &mut want),
+                    Step::TypedMember(n, t) => navigate_typed(&item, n, t, &mut want),
+                    _ => continue,
+                }
+                let got = match d.resolve(i, scan, &found) {
+                    Resolved::Navigate => continue,
+                    Resolved::Absent => Vec::new(),
+                    Resolved::Found(v, t) => match v.kind() {
+                        JsonRef::Null => Vec::new(),
+                        JsonRef::Array(a) => a
+                            .iter()
+                            .filter(|x| !x.is_null())
+                            .map(|value| Item::Json {
+                                value,
+                                fhir_type: t,
+                            })
+                            .collect(),
+                        _ => vec![Item::Json {
+                            value: v,
+                            fhir_type: t,
+                        }],
+                    },
+                };
+                assert_eq!(format!("{got:?}"), format!("{want:?}"), "{text} {step:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_that_defeat_the_hash_or_too_few_members_build_no_dispatch() {
+        assert!(MemberDispatch::new([Step::Member("a".into()), Step::First].iter()).is_none());
+        let same_ends = [
+            Step::Member("abcdefgh_one_ijklmnop".into()),
+            Step::Member("abcdefgh_two_ijklmnop".into()),
+        ];
+        assert!(MemberDispatch::new(same_ends.iter()).is_none());
+        let many: Vec<Step> = (0..65).map(|i| Step::Member(format!("m{i}"))).collect();
+        assert!(MemberDispatch::new(many.iter()).is_none());
+        let ok: Vec<Step> = (0..64)
+            .map(|i| Step::Member(format!("member{i}")))
+            .collect();
+        assert!(MemberDispatch::new(ok.iter()).is_some());
+    }
+}
