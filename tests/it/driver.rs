@@ -398,6 +398,19 @@ async fn many_tiny_files_are_coalesced_into_few_parts() {
     let most = flatfhir::run::export::coalesce::MIN_SMALL_PARTS;
     assert!(per_view.values().all(|n| *n < most), "{per_view:?}");
     assert!(s.manifest.files.len() < 2 * per_view.len(), "{per_view:?}");
+    // Each type's parts were rewritten as soon as its last file was committed (their names
+    // carry the type), not all after the last download.
+    let observation = s
+        .manifest
+        .files
+        .iter()
+        .find(|f| f.view == "observation")
+        .unwrap();
+    assert!(
+        observation.path.contains("-observation-c"),
+        "{}",
+        observation.path
+    );
     crate::export::assert_exact(tmp.path(), &srv.counts()).await;
     // On disk: only the parts the run lists (the coalesced small parts were deleted), beside
     // the current-state tables' files.

@@ -13,9 +13,12 @@
 use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use std::collections::BTreeMap;
+
 use crate::{
     Result,
-    dataset::{DatasetError, DatasetLocation, WrittenFile},
+    client::ManifestItem,
+    dataset::{DatasetError, DatasetLocation, FileKind, FileRecord, FileState, WrittenFile},
     sink::DatasetWriterBuilder,
 };
 
@@ -118,6 +121,143 @@ pub async fn coalesce(
 
 /// A view and its small parts.
 type ViewParts = (String, Vec<WrittenFile>);
+
+/// Coalescing of one resource type's parts as soon as the last file declared of that type is
+/// committed, while the other files still download.
+///
+/// Coalescing every small part once all downloads are done put its whole cost after the last
+/// byte arrived: on an export of synthea ×10 at 2 MB/s per file, 0.7 s after 7.1 s of downloads.
+/// A type's files usually finish long before the export's last file, and the cores are mostly
+/// idle while files arrive at an EHR's pace, so each type's parts are rewritten then (one type
+/// at a time). The group is every part of the type's committed files (the run's own tables
+/// `_rejects`, `_deleted`, `_outcomes` excepted): the same parts, so the same part names, when a
+/// resumed run redoes it. Parts of files without a declared type, and of the run's own tables,
+/// are left to the final [`coalesce`].
+pub(crate) struct EarlyCoalescing {
+    location: DatasetLocation,
+    export: String,
+    tag: String,
+    compression: parquet::basic::Compression,
+    /// Output files of each declared type not yet committed, for the types with files left.
+    pending: std::collections::HashMap<String, usize>,
+    /// One type at a time.
+    turn: std::sync::Arc<tokio::sync::Semaphore>,
+    tasks: tokio::task::JoinSet<Result<(Vec<WrittenFile>, Coalesced)>>,
+}
+
+/// What the early coalescing did: the parts it took, and what they became.
+#[derive(Debug, Default)]
+pub(crate) struct EarlyCoalesced {
+    /// Paths of the parts it handled (not to be coalesced again).
+    pub taken: std::collections::HashSet<String>,
+    /// Its result, as [`coalesce`] gives it.
+    pub coalesced: Coalesced,
+}
+
+impl EarlyCoalescing {
+    /// For an export whose manifest lists `items` and whose `files` are those committed so far
+    /// (on a resumed run). Types already complete start at once.
+    pub(crate) fn new<'i>(
+        location: &DatasetLocation,
+        export: &str,
+        tag: &str,
+        compression: parquet::basic::Compression,
+        items: impl IntoIterator<Item = (FileKind, &'i ManifestItem)>,
+        files: &BTreeMap<String, FileRecord>,
+    ) -> Self {
+        let mut pending = std::collections::HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for (kind, item) in items {
+            if let (FileKind::Output, Some(ty)) = (kind, &item.type_)
+                && seen.insert(item.url.as_str())
+            {
+                let left = files
+                    .get(&item.url)
+                    .is_none_or(|r| r.state != FileState::Committed);
+                *pending.entry(ty.clone()).or_insert(0) += usize::from(left);
+            }
+        }
+        let mut early = EarlyCoalescing {
+            location: location.clone(),
+            export: export.to_string(),
+            tag: tag.to_string(),
+            compression,
+            pending,
+            turn: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+            tasks: tokio::task::JoinSet::new(),
+        };
+        let complete: Vec<String> = early
+            .pending
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for ty in complete {
+            early.start(&ty, files);
+        }
+        early
+    }
+
+    /// A file was committed (`files` holds it): start its type's coalescing when it was the
+    /// type's last file.
+    pub(crate) fn committed(
+        &mut self,
+        kind: FileKind,
+        resource_type: Option<&str>,
+        files: &BTreeMap<String, FileRecord>,
+    ) {
+        let Some(ty) = resource_type.filter(|_| kind == FileKind::Output) else {
+            return;
+        };
+        if let Some(n) = self.pending.get_mut(ty) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.start(ty, files);
+            }
+        }
+    }
+
+    fn start(&mut self, ty: &str, files: &BTreeMap<String, FileRecord>) {
+        self.pending.remove(ty);
+        let parts: Vec<WrittenFile> = files
+            .values()
+            .filter(|r| r.kind == FileKind::Output && r.state == FileState::Committed)
+            .filter(|r| r.resource_type.as_deref() == Some(ty))
+            .flat_map(|r| r.parts.iter().filter(|p| !p.view.starts_with('_')).cloned())
+            .collect();
+        if parts.is_empty() {
+            return;
+        }
+        let (location, export, compression) =
+            (self.location.clone(), self.export.clone(), self.compression);
+        // Type names are `[A-Z][A-Za-z0-9]*` (checked when the file was decoded): safe in a name.
+        let tag = format!("{}-{}", self.tag, crate::view::snake_case(ty));
+        let turn = self.turn.clone();
+        let span = tracing::Span::current();
+        self.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                let _turn = turn.acquire_owned().await;
+                let taken = parts.clone();
+                let c = coalesce(&location, &export, &tag, compression, parts).await?;
+                Ok((taken, c))
+            },
+            span,
+        ));
+    }
+
+    /// Wait for the coalescing started so far.
+    pub(crate) async fn finish(mut self) -> Result<EarlyCoalesced> {
+        let mut out = EarlyCoalesced::default();
+        while let Some(joined) = self.tasks.join_next().await {
+            let (taken, c) = joined
+                .map_err(|e| crate::Error::Internal(format!("a coalescing task failed: {e}")))??;
+            out.taken.extend(taken.into_iter().map(|p| p.path));
+            out.coalesced.parts.extend(c.parts);
+            out.coalesced.replaced.extend(c.replaced);
+        }
+        Ok(out)
+    }
+}
 
 /// Buckets the views to coalesce are dealt into (4): at most this many rewriters, each with its
 /// own writer, run side by side (as many at once as there are cores).

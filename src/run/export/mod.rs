@@ -345,6 +345,16 @@ async fn run_job(
         .files
         .store(job.files.len() as u64, Ordering::Relaxed);
     progress.set_state("downloading");
+    let mut early = opts.coalesce.then(|| {
+        coalesce::EarlyCoalescing::new(
+            &location,
+            &job.export,
+            &shared.tag,
+            opts.compression,
+            all_items.iter().map(|(k, i)| (*k, i)),
+            &job.files,
+        )
+    });
     spawn_items(all_items, requires_token, &mut tasks);
 
     let mut failure: Option<Error> = None;
@@ -362,11 +372,15 @@ async fn run_job(
                     )
                 });
                 let parts = rec.parts.clone();
+                let (kind, declared) = (rec.kind, rec.resource_type.clone());
                 job.file_staged(rec)?;
                 job.save_file(&location, &url).await?;
                 commit_staged(&location, &parts).await?;
                 job.file_committed(&url)?;
                 job.save_file(&location, &url).await?;
+                if let Some(e) = early.as_mut() {
+                    e.committed(kind, declared.as_deref(), &job.files);
+                }
                 if let Some((ty, rows)) = rows_of {
                     progress.add_rows(&ty, rows);
                 }
@@ -396,8 +410,21 @@ async fn run_job(
     progress.set_state("coalescing small parts");
     let t = std::time::Instant::now();
     let parts: Vec<_> = job.files.values().flat_map(|r| r.parts.clone()).collect();
-    let coalesced = if opts.coalesce {
-        coalesce::coalesce(&location, &job.export, &shared.tag, opts.compression, parts).await?
+    let coalesced = if let Some(early) = early {
+        // What each type's early coalescing did, and the rest (parts of files without a
+        // declared type, the run's own tables) now.
+        let early = early.finish().await?;
+        let rest = parts
+            .into_iter()
+            .filter(|p| !early.taken.contains(&p.path))
+            .collect();
+        let mut c =
+            coalesce::coalesce(&location, &job.export, &shared.tag, opts.compression, rest).await?;
+        c.parts.extend(early.coalesced.parts);
+        c.replaced.extend(early.coalesced.replaced);
+        c.parts.sort_by(|a, b| a.path.cmp(&b.path));
+        c.replaced.sort_by(|a, b| a.path.cmp(&b.path));
+        c
     } else {
         coalesce::Coalesced {
             parts,
