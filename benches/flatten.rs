@@ -1,5 +1,6 @@
 //! Decode + flatten throughput per resource type (bundled sample, default views), the parts of it
-//! (JSON parsing alone; FHIRPath evaluation of representative views over parsed resources), and
+//! (JSON parsing alone; FHIRPath evaluation of representative views, and of every view of a type
+//! as the decoder runs them — `extract/<Type>` — over parsed resources), and
 //! Parquet encoding throughput: a view's columns per codec, and the raw `resource` column (the
 //! largest column of every run) per codec, with the size each codec writes printed beside its
 //! time. Inputs are built outside the timed loop.
@@ -134,6 +135,50 @@ fn fhirpath(c: &mut Criterion) {
     g.finish();
 }
 
+/// Every view of a type over its resources (parsed outside the timed loop), as the decoder
+/// evaluates them per line: the extraction work per type, apart from parsing and encoding. Each
+/// type twice: members found with one scan per object (`scan`, the default) and member by
+/// member (`navigate`).
+fn extract(c: &mut Criterion) {
+    let files = sample();
+    let mut g = c.benchmark_group("extract");
+    for dispatch in [true, false] {
+        let registry = ViewRegistry::builtin()
+            .expect("default views compile")
+            .with_member_dispatch(dispatch);
+        for (ty, bytes) in files.iter().filter(|(_, b)| b.len() > 100_000) {
+            let views: Vec<_> = registry.views_for(ty).cloned().collect();
+            let text = std::str::from_utf8(bytes).expect("UTF-8");
+            let resources: Vec<JsonDoc<'_>> = text
+                .split('\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| JsonDoc::parse(l).expect("valid JSON"))
+                .collect();
+            g.throughput(Throughput::Bytes(bytes.len() as u64));
+            let mut scratch = EvalScratch::new();
+            let mut rows = Vec::new();
+            let mode = if dispatch { "scan" } else { "navigate" };
+            g.bench_function(BenchmarkId::new(ty.as_str(), mode), |b| {
+                b.iter(|| {
+                    let mut n = 0;
+                    for r in &resources {
+                        let mut bufs = scratch.lend();
+                        rows.clear();
+                        for v in &views {
+                            v.evaluate_with(r.root(), &mut rows, &mut bufs)
+                                .expect("evaluates");
+                        }
+                        n += rows.len();
+                        scratch.restore(bufs);
+                    }
+                    n
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn write_parquet(c: &mut Criterion) {
     let registry = Arc::new(ViewRegistry::builtin().expect("default views compile"));
     let (_, obs) = sample()
@@ -243,6 +288,7 @@ criterion_group!(
     decode,
     parse_json,
     fhirpath,
+    extract,
     write_parquet,
     raw_column
 );
