@@ -3,12 +3,13 @@
 //! An export commits every downloaded file on its own, so each file leaves its own part in each
 //! view it fed. Servers that cut exports into thousands of tiny files (Oracle Health/Cerner:
 //! 20,000 files for one export is reported) would leave tens of thousands of tiny parts, which
-//! every reader then opens. Once every file is committed and before the run record is
-//! published, the small parts of each view are rewritten into as few parts as the row limit
-//! allows; the run record lists the new parts, and the small ones are deleted after it is
-//! published. Nothing a reader sees changes in between: `query` reads only published runs.
-//! A run killed during this step redoes it on `--resume` (the small parts are still there, the
-//! new parts get the same names).
+//! every reader then opens. Before the run record is published, the small parts of each view
+//! are rewritten into as few parts as the row limit allows: a resource type's parts as soon as
+//! the last file declared of that type is committed, while other files still download
+//! ([`EarlyCoalescing`]), the rest once every file is committed ([`coalesce`]). The run record
+//! lists the new parts, and the small ones are deleted after it is published. Nothing a reader
+//! sees changes in between: `query` reads only published runs. A run killed during this step
+//! redoes it on `--resume` (the small parts are still there, the new parts get the same names).
 
 use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
