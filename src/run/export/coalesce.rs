@@ -6,7 +6,7 @@
 //! every reader then opens. Before the run record is published, the small parts of each view
 //! are rewritten into as few parts as the row limit allows: a resource type's parts as soon as
 //! the last file declared of that type is committed, while other files still download
-//! ([`EarlyCoalescing`]), the rest once every file is committed ([`coalesce`]). The run record
+//! (`EarlyCoalescing`), the rest once every file is committed ([`coalesce`]). The run record
 //! lists the new parts, and the small ones are deleted after it is published. Nothing a reader
 //! sees changes in between: `query` reads only published runs. A run killed during this step
 //! redoes it on `--resume` (the small parts are still there, the new parts get the same names).
