@@ -171,6 +171,65 @@ async fn a_failed_convert_leaves_no_parts() {
     assert!(parquet.is_empty(), "left behind: {parquet:?}");
 }
 
+/// An export killed after some types' parts were coalesced during the downloads (and maybe in
+/// the middle of one) resumes with exact rows, redoes those types under the same part names,
+/// and leaves no part behind that the run does not list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_export_redoes_early_coalescing_and_leaves_no_stray_part() {
+    let srv = ServerBuilder::new(DataSource::Dir(data("sample")))
+        .with_resources_per_file(10)
+        .start()
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let bin = env!("CARGO_BIN_EXE_flatfhir");
+    let mut child = crate::export::spawn_slow_export(&srv, &out, 5);
+    // Files come in manifest order, one at a time: once a type's last file is committed its
+    // parts are coalesced (`part-…-<run>-<type>-c.parquet`). Kill when the first such part is
+    // on disk, likely while later types are still downloading or coalescing.
+    crate::export::kill_when(&mut child, "coalesced type", || {
+        out.exists()
+            && walk(&out)
+                .iter()
+                .any(|p| coalesced_part(p) && !p.contains("_latest/"))
+    })
+    .await;
+    let o = Command::new(bin)
+        .args(["export", "--resume", out.to_str().unwrap(), "-q"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::export::assert_exact(&out, &srv.counts()).await;
+    let ds = Dataset::open(&DatasetLocation::resolve(out.to_str().unwrap(), false).unwrap())
+        .await
+        .unwrap();
+    let runs = ds.runs().await.unwrap();
+    let listed: std::collections::BTreeSet<String> = runs
+        .iter()
+        .flat_map(|r| {
+            r.files
+                .iter()
+                .map(|f| out.join(&f.path).display().to_string())
+        })
+        .collect();
+    assert!(listed.iter().any(|p| coalesced_part(p)), "{listed:?}");
+    let on_disk: std::collections::BTreeSet<String> = walk(&out)
+        .into_iter()
+        .filter(|p| p.ends_with(".parquet") || p.ends_with(".staged"))
+        .filter(|p| !p.contains("_latest/"))
+        .collect();
+    assert_eq!(on_disk, listed);
+    srv.shutdown().await;
+}
+
+/// A part written by coalescing: `part-<n>-<tag>-c.parquet` or `…-c<k>.parquet`.
+fn coalesced_part(path: &str) -> bool {
+    path.strip_suffix(".parquet")
+        .and_then(|p| p.rsplit_once("-c"))
+        .is_some_and(|(_, k)| k.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {

@@ -463,6 +463,49 @@ async fn token_goes_only_where_the_ig_says() {
     assert_exact(tmp.path(), &srv.counts()).await;
 }
 
+/// `flatfhir export --patients` of `srv` into `out` as a child process, one file at a time,
+/// each body chunk delayed by `slow_ms`: an export slow enough to be killed part way.
+pub(crate) fn spawn_slow_export(
+    srv: &flatfhir::serve::RunningServer,
+    out: &std::path::Path,
+    slow_ms: u64,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_flatfhir"))
+        .args([
+            "export",
+            "--base-url",
+            srv.base_url().as_str(),
+            "--patients",
+            "--out",
+        ])
+        .arg(out)
+        .args(["--concurrency", "1", "--param"])
+        .arg(format!("_flatfhirFault=slow:{slow_ms}"))
+        .arg("-q")
+        .spawn()
+        .unwrap()
+}
+
+/// Check `ready` every 20 ms (for at most two minutes) while `child` runs, then kill it with
+/// SIGKILL. Fails when `child` ends first.
+pub(crate) async fn kill_when(
+    child: &mut std::process::Child,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "no {what} in time");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "export finished before it could be killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_export_resumes_with_exact_counts() {
     let srv = ServerBuilder::new(DataSource::Dir(data("sample")))
@@ -474,25 +517,10 @@ async fn killed_export_resumes_with_exact_counts() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ds");
     let bin = env!("CARGO_BIN_EXE_flatfhir");
-    let base = srv.base_url().to_string();
-    let args = [
-        "export",
-        "--base-url",
-        &base,
-        "--patients",
-        "--out",
-        out.to_str().unwrap(),
-        "--concurrency",
-        "1",
-        "--param",
-        "_flatfhirFault=slow:60",
-        "-q",
-    ];
-    let mut child = std::process::Command::new(bin).args(args).spawn().unwrap();
+    let mut child = spawn_slow_export(&srv, &out, 60);
     // Wait until some files are committed, then kill -9.
     let jobs = out.join("_jobs");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    kill_when(&mut child, "a committed file", || {
         // The job record and its per-file records (`_jobs/<run>/`).
         let committed = std::fs::read_dir(&jobs)
             .into_iter()
@@ -507,21 +535,9 @@ async fn killed_export_resumes_with_exact_counts() {
             .filter_map(|p| std::fs::read_to_string(p).ok())
             .map(|t| t.matches("\"committed\"").count())
             .sum::<usize>();
-        if committed >= 2 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no file was committed in time"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "export finished before it could be killed"
-        );
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+        committed >= 2
+    })
+    .await;
     // No run was published, so nothing is visible yet: no record, no Delta commit.
     assert!(
         !out.join("_runs").exists() || std::fs::read_dir(out.join("_runs")).unwrap().count() == 0
