@@ -307,7 +307,8 @@ impl<'a> EvalBuffers<'a> {
     /// A new row of `width` null cells.
     fn new_row(&mut self, width: usize) -> RowId {
         let id = self.cells.len();
-        self.cells.resize(id + width, ManuallyDrop::new(Cell::Null));
+        self.cells
+            .resize_with(id + width, || ManuallyDrop::new(Cell::Null));
         id
     }
 
@@ -409,11 +410,15 @@ struct RowMut<'r, 'a> {
 }
 
 impl<'a> RowMut<'_, 'a> {
+    /// Set cell `c` of a row under construction, where every cell is set at most once (each
+    /// column belongs to one node of the select tree), so the null it replaces has nothing to
+    /// drop.
     #[inline]
     fn set(&mut self, c: usize, (cell, inexact): (Cell<'a>, u32)) {
+        debug_assert!(matches!(*self.cells[c], Cell::Null), "cell {c} set twice");
         *self.owned |= cell.owns_memory();
         *self.inexact += u64::from(inexact);
-        *self.cells[c] = cell;
+        self.cells[c] = ManuallyDrop::new(cell);
     }
 }
 
