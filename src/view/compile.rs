@@ -6,11 +6,12 @@
 //! every focus emits the Cartesian product of its parts (its own columns, each nested select,
 //! and the concatenated `unionAll` branches).
 //!
-//! Two shortcuts keep that cheap without changing its result: the member-chain columns of a
+//! Three shortcuts keep that cheap without changing its result: the member-chain columns of a
 //! select are compiled into a trie of steps, so a shared prefix (`code.coding.first()` under
-//! `code_system`, `code` and `code_display`) is navigated once per focus; and a nested select
-//! that yields exactly one row (no iteration, no `unionAll`) writes its cells into the parent's
-//! row, since a product with one row changes nothing.
+//! `code_system`, `code` and `code_display`) is navigated once per focus; the members that a
+//! trie node's children read from one object are found in one scan of its keys (`dispatch.rs`);
+//! and a nested select that yields exactly one row (no iteration, no `unionAll`) writes its
+//! cells into the parent's row, since a product with one row changes nothing.
 
 use std::{borrow::Cow, collections::HashMap, mem::ManuallyDrop, sync::Arc};
 
