@@ -15,7 +15,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use flatfhir::{
     flatten::DecoderBuilder,
     view::{
-        EvalScratch, ViewRegistry,
+        CompiledView, EvalScratch, ViewRegistry,
         json::{JsonBuffers, JsonDoc, JsonRef},
     },
 };
@@ -87,6 +87,38 @@ fn parse_json(c: &mut Criterion) {
     g.finish();
 }
 
+/// The resources of an ndjson file, parsed.
+fn parsed(bytes: &[u8]) -> Vec<JsonDoc<'_>> {
+    std::str::from_utf8(bytes)
+        .expect("UTF-8")
+        .split('\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| JsonDoc::parse(l).expect("valid JSON"))
+        .collect()
+}
+
+/// Evaluate `views` over every resource as the decoder does (buffers reused from resource to
+/// resource); returns the number of rows.
+fn evaluate(
+    views: &[Arc<CompiledView>],
+    resources: &[JsonDoc<'_>],
+    scratch: &mut EvalScratch,
+) -> usize {
+    let mut rows = Vec::new();
+    let mut n = 0;
+    for r in resources {
+        let mut bufs = scratch.lend();
+        rows.clear();
+        for v in views {
+            v.evaluate_with(r.root(), &mut rows, &mut bufs)
+                .expect("evaluates");
+        }
+        n += rows.len();
+        scratch.restore(bufs);
+    }
+    n
+}
+
 /// FHIRPath evaluation of representative views (flat columns; a `forEach` child table; nested
 /// `forEach` with `%rowIndex`) over resources parsed outside the timed loop.
 fn fhirpath(c: &mut Criterion) {
@@ -105,31 +137,12 @@ fn fhirpath(c: &mut Criterion) {
         let Some((_, bytes)) = files.iter().find(|(t, _)| t == ty) else {
             continue;
         };
-        let compiled = registry.get(view).expect("default view exists").clone();
-        let text = std::str::from_utf8(bytes).expect("UTF-8");
-        let resources: Vec<JsonDoc<'_>> = text
-            .split('\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| JsonDoc::parse(l).expect("valid JSON"))
-            .collect();
+        let compiled = [registry.get(view).expect("default view exists").clone()];
+        let resources = parsed(bytes);
         g.throughput(Throughput::Bytes(bytes.len() as u64));
-        // As the decoder runs it: buffers reused from resource to resource.
         let mut scratch = EvalScratch::new();
-        let mut rows = Vec::new();
         g.bench_function(view, |b| {
-            b.iter(|| {
-                let mut n = 0;
-                for r in &resources {
-                    let mut bufs = scratch.lend();
-                    rows.clear();
-                    compiled
-                        .evaluate_with(r.root(), &mut rows, &mut bufs)
-                        .expect("evaluates");
-                    n += rows.len();
-                    scratch.restore(bufs);
-                }
-                n
-            })
+            b.iter(|| evaluate(&compiled, &resources, &mut scratch))
         });
     }
     g.finish();
@@ -148,31 +161,12 @@ fn extract(c: &mut Criterion) {
             .with_member_dispatch(dispatch);
         for (ty, bytes) in files.iter().filter(|(_, b)| b.len() > 100_000) {
             let views: Vec<_> = registry.views_for(ty).cloned().collect();
-            let text = std::str::from_utf8(bytes).expect("UTF-8");
-            let resources: Vec<JsonDoc<'_>> = text
-                .split('\n')
-                .filter(|l| !l.is_empty())
-                .map(|l| JsonDoc::parse(l).expect("valid JSON"))
-                .collect();
+            let resources = parsed(bytes);
             g.throughput(Throughput::Bytes(bytes.len() as u64));
             let mut scratch = EvalScratch::new();
-            let mut rows = Vec::new();
             let mode = if dispatch { "scan" } else { "navigate" };
             g.bench_function(BenchmarkId::new(ty.as_str(), mode), |b| {
-                b.iter(|| {
-                    let mut n = 0;
-                    for r in &resources {
-                        let mut bufs = scratch.lend();
-                        rows.clear();
-                        for v in &views {
-                            v.evaluate_with(r.root(), &mut rows, &mut bufs)
-                                .expect("evaluates");
-                        }
-                        n += rows.len();
-                        scratch.restore(bufs);
-                    }
-                    n
-                })
+                b.iter(|| evaluate(&views, &resources, &mut scratch))
             });
         }
     }
