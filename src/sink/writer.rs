@@ -303,10 +303,11 @@ impl DatasetWriter {
 ///   columns: `value_boolean` of an Observation, statuses, code systems, …). parquet 59 gives
 ///   every column writer of an open row group its own zstd compression and decompression
 ///   contexts (~85 KB together), and every view has a row group open all run long, so these
-///   columns held ~40 MB of a large run's peak memory while they hold ~0.5% of its bytes
-///   (synthea ×20: 558 columns, 0.3 MB more as Snappy of 97.6 MB); Snappy's state is a few KB
-///   and its pages of null levels and dictionary indices are about as small. A column that
-///   turns out otherwise later stays readable by every engine and is only compressed less.
+///   columns held ~30 MB of a large run's peak memory (synthea ×100: 288 → 252–264 MB) while
+///   their pages are a fraction of a percent of its bytes (synthea ×20: 558 columns, 0.3 MB
+///   more as Snappy of 97.6 MB); Snappy's state is a few KB and its pages of null levels and
+///   dictionary indices are about as small. A column that turns out otherwise later stays
+///   readable by every engine and is only compressed less.
 ///
 /// The first batch is a sample, so all of this only tunes the encoding: any choice reads back
 /// the same.
@@ -350,7 +351,7 @@ const FEW_DISTINCT: usize = 8;
 /// flat column hold at most [`FEW_DISTINCT`] distinct values.
 fn few_distinct(col: &ArrayRef) -> bool {
     let col = col.slice(0, col.len().min(1024));
-    if col.len() - col.logical_null_count() < DISTINCT_SAMPLE.0 {
+    if col.len() - col.null_count() < DISTINCT_SAMPLE.0 {
         return false;
     }
     let Ok(converter) = RowConverter::new(vec![SortField::new(col.data_type().clone())]) else {
@@ -364,9 +365,6 @@ fn few_distinct(col: &ArrayRef) -> bool {
         .take(DISTINCT_SAMPLE.1)
         .map(|i| rows.row(i).data())
         .collect();
-    if sample.len() < DISTINCT_SAMPLE.0 {
-        return false;
-    }
     sample.sort_unstable();
     sample.dedup();
     sample.len() <= FEW_DISTINCT
