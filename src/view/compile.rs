@@ -1031,6 +1031,20 @@ fn product(
         }
         return;
     }
+    if let (&[a], Some((lo, hi))) = (acc.as_slice(), contiguous(cols)) {
+        // One parent row (a focus and its `forEach`): each part row, null outside `cols`,
+        // gets the parent's other cells and is a row of the product itself, so the part's own
+        // cells are not copied at all (a `claim_item` row copies its 5 parent cells rather
+        // than all 27 plus its 22 own).
+        for &p in part {
+            for c in (0..lo).chain(hi..width) {
+                *bufs.cells[p + c] = Cell::clone(&bufs.cells[a + c]);
+            }
+        }
+        acc.clear();
+        acc.extend_from_slice(part);
+        return;
+    }
     let mut res = bufs.list();
     res.reserve(acc.len() * part.len());
     for &a in acc.iter() {
@@ -1044,6 +1058,15 @@ fn product(
     }
     std::mem::swap(acc, &mut res);
     bufs.put_list(res);
+}
+
+/// `cols` as the range `lo..hi` when it is one (the columns of a subtree are numbered in
+/// order).
+fn contiguous(cols: &[usize]) -> Option<(usize, usize)> {
+    let (&lo, &last) = (cols.first()?, cols.last()?);
+    cols.windows(2)
+        .all(|w| w[1] == w[0] + 1)
+        .then_some((lo, last + 1))
 }
 
 /// FHIRPath truth of a `where` result: `[true]` / `[false]` / `[]` (false); anything else is an error.
