@@ -6,12 +6,14 @@
 //! every focus emits the Cartesian product of its parts (its own columns, each nested select,
 //! and the concatenated `unionAll` branches).
 //!
-//! Three shortcuts keep that cheap without changing its result: the member-chain columns of a
+//! Four shortcuts keep that cheap without changing its result: the member-chain columns of a
 //! select are compiled into a trie of steps, so a shared prefix (`code.coding.first()` under
 //! `code_system`, `code` and `code_display`) is navigated once per focus; the members that a
 //! trie node's children read from one object are found in one scan of its keys (`dispatch.rs`);
-//! and a nested select that yields exactly one row (no iteration, no `unionAll`) writes its
-//! cells into the parent's row, since a product with one row changes nothing.
+//! a nested select that yields exactly one row (no iteration, no `unionAll`) writes its
+//! cells into the parent's row, since a product with one row changes nothing; and the product
+//! of one parent row with a `forEach`'s rows fills the parent's cells into those rows rather
+//! than copying both into new ones.
 
 use std::{borrow::Cow, collections::HashMap, mem::ManuallyDrop, sync::Arc};
 
