@@ -1036,8 +1036,8 @@ fn product(
     if let (&[a], Some((lo, hi))) = (acc.as_slice(), contiguous(cols)) {
         // One parent row (a focus and its `forEach`): each part row, null outside `cols`,
         // gets the parent's other cells and is a row of the product itself, so the part's own
-        // cells are not copied at all (a `claim_item` row copies its 5 parent cells rather
-        // than all 27 plus its 22 own).
+        // cells are not copied at all (a `claim_item` row copies its 2 parent cells rather
+        // than all 27 plus its 25 own).
         for &p in part {
             for c in (0..lo).chain(hi..width) {
                 *bufs.cells[p + c] = Cell::clone(&bufs.cells[a + c]);
