@@ -1,6 +1,7 @@
 //! Decode + flatten throughput per resource type (bundled sample, default views), the parts of it
 //! (JSON parsing alone; FHIRPath evaluation of representative views, and of every view of a type
-//! as the decoder runs them — `extract/<Type>` — over parsed resources), and
+//! as the decoder runs them — `extract/<Type>` — and of each view alone — `extract_view/<view>` —
+//! over parsed resources), and
 //! Parquet encoding throughput: a view's columns per codec, and the raw `resource` column (the
 //! largest column of every run) per codec, with the size each codec writes printed beside its
 //! time. Inputs are built outside the timed loop.
@@ -173,6 +174,27 @@ fn extract(c: &mut Criterion) {
     g.finish();
 }
 
+/// Each default view alone over its type's resources (parsed outside the timed loop): which
+/// views the time of `extract/<Type>` goes to. Throughput is the type's input bytes, so the
+/// figures of one type's views add up to about its `extract` figure.
+fn extract_view(c: &mut Criterion) {
+    let registry = ViewRegistry::builtin().expect("default views compile");
+    let files = sample();
+    let mut g = c.benchmark_group("extract_view");
+    for (ty, bytes) in files.iter().filter(|(_, b)| b.len() > 100_000) {
+        let resources = parsed(bytes);
+        g.throughput(Throughput::Bytes(bytes.len() as u64));
+        for view in registry.views_for(ty) {
+            let one = [view.clone()];
+            let mut scratch = EvalScratch::new();
+            g.bench_function(view.name(), |b| {
+                b.iter(|| evaluate(&one, &resources, &mut scratch))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn write_parquet(c: &mut Criterion) {
     let registry = Arc::new(ViewRegistry::builtin().expect("default views compile"));
     let (_, obs) = sample()
@@ -283,6 +305,7 @@ criterion_group!(
     parse_json,
     fhirpath,
     extract,
+    extract_view,
     write_parquet,
     raw_column
 );
