@@ -8,10 +8,12 @@
 //!
 //! [`rows`] turns batches back into JSON rows (the `view` command, conformance tests).
 
+mod concat;
 pub mod rows;
 mod writer;
 
 pub use crate::dataset::WrittenFile;
+pub use concat::{COPY_MIN_BYTES, COPY_MIN_ROWS, concat_parts, copies_whole};
 pub use writer::{
     DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_MAX_ROWS_PER_FILE, DEFAULT_ROW_GROUP_ROWS, DatasetWriter,
     DatasetWriterBuilder,

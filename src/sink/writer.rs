@@ -135,6 +135,18 @@ impl OpenFile {
     }
 }
 
+/// An upload of the object at `path` (relative to the dataset root), buffered as the store wants.
+pub(super) fn upload(location: &DatasetLocation, path: &str) -> BufWriter {
+    BufWriter::with_capacity(
+        location.store.clone(),
+        location.child(path),
+        match location.url.scheme() {
+            "file" | "memory" => LOCAL_UPLOAD_BUFFER_BYTES,
+            _ => UPLOAD_BUFFER_BYTES,
+        },
+    )
+}
+
 /// Writes view batches into Parquet files; [`finish`](Self::finish) closes them. Publishing the
 /// run (the manifest) is the caller's separate, last step.
 pub struct DatasetWriter {
@@ -217,14 +229,7 @@ impl DatasetWriter {
         } else {
             path.clone()
         };
-        let obj = BufWriter::with_capacity(
-            self.cfg.location.store.clone(),
-            self.cfg.location.child(&target),
-            match self.cfg.location.url.scheme() {
-                "file" | "memory" => LOCAL_UPLOAD_BUFFER_BYTES,
-                _ => UPLOAD_BUFFER_BYTES,
-            },
-        );
+        let obj = upload(&self.cfg.location, &target);
         let props = props_for(&self.props, first);
         let writer =
             AsyncArrowWriter::try_new(obj, first.schema(), Some(props)).map_err(|source| {

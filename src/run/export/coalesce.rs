@@ -7,7 +7,10 @@
 //! are rewritten into as few parts as the row limit allows: a resource type's parts as soon as
 //! the last file declared of that type is committed, while other files still download
 //! (`EarlyCoalescing`), the rest once every file is committed ([`coalesce`]). The run record
-//! lists the new parts, and the small ones are deleted after it is published. Nothing a reader
+//! lists the new parts, and the small ones are deleted after it is published. Parts whose row
+//! groups are already of a good size (files of thousands of resources) are joined by copying
+//! their row groups ([`crate::sink::concat_parts`]); only parts of small files are decoded and
+//! re-encoded. Nothing a reader
 //! sees changes in between: `query` reads only published runs. A run killed during this step
 //! redoes it on `--resume` (the small parts are still there, the new parts get the same names).
 
@@ -20,7 +23,7 @@ use crate::{
     Result,
     client::ManifestItem,
     dataset::{DatasetError, DatasetLocation, FileKind, FileRecord, FileState, WrittenFile},
-    sink::DatasetWriterBuilder,
+    sink::{DEFAULT_MAX_ROWS_PER_FILE, DatasetWriterBuilder, concat_parts, copies_whole},
 };
 
 /// Parts smaller than this (16 MiB) are small: rewritten together with the view's other small
@@ -264,8 +267,9 @@ impl EarlyCoalescing {
 /// own writer, run side by side (as many at once as there are cores).
 const COALESCE_BUCKETS: usize = 4;
 
-/// Rewrite each view's small parts of `groups` into new parts tagged `tag`, on a blocking
-/// thread. Returns the new parts and the small parts they replace.
+/// Rewrite each view's small parts of `groups` into new parts tagged `tag` (copied ones
+/// `<tag>-v`), on a blocking thread. Returns the view's parts after it (new ones, and a lone
+/// part of a kind left as it was) and the small parts the new ones replace.
 async fn rewrite(
     location: DatasetLocation,
     export: String,
@@ -277,12 +281,44 @@ async fn rewrite(
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
         let _span = span.enter();
+        let mut parts = Vec::new();
+        let mut replaced = Vec::new();
+        let mut encode = Vec::new();
+        for (view, small) in groups {
+            // Parts whose row groups are fine as they are are copied (`sink::concat_parts`),
+            // the others re-encoded; a lone part of either kind stays as it is.
+            let (whole, mut rest): (Vec<_>, Vec<_>) = small.into_iter().partition(copies_whole);
+            if whole.len() >= 2 {
+                let before: u64 = whole.iter().map(|p| p.rows).sum();
+                let max_rows = DEFAULT_MAX_ROWS_PER_FILE as u64;
+                let copy_tag = format!("{tag}-v");
+                let new = concat_parts(
+                    &handle, &location, &export, &copy_tag, &view, &whole, max_rows,
+                )?;
+                let rows: u64 = new.iter().map(|p| p.rows).sum();
+                if rows != before {
+                    return Err(crate::Error::Internal(format!(
+                        "coalescing {view}: copied {rows} rows, the parts list {before}"
+                    )));
+                }
+                tracing::debug!(view = %view, parts = whole.len(), rows, "parts concatenated");
+                parts.extend(new);
+                replaced.extend(whole);
+            } else {
+                rest.extend(whole);
+                rest.sort_by(|a, b| a.path.cmp(&b.path));
+            }
+            if rest.len() >= 2 {
+                encode.push((view, rest));
+            } else {
+                parts.extend(rest);
+            }
+        }
         handle.block_on(async move {
             let mut writer = DatasetWriterBuilder::new(location.clone(), tag, export)
                 .with_compression(compression)
                 .build();
-            let mut replaced = Vec::new();
-            for (view, small) in groups {
+            for (view, small) in encode {
                 let before: u64 = small.iter().map(|p| p.rows).sum();
                 let mut rows = 0;
                 for part in &small {
@@ -322,7 +358,8 @@ async fn rewrite(
                 tracing::debug!(view = %view, parts = small.len(), rows, "small parts coalesced");
                 replaced.extend(small);
             }
-            Ok::<_, crate::Error>((writer.finish().await?, replaced))
+            parts.extend(writer.finish().await?);
+            Ok::<_, crate::Error>((parts, replaced))
         })
     })
     .await
@@ -334,7 +371,7 @@ mod tests {
     use std::sync::Arc;
 
     use datafusion::arrow::{
-        array::{Int64Array, RecordBatch},
+        array::{Int64Array, RecordBatch, StringArray},
         datatypes::{DataType, Field, Schema},
     };
 
@@ -426,5 +463,101 @@ mod tests {
             .unwrap();
         let names = |c: &Coalesced| c.parts.iter().map(|p| p.path.clone()).collect::<Vec<_>>();
         assert_eq!(names(&again), names(&c));
+    }
+
+    /// Parts of files of ten thousand resources are copied row group by row group (nothing
+    /// decoded), tiny ones beside them re-encoded, and every row reads back in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parts_with_big_row_groups_are_copied_not_reencoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = DatasetLocation::resolve(dir.path().to_str().unwrap(), true).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int64, false),
+            Field::new("s", DataType::Utf8, true),
+        ]));
+        let batch = |from: i64, rows: i64| {
+            let n: Vec<i64> = (from..from + rows).collect();
+            let s: Vec<Option<String>> = n
+                .iter()
+                .map(|i| (i % 7 != 0).then(|| format!("value {i}")))
+                .collect();
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(n)),
+                    Arc::new(StringArray::from(s)),
+                ],
+            )
+            .unwrap()
+        };
+        let mut parts = Vec::new();
+        // Five parts of 10,000 rows in row groups of 4,096, then two of 100 rows.
+        for (i, rows) in [10_000, 10_000, 10_000, 10_000, 10_000, 100, 100]
+            .into_iter()
+            .enumerate()
+        {
+            let mut w = DatasetWriterBuilder::new(loc.clone(), format!("f{i}"), "e1")
+                .with_row_group_rows(4096)
+                .build();
+            w.write_batch("v", &batch(i as i64 * 100_000, rows))
+                .await
+                .unwrap();
+            parts.extend(w.finish().await.unwrap());
+        }
+        assert_eq!(parts.iter().filter(|p| copies_whole(p)).count(), 5);
+        let compression = parquet::basic::Compression::SNAPPY;
+        let c = coalesce(&loc, "e1", "run", compression, parts.clone())
+            .await
+            .unwrap();
+        assert_eq!(c.replaced.len(), 7);
+        let names: Vec<&str> = c.parts.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "v/export=e1/part-00000-run-c-v.parquet",
+                "v/export=e1/part-00000-run-c.parquet"
+            ]
+        );
+        let read = |p: &WrittenFile| {
+            let file = std::fs::File::open(dir.path().join(&p.path)).unwrap();
+            let b = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+            let groups: Vec<i64> = b
+                .metadata()
+                .row_groups()
+                .iter()
+                .map(|g| g.num_rows())
+                .collect();
+            let stats = b.metadata().row_group(0).column(0).statistics().cloned();
+            let batches: Vec<RecordBatch> = b.build().unwrap().map(Result::unwrap).collect();
+            (groups, stats, batches)
+        };
+        let (groups, stats, batches) = read(&c.parts[0]);
+        // The parts' row groups, as they were (3 per part), with their statistics.
+        assert_eq!(groups, [4096, 4096, 1808].repeat(5));
+        assert!(stats.is_some());
+        let copied = datafusion::arrow::compute::concat_batches(&schema, &batches).unwrap();
+        let want: Vec<RecordBatch> = (0..5).map(|i| batch(i * 100_000, 10_000)).collect();
+        assert_eq!(
+            copied,
+            datafusion::arrow::compute::concat_batches(&schema, &want).unwrap()
+        );
+        assert_eq!(c.parts[0].rows, 50_000);
+        let stats = c.parts[0].stats.as_deref().unwrap();
+        assert!(stats.contains("\"numRecords\":50000"), "{stats}");
+        assert!(stats.contains("\"n\":409999"), "{stats}");
+        let (_, _, batches) = read(&c.parts[1]);
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!((rows, c.parts[1].rows), (200, 200));
+        // Again (a resumed run): the same names, the same bytes.
+        let again = coalesce(&loc, "e1", "run", compression, parts)
+            .await
+            .unwrap();
+        let sizes = |c: &Coalesced| {
+            c.parts
+                .iter()
+                .map(|p| (p.path.clone(), p.bytes))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(&again), sizes(&c));
     }
 }

@@ -289,27 +289,34 @@ async fn run_job(
         running,
     });
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
+    // Files between the start of their download and their parts written: the downloads'
+    // slots, and as many again whose bodies are in but whose parts are still being written.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(2 * opts.concurrency.max(1)));
     let mut tasks = Tasks::new();
     let mut seen: HashSet<String> = plan.skip;
     let mut index = job.files.len();
-    let mut spawn_items =
-        |items: Vec<(FileKind, ManifestItem)>, requires_token: bool, tasks: &mut Tasks| {
-            for (kind, item) in items {
-                if !seen.insert(item.url.clone()) {
-                    continue;
-                }
-                index += 1;
-                let (shared, sem, n) = (shared.clone(), sem.clone(), index);
-                tasks.spawn(
-                    async move {
-                        let _permit = sem.acquire_owned().await;
-                        let r = files::process_item(&shared, kind, &item, requires_token, n).await;
-                        (item.url, kind, r)
-                    }
-                    .in_current_span(),
-                );
+    let mut spawn_items = |items: Vec<(FileKind, ManifestItem)>,
+                           requires_token: bool,
+                           tasks: &mut Tasks| {
+        for (kind, item) in items {
+            if !seen.insert(item.url.clone()) {
+                continue;
             }
-        };
+            index += 1;
+            let (shared, sem, n) = (shared.clone(), sem.clone(), index);
+            let in_flight = in_flight.clone();
+            tasks.spawn(
+                async move {
+                    let _in_flight = in_flight.acquire_owned().await;
+                    let mut slot = files::DownloadSlot::new(sem);
+                    let r = files::process_item(&shared, kind, &item, requires_token, n, &mut slot)
+                        .await;
+                    (item.url, kind, r)
+                }
+                .in_current_span(),
+            );
+        }
+    };
 
     let t = std::time::Instant::now();
     let pages = poll::poll_until_complete(
