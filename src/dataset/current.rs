@@ -128,6 +128,9 @@ pub struct SnapshotScope {
     pub types: std::collections::BTreeSet<String>,
 }
 
+/// Resource types whose current tables are merged at once (at least; more on more cores).
+const TYPES_IN_FLIGHT: usize = 8;
+
 /// Bring the current tables of every resource type `run` wrote or deleted (or, for a snapshot,
 /// covers) up to date. Returns the current tables merged and, per type, the keys a snapshot
 /// removed.
@@ -145,8 +148,12 @@ pub async fn update_current(
         .into_iter()
         .filter(|tv| written.contains(tv.base.0.as_str()) || run.deleted > 0 || covered(tv))
         .collect();
-    // Resource types are independent: their merges run side by side, one per core.
-    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Resource types are independent: their merges run side by side. Much of a merge is
+    // waiting on the store (a table's log, its files, the commit), so more run at once than
+    // there are cores.
+    let parallel = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(TYPES_IN_FLIGHT);
     let merged: Vec<(Vec<String>, String, u64)> = futures::stream::iter(types)
         .map(|tv| async move {
             let scope = snapshot.filter(|_| covered(&tv));
