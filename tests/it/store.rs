@@ -1,7 +1,8 @@
 //! Datasets in object storage, against a real S3-compatible server (s3s-fs on 127.0.0.1): export
 //! into `s3://…` and query it back with the local run's counts, compaction in the bucket, uploads
 //! that fail now and then (retried) and uploads that keep failing (the run fails and publishes
-//! nothing). `memory://` runs the same round trip in-process.
+//! nothing), big parts joined in the bucket by copying their row groups. `memory://` runs the
+//! same round trip in-process.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -276,5 +277,76 @@ async fn s3_uploads_that_keep_failing_fail_the_run_and_publish_nothing() {
     let ds = Dataset::open(&direct).await.unwrap();
     assert!(ds.runs().await.unwrap().is_empty());
     assert!(ds.table_names().is_empty(), "{:?}", ds.table_names());
+    srv.shutdown().await;
+}
+
+/// Files of ten thousand resources leave parts whose row groups are already of a good size:
+/// coalescing joins them in the bucket by copying their row groups (parts named `…-v.parquet`),
+/// one part per view, and every row and value reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_export_joins_big_parts_by_copying_their_row_groups() {
+    let Some(s3) = S3Server::start() else { return };
+    let mut ndjson = String::new();
+    for i in 0..40_000 {
+        ndjson.push_str(&format!(
+            r#"{{"resourceType":"Observation","id":"o{i}","status":"final","code":{{"coding":[{{"system":"http://loinc.org","code":"c{}"}}]}},"valueString":"v{i}"}}"#,
+            i % 50
+        ));
+        ndjson.push('\n');
+    }
+    let srv = ServerBuilder::new(DataSource::Files(vec![(
+        "Observation.ndjson".into(),
+        ndjson.into(),
+    )]))
+    .with_delay(Duration::ZERO)
+    .with_resources_per_file(10_000)
+    .start()
+    .await
+    .unwrap();
+    let client = BulkClientBuilder::new(srv.base_url().clone())
+        .build()
+        .unwrap();
+    let request = ExportRequest {
+        level: Some(ExportLevel::System),
+        ..Default::default()
+    };
+    let registry = Arc::new(ViewRegistry::builtin().unwrap());
+    let url = s3.url("warehouse/big");
+    let loc = DatasetLocation::resolve_with_options(&url, &s3.options(), true).unwrap();
+    let s = ExportBuilder::new(client, registry, loc.clone())
+        .with_request(request)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(s.manifest.types["Observation"].rows, 40_000);
+    let objects = files_under(&s3.bucket_dir());
+    for view in ["observation", "observation_coding"] {
+        let parts: Vec<&String> = objects
+            .iter()
+            .filter(|o| o.starts_with(&format!("warehouse/big/{view}/export=")))
+            .filter(|o| o.ends_with(".parquet"))
+            .collect();
+        assert_eq!(parts.len(), 1, "{parts:?}");
+        assert!(parts[0].ends_with("-v.parquet"), "{parts:?}");
+    }
+    let c = counts(&loc).await;
+    assert_eq!(
+        (c["observation"], c["observation_coding"]),
+        (40_000, 40_000)
+    );
+    let ds = Dataset::open(&loc).await.unwrap();
+    let b = ds
+        .sql(
+            "select count(distinct id) as ids, \
+                    sum(cast(substr(value_string, 2) as bigint)) as total, \
+                    count(distinct code) as codes \
+             from observation_latest",
+        )
+        .await
+        .unwrap();
+    let row = flatfhir::arrow::util::pretty::pretty_format_batches(&b)
+        .unwrap()
+        .to_string();
+    assert!(row.contains("| 40000 | 799980000 | 50    |"), "{row}");
     srv.shutdown().await;
 }
