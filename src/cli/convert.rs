@@ -48,6 +48,10 @@ pub struct ConvertArgs {
     /// Decode threads [default: number of cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Parquet writer threads, each writing its share of the views [default: a third of the
+    /// cores, at least 2]
+    #[arg(long)]
+    writers: Option<usize>,
     /// Print the run manifest as JSON on stdout instead of the summary table.
     #[arg(long)]
     json: bool,
@@ -89,6 +93,9 @@ impl ConvertArgs {
         };
         if let Some(t) = self.threads {
             options.threads = t.max(1);
+        }
+        if let Some(w) = self.writers {
+            options.writers = w.max(1);
         }
         Ok(ConvertConfig {
             files,

@@ -40,6 +40,13 @@ impl BatchSink for DatasetWriter {
     }
 }
 
+#[async_trait::async_trait]
+impl BatchSink for crate::sink::ShardedWriter {
+    async fn write(&mut self, batch: ViewBatch) -> Result<()> {
+        crate::sink::ShardedWriter::write(self, batch).await
+    }
+}
+
 /// Collects every batch in memory (the `view` command, tests).
 #[async_trait::async_trait]
 impl BatchSink for Vec<ViewBatch> {

@@ -98,6 +98,11 @@ impl DatasetWriterBuilder {
         self.max_buffered_bytes = n.max(1 << 20);
         self
     }
+    /// The writer budget ([`Self::with_max_buffered_bytes`]).
+    pub fn max_buffered_bytes(&self) -> usize {
+        self.max_buffered_bytes
+    }
+
     /// Build.
     pub fn build(self) -> DatasetWriter {
         let props = WriterProperties::builder()

@@ -272,3 +272,62 @@ async fn split_files_convert_exactly_like_whole_files() {
     assert_eq!(results[0], results[1]);
     assert!(results[0].1["observation"] > 1000);
 }
+
+/// Every table's rows as sorted JSON lines (the `export` column left out: each run has its own).
+async fn table_rows(out: &std::path::Path) -> std::collections::BTreeMap<String, Vec<String>> {
+    let loc = DatasetLocation::resolve(out.to_str().unwrap(), false).unwrap();
+    let ds = Dataset::open(&loc).await.unwrap();
+    let mut tables = std::collections::BTreeMap::new();
+    for name in ds.table_names().to_vec() {
+        let mut rows = Vec::new();
+        for b in ds.sql(&format!("select * from \"{name}\"")).await.unwrap() {
+            for mut row in flatfhir::sink::rows::batch_to_json_rows(&b) {
+                row.retain(|(column, _)| column != "export");
+                let mut line = Vec::new();
+                flatfhir::sink::rows::write_json_row(&mut line, &row).unwrap();
+                rows.push(String::from_utf8(line).unwrap());
+            }
+        }
+        rows.sort();
+        tables.insert(name, rows);
+    }
+    tables
+}
+
+/// Several Parquet writer threads (`--writers`), each writing its share of the views, give the
+/// tables one writer gives, row for row, and the run's accounting is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_writer_threads_write_what_one_writes() {
+    let inputs = run::expand_inputs(&[data("sample"), data("bad/mixed.ndjson")]).unwrap();
+    let mut results = Vec::new();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    for (writers, dir) in [1, 3].into_iter().zip(&dirs) {
+        let loc = DatasetLocation::resolve(dir.path().to_str().unwrap(), true).unwrap();
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let opts = ConvertOptions {
+            batch_size: 100,
+            threads: 2,
+            writers,
+            ..Default::default()
+        };
+        let m = ConvertBuilder::new(reg, loc)
+            .with_files(inputs.clone())
+            .with_options(opts)
+            .run()
+            .await
+            .unwrap();
+        let parts: Vec<(String, u64)> = m.files.iter().map(|f| (f.view.clone(), f.rows)).collect();
+        results.push((
+            m.types.clone(),
+            m.rejects,
+            parts,
+            table_rows(dir.path()).await,
+        ));
+    }
+    let (one, three) = (&results[0], &results[1]);
+    assert_eq!(one.0, three.0);
+    assert_eq!(one.1, three.1);
+    assert_eq!(one.2, three.2, "the same parts, of the same views and rows");
+    assert!(one.3.len() > 40, "{:?}", one.3.keys());
+    assert_eq!(one.3, three.3);
+}

@@ -143,6 +143,13 @@ async fn converts_started_together_are_distinct_runs() {
 /// A failed convert leaves nothing behind: no run record, no parts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_convert_leaves_no_parts() {
+    for writers in [1, 3] {
+        failed_convert_leaves_no_parts(writers).await;
+    }
+}
+
+/// [`a_failed_convert_leaves_no_parts`] with `writers` Parquet writer threads.
+async fn failed_convert_leaves_no_parts(writers: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
     let reg = Arc::new(ViewRegistry::builtin().unwrap());
@@ -152,8 +159,13 @@ async fn a_failed_convert_leaves_no_parts() {
     let whole = std::fs::read(&files[0]).unwrap();
     std::fs::write(&bad, &whole[..whole.len() / 2]).unwrap();
     files.push(bad);
+    let options = flatfhir::run::convert::ConvertOptions {
+        writers,
+        ..Default::default()
+    };
     let err = ConvertBuilder::new(reg, loc.clone())
         .with_files(files)
+        .with_options(options)
         .run()
         .await
         .unwrap_err();
