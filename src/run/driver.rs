@@ -31,6 +31,11 @@ use crate::{
 pub trait BatchSink: Send + 'static {
     /// Take one batch (of a view, or of `_rejects`).
     async fn write(&mut self, batch: ViewBatch) -> Result<()>;
+
+    /// The run failed: abandon what is not yet written out, leaving nothing unfinished behind
+    /// in the store (an object store's multipart uploads). Called once, instead of finishing
+    /// the sink; the default does nothing.
+    async fn abort(&mut self) {}
 }
 
 #[async_trait::async_trait]
@@ -38,12 +43,20 @@ impl BatchSink for DatasetWriter {
     async fn write(&mut self, batch: ViewBatch) -> Result<()> {
         Ok(DatasetWriter::write(self, &batch).await?)
     }
+
+    async fn abort(&mut self) {
+        DatasetWriter::abort(self).await
+    }
 }
 
 #[async_trait::async_trait]
 impl BatchSink for crate::sink::ShardedWriter {
     async fn write(&mut self, batch: ViewBatch) -> Result<()> {
         crate::sink::ShardedWriter::write(self, batch).await
+    }
+
+    async fn abort(&mut self) {
+        crate::sink::ShardedWriter::abort(self).await
     }
 }
 
@@ -149,7 +162,7 @@ impl Driver {
     /// Decode `inputs` (largest first on up to `threads` threads; in the order given on one)
     /// into `sink`. The first error
     /// — reading an input, or the sink — stops every thread and is returned; the sink is then
-    /// dropped unfinished, for the caller to clean up after.
+    /// aborted ([`BatchSink::abort`]), for the caller to clean up after.
     pub async fn run<S: BatchSink>(&self, mut inputs: Vec<Input>, sink: S) -> Result<Decoded<S>> {
         let threads = self.cfg.threads.min(inputs.len()).max(1);
         if threads > 1 {
@@ -221,22 +234,25 @@ impl Driver {
                 }
             }
         }
-        let sink = match writer.await {
-            Ok(Ok(sink)) => Some(sink),
+        let mut sink = match writer.await {
+            Ok(Ok(sink)) => sink,
             // The sink's error comes first: decoders stop when it does.
             Ok(Err(e)) => return Err(e),
             Err(e) => {
                 return Err(Error::Internal(format!("the writer thread failed: {e}")));
             }
         };
+        let failure = match failure {
+            Some(e) => Some(e),
+            None if self.cfg.cancel.load(Ordering::Relaxed) => Some(Error::Cancelled),
+            None => None,
+        };
         if let Some(e) = failure {
+            sink.abort().await;
             return Err(e);
         }
-        if self.cfg.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
         Ok(Decoded {
-            sink: sink.expect("set above"),
+            sink,
             inputs: by_source.into_values().collect(),
             stats,
         })
@@ -255,7 +271,10 @@ fn spawn_sink<S: BatchSink>(
         let _span = span.enter();
         handle.block_on(async move {
             while let Some(batch) = rx.recv().await {
-                sink.write(batch).await?;
+                if let Err(e) = sink.write(batch).await {
+                    sink.abort().await;
+                    return Err(e);
+                }
             }
             Ok(sink)
         })

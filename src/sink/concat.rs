@@ -122,6 +122,7 @@ impl Output {
             handle: handle.clone(),
             inner: super::writer::upload(location, &path),
             buf: Vec::new(),
+            shut_down: false,
         };
         let file = first.file_metadata();
         let props = WriterProperties::builder()
@@ -215,6 +216,8 @@ struct BlockingUpload {
     handle: Handle,
     inner: BufWriter,
     buf: Vec<u8>,
+    /// Completing has begun: the upload can no longer be aborted.
+    shut_down: bool,
 }
 
 /// Bytes [`BlockingUpload`] gathers before handing them to the upload.
@@ -234,7 +237,21 @@ impl BlockingUpload {
     /// Hand over what is left and complete the upload.
     fn complete(&mut self) -> std::io::Result<()> {
         self.push()?;
+        self.shut_down = true;
         self.handle.block_on(self.inner.shutdown())
+    }
+}
+
+impl Drop for BlockingUpload {
+    /// An upload dropped before it was completed (the coalescing failed) is aborted, so that no
+    /// unfinished multipart upload of it stays behind in the store (see
+    /// [`super::DatasetWriter::abort`]).
+    fn drop(&mut self) {
+        if !self.shut_down
+            && let Err(error) = self.handle.block_on(self.inner.abort())
+        {
+            tracing::debug!(%error, "could not abort an unfinished upload");
+        }
     }
 }
 

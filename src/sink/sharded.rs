@@ -34,11 +34,14 @@ enum Msg {
     Batch(ViewBatch),
     /// Close the open files and return what was written.
     Finish,
+    /// Abort the open files' uploads ([`DatasetWriter::abort`]).
+    Abort,
 }
 
 struct Shard {
     tx: mpsc::Sender<Msg>,
-    join: JoinHandle<Result<Vec<WrittenFile>>>,
+    /// `None` once awaited (a shard that stopped early is awaited for its error).
+    join: Option<JoinHandle<Result<Vec<WrittenFile>>>>,
     /// Bytes of the batches sent to it (a new view goes to the least loaded shard).
     load: usize,
 }
@@ -67,16 +70,30 @@ impl ShardedWriter {
                     handle.block_on(async move {
                         while let Some(msg) = rx.recv().await {
                             match msg {
-                                Msg::Batch(vb) => writer.write(&vb).await?,
+                                Msg::Batch(vb) => {
+                                    if let Err(e) = writer.write(&vb).await {
+                                        writer.abort().await;
+                                        return Err(e.into());
+                                    }
+                                }
                                 Msg::Finish => return Ok(writer.finish().await?),
+                                Msg::Abort => {
+                                    writer.abort().await;
+                                    return Ok(Vec::new());
+                                }
                             }
                         }
-                        // Dropped unfinished (the run failed): the open files are abandoned,
-                        // as one writer's would be.
+                        // Dropped unfinished: the open files are abandoned, as one writer's
+                        // would be (no upload is aborted: `Drop` waits for this thread
+                        // without driving the runtime an abort's requests need).
                         Ok(Vec::new())
                     })
                 });
-                Shard { tx, join, load: 0 }
+                Shard {
+                    tx,
+                    join: Some(join),
+                    load: 0,
+                }
             })
             .collect();
         ShardedWriter {
@@ -108,10 +125,13 @@ impl ShardedWriter {
         shard.load += vb.batch.get_array_memory_size();
         if shard.tx.send(Msg::Batch(vb)).await.is_err() {
             // The shard stopped on an error, which its thread returns.
-            return Err(match (&mut shard.join).await {
-                Ok(Err(e)) => e,
-                Ok(Ok(_)) => Error::Internal("a writer shard stopped early".into()),
-                Err(e) => Error::Internal(format!("a writer shard failed: {e}")),
+            return Err(match shard.join.take() {
+                Some(join) => match join.await {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(_)) => Error::Internal("a writer shard stopped early".into()),
+                    Err(e) => Error::Internal(format!("a writer shard failed: {e}")),
+                },
+                None => Error::Internal("a writer shard stopped early".into()),
             });
         }
         Ok(())
@@ -129,7 +149,7 @@ impl ShardedWriter {
         for Shard { tx, join, .. } in shards {
             // A shard that stopped on an error returns it below.
             let _ = tx.send(Msg::Finish).await;
-            joins.push(join);
+            joins.extend(join);
         }
         let mut written = Vec::new();
         let mut failure = None;
@@ -152,6 +172,29 @@ impl ShardedWriter {
     }
 }
 
+impl ShardedWriter {
+    /// Abandon the run's open files (the run failed): every shard aborts their uploads
+    /// ([`DatasetWriter::abort`]) and lets go of them; files already closed are left to the
+    /// run's clean-up.
+    pub async fn abort(&mut self) {
+        match self.inner.take() {
+            Some(Inner::One(mut w)) => w.abort().await,
+            Some(Inner::Many { shards, .. }) => {
+                let mut joins = Vec::new();
+                for Shard { tx, join, .. } in shards {
+                    // A shard that stopped on an error has aborted its files itself.
+                    let _ = tx.send(Msg::Abort).await;
+                    joins.extend(join);
+                }
+                for join in joins {
+                    let _ = join.await;
+                }
+            }
+            None => {}
+        }
+    }
+}
+
 impl Drop for ShardedWriter {
     /// A writer dropped unfinished (the run failed) waits for its shards to let go of their
     /// files, so that the failed run's clean-up, which comes next, sees everything they wrote.
@@ -159,7 +202,9 @@ impl Drop for ShardedWriter {
         if let Some(Inner::Many { shards, .. }) = self.inner.take() {
             for Shard { tx, join, .. } in shards {
                 drop(tx);
-                let _ = futures::executor::block_on(join);
+                if let Some(join) = join {
+                    let _ = futures::executor::block_on(join);
+                }
             }
         }
     }

@@ -140,6 +140,15 @@ impl OpenFile {
     }
 }
 
+/// Abort the upload of a file that was never closed; a failure to is only logged (the run has
+/// already failed, and its error is the one to report).
+async fn abort_upload(f: OpenFile) {
+    let mut upload = f.writer.into_inner();
+    if let Err(error) = upload.abort().await {
+        tracing::debug!(path = %f.path, %error, "could not abort an unfinished upload");
+    }
+}
+
 /// An upload of the object at `path` (relative to the dataset root), buffered as the store wants.
 pub(super) fn upload(location: &DatasetLocation, path: &str) -> BufWriter {
     BufWriter::with_capacity(
@@ -277,15 +286,32 @@ impl DatasetWriter {
         Ok(())
     }
 
-    /// Close every open file; returns everything written, sorted by path.
+    /// Close every open file; returns everything written, sorted by path. On an error the
+    /// files not yet closed are aborted ([`Self::abort`]).
     pub async fn finish(mut self) -> Result<Vec<WrittenFile>, DatasetError> {
         let mut open: Vec<_> = std::mem::take(&mut self.open).into_iter().collect();
         open.sort_by(|a, b| a.0.cmp(&b.0));
-        for (view, f) in open {
-            self.close(&view, f).await?;
+        let mut open = open.into_iter();
+        while let Some((view, f)) = open.next() {
+            if let Err(e) = self.close(&view, f).await {
+                for (_, f) in open {
+                    abort_upload(f).await;
+                }
+                return Err(e);
+            }
         }
         self.written.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(self.written)
+    }
+
+    /// Abandon the files still open (the run failed): their uploads are aborted. An object
+    /// store never lists an unfinished multipart upload, so the failed run's clean-up cannot
+    /// find it, yet S3 keeps (and bills) its uploaded parts until a lifecycle rule removes
+    /// them; aborted, nothing of it stays. Files already closed are left to that clean-up.
+    pub async fn abort(&mut self) {
+        for (_, f) in std::mem::take(&mut self.open) {
+            abort_upload(f).await;
+        }
     }
 
     /// Files written so far (closed ones).

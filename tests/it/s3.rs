@@ -161,7 +161,8 @@ fn wait_for(addr: SocketAddr) {
 }
 
 /// Decides, per upload request (PUT/POST) seen so far, whether to fail it: `(n, path) ->
-/// Some(status)` fails the n-th upload (0-based) with that status and an S3 error body.
+/// Some(status)` fails the n-th upload (0-based) with that status and an S3 error body. `path`
+/// includes the query (`?partNumber=…&uploadId=…` for a part of a multipart upload).
 pub type FailRule = Arc<dyn Fn(usize, &str) -> Option<StatusCode> + Send + Sync>;
 
 #[derive(Clone)]
@@ -219,7 +220,11 @@ impl Drop for FaultyProxy {
 
 async fn forward(State(s): State<ProxyState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().to_string();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
     if parts.method == Method::PUT || parts.method == Method::POST {
         let n = s.uploads.fetch_add(1, Ordering::SeqCst);
         if let Some(status) = (s.rule)(n, &path) {

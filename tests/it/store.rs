@@ -1,8 +1,8 @@
 //! Datasets in object storage, against a real S3-compatible server (s3s-fs on 127.0.0.1): export
 //! into `s3://…` and query it back with the local run's counts, compaction in the bucket, uploads
 //! that fail now and then (retried) and uploads that keep failing (the run fails and publishes
-//! nothing), big parts joined in the bucket by copying their row groups. `memory://` runs the
-//! same round trip in-process.
+//! nothing), big parts joined in the bucket by copying their row groups, a failed convert that
+//! aborts its unfinished multipart uploads. `memory://` runs the same round trip in-process.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -12,7 +12,10 @@ use flatfhir::{
     compact::{CompactOptions, compact},
     dataset::DatasetLocation,
     query::Dataset,
-    run::export::{ExportBuilder, ExportOptions, ExportSummary},
+    run::{
+        convert::{ConvertBuilder, ConvertOptions},
+        export::{ExportBuilder, ExportOptions, ExportSummary},
+    },
     serve::{DataSource, RunningServer, ServerBuilder},
     view::ViewRegistry,
 };
@@ -349,4 +352,90 @@ async fn s3_export_joins_big_parts_by_copying_their_row_groups() {
         .to_string();
     assert!(row.contains("| 40000 | 799980000 | 50    |"), "{row}");
     srv.shutdown().await;
+}
+
+/// A convert into S3 that fails after a part's upload went multipart aborts that upload: no
+/// uploaded piece of it stays in the store. An unfinished multipart upload is never listed, so
+/// the failed run's clean-up could not find it, and S3 keeps (and bills) its parts until a
+/// lifecycle rule removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_a_failed_convert_aborts_its_unfinished_uploads() {
+    // Without request signing: the proxy forwards requests to another host.
+    let Some(s3) = S3Server::start_with(false) else {
+        return;
+    };
+    for writers in [1, 2] {
+        failed_convert_aborts_uploads(&s3, writers).await;
+    }
+}
+
+async fn failed_convert_aborts_uploads(s3: &S3Server, writers: usize) {
+    let multipart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = multipart.clone();
+    let proxy = FaultyProxy::start(
+        &s3.endpoint,
+        Arc::new(move |_: usize, path: &str| {
+            if path.contains("uploadId=") {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            None
+        }),
+    )
+    .await;
+    let prefix = format!("aborted{writers}");
+    let loc = DatasetLocation::resolve_with_options(
+        &s3.url(&prefix),
+        &s3.options_via(&proxy.endpoint),
+        true,
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // About 13 MB of Observations, written uncompressed in row groups of 1,000 rows: the
+    // observation part passes the 5 MiB upload buffer long before the run ends, so its upload
+    // is a multipart one with parts already in the store...
+    let pad = "x".repeat(400);
+    let mut text = String::new();
+    for i in 0..25_000 {
+        text.push_str(&format!(
+            r#"{{"resourceType":"Observation","id":"o{i}","status":"final","valueString":"{pad}{i}"}}"#
+        ));
+        text.push('\n');
+    }
+    let big = tmp.path().join("Observation.ndjson");
+    std::fs::write(&big, text).unwrap();
+    // ...when a file cut mid-gzip, read after it, fails the run.
+    let sample = flatfhir::run::expand_inputs(&[data("sample")]).unwrap();
+    let whole = std::fs::read(&sample[0]).unwrap();
+    let cut = tmp.path().join("cut.ndjson.gz");
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    let options = ConvertOptions {
+        threads: 1,
+        writers,
+        compression: flatfhir::parquet::basic::Compression::UNCOMPRESSED,
+        row_group_rows: 1000,
+        ..Default::default()
+    };
+    let registry = Arc::new(ViewRegistry::builtin().unwrap());
+    let err = ConvertBuilder::new(registry, loc)
+        .with_files(vec![big, cut])
+        .with_options(options)
+        .run()
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("cut.ndjson.gz"), "{err:?}");
+    assert!(
+        multipart.load(std::sync::atomic::Ordering::SeqCst),
+        "the observation part was uploaded in parts"
+    );
+    let root = s3.bucket_dir().parent().unwrap().to_path_buf();
+    let left: Vec<String> = files_under(&root)
+        .into_iter()
+        .filter(|f| f.contains(".upload"))
+        .collect();
+    assert!(left.is_empty(), "unfinished uploads left behind: {left:?}");
+    let objects: Vec<String> = files_under(&s3.bucket_dir().join(&prefix));
+    assert!(
+        !objects.iter().any(|o| o.ends_with(".parquet")),
+        "{objects:?}"
+    );
 }

@@ -318,7 +318,8 @@ async fn rewrite(
             let mut writer = DatasetWriterBuilder::new(location.clone(), tag, export)
                 .with_compression(compression)
                 .build();
-            for (view, small) in encode {
+            let joined = async {
+                for (view, small) in encode {
                 let before: u64 = small.iter().map(|p| p.rows).sum();
                 let mut rows = 0;
                 for part in &small {
@@ -357,6 +358,14 @@ async fn rewrite(
                 }
                 tracing::debug!(view = %view, parts = small.len(), rows, "small parts coalesced");
                 replaced.extend(small);
+                }
+                Ok::<_, crate::Error>(())
+            }
+            .await;
+            if let Err(e) = joined {
+                // Nothing half-uploaded stays behind (see `DatasetWriter::abort`).
+                writer.abort().await;
+                return Err(e);
             }
             parts.extend(writer.finish().await?);
             Ok::<_, crate::Error>((parts, replaced))

@@ -226,6 +226,10 @@ impl BatchSink for Tally {
         }
         Ok(self.writer.write(&batch).await?)
     }
+
+    async fn abort(&mut self) {
+        self.writer.abort().await
+    }
 }
 
 impl Shared {
