@@ -250,7 +250,7 @@ impl Drop for BlockingUpload {
         if !self.shut_down
             && let Err(error) = self.handle.block_on(self.inner.abort())
         {
-            tracing::debug!(%error, "could not abort an unfinished upload");
+            tracing::warn!(%error, "could not abort an unfinished upload; an object store lifecycle rule for incomplete multipart uploads removes it");
         }
     }
 }

@@ -320,44 +320,44 @@ async fn rewrite(
                 .build();
             let joined = async {
                 for (view, small) in encode {
-                let before: u64 = small.iter().map(|p| p.rows).sum();
-                let mut rows = 0;
-                for part in &small {
-                    let path = location.child(&part.path);
-                    let pq = |source| DatasetError::Parquet {
-                        path: part.path.clone(),
-                        source,
-                    };
-                    // A small part is read whole (at most SMALL_PART_BYTES at a time).
-                    let store_err = |source| DatasetError::Store {
-                        path: part.path.clone(),
-                        source,
-                    };
-                    let bytes = location
-                        .store
-                        .get(&path)
-                        .await
-                        .map_err(store_err)?
-                        .bytes()
-                        .await
-                        .map_err(store_err)?;
-                    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                        .map_err(pq)?
-                        .build()
-                        .map_err(pq)?;
-                    for batch in reader {
-                        let batch = batch.map_err(|e| pq(e.into()))?;
-                        rows += batch.num_rows() as u64;
-                        writer.write_batch(&view, &batch).await?;
+                    let before: u64 = small.iter().map(|p| p.rows).sum();
+                    let mut rows = 0;
+                    for part in &small {
+                        let path = location.child(&part.path);
+                        let pq = |source| DatasetError::Parquet {
+                            path: part.path.clone(),
+                            source,
+                        };
+                        // A small part is read whole (at most SMALL_PART_BYTES at a time).
+                        let store_err = |source| DatasetError::Store {
+                            path: part.path.clone(),
+                            source,
+                        };
+                        let bytes = location
+                            .store
+                            .get(&path)
+                            .await
+                            .map_err(store_err)?
+                            .bytes()
+                            .await
+                            .map_err(store_err)?;
+                        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                            .map_err(pq)?
+                            .build()
+                            .map_err(pq)?;
+                        for batch in reader {
+                            let batch = batch.map_err(|e| pq(e.into()))?;
+                            rows += batch.num_rows() as u64;
+                            writer.write_batch(&view, &batch).await?;
+                        }
                     }
-                }
-                if rows != before {
-                    return Err(crate::Error::Internal(format!(
-                        "coalescing {view}: read {rows} rows, the parts list {before}"
-                    )));
-                }
-                tracing::debug!(view = %view, parts = small.len(), rows, "small parts coalesced");
-                replaced.extend(small);
+                    if rows != before {
+                        return Err(crate::Error::Internal(format!(
+                            "coalescing {view}: read {rows} rows, the parts list {before}"
+                        )));
+                    }
+                    tracing::debug!(view = %view, parts = small.len(), rows, "small parts coalesced");
+                    replaced.extend(small);
                 }
                 Ok::<_, crate::Error>(())
             }
