@@ -49,6 +49,8 @@ use deltalake::{
 
 use futures::StreamExt;
 
+use crate::sink::Upload;
+
 use super::{
     DELETED_TABLE, DatasetError, DatasetLocation, RunIds, RunManifest, ViewKey,
     delta::{
@@ -859,42 +861,59 @@ async fn rewrite(
         .set_created_by(format!("flatfhir {}", env!("CARGO_PKG_VERSION")))
         .build();
     // Opened at the first kept row, so that a file with none writes nothing.
-    let mut writer = None;
+    let mut writer: Option<parquet::arrow::AsyncArrowWriter<Upload>> = None;
     let mut rows = 0usize;
-    while let Some(b) = stream.next().await {
-        let b = b.map_err(pq)?;
-        let ids = compute::cast(b.column(idx), &DataType::Utf8).map_err(|e| pq(e.into()))?;
-        let mask: BooleanArray = ids
-            .as_string::<i32>()
-            .iter()
-            .map(|k| Some(k.is_some_and(keep)))
-            .collect();
-        let kept = compute::filter_record_batch(&b, &mask).map_err(|e| pq(e.into()))?;
-        if kept.num_rows() > 0 {
-            rows += kept.num_rows();
-            if writer.is_none() {
-                let sink = object_store::buffered::BufWriter::new(
-                    location.store.clone(),
-                    location.child(&full),
-                );
-                writer = Some(
-                    parquet::arrow::AsyncArrowWriter::try_new(
-                        sink,
-                        schema.clone(),
-                        Some(props.clone()),
-                    )
-                    .map_err(pq)?,
-                );
-            }
-            if let Some(w) = writer.as_mut() {
-                w.write(&kept).await.map_err(pq)?;
+    let filtered = async {
+        while let Some(b) = stream.next().await {
+            let b = b.map_err(pq)?;
+            let ids = compute::cast(b.column(idx), &DataType::Utf8).map_err(|e| pq(e.into()))?;
+            let mask: BooleanArray = ids
+                .as_string::<i32>()
+                .iter()
+                .map(|k| Some(k.is_some_and(keep)))
+                .collect();
+            let kept = compute::filter_record_batch(&b, &mask).map_err(|e| pq(e.into()))?;
+            if kept.num_rows() > 0 {
+                rows += kept.num_rows();
+                if writer.is_none() {
+                    let sink = Upload::new(object_store::buffered::BufWriter::new(
+                        location.store.clone(),
+                        location.child(&full),
+                    ));
+                    writer = Some(
+                        parquet::arrow::AsyncArrowWriter::try_new(
+                            sink,
+                            schema.clone(),
+                            Some(props.clone()),
+                        )
+                        .map_err(pq)?,
+                    );
+                }
+                if let Some(w) = writer.as_mut() {
+                    w.write(&kept).await.map_err(pq)?;
+                }
             }
         }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = filtered {
+        // Nothing half-uploaded stays behind (see `DatasetWriter::abort`).
+        if let Some(w) = writer {
+            w.into_inner().abort(&full).await;
+        }
+        return Err(e);
     }
     let Some(mut writer) = writer.filter(|_| rows > 0) else {
         return Ok(None);
     };
-    let meta = writer.finish().await.map_err(pq)?;
+    let meta = match writer.finish().await {
+        Ok(meta) => meta,
+        Err(e) => {
+            writer.into_inner().abort(&full).await;
+            return Err(pq(e));
+        }
+    };
     let size = writer.bytes_written() as i64;
     Ok(Some(deltalake::kernel::Add {
         path: rel,

@@ -154,14 +154,15 @@ const ABORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Each flushed buffer (a row group) is copied into the upload's own buffer rather than handed
 /// over whole (`BufWriter::put`): handed over, a row group's buffer stays alive until its last
 /// piece is uploaded, and synthea ×10's peak RSS grew from ~208 to ~240 MB.
-pub(super) struct Upload {
+pub(crate) struct Upload {
     inner: BufWriter,
     /// Completing has begun (the last part and the completion request): no abort after that.
     completing: bool,
 }
 
 impl Upload {
-    fn new(inner: BufWriter) -> Upload {
+    /// An upload through `inner`.
+    pub(crate) fn new(inner: BufWriter) -> Upload {
         Upload {
             inner,
             completing: false,
@@ -170,7 +171,7 @@ impl Upload {
 
     /// Abort the upload unless completing it has begun. A failure to is logged, not returned:
     /// the run has already failed, and its error is the one to report.
-    async fn abort(mut self, path: &str) {
+    pub(crate) async fn abort(mut self, path: &str) {
         if self.completing {
             return;
         }
