@@ -193,13 +193,16 @@ impl AsyncFileWriter for Upload {
     }
 
     fn complete(&mut self) -> BoxFuture<'_, parquet::errors::Result<()>> {
-        self.completing = true;
         Box::pin(async move {
             use tokio::io::AsyncWriteExt;
             self.inner
                 .flush()
                 .await
                 .map_err(|e| ParquetError::External(Box::new(e)))?;
+            // From here on the upload is object_store's to complete: it aborts the upload when
+            // the completion request fails (not when a last part does), and aborting it after
+            // this point would panic.
+            self.completing = true;
             self.inner
                 .shutdown()
                 .await
