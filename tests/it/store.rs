@@ -218,17 +218,12 @@ async fn s3_uploads_failing_now_and_then_are_retried() {
     let srv = sample_server().await;
     let local = local_counts(&srv).await;
     // Every third upload (PUT, including the copy of a committed part) answers 500.
-    let proxy = FaultyProxy::start(
-        &s3.endpoint,
+    let (proxy, loc) = via_proxy(
+        &s3,
+        "flaky",
         Arc::new(|n: usize, _: &str| (n % 3 == 1).then_some(StatusCode::INTERNAL_SERVER_ERROR)),
     )
     .await;
-    let loc = DatasetLocation::resolve_with_options(
-        &s3.url("flaky"),
-        &s3.options_via(&proxy.endpoint),
-        true,
-    )
-    .unwrap();
     export_into(&srv, loc.clone()).await.unwrap();
     assert!(proxy.failed() > 5, "{} uploads failed", proxy.failed());
     assert_eq!(counts(&loc).await, local);
@@ -243,8 +238,9 @@ async fn s3_uploads_that_keep_failing_fail_the_run_and_publish_nothing() {
     let srv = sample_server().await;
     // After three Parquet uploads went through, every further one is refused.
     let parquet = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let proxy = FaultyProxy::start(
-        &s3.endpoint,
+    let (proxy, loc) = via_proxy(
+        &s3,
+        "broken",
         Arc::new(move |_: usize, path: &str| {
             let seen = path
                 .contains(".parquet")
@@ -253,12 +249,6 @@ async fn s3_uploads_that_keep_failing_fail_the_run_and_publish_nothing() {
         }),
     )
     .await;
-    let loc = DatasetLocation::resolve_with_options(
-        &s3.url("broken"),
-        &s3.options_via(&proxy.endpoint),
-        true,
-    )
-    .unwrap();
     let err = export_into(&srv, loc.clone()).await.unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("parquet") || msg.contains("Parquet"), "{msg}");
@@ -372,8 +362,11 @@ async fn s3_a_failed_convert_aborts_its_unfinished_uploads() {
 async fn failed_convert_aborts_uploads(s3: &S3Server, writers: usize) {
     let multipart = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = multipart.clone();
-    let proxy = FaultyProxy::start(
-        &s3.endpoint,
+    let prefix = format!("aborted{writers}");
+    // The proxy serves the run for as long as it is alive (to the end of this function).
+    let (_proxy, loc) = via_proxy(
+        s3,
+        &prefix,
         Arc::new(move |_: usize, path: &str| {
             if path.contains("uploadId=") {
                 seen.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -382,27 +375,10 @@ async fn failed_convert_aborts_uploads(s3: &S3Server, writers: usize) {
         }),
     )
     .await;
-    let prefix = format!("aborted{writers}");
-    let loc = DatasetLocation::resolve_with_options(
-        &s3.url(&prefix),
-        &s3.options_via(&proxy.endpoint),
-        true,
-    )
-    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    // About 13 MB of Observations, written uncompressed in row groups of 1,000 rows: the
-    // observation part passes the 5 MiB upload buffer long before the run ends, so its upload
-    // is a multipart one with parts already in the store...
-    let pad = "x".repeat(400);
-    let mut text = String::new();
-    for i in 0..25_000 {
-        text.push_str(&format!(
-            r#"{{"resourceType":"Observation","id":"o{i}","status":"final","valueString":"{pad}{i}"}}"#
-        ));
-        text.push('\n');
-    }
-    let big = tmp.path().join("Observation.ndjson");
-    std::fs::write(&big, text).unwrap();
+    // The observation part passes the 5 MiB upload buffer long before the run ends, so its
+    // upload is a multipart one with parts already in the store...
+    let big = big_observations(tmp.path());
     // ...when a file cut mid-gzip, read after it, fails the run.
     let sample = flatfhir::run::expand_inputs(&[data("sample")]).unwrap();
     let whole = std::fs::read(&sample[0]).unwrap();
@@ -411,9 +387,7 @@ async fn failed_convert_aborts_uploads(s3: &S3Server, writers: usize) {
     let options = ConvertOptions {
         threads: 1,
         writers,
-        compression: flatfhir::parquet::basic::Compression::UNCOMPRESSED,
-        row_group_rows: 1000,
-        ..Default::default()
+        ..big_options()
     };
     let registry = Arc::new(ViewRegistry::builtin().unwrap());
     let err = ConvertBuilder::new(registry, loc)
@@ -438,4 +412,78 @@ async fn failed_convert_aborts_uploads(s3: &S3Server, writers: usize) {
         !objects.iter().any(|o| o.ends_with(".parquet")),
         "{objects:?}"
     );
+}
+
+/// About 13 MB of Observations in `dir`: written uncompressed in row groups of 1,000 rows
+/// ([`big_options`]), the observation part's upload goes multipart after ~5,000 of them.
+fn big_observations(dir: &std::path::Path) -> std::path::PathBuf {
+    let pad = "x".repeat(400);
+    let mut text = String::new();
+    for i in 0..25_000 {
+        text.push_str(&format!(
+            r#"{{"resourceType":"Observation","id":"o{i}","status":"final","valueString":"{pad}{i}"}}"#
+        ));
+        text.push('\n');
+    }
+    let path = dir.join("Observation.ndjson");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// No compression, row groups of 1,000 rows (see [`big_observations`]).
+fn big_options() -> ConvertOptions {
+    ConvertOptions {
+        compression: flatfhir::parquet::basic::Compression::UNCOMPRESSED,
+        row_group_rows: 1000,
+        ..Default::default()
+    }
+}
+
+/// A convert with two writer threads into S3 whose uploads fail while it writes reports
+/// the store's error (naming the part), not a panic: the writer thread that stopped on the error
+/// is awaited once for it, and not again when the writer is aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_a_convert_whose_uploads_keep_failing_reports_the_store_error() {
+    let Some(s3) = S3Server::start_with(false) else {
+        return;
+    };
+    // Starting a multipart upload is refused (retrying does not help a 403): the writer learns
+    // it while writing, when the observation part outgrows the upload buffer.
+    let (proxy, loc) = via_proxy(
+        &s3,
+        "refused",
+        Arc::new(|_: usize, path: &str| path.contains("?uploads").then_some(StatusCode::FORBIDDEN)),
+    )
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let options = ConvertOptions {
+        writers: 2,
+        ..big_options()
+    };
+    let err = ConvertBuilder::new(Arc::new(ViewRegistry::builtin().unwrap()), loc)
+        .with_files(vec![big_observations(tmp.path())])
+        .with_options(options)
+        .run()
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(proxy.failed() > 0);
+    assert!(msg.contains(".parquet") && !msg.contains("panic"), "{msg}");
+}
+
+/// A loopback proxy in front of `s3` failing the uploads `rule` picks, and a new dataset under
+/// `prefix` written through it.
+async fn via_proxy(
+    s3: &S3Server,
+    prefix: &str,
+    rule: crate::s3::FailRule,
+) -> (FaultyProxy, DatasetLocation) {
+    let proxy = FaultyProxy::start(&s3.endpoint, rule).await;
+    let loc = DatasetLocation::resolve_with_options(
+        &s3.url(prefix),
+        &s3.options_via(&proxy.endpoint),
+        true,
+    )
+    .unwrap();
+    (proxy, loc)
 }
