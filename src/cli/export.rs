@@ -575,10 +575,17 @@ async fn export(
     };
     let progress = Arc::new(Progress::default());
     let display = progress::ProgressDisplay::start(progress.clone(), 0, 0, quiet);
-    let summary = ExportBuilder::new(client, Arc::new(c.registry), c.location)
+    let builder = ExportBuilder::new(client, Arc::new(c.registry), c.location);
+    // `--resume` continues the job it names or fails; the same command run again (a
+    // scheduled run) starts afresh when the server has forgotten the job it left unfinished.
+    let builder = if c.resume {
+        builder.with_resume(resume)
+    } else {
+        builder.with_continue(resume)
+    };
+    let summary = builder
         .with_request(request)
         .with_snapshot(a.snapshot)
-        .with_resume(resume)
         .with_options(options)
         .with_progress(progress)
         .with_ctrl_c(if a.keep_job {

@@ -19,7 +19,7 @@ use flatfhir::{
 
 use crate::{
     export::fast_retry,
-    support::{data, repo},
+    support::{data, repo, walk},
 };
 
 async fn one(ds: &Dataset, sql: &str) -> String {
@@ -196,7 +196,7 @@ async fn a_killed_export_redoes_early_coalescing_and_leaves_no_stray_part() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ds");
     let bin = env!("CARGO_BIN_EXE_flatfhir");
-    let mut child = crate::export::spawn_slow_export(&srv, &out, 5);
+    let mut child = crate::export::slow_export(&srv, &out, 5).spawn().unwrap();
     // Files come in manifest order, one at a time: once a type's last file is committed its
     // parts are coalesced (`part-…-<run>-<type>-c.parquet`). Kill when the first such part is
     // on disk, likely while later types are still downloading or coalescing.
@@ -240,19 +240,6 @@ fn coalesced_part(path: &str) -> bool {
     path.strip_suffix(".parquet")
         .and_then(|p| p.rsplit_once("-c"))
         .is_some_and(|(_, k)| k.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p.display().to_string());
-        }
-    }
-    out
 }
 
 /// Every error is printed once: no cause repeated, on a few failing commands.

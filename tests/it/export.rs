@@ -463,26 +463,35 @@ async fn token_goes_only_where_the_ig_says() {
     assert_exact(tmp.path(), &srv.counts()).await;
 }
 
-/// `flatfhir export --patients` of `srv` into `out` as a child process, one file at a time,
-/// each body chunk delayed by `slow_ms`: an export slow enough to be killed part way.
-pub(crate) fn spawn_slow_export(
+/// `flatfhir export --patients` of `srv` into `out` (quiet), one file at a time, each body
+/// chunk delayed by `slow_ms`: an export slow enough to be killed part way when spawned.
+pub(crate) fn slow_export(
     srv: &flatfhir::serve::RunningServer,
     out: &std::path::Path,
     slow_ms: u64,
-) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_flatfhir"))
-        .args([
-            "export",
-            "--base-url",
-            srv.base_url().as_str(),
-            "--patients",
-            "--out",
-        ])
-        .arg(out)
-        .args(["--concurrency", "1", "--param"])
-        .arg(format!("_flatfhirFault=slow:{slow_ms}"))
-        .arg("-q")
-        .spawn()
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flatfhir"));
+    c.args([
+        "export",
+        "--base-url",
+        srv.base_url().as_str(),
+        "--patients",
+        "--out",
+    ])
+    .arg(out)
+    .args(["--concurrency", "1", "--param"])
+    .arg(format!("_flatfhirFault=slow:{slow_ms}"))
+    .arg("-q");
+    c
+}
+
+/// The bundled sample served 100 resources per file, each status poll 200 ms late.
+async fn slow_sample_server() -> RunningServer {
+    ServerBuilder::new(DataSource::Dir(data("sample")))
+        .with_delay(Duration::from_millis(200))
+        .with_resources_per_file(100)
+        .start()
+        .await
         .unwrap()
 }
 
@@ -506,21 +515,14 @@ pub(crate) async fn kill_when(
     child.wait().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_export_resumes_with_exact_counts() {
-    let srv = ServerBuilder::new(DataSource::Dir(data("sample")))
-        .with_delay(Duration::from_millis(200))
-        .with_resources_per_file(100)
-        .start()
-        .await
-        .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("ds");
-    let bin = env!("CARGO_BIN_EXE_flatfhir");
-    let mut child = spawn_slow_export(&srv, &out, 60);
-    // Wait until some files are committed, then kill -9.
+/// Kill `child` (an export into `out`) once it has committed two files; returns the job
+/// record's path.
+pub(crate) async fn kill_after_two_committed_files(
+    child: &mut std::process::Child,
+    out: &std::path::Path,
+) -> std::path::PathBuf {
     let jobs = out.join("_jobs");
-    kill_when(&mut child, "a committed file", || {
+    kill_when(child, "a committed file", || {
         // The job record and its per-file records (`_jobs/<run>/`).
         let committed = std::fs::read_dir(&jobs)
             .into_iter()
@@ -538,6 +540,101 @@ async fn killed_export_resumes_with_exact_counts() {
         committed >= 2
     })
     .await;
+    std::fs::read_dir(&jobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a job record")
+}
+
+/// Every file under `out` whose path holds `export=<export>` (the parts of one run).
+fn files_of_run(out: &std::path::Path, export: &str) -> Vec<String> {
+    let needle = format!("export={export}");
+    crate::support::walk(out)
+        .into_iter()
+        .filter(|p| p.contains(&needle))
+        .collect()
+}
+
+/// A job the server has forgotten (deleted, expired, or lost in a restart) cannot be resumed.
+/// `--resume` says so and abandons it; the same command run again — what a nightly schedule
+/// does — abandons it and starts a new export instead of failing every night. Either way the
+/// forgotten job's committed parts are removed (nothing left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_server_forgot_is_abandoned_and_the_same_command_starts_again() {
+    let srv = slow_sample_server().await;
+    let bin = env!("CARGO_BIN_EXE_flatfhir");
+    let kick_offs = || {
+        srv.log()
+            .iter()
+            .filter(|r| r.path.contains("/$export?") || r.path.ends_with("/$export"))
+            .count()
+    };
+    for explicit_resume in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("ds");
+        let mut child = slow_export(&srv, &out, 60).spawn().unwrap();
+        let record = kill_after_two_committed_files(&mut child, &out).await;
+        let job: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        let export = job["export"].as_str().unwrap().to_string();
+        assert!(
+            !files_of_run(&out, &export).is_empty(),
+            "no part was written"
+        );
+        // The server forgets the job.
+        let status = job["status_url"].as_str().unwrap();
+        let r = reqwest::Client::new().delete(status).send().await.unwrap();
+        assert!(r.status().is_success(), "DELETE: {}", r.status());
+        let before = kick_offs();
+
+        let again = if explicit_resume {
+            std::process::Command::new(bin)
+                .args(["export", "--resume", out.to_str().unwrap(), "-q"])
+                .output()
+                .unwrap()
+        } else {
+            slow_export(&srv, &out, 60).output().unwrap()
+        };
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        let job: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        assert_eq!(job["state"], "failed", "the forgotten job is abandoned");
+        assert!(
+            files_of_run(&out, &export).is_empty(),
+            "the forgotten job's parts stay: {:?}",
+            files_of_run(&out, &export)
+        );
+        if explicit_resume {
+            assert!(!again.status.success());
+            assert!(
+                stderr.contains("no longer has export job")
+                    && stderr.contains("HTTP 404")
+                    && stderr.contains("without --resume"),
+                "{stderr}"
+            );
+            assert_eq!(kick_offs(), before, "--resume kicked off a new export");
+            // And the command run again then starts afresh: the job is no longer unfinished.
+            let o = slow_export(&srv, &out, 60).output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        } else {
+            assert!(again.status.success(), "{stderr}");
+            assert_eq!(kick_offs(), before + 1, "one new kick-off");
+        }
+        assert_exact(&out, &srv.counts()).await;
+    }
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_export_resumes_with_exact_counts() {
+    let srv = slow_sample_server().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let bin = env!("CARGO_BIN_EXE_flatfhir");
+    let mut child = slow_export(&srv, &out, 60).spawn().unwrap();
+    // Wait until some files are committed, then kill -9.
+    kill_after_two_committed_files(&mut child, &out).await;
     // No run was published, so nothing is visible yet: no record, no Delta commit.
     assert!(
         !out.join("_runs").exists() || std::fs::read_dir(out.join("_runs")).unwrap().count() == 0

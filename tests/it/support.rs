@@ -75,3 +75,17 @@ pub fn assert_golden(rel: &str, actual: &str) {
         );
     }
 }
+
+/// Every file under `dir`, recursively (nothing when it does not exist).
+pub fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}

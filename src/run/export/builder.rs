@@ -76,6 +76,7 @@ pub struct ExportBuilder {
     pub(super) options: ExportOptions,
     pub(super) progress: Arc<Progress>,
     pub(super) resume: Option<JobRecord>,
+    pub(super) restart_when_gone: bool,
     pub(super) ctrl_c: OnCtrlC,
     pub(super) snapshot: bool,
 }
@@ -91,6 +92,7 @@ impl ExportBuilder {
             options: ExportOptions::default(),
             progress: Arc::new(Progress::default()),
             resume: None,
+            restart_when_gone: false,
             ctrl_c: OnCtrlC::Ignore,
             snapshot: false,
         }
@@ -115,6 +117,16 @@ impl ExportBuilder {
     /// [`with_request`](Self::with_request)); see [`find_unfinished`].
     pub fn with_resume(mut self, job: Option<JobRecord>) -> Self {
         self.resume = job;
+        self.restart_when_gone = false;
+        self
+    }
+    /// Continue this unfinished job of the same export (the same command run again, as a
+    /// scheduled job does); unlike [`with_resume`](Self::with_resume), when the server no longer
+    /// has the job (its status URL answers 404 or 410) it is abandoned and a new export of the
+    /// same request started, instead of failing every run from then on.
+    pub fn with_continue(mut self, job: Option<JobRecord>) -> Self {
+        self.resume = job;
+        self.restart_when_gone = true;
         self
     }
     /// A full snapshot (default false): resources of the exported types that earlier runs of
@@ -184,8 +196,8 @@ async fn interrupted(client: &BulkClient, location: &DatasetLocation, keep: bool
     if let Some(s) = job.status_url.as_deref().and_then(|s| Url::parse(s).ok()) {
         match client.delete(&s).await {
             Ok(()) => {
-                if job.failed().is_ok() {
-                    let _ = job.save(location).await;
+                if let Err(e) = super::abandon(&mut job, location).await {
+                    tracing::warn!(error = %e, "could not remove the cancelled job's files");
                 }
                 return ExportError::Interrupted { resumable: false };
             }

@@ -16,6 +16,12 @@
 //! file's rows are committed exactly once: a failed attempt's staged parts are never renamed, a
 //! killed run leaves only staged parts no reader lists, and `--resume` rolls a committing file
 //! forward and skips committed ones. `--timeout` bounds the whole job, downloads included.
+//!
+//! A job that cannot be continued — the server reports it failed, forgot it (`404`/`410` from
+//! its status URL), or Ctrl-C cancelled it — is abandoned: marked failed, its parts
+//! deleted. Those parts are in no run record or Delta commit, so nothing else would ever remove
+//! them. The same command run again (not `--resume`) then starts a new job rather than failing
+//! on the forgotten one night after night.
 
 mod builder;
 pub mod coalesce;
@@ -43,7 +49,9 @@ use super::Progress;
 use crate::{
     Error, Result,
     client::{BulkClient, ClientError, Manifest, ManifestItem},
-    dataset::{DatasetLocation, FileKind, JobRecord, RunIds, RunManifest, commit_staged},
+    dataset::{
+        DatasetLocation, FileKind, JobRecord, RunIds, RunManifest, commit_staged, discard_run,
+    },
     view::ViewRegistry,
 };
 
@@ -103,6 +111,22 @@ pub enum ExportError {
     NotASnapshot {
         /// Which parameter makes the export partial.
         why: String,
+    },
+    /// The server no longer has the job (its status URL answers 404 or 410: deleted, expired,
+    /// or the server restarted): nothing can be resumed, so the job was abandoned.
+    #[error(
+        "the server no longer has export job {run} (HTTP {status} from its status URL): the job is abandoned and its unpublished files removed ({objects} objects); {}",
+        if *resumed { "run the export command again (without --resume) to start a new one" } else { "nothing was published" }
+    )]
+    JobGone {
+        /// The job's run id.
+        run: String,
+        /// The status code.
+        status: u16,
+        /// Objects of the job removed from the dataset.
+        objects: usize,
+        /// Whether the job was kicked off by an earlier process (a resumed job).
+        resumed: bool,
     },
     /// Interrupted (Ctrl-C).
     #[error("interrupted; {}", if *resumable {
@@ -207,9 +231,11 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
         options: opts,
         progress,
         resume,
+        restart_when_gone,
         snapshot,
         ..
     } = b;
+    let resumed = resume.is_some();
     let job = match resume {
         Some(job) => {
             if let Some(lease) = job.holder(&location).await? {
@@ -232,14 +258,79 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
             job
         }
     };
+    // What a new job needs when the server no longer has the one continued.
+    let again = (resumed && restart_when_gone)
+        .then(|| (job.request.clone(), job.snapshot, job.backfill.clone()));
     // Every event of the run, on every task and thread it spawns, carries the run id.
     let span = tracing::info_span!("run", run_id = %job.run_id);
-    run_job(client, registry, location, opts, progress, running, job)
-        .instrument(span)
-        .await
+    let r = run_job(
+        client.clone(),
+        registry.clone(),
+        location.clone(),
+        opts.clone(),
+        progress.clone(),
+        running.clone(),
+        job,
+        resumed,
+    )
+    .instrument(span)
+    .await;
+    let Some((request, snapshot, backfill)) = again else {
+        return r;
+    };
+    let Err(Error::Export(ExportError::JobGone {
+        run,
+        status,
+        objects,
+        ..
+    })) = &r
+    else {
+        return r;
+    };
+    // The same command run again continued a job the server has forgotten (a restart, an
+    // expired or deleted job): start the export afresh rather than fail every night.
+    tracing::warn!(
+        run = %run,
+        status,
+        objects,
+        "the server no longer has the unfinished export job: abandoned it (its unpublished files removed); starting a new export"
+    );
+    let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
+    job.snapshot = snapshot;
+    job.backfill = backfill;
+    job.save(&location).await?;
+    let span = tracing::info_span!("run", run_id = %job.run_id);
+    run_job(
+        client, registry, location, opts, progress, running, job, false,
+    )
+    .instrument(span)
+    .await
 }
 
-/// The export of `job` (new or resumed), from kick-off to the published run record.
+/// Give `job` up for good: it is marked failed, and every object it wrote under its `export=`
+/// partitions (committed and staged parts, which no run record or Delta commit names) and its
+/// per-file records are deleted, so that nothing of it is left behind. Returns the number of
+/// objects deleted.
+pub(super) async fn abandon(job: &mut JobRecord, location: &DatasetLocation) -> Result<usize> {
+    if job.state.is_finished() && job.state != crate::dataset::JobState::Failed {
+        return Ok(0);
+    }
+    job.failed()?;
+    job.save(location).await?;
+    let discarded = discard_run(location, &job.export).await;
+    job.prune_files(location).await;
+    tracing::info!(
+        run = %job.run_id,
+        objects = discarded.objects,
+        bytes = discarded.bytes,
+        "abandoned the export job; removed its unpublished files"
+    );
+    Ok(discarded.objects)
+}
+
+/// The export of `job` (new, or `resumed` from an earlier process), from kick-off to the
+/// published run record.
+#[allow(clippy::too_many_arguments)]
 async fn run_job(
     client: BulkClient,
     registry: Arc<ViewRegistry>,
@@ -248,6 +339,7 @@ async fn run_job(
     progress: Arc<Progress>,
     running: Arc<Running>,
     mut job: JobRecord,
+    resumed: bool,
 ) -> Result<ExportSummary> {
     let mut phases = crate::dataset::PhaseSeconds::default();
     let lease = job.hold(&location).await?;
@@ -332,11 +424,30 @@ async fn run_job(
     let pages = match pages {
         Ok(p) => p,
         Err(e) => {
-            if matches!(e, Error::Client(ClientError::JobFailed(_))) {
-                job.failed()?;
-                job.save(&location).await?;
+            let gone = match &e {
+                Error::Client(ClientError::Status {
+                    status: status @ (404 | 410),
+                    ..
+                }) => Some(*status),
+                _ => None,
+            };
+            if gone.is_none() && !matches!(e, Error::Client(ClientError::JobFailed(_))) {
+                return Err(e);
             }
-            return Err(e);
+            // Nothing of this job can be resumed: leave nothing of it behind either.
+            tasks.shutdown().await;
+            let objects = abandon(&mut job, &location).await?;
+            lease.release().await;
+            return Err(match gone {
+                Some(status) => ExportError::JobGone {
+                    run: job.run_id.clone(),
+                    status,
+                    objects,
+                    resumed,
+                }
+                .into(),
+                None => e,
+            });
         }
     };
     let first = &pages[0];
