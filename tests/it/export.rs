@@ -500,8 +500,16 @@ async fn slow_sample_server() -> RunningServer {
 pub(crate) async fn kill_when(
     child: &mut std::process::Child,
     what: &str,
-    mut ready: impl FnMut() -> bool,
+    ready: impl FnMut() -> bool,
 ) {
+    wait_until(child, what, ready).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// Check `ready` every 20 ms (for at most two minutes) while `child` runs. Fails when `child`
+/// ends first.
+async fn wait_until(child: &mut std::process::Child, what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while !ready() {
         assert!(std::time::Instant::now() < deadline, "no {what} in time");
@@ -511,40 +519,36 @@ pub(crate) async fn kill_when(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
 }
 
-/// Kill `child` (an export into `out`) once it has committed two files; returns the job
-/// record's path.
-pub(crate) async fn kill_after_two_committed_files(
-    child: &mut std::process::Child,
-    out: &std::path::Path,
-) -> std::path::PathBuf {
-    let jobs = out.join("_jobs");
-    kill_when(child, "a committed file", || {
-        // The job record and its per-file records (`_jobs/<run>/`).
-        let committed = std::fs::read_dir(&jobs)
-            .into_iter()
-            .flatten()
-            .flat_map(|e| {
-                let p = e.unwrap().path();
-                match std::fs::read_dir(&p) {
-                    Ok(d) => d.map(|e| e.unwrap().path()).collect(),
-                    Err(_) => vec![p],
-                }
-            })
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .map(|t| t.matches("\"committed\"").count())
-            .sum::<usize>();
-        committed >= 2
-    })
-    .await;
-    std::fs::read_dir(&jobs)
+/// Whether the export into `out` has committed at least two files.
+fn two_committed_files(out: &std::path::Path) -> bool {
+    // The job record and its per-file records (`_jobs/<run>/`).
+    std::fs::read_dir(out.join("_jobs"))
+        .into_iter()
+        .flatten()
+        .flat_map(|e| {
+            let p = e.unwrap().path();
+            match std::fs::read_dir(&p) {
+                Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+                Err(_) => vec![p],
+            }
+        })
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.matches("\"committed\"").count())
+        .sum::<usize>()
+        >= 2
+}
+
+/// The path of the (first) job record in `out`, and the record.
+fn job_record(out: &std::path::Path) -> (std::path::PathBuf, serde_json::Value) {
+    let path = std::fs::read_dir(out.join("_jobs"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|x| x == "json"))
-        .expect("a job record")
+        .expect("a job record");
+    let record = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    (path, record)
 }
 
 /// Every file under `out` whose path holds `export=<export>` (the parts of one run).
@@ -574,9 +578,8 @@ async fn a_job_the_server_forgot_is_abandoned_and_the_same_command_starts_again(
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("ds");
         let mut child = slow_export(&srv, &out, 60).spawn().unwrap();
-        let record = kill_after_two_committed_files(&mut child, &out).await;
-        let job: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        kill_when(&mut child, "a committed file", || two_committed_files(&out)).await;
+        let (record, job) = job_record(&out);
         let export = job["export"].as_str().unwrap().to_string();
         assert!(
             !files_of_run(&out, &export).is_empty(),
@@ -626,6 +629,43 @@ async fn a_job_the_server_forgot_is_abandoned_and_the_same_command_starts_again(
     srv.shutdown().await;
 }
 
+/// A job deleted on the server while its files download (an administrator, a server's own
+/// clean-up) fails the run at its next file — `404` even after re-fetching the manifest — and
+/// is abandoned: marked failed, its parts removed, nothing published. The same command then
+/// starts a new export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_deleted_on_the_server_while_downloading_leaves_nothing_behind() {
+    let srv = slow_sample_server().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let mut child = slow_export(&srv, &out, 60)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(&mut child, "a committed file", || two_committed_files(&out)).await;
+    let (record, job) = job_record(&out);
+    let export = job["export"].as_str().unwrap().to_string();
+    let status = job["status_url"].as_str().unwrap();
+    let r = reqwest::Client::new().delete(status).send().await.unwrap();
+    assert!(r.status().is_success(), "DELETE: {}", r.status());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no longer has export job") && stderr.contains("HTTP 404"),
+        "{stderr}"
+    );
+    let job: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(job["state"], "failed");
+    assert_eq!(files_of_run(&out, &export), Vec::<String>::new());
+    assert!(!out.join("_runs").exists() || crate::support::walk(&out.join("_runs")).is_empty());
+    let o = slow_export(&srv, &out, 0).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_exact(&out, &srv.counts()).await;
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_export_resumes_with_exact_counts() {
     let srv = slow_sample_server().await;
@@ -634,7 +674,7 @@ async fn killed_export_resumes_with_exact_counts() {
     let bin = env!("CARGO_BIN_EXE_flatfhir");
     let mut child = slow_export(&srv, &out, 60).spawn().unwrap();
     // Wait until some files are committed, then kill -9.
-    kill_after_two_committed_files(&mut child, &out).await;
+    kill_when(&mut child, "a committed file", || two_committed_files(&out)).await;
     // No run was published, so nothing is visible yet: no record, no Delta commit.
     assert!(
         !out.join("_runs").exists() || std::fs::read_dir(out.join("_runs")).unwrap().count() == 0

@@ -113,9 +113,10 @@ pub enum ExportError {
         why: String,
     },
     /// The server no longer has the job (its status URL answers 404 or 410: deleted, expired,
-    /// or the server restarted): nothing can be resumed, so the job was abandoned.
+    /// or the server restarted; or a file does, even at the link a re-fetched manifest gives):
+    /// nothing can be resumed, so the job was abandoned.
     #[error(
-        "the server no longer has export job {run} (HTTP {status} from its status URL): the job is abandoned and its unpublished files removed ({objects} objects); {}",
+        "the server no longer has export job {run} (HTTP {status} from {from}): the job is abandoned and its unpublished files removed ({objects} objects); {}",
         if *resumed { "run the export command again (without --resume) to start a new one" } else { "nothing was published" }
     )]
     JobGone {
@@ -123,6 +124,8 @@ pub enum ExportError {
         run: String,
         /// The status code.
         status: u16,
+        /// What answered it: `its status URL`, or `file <url>`.
+        from: String,
         /// Objects of the job removed from the dataset.
         objects: usize,
         /// Whether the job was kicked off by an earlier process (a resumed job).
@@ -307,6 +310,17 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
     .await
 }
 
+/// The status of a client error that says the job or its file is gone (404, 410).
+fn gone_status(e: &Error) -> Option<u16> {
+    match e {
+        Error::Client(ClientError::Status {
+            status: status @ (404 | 410),
+            ..
+        }) => Some(*status),
+        _ => None,
+    }
+}
+
 /// Give `job` up for good: it is marked failed, and every object it wrote under its `export=`
 /// partitions (committed and staged parts, which no run record or Delta commit names) and its
 /// per-file records are deleted, so that nothing of it is left behind. Returns the number of
@@ -424,13 +438,7 @@ async fn run_job(
     let pages = match pages {
         Ok(p) => p,
         Err(e) => {
-            let gone = match &e {
-                Error::Client(ClientError::Status {
-                    status: status @ (404 | 410),
-                    ..
-                }) => Some(*status),
-                _ => None,
-            };
+            let gone = gone_status(&e);
             if gone.is_none() && !matches!(e, Error::Client(ClientError::JobFailed(_))) {
                 return Err(e);
             }
@@ -442,6 +450,7 @@ async fn run_job(
                 Some(status) => ExportError::JobGone {
                     run: job.run_id.clone(),
                     status,
+                    from: "its status URL".into(),
                     objects,
                     resumed,
                 }
@@ -476,6 +485,9 @@ async fn run_job(
     spawn_items(all_items, requires_token, &mut tasks);
 
     let mut failure: Option<Error> = None;
+    // A file the server no longer serves, even at a re-fetched manifest's link: its status and
+    // URL.
+    let mut expired: Option<(u16, String)> = None;
     while let Some(joined) = tasks.join_next().await {
         let (url, kind, r) =
             joined.map_err(|e| Error::Internal(format!("a download task failed: {e}")))?;
@@ -508,6 +520,9 @@ async fn run_job(
                     .map(|u| crate::client::error_redact(&u))
                     .unwrap_or(url);
                 tracing::error!(%kind, url = %shown, error = %e, "file failed");
+                if let Some(status) = gone_status(&e) {
+                    expired.get_or_insert((status, shown.clone()));
+                }
                 failure.get_or_insert(
                     ExportError::File {
                         kind,
@@ -518,6 +533,19 @@ async fn run_job(
                 );
             }
         }
+    }
+    if let Some((status, url)) = expired {
+        // The job can never be completed: leave nothing of it behind.
+        let objects = abandon(&mut job, &location).await?;
+        lease.release().await;
+        return Err(ExportError::JobGone {
+            run: job.run_id.clone(),
+            status,
+            from: format!("file {url}"),
+            objects,
+            resumed,
+        }
+        .into());
     }
     if let Some(e) = failure {
         return Err(e);
