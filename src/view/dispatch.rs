@@ -14,12 +14,16 @@
 //! - `name`: the member `name` when present (it wins over choice elements, as in navigation);
 //!   when absent and no key is `name` followed by an upper-case letter (a possible choice
 //!   element `nameType`), nothing; otherwise the child navigates.
-//! - `name.ofType(T)`: the member `nameT` when present; when neither `name` nor any other
-//!   `nameX` key is present, nothing; otherwise the child navigates.
+//! - `name.ofType(T)`: the member `nameT` when present; otherwise, when the plain member
+//!   `name` is present, or another choice element `nameX` whose type `X` is a specialisation
+//!   of `T` (`valueCode` for `value.ofType(string)`, `valueAge` for `value.ofType(Quantity)`),
+//!   the child navigates; otherwise nothing. Only `string`, `uri`, `integer` and `Quantity`
+//!   have specialisations, so an Observation's `valueQuantity` settles its `value.ofType(boolean)`,
+//!   `value.ofType(CodeableConcept)`, … at once instead of each scanning the object again.
 //! - every other step (`first()`, `getReferenceKey()`, names starting with an upper-case
 //!   letter, …) navigates.
 
-use super::fhirpath::Step;
+use super::fhirpath::{Step, choice_suffix_type, fhir_type_is, has_specialisations};
 use super::json::{Json, JsonObject, bytes_eq};
 
 /// Most children one dispatch serves (one bit each in a `u64`).
@@ -46,10 +50,14 @@ struct Name {
     member: Option<u8>,
     /// The [`Role::Typed`] child whose choice element this is (`valueQuantity`).
     typed: Option<u8>,
-    /// Children (bit per child) for which this name is the element's base name (`value` of
-    /// `value` and of `value.ofType(Quantity)`): a key that is this name followed by an
-    /// upper-case letter may be one of its choice elements.
+    /// [`Role::Member`] children (bit per child) reading this name (`value`): a key that is
+    /// this name followed by an upper-case letter may be one of its choice elements, which
+    /// navigation to `value` returns when the member itself is absent.
     base_of: u64,
+    /// [`Role::Typed`] children whose base name this is and whose type `T` has
+    /// specialisations (`value.ofType(string)`), with `T`: a choice element of this name whose
+    /// type is a specialisation of `T` (`valueCode`) is one of the child's values.
+    special_of: Vec<(u64, &'static str)>,
     /// [`Role::Typed`] children whose base name this is: the key itself being present means the
     /// child must navigate (`value.ofType(T)` over a plain `value` member).
     plain_of: u64,
@@ -109,6 +117,7 @@ impl MemberDispatch {
                 member: None,
                 typed: None,
                 base_of: 0,
+                special_of: Vec::new(),
                 plain_of: 0,
             });
             names.len() - 1
@@ -130,7 +139,9 @@ impl MemberDispatch {
                         let k = name_at(&mut names, &key);
                         names[k].typed = Some(i as u8);
                         let b = name_at(&mut names, name.as_bytes());
-                        names[b].base_of |= bit;
+                        if has_specialisations(f) {
+                            names[b].special_of.push((bit, f));
+                        }
                         names[b].plain_of |= bit;
                         Role::Typed(f)
                     }
@@ -147,7 +158,7 @@ impl MemberDispatch {
         }
         let base_lens = names
             .iter()
-            .filter(|n| n.base_of != 0 && n.bytes.len() < 64)
+            .filter(|n| (n.base_of != 0 || !n.special_of.is_empty()) && n.bytes.len() < 64)
             .fold(0u64, |m, n| m | 1 << n.bytes.len());
         let mut bits = (names.len() * 2)
             .next_power_of_two()
@@ -218,6 +229,17 @@ impl MemberDispatch {
                     && let Some(n) = self.find(&key[..i])
                 {
                     s.navigate |= n.base_of;
+                    if !n.special_of.is_empty()
+                        && let Some(actual) = std::str::from_utf8(&key[i..])
+                            .ok()
+                            .and_then(choice_suffix_type)
+                    {
+                        for &(bit, wanted) in &n.special_of {
+                            if fhir_type_is(actual, wanted) {
+                                s.navigate |= bit;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -322,6 +344,12 @@ mod tests {
             Step::Member("Observation".into()),
             typed("effective", "Period"),
             Step::Member("valueQuantity".into()),
+            typed("value", "boolean"),
+            typed("value", "integer"),
+            typed("value", "uri"),
+            typed("value", "dateTime"),
+            typed("value", "CodeableConcept"),
+            typed("effective", "dateTime"),
         ];
         let d = MemberDispatch::new(steps.iter()).expect("a dispatch");
         let docs = [
@@ -334,6 +362,13 @@ mod tests {
             r#"{"valueBoolean":true,"valueInteger":2,"vaLue":1,"Value":2}"#,
             r#"{"valueMarkdown":"m","valueAge":{"value":1},"effectiveInstant":"2020"}"#,
             r#"{"value":{"value":1},"effective":"x","effectiveDateTime":"y"}"#,
+            r#"{"valueQuantity":{"value":1},"effectiveDateTime":"2020"}"#,
+            r#"{"valueCode":"c","effectivePeriod":{"end":"2020"}}"#,
+            r#"{"valuePositiveInt":3,"valueUnsignedInt":[1,null,2]}"#,
+            r#"{"valueUrl":"http://x","valueCanonical":"c","valueOid":"urn:oid:1"}"#,
+            r#"{"valueAge":{"value":2},"valueDuration":{"value":3},"valueFoo":1}"#,
+            r#"{"valueDateTime":"2020","valueBoolean":false,"effectiveDateTime":null}"#,
+            r#"{"valueId":"i","valueMarkdown":"m","value":null}"#,
             r#"{}"#,
         ];
         for text in docs {
@@ -377,6 +412,45 @@ mod tests {
                 assert_eq!(format!("{got:?}"), format!("{want:?}"), "{text} {step:?}");
             }
         }
+    }
+
+    /// One choice element settles the children of the other types without navigating, unless
+    /// its type is a specialisation of theirs.
+    #[test]
+    fn a_choice_element_settles_the_other_types() {
+        let steps = [
+            typed("value", "Quantity"),
+            typed("value", "string"),
+            typed("value", "boolean"),
+            typed("value", "CodeableConcept"),
+            typed("effective", "dateTime"),
+            typed("effective", "Period"),
+        ];
+        let d = MemberDispatch::new(steps.iter()).expect("a dispatch");
+        let resolve = |text: &str| {
+            let doc = JsonDoc::parse(text).expect("json");
+            let JsonRef::Object(obj) = doc.root().kind() else {
+                panic!("object")
+            };
+            let mut found = vec![None; d.len()];
+            let scan = d.scan(obj, &mut found);
+            (0..steps.len())
+                .map(|i| match d.resolve(i, scan, &found) {
+                    Resolved::Found(..) => 'F',
+                    Resolved::Absent => '-',
+                    Resolved::Navigate => 'N',
+                })
+                .collect::<String>()
+        };
+        assert_eq!(
+            resolve(r#"{"valueQuantity":{"value":1},"effectiveDateTime":"2020"}"#),
+            "F---F-"
+        );
+        // A code is a string, an Age a Quantity: those navigate (and find them).
+        assert_eq!(resolve(r#"{"valueCode":"c"}"#), "-N----");
+        assert_eq!(resolve(r#"{"valueAge":{"value":1}}"#), "N-----");
+        // The plain member: every child of that name navigates.
+        assert_eq!(resolve(r#"{"value":1,"effectivePeriod":{}}"#), "NNNN-F");
     }
 
     #[test]

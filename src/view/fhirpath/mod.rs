@@ -61,6 +61,7 @@ pub(crate) use functions::{ParsedReference, parse_reference};
 pub use parser::MAX_DEPTH;
 pub(crate) use path::{PathPlan, Step};
 pub use types::{Constants, Env, FhirPathError, Item, Literal};
+pub(crate) use types::{choice_suffix_type, fhir_type_is, has_specialisations};
 pub use values::DIV_SCALE;
 #[cfg(test)]
 pub(crate) use {
