@@ -44,6 +44,9 @@ pub struct Faults {
     /// Index of a file (the `n` of `{n}.ndjson`) that answers `410 Gone`. Manifests fetched after
     /// the `410` list a fresh URL for it, as a server that refreshes expired links would.
     pub file_gone: Option<usize>,
+    /// Index of a file that answers `404` to every download while its job lives on, listed
+    /// under the same URL by every manifest (a file lost from the server's storage).
+    pub file_lost: Option<usize>,
     /// Delay between 8 KiB chunks of every file body.
     pub slow_chunk: Option<Duration>,
     /// Send `Retry-After` as an HTTP-date instead of delta-seconds.
@@ -111,6 +114,7 @@ impl RequestFaults {
                 "file-429" => f.file_429 = number(1)? as u32,
                 "cut-file" => f.cut_file_once = true,
                 "file-gone" => f.file_gone = Some(number(0)? as usize),
+                "file-lost" => f.file_lost = Some(number(0)? as usize),
                 "slow" => {
                     f.slow_chunk = Some(match arg {
                         Some(_) => Duration::from_millis(number(0)?),
@@ -187,6 +191,7 @@ impl Faults {
             file_429: self.file_429.max(job.file_429),
             cut_file_once: self.cut_file_once || job.cut_file_once,
             file_gone: job.file_gone.or(self.file_gone),
+            file_lost: job.file_lost.or(self.file_lost),
             slow_chunk: job.slow_chunk.or(self.slow_chunk),
             retry_after_http_date: self.retry_after_http_date || job.retry_after_http_date,
             deleted: self.deleted.iter().chain(&job.deleted).cloned().collect(),

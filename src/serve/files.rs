@@ -78,6 +78,10 @@ pub(super) async fn download(
         )
         .response(StatusCode::GONE);
     }
+    if job.faults.file_lost == Some(n) {
+        return Issue::error("not-found", format!("file {n} is lost (fault file-lost)"))
+            .response(StatusCode::NOT_FOUND);
+    }
     let hop: u32 = query("hop").and_then(|h| h.parse().ok()).unwrap_or(0);
     if let Some(redirect) = job.faults.redirect_file
         && hop < redirect.hops

@@ -229,6 +229,44 @@ async fn expired_file_urls_are_refreshed_from_the_manifest() {
     );
 }
 
+/// A file the server keeps answering `404` while its job lives on (lost from storage, maybe for
+/// a moment) fails the run, but the job is not abandoned: it stays resumable with the files it
+/// committed, since the file may come back. Both when the re-fetched manifest lists the same
+/// URL and when it lists a fresh one that is lost too (`410`, then `404` at the fresh URL: the
+/// status URL is asked whether the job still exists).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_file_of_a_live_job_leaves_the_job_resumable() {
+    for fault in ["file-lost:1", "file-gone:1,file-lost:1"] {
+        lost_file_case(fault).await;
+    }
+}
+
+async fn lost_file_case(fault: &str) {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let e = export(&srv, with_fault(fault), tmp.path(), Auth::None)
+        .await
+        .expect_err("a lost file fails the run");
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("1.ndjson") && !text.contains("no longer has"),
+        "{text}"
+    );
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), false).unwrap();
+    let job = flatfhir::run::export::find_unfinished(&loc, None)
+        .await
+        .unwrap()
+        .expect("the job is still unfinished");
+    assert!(job.files.len() > 1, "the other files stay committed");
+    assert!(
+        !crate::support::walk(tmp.path())
+            .iter()
+            .filter(|p| p.ends_with(".parquet"))
+            .collect::<Vec<_>>()
+            .is_empty()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_export_status_is_followed() {
     // STU3: every poll answers 200; the job status travels in X-Export-Status.

@@ -113,8 +113,8 @@ pub enum ExportError {
         why: String,
     },
     /// The server no longer has the job (its status URL answers 404 or 410: deleted, expired,
-    /// or the server restarted; or a file does, even at the link a re-fetched manifest gives):
-    /// nothing can be resumed, so the job was abandoned.
+    /// or the server restarted; asked again when a file is gone even at the link a re-fetched
+    /// manifest gives): nothing can be resumed, so the job was abandoned.
     #[error(
         "the server no longer has export job {run} (HTTP {status} from {from}): the job is abandoned and its unpublished files removed ({objects} objects); {}",
         if *resumed { "run the export command again (without --resume) to start a new one" } else { "nothing was published" }
@@ -124,7 +124,7 @@ pub enum ExportError {
         run: String,
         /// The status code.
         status: u16,
-        /// What answered it: `its status URL`, or `file <url>`.
+        /// What answered it (its status URL, maybe after a file).
         from: String,
         /// Objects of the job removed from the dataset.
         objects: usize,
@@ -310,13 +310,20 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
     .await
 }
 
-/// The status of a client error that says the job or its file is gone (404, 410).
+/// The status of an error that says the job or its file is gone (404, 410).
 fn gone_status(e: &Error) -> Option<u16> {
     match e {
-        Error::Client(ClientError::Status {
+        Error::Client(c) => gone_client_status(c),
+        _ => None,
+    }
+}
+
+fn gone_client_status(e: &ClientError) -> Option<u16> {
+    match e {
+        ClientError::Status {
             status: status @ (404 | 410),
             ..
-        }) => Some(*status),
+        } => Some(*status),
         _ => None,
     }
 }
@@ -534,18 +541,27 @@ async fn run_job(
             }
         }
     }
-    if let Some((status, url)) = expired {
-        // The job can never be completed: leave nothing of it behind.
-        let objects = abandon(&mut job, &location).await?;
-        lease.release().await;
-        return Err(ExportError::JobGone {
-            run: job.run_id.clone(),
-            status,
-            from: format!("file {url}"),
-            objects,
-            resumed,
+    if let Some((file_status, url)) = expired {
+        // A file the server no longer serves, even after re-fetching the manifest. If the job
+        // itself is gone too (deleted or expired on the server), it can never be completed:
+        // leave nothing of it behind. If the job is still there, the file may come back (a
+        // storage hiccup): the job stays resumable.
+        let polled = client.poll(&status).await;
+        if let Err(e) = &polled
+            && let Some(status) = gone_client_status(e)
+        {
+            tracing::warn!(%url, file_status, status, "a file and the job's status URL are both gone");
+            let objects = abandon(&mut job, &location).await?;
+            lease.release().await;
+            return Err(ExportError::JobGone {
+                run: job.run_id.clone(),
+                status,
+                from: format!("its status URL, after file {url} answered {file_status}"),
+                objects,
+                resumed,
+            }
+            .into());
         }
-        .into());
     }
     if let Some(e) = failure {
         return Err(e);
