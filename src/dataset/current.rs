@@ -55,7 +55,7 @@ use super::{
     DELETED_TABLE, DatasetError, DatasetLocation, RunIds, RunManifest, ViewKey,
     delta::{
         COMMIT_RUN_KEY, MAX_COMMIT_ATTEMPTS, commit_holds, commit_info, create_table_holding,
-        create_table_with, is_conflict, verify_commit,
+        create_table_with, evolve_to, is_conflict, reconcile_schema, verify_commit,
     },
 };
 
@@ -787,6 +787,11 @@ async fn apply(
         predicate: None,
     };
     let snapshot = target.snapshot().map_err(derr)?;
+    // The history table gained columns (its view did): the current table gains them too.
+    let hist_schema = hist.snapshot().map_err(derr)?.schema();
+    if let Some(schema) = reconcile_schema(table, &hist_schema, &snapshot.schema())? {
+        actions.push(evolve_to(table, snapshot.snapshot(), &schema)?);
+    }
     let done = CommitBuilder::from(props)
         .with_actions(actions)
         .build(Some(snapshot), target.log_store(), op)

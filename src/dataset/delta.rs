@@ -532,25 +532,78 @@ async fn preflight(
     let ours = delta_schema(&*file_schema(location, &first.path).await?, true)
         .map_err(delta_err(table))?;
     let theirs = t.snapshot().map_err(delta_err(table))?.schema();
-    check_schema(table, &ours, &theirs)?;
+    reconcile_schema(table, &ours, &theirs)?;
     Ok(Some(t))
 }
 
-/// A file whose columns differ from the table's is refused.
-fn check_schema(table: &str, ours: &StructType, theirs: &StructType) -> Result<(), DatasetError> {
-    let differs = ours.fields().len() != theirs.fields().len()
-        || ours
-            .fields()
-            .zip(theirs.fields())
-            .any(|(x, y)| x.name() != y.name() || x.data_type() != y.data_type());
-    if differs {
-        return Err(DatasetError::SchemaChanged {
-            table: table.to_string(),
-            table_columns: column_list(theirs),
-            run_columns: column_list(ours),
-        });
+/// How a run's columns (`ours`) fit the table's (`theirs`): `Ok(None)` when the table's schema
+/// holds them already, `Ok(Some(schema))` when the run adds columns (the table's schema evolves
+/// to `schema`: its columns, then the new ones), an error when a column changed type.
+///
+/// Views change over the years a dataset lives: a column added to a view is added to its tables
+/// (Delta schema evolution: the files written before it read as null in that column, by every
+/// reader, since Delta matches columns by name); a column removed from a view stays in its
+/// tables, null from then on. Only a column whose type changed (say `integer` → `decimal`)
+/// cannot be reconciled: old and new files would disagree on what the column holds.
+pub(crate) fn reconcile_schema(
+    table: &str,
+    ours: &StructType,
+    theirs: &StructType,
+) -> Result<Option<StructType>, DatasetError> {
+    let mut added = Vec::new();
+    for f in ours.fields() {
+        match theirs.field(f.name()) {
+            Some(t) if t.data_type() == f.data_type() => {}
+            Some(_) => {
+                return Err(DatasetError::SchemaChanged {
+                    table: table.to_string(),
+                    table_columns: column_list(theirs),
+                    run_columns: column_list(ours),
+                });
+            }
+            // Files written before it lack the column: it must be able to read as null.
+            None if f.is_nullable() => added.push(f.clone()),
+            None => {
+                return Err(DatasetError::SchemaChanged {
+                    table: table.to_string(),
+                    table_columns: column_list(theirs),
+                    run_columns: column_list(ours),
+                });
+            }
+        }
     }
-    Ok(())
+    if added.is_empty() {
+        return Ok(None);
+    }
+    let fields = theirs.fields().cloned().chain(added);
+    StructType::try_new(fields)
+        .map(Some)
+        .map_err(|e| delta_err(table)(DeltaTableError::from(e)))
+}
+
+/// The metadata action that evolves `snapshot`'s table to `schema` (see [`reconcile_schema`]).
+pub(crate) fn evolve_to(
+    table: &str,
+    snapshot: &deltalake::kernel::EagerSnapshot,
+    schema: &StructType,
+) -> Result<Action, DatasetError> {
+    use deltalake::kernel::MetadataExt;
+    tracing::info!(
+        table,
+        columns = %schema
+            .fields()
+            .filter(|f| snapshot.schema().field(f.name()).is_none())
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        "the view gained columns: adding them to the table (earlier rows read as null)"
+    );
+    snapshot
+        .metadata()
+        .clone()
+        .with_schema(schema)
+        .map(Action::Metadata)
+        .map_err(|e| delta_err(table)(DeltaTableError::from(e)))
 }
 
 async fn commit_files(
@@ -616,15 +669,18 @@ async fn commit_files(
             continue;
         }
         let snapshot = t.snapshot().map_err(&err)?.clone();
-        // Again: another writer may have created the table meanwhile.
-        check_schema(table, &ours, &snapshot.schema())?;
+        // Again: another writer may have created or evolved the table meanwhile.
+        let mut actions = adds.clone();
+        if let Some(schema) = reconcile_schema(table, &ours, &snapshot.schema())? {
+            actions.push(evolve_to(table, snapshot.snapshot(), &schema)?);
+        }
         let op = DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: Some(vec![PARTITION_COLUMN.to_string()]),
             predicate: None,
         };
         let result = CommitBuilder::from(props())
-            .with_actions(adds.clone())
+            .with_actions(actions)
             .build(Some(&snapshot), t.log_store(), op)
             .await;
         match result {
@@ -806,5 +862,36 @@ mod tests {
         // A truncated bound is left out, its null count kept.
         assert!(stats["maxValues"].get("long").is_none());
         assert_eq!(stats["nullCount"]["long"], json!(0));
+    }
+
+    #[test]
+    fn added_columns_evolve_the_schema_removed_ones_stay_and_changed_types_are_refused() {
+        use deltalake::kernel::{DataType as D, StructField};
+        let schema = |fields: &[(&str, D, bool)]| {
+            StructType::try_new(
+                fields
+                    .iter()
+                    .map(|(n, t, null)| StructField::new(*n, t.clone(), *null)),
+            )
+            .unwrap()
+        };
+        let table = schema(&[("id", D::STRING, true), ("n", D::INTEGER, true)]);
+        let names = |s: &StructType| s.fields().map(|f| f.name().clone()).collect::<Vec<_>>();
+        // Same columns (in any order), or fewer: nothing to change.
+        assert!(reconcile_schema("t", &table, &table).unwrap().is_none());
+        let fewer = schema(&[("n", D::INTEGER, true)]);
+        assert!(reconcile_schema("t", &fewer, &table).unwrap().is_none());
+        // A new column goes after the table's, whatever its place in the run.
+        let more = schema(&[("x", D::STRING, true), ("id", D::STRING, true)]);
+        let evolved = reconcile_schema("t", &more, &table).unwrap().unwrap();
+        assert_eq!(names(&evolved), ["id", "n", "x"]);
+        // A column of another type, or a new one that cannot be null in the older files.
+        let retyped = schema(&[("id", D::STRING, true), ("n", D::LONG, true)]);
+        let e = reconcile_schema("t", &retyped, &table)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed type") && e.contains("n integer"), "{e}");
+        let required = schema(&[("y", D::STRING, false)]);
+        assert!(reconcile_schema("t", &required, &table).is_err());
     }
 }

@@ -96,11 +96,11 @@ pub enum DatasetError {
         #[source]
         source: Box<deltalake::DeltaTableError>,
     },
-    /// A run's files do not have the columns of the table they would be committed to (the view
-    /// changed since the table was created).
+    /// A run's columns cannot join the table's: a column changed type since the table was
+    /// created (added and removed columns are fine: see `reconcile_schema`).
     #[error(
-        "the columns of table {table} changed: the table has ({table_columns}), this run wrote \
-         ({run_columns}); write the changed view to a new dataset or under a new name"
+        "a column of table {table} changed type: the table has ({table_columns}), this run \
+         wrote ({run_columns}); write the changed view to a new dataset or under a new name"
     )]
     SchemaChanged {
         /// The table.

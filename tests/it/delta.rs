@@ -312,39 +312,111 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
     srv.shutdown().await;
 }
 
-/// A run whose columns one table does not have (a view changed with `--schemas`) is refused
-/// before any table commits it: every table keeps its rows, and the message names the columns.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_view_refuses_the_run_before_any_table_commits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("ds");
-    let out_s = out.to_str().unwrap().to_string();
+/// The sample converted once into `<dir>/ds`: its path and location.
+fn sample_converted(dir: &Path) -> (String, DatasetLocation) {
+    let out_s = dir.join("ds").to_str().unwrap().to_string();
     let first = convert(&out_s, &[]).wait_with_output().unwrap();
     assert!(first.status.success());
     let loc = DatasetLocation::resolve(&out_s, false).unwrap();
-    let before = counts(&loc).await;
+    (out_s, loc)
+}
 
-    // The patient view with one more column (patient sorts after most tables the run writes).
-    let views = tmp.path().join("views");
+/// The default patient view changed by `change`, written to `<dir>/views/patient.json`; returns
+/// the `--schemas` arguments that use it.
+fn changed_patient_view(
+    dir: &Path,
+    change: impl FnOnce(&mut Vec<serde_json::Value>),
+) -> Vec<String> {
+    let views = dir.join("views");
     std::fs::create_dir_all(&views).unwrap();
     let mut patient: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(crate::support::repo().join("schemas/patient.json")).unwrap(),
     )
     .unwrap();
-    patient["select"][0]["column"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"name": "extra_gender", "path": "gender", "type": "code"}));
+    change(patient["select"][0]["column"].as_array_mut().unwrap());
     std::fs::write(views.join("patient.json"), patient.to_string()).unwrap();
-    let second = convert(
-        &out_s,
-        &["--schemas".into(), views.to_str().unwrap().to_string()],
-    )
-    .wait_with_output()
-    .unwrap();
+    vec!["--schemas".into(), views.to_str().unwrap().to_string()]
+}
+
+/// A view that gained a column since its tables were created (a dataset lives for years, its
+/// views change): the next run adds the column to the history and current tables, earlier rows
+/// reading null; a column the view lost stays in its tables, null in the rows written since.
+/// Both read back through Delta (`flatfhir query`; CI reads every table with other engines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_that_gains_or_loses_a_column_evolves_its_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out_s, loc) = sample_converted(tmp.path());
+    let ds = Dataset::open(&loc).await.unwrap();
+    let patients = one_number(&ds, "select count(*) from patient").await;
+    let genders = one_number(&ds, "select count(gender) from patient").await;
+    assert!(patients > 0 && genders > 0);
+
+    let args = changed_patient_view(tmp.path(), |columns| {
+        columns.retain(|c| c["name"] != "gender");
+        columns.push(serde_json::json!({"name": "extra_gender", "path": "gender", "type": "code"}));
+    });
+    let second = convert(&out_s, &args).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+
+    let ds = Dataset::open(&loc).await.unwrap();
+    let n = |sql: &'static str| one_number(&ds, sql);
+    assert_eq!(n("select count(*) from patient").await, 2 * patients);
+    // The new column: the second run's rows only; the lost one: the first run's only.
+    assert_eq!(n("select count(extra_gender) from patient").await, genders);
+    assert_eq!(n("select count(gender) from patient").await, genders);
+    assert_eq!(
+        n("select count(*) from patient where extra_gender is not null and gender is not null")
+            .await,
+        0
+    );
+    // The current state is the second run's version of every patient.
+    assert_eq!(n("select count(*) from patient_latest").await, patients);
+    assert_eq!(
+        n("select count(extra_gender) from patient_latest").await,
+        genders
+    );
+    assert_eq!(n("select count(gender) from patient_latest").await, 0);
+    // A third run with the default view again: the table keeps both columns.
+    let third = convert(&out_s, &[]).wait_with_output().unwrap();
+    assert!(
+        third.status.success(),
+        "{}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one_number(&ds, "select count(gender) from patient_latest").await,
+        genders
+    );
+    assert_eq!(
+        one_number(&ds, "select count(extra_gender) from patient").await,
+        genders
+    );
+}
+
+/// A run in which a column changed type (a view changed with `--schemas`) is refused before
+/// any table commits it: every table keeps its rows, and the message names the column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_that_changed_type_refuses_the_run_before_any_table_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out_s, loc) = sample_converted(tmp.path());
+    let before = counts(&loc).await;
+
+    // The patient view (it sorts after most tables the run writes) with `birth_date` as text.
+    let args = changed_patient_view(tmp.path(), |columns| {
+        for c in columns.iter_mut().filter(|c| c["name"] == "birth_date") {
+            c["type"] = "string".into();
+            c.as_object_mut().unwrap().remove("tag");
+        }
+    });
+    let second = convert(&out_s, &args).wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "{stderr}");
-    assert!(stderr.contains("extra_gender"), "{stderr}");
+    assert!(
+        stderr.contains("changed type") && stderr.contains("birth_date date"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("had committed it"), "{stderr}");
     assert_eq!(counts(&loc).await, before, "no table holds the refused run");
 }
