@@ -704,6 +704,69 @@ async fn a_job_deleted_on_the_server_while_downloading_leaves_nothing_behind() {
     srv.shutdown().await;
 }
 
+/// Ctrl-C (SIGINT) in the middle of the downloads: by default the server's job is cancelled
+/// with DELETE and the job abandoned, nothing of it left in the dataset; with `--keep-job` the
+/// job stays, and `--resume` finishes it with exact counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_the_job_and_leaves_nothing_or_keeps_it_for_resume() {
+    let srv = slow_sample_server().await;
+    for keep in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("ds");
+        let mut cmd = slow_export(&srv, &out, 60);
+        if keep {
+            cmd.arg("--keep-job");
+        }
+        let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+        wait_until(&mut child, "a committed file", || two_committed_files(&out)).await;
+        let (record, job) = job_record(&out);
+        let export = job["export"].as_str().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let o = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && stderr.contains("interrupted"),
+            "{stderr}"
+        );
+        let job: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        let deleted = srv.log().iter().any(|r| {
+            r.method == "DELETE"
+                && r.path.contains(
+                    job["status_url"]
+                        .as_str()
+                        .unwrap()
+                        .rsplit('/')
+                        .next()
+                        .unwrap(),
+                )
+        });
+        if keep {
+            assert!(stderr.contains("--resume"), "{stderr}");
+            assert_ne!(job["state"], "failed");
+            assert!(!deleted, "--keep-job cancelled the server's job");
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_flatfhir"))
+                .args(["export", "--resume", out.to_str().unwrap(), "-q"])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_exact(&out, &srv.counts()).await;
+        } else {
+            assert!(stderr.contains("cancelled on the server"), "{stderr}");
+            assert_eq!(job["state"], "failed");
+            assert!(deleted, "the server's job was not cancelled");
+            // Give a writer thread that outlived the run time to leave something behind.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(files_of_run(&out, &export), Vec::<String>::new());
+        }
+    }
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_export_resumes_with_exact_counts() {
     let srv = slow_sample_server().await;
