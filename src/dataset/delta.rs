@@ -550,26 +550,19 @@ pub(crate) fn reconcile_schema(
     ours: &StructType,
     theirs: &StructType,
 ) -> Result<Option<StructType>, DatasetError> {
+    let refused = || DatasetError::SchemaChanged {
+        table: table.to_string(),
+        table_columns: column_list(theirs),
+        run_columns: column_list(ours),
+    };
     let mut added = Vec::new();
     for f in ours.fields() {
         match theirs.field(f.name()) {
             Some(t) if t.data_type() == f.data_type() => {}
-            Some(_) => {
-                return Err(DatasetError::SchemaChanged {
-                    table: table.to_string(),
-                    table_columns: column_list(theirs),
-                    run_columns: column_list(ours),
-                });
-            }
+            Some(_) => return Err(refused()),
             // Files written before it lack the column: it must be able to read as null.
             None if f.is_nullable() => added.push(f.clone()),
-            None => {
-                return Err(DatasetError::SchemaChanged {
-                    table: table.to_string(),
-                    table_columns: column_list(theirs),
-                    run_columns: column_list(ours),
-                });
-            }
+            None => return Err(refused()),
         }
     }
     if added.is_empty() {
