@@ -333,7 +333,8 @@ fn gone_client_status(e: &ClientError) -> Option<u16> {
 /// per-file records are deleted, so that nothing of it is left behind. Returns the number of
 /// objects deleted.
 pub(super) async fn abandon(job: &mut JobRecord, location: &DatasetLocation) -> Result<usize> {
-    if job.state.is_finished() && job.state != crate::dataset::JobState::Failed {
+    // A published job's files are the run's: never abandoned.
+    if job.state == crate::dataset::JobState::Complete {
         return Ok(0);
     }
     job.failed()?;
