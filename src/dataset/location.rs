@@ -240,6 +240,15 @@ impl DatasetLocation {
         serde_json::from_slice(&bytes).map_err(|source| DatasetError::Manifest { path, source })
     }
 
+    /// The dataset's directory when it is on the local file system: what a killed process's
+    /// unfinished writes (`LocalFileSystem` writes to `<path>#<n>` and renames on completion)
+    /// can only be found and removed through, since the store's listings skip them.
+    pub fn local_dir(&self) -> Option<std::path::PathBuf> {
+        (self.url.scheme() == "file")
+            .then(|| self.url.to_file_path().ok())
+            .flatten()
+    }
+
     /// `prefix/child`.
     pub fn child(&self, rel: &str) -> Path {
         let mut p = self.prefix.clone();

@@ -86,6 +86,84 @@ pub async fn discard_run(location: &DatasetLocation, export: &str) -> Discarded 
                 deleted.bytes += o.size;
             }
         }
+        if let Some(root) = location.local_dir() {
+            let dir = root
+                .join(name)
+                .join(format!("{}={export}", super::PARTITION_COLUMN));
+            if is_plain_name(export)
+                && let Ok((objects, bytes)) =
+                    tokio::task::spawn_blocking(move || remove_local_dir(&dir)).await
+            {
+                deleted.objects += objects;
+                deleted.bytes += bytes;
+            }
+        }
     }
     deleted
+}
+
+/// A run id usable as one path component (no separator, not `.` or `..`).
+fn is_plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+/// Remove a local partition directory with whatever the store's listing did not show (a killed
+/// process's unfinished `<part>#<n>` writes); returns the files and bytes removed.
+fn remove_local_dir(dir: &std::path::Path) -> (usize, u64) {
+    let mut files = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(_) => {
+                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    if std::fs::remove_file(e.path()).is_ok() {
+                        files.0 += 1;
+                        files.1 += len;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A killed process's unfinished local write (`<part>#<n>`, which no listing shows) goes
+    /// with the run's other files; another run's partition stays.
+    #[tokio::test]
+    async fn discarding_a_run_removes_its_unfinished_local_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+        let run = tmp
+            .path()
+            .join("patient/export=20261205T144207.043Z-cb2c857482e1");
+        let other = tmp
+            .path()
+            .join("patient/export=20261204T010101.000Z-aaaaaaaaaaaa");
+        for d in [&run, &other] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("part-0.parquet"), b"1234").unwrap();
+        }
+        std::fs::write(run.join("part-1.parquet.staged#1"), b"123456").unwrap();
+        let d = discard_run(&loc, "20261205T144207.043Z-cb2c857482e1").await;
+        assert_eq!((d.objects, d.bytes), (2, 10), "{d:?}");
+        assert!(!run.exists(), "the run's partition stays");
+        assert!(other.join("part-0.parquet").exists());
+        // A run id that is not one path component is never joined into a path.
+        assert!(!is_plain_name("../x") && !is_plain_name("..") && !is_plain_name("a/b"));
+    }
 }
