@@ -5,8 +5,9 @@ use std::{
     io::Read,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::sync::mpsc;
@@ -79,6 +80,7 @@ pub struct DriverBuilder {
     batch_bytes: usize,
     only_viewed: bool,
     cancel: Arc<AtomicBool>,
+    wind_down: Arc<WindDown>,
 }
 
 impl DriverBuilder {
@@ -92,6 +94,7 @@ impl DriverBuilder {
             batch_bytes: DEFAULT_BATCH_BYTES,
             only_viewed: false,
             cancel: Arc::new(AtomicBool::new(false)),
+            wind_down: Arc::default(),
         }
     }
     /// Counters to update (default: fresh ones).
@@ -125,6 +128,13 @@ impl DriverBuilder {
         self.cancel = cancel;
         self
     }
+    /// Where the run's sink thread registers while it works (default: a fresh one), so that a
+    /// caller that drops [`Driver::run`] futures (Ctrl-C) can wait for them to let go of their
+    /// files before it cleans up.
+    pub fn with_wind_down(mut self, wind_down: Arc<WindDown>) -> Self {
+        self.wind_down = wind_down;
+        self
+    }
     /// Build.
     pub fn build(self) -> Driver {
         Driver {
@@ -137,6 +147,76 @@ impl DriverBuilder {
 #[derive(Debug, Clone)]
 pub struct Driver {
     cfg: Arc<DriverBuilder>,
+}
+
+/// The sink threads of [`Driver::run`]s still at work. A `run` future dropped before it ends
+/// (its task aborted, a `select!` that took Ctrl-C) cannot stop the threads it started: its
+/// decoders stop at their next chunk and its sink thread aborts the sink
+/// ([`BatchSink::abort`]) instead of handing it back, but both finish on their own time.
+/// Whoever deletes what the dropped run wrote waits for [`WindDown::idle`] first, or a part
+/// the sink was still writing would appear after the clean-up.
+#[derive(Debug, Default)]
+pub struct WindDown {
+    live: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl WindDown {
+    /// Wait until no sink thread registered here is at work, for at most `limit`; `false` when
+    /// some still are.
+    pub async fn idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.live.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.live.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+
+    fn enter(self: &Arc<Self>) -> Working {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        Working(self.clone())
+    }
+}
+
+/// One sink thread at work (see [`WindDown`]).
+struct Working(Arc<WindDown>);
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.changed.notify_waiters();
+        }
+    }
+}
+
+/// Held while a [`Driver::run`] future lives; its drop before the run ended stops the run's
+/// decoders and tells the sink thread to abort.
+struct Abandoned {
+    stop: Arc<AtomicBool>,
+    tell: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Abandoned {
+    /// The run ended: nothing to tell.
+    fn disarm(&mut self) {
+        self.tell = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(tell) = self.tell.take() {
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = tell.send(());
+        }
+    }
 }
 
 /// What a [`Driver::run`] decoded.
@@ -177,7 +257,12 @@ impl Driver {
         // queue's size, not its count, is what costs memory.
         let (tx, rx) = mpsc::channel::<ViewBatch>(threads * 2);
         let stop = Arc::new(AtomicBool::new(false));
-        let writer = spawn_sink(sink, rx);
+        let (tell, dropped) = tokio::sync::oneshot::channel();
+        let mut abandoned = Abandoned {
+            stop: stop.clone(),
+            tell: Some(tell),
+        };
+        let writer = spawn_sink(sink, rx, dropped, self.cfg.wind_down.enter());
         let mut decoders = Vec::with_capacity(threads);
         for _ in 0..threads {
             let (cfg, queue, tx, stop) =
@@ -234,7 +319,9 @@ impl Driver {
                 }
             }
         }
-        let mut sink = match writer.await {
+        let writer = writer.await;
+        abandoned.disarm();
+        let mut sink = match writer {
             Ok(Ok(sink)) => sink,
             // The sink's error comes first: decoders stop when it does.
             Ok(Err(e)) => return Err(e),
@@ -260,17 +347,37 @@ impl Driver {
 }
 
 /// Drive `sink` with the batches of `rx` on a blocking thread; returns the sink at the end of
-/// the stream.
+/// the stream. When the run is dropped (`dropped` fires), the sink is aborted at once instead
+/// (nobody is left to finish it), without waiting for the decoders. `working` is held until
+/// then.
 fn spawn_sink<S: BatchSink>(
     mut sink: S,
     mut rx: mpsc::Receiver<ViewBatch>,
+    mut dropped: tokio::sync::oneshot::Receiver<()>,
+    working: Working,
 ) -> tokio::task::JoinHandle<Result<S>> {
     let handle = tokio::runtime::Handle::current();
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
         let _span = span.enter();
+        let _working = working;
         handle.block_on(async move {
-            while let Some(batch) = rx.recv().await {
+            let mut watching = true;
+            loop {
+                let batch = tokio::select! {
+                    biased;
+                    told = &mut dropped, if watching => {
+                        if told.is_ok() {
+                            drop(rx);
+                            sink.abort().await;
+                            return Err(Error::Cancelled);
+                        }
+                        watching = false; // the run ended; nothing will be told
+                        continue;
+                    }
+                    b = rx.recv() => b,
+                };
+                let Some(batch) = batch else { break };
                 if let Err(e) = sink.write(batch).await {
                     sink.abort().await;
                     return Err(e);
@@ -437,5 +544,56 @@ mod tests {
             driver.run(vec![input], Vec::new()).await,
             Err(Error::Cancelled)
         ));
+    }
+
+    /// Records what a run does to its sink.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<&'static str>>>);
+
+    #[async_trait::async_trait]
+    impl BatchSink for Recorder {
+        async fn write(&mut self, _: ViewBatch) -> Result<()> {
+            self.0.lock().unwrap().push("write");
+            Ok(())
+        }
+        async fn abort(&mut self) {
+            self.0.lock().unwrap().push("abort");
+        }
+    }
+
+    /// A run whose future is dropped (its task aborted, as Ctrl-C does to an export's files)
+    /// aborts its sink on the sink's thread and lets the wind-down know, without waiting for a
+    /// decoder that is still waiting for its input.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_run_aborts_its_sink_and_winds_down() {
+        let wind_down = Arc::new(WindDown::default());
+        let driver = DriverBuilder::new(registry())
+            .with_batch_size(1)
+            .with_wind_down(wind_down.clone())
+            .build();
+        let (body, tx) = Input::body("http://h/1.ndjson", None);
+        let sink = Recorder::default();
+        let events = sink.0.clone();
+        let run = tokio::spawn(async move { driver.run(vec![body], sink).await.map(|_| ()) });
+        let lines = "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n".repeat(3);
+        tx.send(Ok(bytes::Bytes::from(lines))).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !events.lock().unwrap().contains(&"write") {
+            assert!(std::time::Instant::now() < deadline, "no batch written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !wind_down.idle(Duration::from_millis(1)).await,
+            "the sink is at work"
+        );
+        run.abort();
+        assert!(run.await.unwrap_err().is_cancelled());
+        // The body stays open (its sender is held here): the decoder waits for more.
+        assert!(
+            wind_down.idle(Duration::from_secs(20)).await,
+            "the sink thread lives on"
+        );
+        assert_eq!(events.lock().unwrap().last(), Some(&"abort"));
+        drop(tx);
     }
 }

@@ -34,7 +34,7 @@ use std::{
     },
 };
 
-pub use driver::{BatchSink, Decoded, Driver, DriverBuilder};
+pub use driver::{BatchSink, Decoded, Driver, DriverBuilder, WindDown};
 pub use input::{DEFAULT_CHUNK_BYTES, DEFAULT_SPLIT_BYTES, Input, expand_inputs};
 
 /// Live counters of a run, for progress display (updated once per chunk or file, never per

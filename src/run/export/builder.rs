@@ -163,14 +163,27 @@ impl ExportBuilder {
         if ctrl_c == OnCtrlC::Ignore {
             return timed.await;
         }
-        tokio::select! {
-            r = timed => r,
-            _ = tokio::signal::ctrl_c() => {
-                Err(interrupted(&client, &location, ctrl_c == OnCtrlC::KeepServerJob).await.into())
-            }
+        let finished = tokio::select! {
+            r = timed => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        if let Some(r) = finished {
+            return r;
         }
+        // The run's futures are dropped; the threads writing its files stop on their own.
+        if !running.writers.idle(WIND_DOWN).await {
+            tracing::warn!("files were still being written {WIND_DOWN:?} after Ctrl-C");
+        }
+        Err(
+            interrupted(&client, &location, ctrl_c == OnCtrlC::KeepServerJob)
+                .await
+                .into(),
+        )
     }
 }
+
+/// How long Ctrl-C waits for the files being written to be let go of before it cleans up.
+const WIND_DOWN: Duration = Duration::from_secs(30);
 
 /// The newest unfinished job in `location` that `--resume` (no `base_url`) or the same command
 /// again (the same server and resolved request) continues.
@@ -207,10 +220,12 @@ async fn interrupted(client: &BulkClient, location: &DatasetLocation, keep: bool
     ExportError::Interrupted { resumable: true }
 }
 
-/// What is running, for the timeout's message.
+/// What is running, for the timeout's message, and the files' sink threads, for a clean-up
+/// after Ctrl-C to wait for.
 #[derive(Debug, Default)]
 pub(super) struct Running {
     pub(super) downloading: Mutex<BTreeSet<String>>,
+    pub(super) writers: Arc<crate::run::WindDown>,
 }
 
 impl Running {

@@ -128,6 +128,7 @@ async fn fetch(
         .with_batch_bytes(batch_bytes)
         .with_only_viewed_types(kind != FileKind::Output)
         .with_progress(sh.progress.clone())
+        .with_wind_down(sh.running.writers.clone())
         .build();
     let sink = Tally {
         writer: sh.writer(url),
