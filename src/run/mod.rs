@@ -100,8 +100,47 @@ impl Progress {
         s.join(", ")
     }
 
+    /// Count from zero again (an export that abandoned its job and starts a new one): what the
+    /// abandoned job read is no longer part of the run. The largest reject batch and chunk,
+    /// which bound memory rather than count the run, stay.
+    pub fn start_over(&self) {
+        for c in [
+            &self.bytes,
+            &self.lines,
+            &self.files,
+            &self.rejects,
+            &self.files_total,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        if let Ok(mut g) = self.rows_by_type.lock() {
+            g.clear();
+        }
+    }
+
     /// The value of a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starting_over_forgets_the_counts_not_the_bounds() {
+        let p = Progress::default();
+        for c in [&p.bytes, &p.lines, &p.files, &p.rejects, &p.files_total] {
+            c.store(7, Ordering::Relaxed);
+        }
+        p.largest_chunk.store(1 << 20, Ordering::Relaxed);
+        p.add_rows("Patient", 3);
+        p.start_over();
+        assert_eq!(Progress::get(&p.lines) + Progress::get(&p.bytes), 0);
+        assert_eq!(Progress::get(&p.files) + Progress::get(&p.files_total), 0);
+        assert_eq!(Progress::get(&p.rejects), 0);
+        assert_eq!(p.rows_summary(5), "");
+        assert_eq!(Progress::get(&p.largest_chunk), 1 << 20);
     }
 }

@@ -298,6 +298,7 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
         objects,
         "the server no longer has the unfinished export job: abandoned it (its unpublished files removed); starting a new export"
     );
+    progress.start_over();
     let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
     job.snapshot = snapshot;
     job.backfill = backfill;
