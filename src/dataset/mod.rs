@@ -40,7 +40,7 @@ pub use manifest::{
     Backfill, InputRecord, PhaseSeconds, RunManifest, RunMetrics, ViewKey, WrittenFile,
 };
 pub use run_id::RunIds;
-pub use staging::{Discarded, commit_staged, discard_run, discard_staged};
+pub use staging::{Discarded, commit_staged, discard_run, discard_staged, sweep_unfinished_local};
 
 /// Directory of run records.
 pub const RUNS_DIR: &str = "_runs";

@@ -102,6 +102,49 @@ pub async fn discard_run(location: &DatasetLocation, export: &str) -> Discarded 
     deleted
 }
 
+/// Delete what a killed process left half-written under run `export`'s partitions of a local
+/// dataset: `LocalFileSystem` writes a file as `<path>#<n>` and renames it when complete, and no
+/// listing shows the unfinished ones, so neither the run's own clean-up nor a VACUUM would
+/// ever remove them. Only for a run no live process writes (a resumed job holds its lease).
+/// Returns the files removed.
+pub async fn sweep_unfinished_local(location: &DatasetLocation, export: &str) -> usize {
+    let Some(root) = location.local_dir() else {
+        return 0;
+    };
+    if !is_plain_name(export) {
+        return 0;
+    }
+    let partition = format!("{}={export}", super::PARTITION_COLUMN);
+    tokio::task::spawn_blocking(move || {
+        let mut removed = 0;
+        let Ok(tables) = std::fs::read_dir(&root) else {
+            return 0;
+        };
+        for t in tables.flatten() {
+            let Ok(files) = std::fs::read_dir(t.path().join(&partition)) else {
+                continue;
+            };
+            for f in files.flatten() {
+                if is_unfinished_write(&f.file_name().to_string_lossy())
+                    && std::fs::remove_file(f.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    })
+    .await
+    .unwrap_or(0)
+}
+
+/// `LocalFileSystem`'s name for a file being written: `<name>#<digits>`.
+fn is_unfinished_write(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(stem, n)| {
+        !stem.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 /// A run id usable as one path component (no separator, not `.` or `..`).
 fn is_plain_name(s: &str) -> bool {
     !s.is_empty()
@@ -163,6 +206,8 @@ mod tests {
         assert_eq!((d.objects, d.bytes), (2, 10), "{d:?}");
         assert!(!run.exists(), "the run's partition stays");
         assert!(other.join("part-0.parquet").exists());
+        assert!(is_unfinished_write("part-1.parquet.staged#12"));
+        assert!(!is_unfinished_write("part-1.parquet") && !is_unfinished_write("a#b1"));
         // A run id that is not one path component is never joined into a path.
         assert!(!is_plain_name("../x") && !is_plain_name("..") && !is_plain_name("a/b"));
     }

@@ -785,6 +785,15 @@ async fn killed_export_resumes_with_exact_counts() {
         loc.delta_tables().await.unwrap().is_empty(),
         "a table was committed"
     );
+    // What a kill during a part's write leaves on a local disk (object_store writes
+    // `<path>#<n>` and renames it when complete), whether or not this kill hit one.
+    let (_, job) = job_record(&out);
+    let export = job["export"].as_str().unwrap();
+    let half = out.join(format!(
+        "observation/export={export}/part-00099-x.parquet.staged#1"
+    ));
+    std::fs::create_dir_all(half.parent().unwrap()).unwrap();
+    std::fs::write(&half, b"PAR1").unwrap();
 
     let o = std::process::Command::new(bin)
         .args(["export", "--resume", out.to_str().unwrap(), "-q"])
@@ -792,6 +801,11 @@ async fn killed_export_resumes_with_exact_counts() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_exact(&out, &srv.counts()).await;
+    let debris: Vec<_> = crate::support::walk(&out)
+        .into_iter()
+        .filter(|p| p.rsplit_once('#').is_some())
+        .collect();
+    assert!(debris.is_empty(), "half-written files stay: {debris:?}");
     // Only one kick-off happened: the resumed run polled the saved status URL.
     assert_eq!(
         srv.log()

@@ -153,11 +153,16 @@ impl ExportBuilder {
         let timed = async {
             match tokio::time::timeout(limit, job).await {
                 Ok(r) => r,
-                Err(_) => Err(ExportError::Timeout {
-                    limit,
-                    running: running.describe(),
+                Err(_) => {
+                    let running_then = running.describe();
+                    // The run is dropped: let its files' writers abort their uploads.
+                    running.writers.idle(WIND_DOWN).await;
+                    Err(ExportError::Timeout {
+                        limit,
+                        running: running_then,
+                    }
+                    .into())
                 }
-                .into()),
             }
         };
         if ctrl_c == OnCtrlC::Ignore {

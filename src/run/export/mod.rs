@@ -366,6 +366,16 @@ async fn run_job(
 ) -> Result<ExportSummary> {
     let mut phases = crate::dataset::PhaseSeconds::default();
     let lease = job.hold(&location).await?;
+    if resumed {
+        // The lease is ours: what an earlier process of this job left half-written is debris.
+        let swept = crate::dataset::sweep_unfinished_local(&location, &job.export).await;
+        if swept > 0 {
+            tracing::info!(
+                files = swept,
+                "removed files a killed run left half-written"
+            );
+        }
+    }
     let plan = job.resume_plan();
     for url in &plan.roll_forward {
         commit_staged(&location, &job.files[url].parts).await?;
