@@ -12,13 +12,26 @@
 //! a retention (`--retain 7d`) deletes the files removed longer ago than that. A reader of a
 //! version committed within the retention still finds every file it needs, and so does a reader
 //! of the version just before this compaction, whatever the retention (even `--retain 0s`).
+//!
+//! The same VACUUM also removes what runs that died (killed, out of memory, a lost machine)
+//! left behind: parts under a run's `export=` partition of a table that no commit names, which
+//! Delta's own VACUUM leaves alone (delta-rs's default mode only deletes files a commit
+//! removed). A run counts as dead when it published no run record, is no unfinished export job
+//! (`--resume` may still finish those), and started longer ago than both the retention and
+//! [`DEAD_RUN_AGE`], so that a run still writing is never swept from under its writer.
 
-use std::{num::NonZeroU64, time::Duration};
+use std::{collections::HashSet, num::NonZeroU64, time::Duration};
+
+use object_store::path::Path;
 
 use crate::{
     Result,
     dataset::{DatasetError, DatasetLocation},
 };
+
+/// How long ago a run that never committed must have started before VACUUM removes its parts
+/// (24 h), whatever the retention: a shorter retention must not delete a run still at work.
+pub const DEAD_RUN_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Target size of the files OPTIMIZE writes (256 MiB).
 pub const DEFAULT_TARGET_SIZE: u64 = 256 << 20;
@@ -67,6 +80,19 @@ pub struct TableCompaction {
 pub struct CompactSummary {
     /// Per table.
     pub tables: Vec<TableCompaction>,
+    /// The parts of dead runs VACUUM removed (see the [module docs](self)).
+    pub dead_runs: DeadRuns,
+}
+
+/// What the sweep of dead runs removed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DeadRuns {
+    /// Their run ids.
+    pub runs: Vec<String>,
+    /// Objects deleted.
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// Compact the dataset at `location`.
@@ -130,5 +156,116 @@ pub async fn compact(location: &DatasetLocation, opts: &CompactOptions) -> Resul
         }
         summary.tables.push(done);
     }
+    if let Some(retain) = opts.retain {
+        summary.dead_runs =
+            sweep_dead_runs(location, &opts.views, retain.max(DEAD_RUN_AGE)).await?;
+    }
     Ok(summary)
+}
+
+/// Delete the partitions of runs that died before committing to a table (see the
+/// [module docs](self)), in `views` (empty: every table), for runs started more than `age` ago.
+async fn sweep_dead_runs(
+    location: &DatasetLocation,
+    views: &[String],
+    age: Duration,
+) -> Result<DeadRuns> {
+    use futures::TryStreamExt;
+    let cutoff =
+        chrono::Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+    let store_err = |path: &Path, source| DatasetError::Store {
+        path: path.to_string(),
+        source,
+    };
+    let runs_dir = location.child(crate::dataset::RUNS_DIR);
+    let published: HashSet<String> = location
+        .store
+        .list(Some(&runs_dir))
+        .map_ok(|o| {
+            o.location
+                .filename()
+                .unwrap_or_default()
+                .trim_end_matches(".json")
+                .to_string()
+        })
+        .try_collect()
+        .await
+        .map_err(|e| store_err(&runs_dir, e))?;
+    let resumable: HashSet<String> = crate::dataset::JobRecord::list(location)
+        .await?
+        .into_iter()
+        .filter(|j| !j.state.is_finished())
+        .map(|j| j.export)
+        .collect();
+    let top = location
+        .store
+        .list_with_delimiter(Some(&location.prefix))
+        .await
+        .map_err(|e| store_err(&location.prefix, e))?;
+    let mut dead = DeadRuns::default();
+    let mut runs = std::collections::BTreeSet::new();
+    for dir in &top.common_prefixes {
+        let Some(table) = dir.filename() else {
+            continue;
+        };
+        if [crate::dataset::RUNS_DIR, crate::dataset::JOBS_DIR].contains(&table)
+            || table.starts_with('.')
+            || !(views.is_empty() || views.iter().any(|v| v == table))
+        {
+            continue;
+        }
+        let partitions = location
+            .store
+            .list_with_delimiter(Some(dir))
+            .await
+            .map_err(|e| store_err(dir, e))?;
+        let mut opened = None;
+        for p in &partitions.common_prefixes {
+            let Some(run) = p
+                .filename()
+                .and_then(|f| f.strip_prefix(&format!("{}=", crate::dataset::PARTITION_COLUMN)))
+            else {
+                continue;
+            };
+            if published.contains(run)
+                || resumable.contains(run)
+                || run_started(run).is_none_or(|t| t >= cutoff)
+            {
+                continue;
+            }
+            if opened.is_none() {
+                opened = Some(location.open_table(table).await?);
+            }
+            if let Some(Some(t)) = &opened
+                && crate::dataset::delta::holds_run(t, run)
+                    .await
+                    .unwrap_or(true)
+            {
+                continue;
+            }
+            let (files, bytes) =
+                crate::dataset::staging::delete_partition(location, table, run).await;
+            tracing::info!(
+                table,
+                run,
+                files,
+                bytes,
+                "removed the parts of a run that never committed"
+            );
+            dead.files += files;
+            dead.bytes += bytes;
+            runs.insert(run.to_string());
+        }
+    }
+    dead.runs = runs.into_iter().collect();
+    Ok(dead)
+}
+
+/// The start of a run from its id (`20261204T173000.123Z-…`); `None` for anything else, which
+/// is then never swept.
+fn run_started(run: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let (stamp, _) = run.split_once('-')?;
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.3fZ")
+        .ok()
+        .map(|t| t.and_utc())
 }

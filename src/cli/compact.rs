@@ -29,7 +29,9 @@ pub struct CompactArgs {
     #[arg(long, value_name = "MIB", default_value_t = flatfhir::compact::DEFAULT_TARGET_SIZE >> 20)]
     target_size: u64,
     /// Then VACUUM: delete the files that versions committed within this retention no longer
-    /// need (e.g. 7d, 12h, 0s). Without it nothing is deleted and time travel reaches every version.
+    /// need (e.g. 7d, 12h, 0s), and the parts of runs that died before committing and started
+    /// longer ago than the retention and 24 hours (never those of an export --resume can
+    /// finish). Without it nothing is deleted and time travel reaches every version.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     retain: Option<std::time::Duration>,
     /// Parquet compression: zstd, zstd:LEVEL, snappy or none.
@@ -98,6 +100,17 @@ pub async fn run(a: CompactConfig) -> Result<Outcome> {
             stdout,
             "vacuum deleted {deleted} files no retained version needs"
         )?;
+        let d = &s.dead_runs;
+        if !d.runs.is_empty() {
+            writeln!(
+                stdout,
+                "removed {} files ({:.1} MB) of {} runs that died before committing: {}",
+                d.files,
+                d.bytes as f64 / 1e6,
+                d.runs.len(),
+                d.runs.join(", ")
+            )?;
+        }
     }
     Ok(Outcome::Success)
 }

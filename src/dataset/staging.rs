@@ -75,29 +75,9 @@ pub async fn discard_run(location: &DatasetLocation, export: &str) -> Discarded 
             deleted.committed.push(name.to_string());
             continue;
         }
-        let dir = location.child(&format!("{name}/{}={export}", super::PARTITION_COLUMN));
-        let objects: Vec<_> = match location.store.list(Some(&dir)).try_collect().await {
-            Ok(v) => v,
-            Err(_) => continue,
-        };
-        for o in objects {
-            if location.store.delete(&o.location).await.is_ok() {
-                deleted.objects += 1;
-                deleted.bytes += o.size;
-            }
-        }
-        if let Some(root) = location.local_dir() {
-            let dir = root
-                .join(name)
-                .join(format!("{}={export}", super::PARTITION_COLUMN));
-            if is_plain_name(export)
-                && let Ok((objects, bytes)) =
-                    tokio::task::spawn_blocking(move || remove_local_dir(&dir)).await
-            {
-                deleted.objects += objects;
-                deleted.bytes += bytes;
-            }
-        }
+        let (objects, bytes) = delete_partition(location, name, export).await;
+        deleted.objects += objects;
+        deleted.bytes += bytes;
     }
     deleted
 }
@@ -143,6 +123,43 @@ fn is_unfinished_write(name: &str) -> bool {
     name.rsplit_once('#').is_some_and(|(stem, n)| {
         !stem.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
     })
+}
+
+/// Delete everything under `<table>/export=<export>/`, on a local disk also what no listing
+/// shows (half-written `<part>#<n>` files); returns the objects and bytes deleted (best
+/// effort).
+pub(crate) async fn delete_partition(
+    location: &DatasetLocation,
+    table: &str,
+    export: &str,
+) -> (usize, u64) {
+    let mut deleted = (0, 0);
+    let dir = location.child(&format!("{table}/{}={export}", super::PARTITION_COLUMN));
+    let objects: Vec<_> = match location.store.list(Some(&dir)).try_collect().await {
+        Ok(v) => v,
+        Err(_) => return deleted,
+    };
+    for o in objects {
+        if location.store.delete(&o.location).await.is_ok() {
+            deleted.0 += 1;
+            deleted.1 += o.size;
+        }
+    }
+    if let Some(root) = location.local_dir()
+        && is_plain_name(table)
+        && is_plain_name(export)
+    {
+        let dir = root
+            .join(table)
+            .join(format!("{}={export}", super::PARTITION_COLUMN));
+        if let Ok((objects, bytes)) =
+            tokio::task::spawn_blocking(move || remove_local_dir(&dir)).await
+        {
+            deleted.0 += objects;
+            deleted.1 += bytes;
+        }
+    }
+    deleted
 }
 
 /// A run id usable as one path component (no separator, not `.` or `..`).

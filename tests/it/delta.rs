@@ -26,6 +26,15 @@ fn convert(out: &str, extra: &[String]) -> std::process::Child {
         .unwrap()
 }
 
+/// `compact --retain 0s`.
+async fn compact_and_vacuum_all(loc: &DatasetLocation) -> flatfhir::compact::CompactSummary {
+    let opts = CompactOptions {
+        retain: Some(std::time::Duration::ZERO),
+        ..Default::default()
+    };
+    compact(loc, &opts).await.unwrap()
+}
+
 async fn one_number(ds: &Dataset, sql: &str) -> i64 {
     let b = ds.sql(sql).await.unwrap();
     b[0].column(0)
@@ -173,15 +182,7 @@ async fn time_travel_to_a_run_and_compaction_under_a_reader() {
 
     // A reader holding the current version keeps answering through OPTIMIZE and VACUUM.
     let before = counts(&loc).await;
-    let s = compact(
-        &loc,
-        &CompactOptions {
-            retain: Some(std::time::Duration::ZERO),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let s = compact_and_vacuum_all(&loc).await;
     assert!(s.tables.iter().any(|t| t.files_removed > 0), "{s:?}");
     assert_eq!(
         one_number(&now, "select count(*) from patient").await,
@@ -419,4 +420,60 @@ async fn a_column_that_changed_type_refuses_the_run_before_any_table_commits() {
     );
     assert!(!stderr.contains("had committed it"), "{stderr}");
     assert_eq!(counts(&loc).await, before, "no table holds the refused run");
+}
+
+/// VACUUM (`compact --retain`) also removes the partitions of runs that died before committing
+/// — parts no commit names, and on a local disk their half-written `#<n>` files — once they
+/// started longer ago than the retention and a day; a young run (it may still be writing) and
+/// an unfinished export job (`--resume` may finish it) keep theirs, and no row changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vacuum_removes_what_dead_runs_left_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, loc) = sample_converted(tmp.path());
+    let out = Path::new(&out);
+    let run = RunManifest::list(&loc).await.unwrap()[0].export.clone();
+    let part = crate::support::walk(&out.join(format!("patient/export={run}")))
+        .into_iter()
+        .find(|p| p.ends_with(".parquet"))
+        .unwrap();
+    let ago = |hours: i64| {
+        flatfhir::dataset::RunIds::at(
+            chrono::Utc::now() - chrono::Duration::hours(hours),
+            &mut rand::rng(),
+        )
+    };
+    // A job that `--resume` could still finish, started three days ago.
+    let job = flatfhir::dataset::JobRecord::new(ago(72), "http://h/fhir", Default::default());
+    job.save(&loc).await.unwrap();
+    let (dead, young, resumable) = (ago(48).export, ago(1).export, job.export.clone());
+    let plant = |run: &str, table: &str| {
+        let dir = out.join(format!("{table}/export={run}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&part, dir.join("part-00000-x.parquet")).unwrap();
+        std::fs::write(dir.join("part-00001-x.parquet.staged#1"), b"PAR1").unwrap();
+        dir
+    };
+    let planted = [
+        plant(&dead, "patient"),
+        plant(&dead, "no_table_yet"),
+        plant(&dead, "_rejects"),
+        plant(&young, "patient"),
+        plant(&resumable, "patient"),
+    ];
+    let before = counts(&loc).await;
+
+    let s = compact_and_vacuum_all(&loc).await;
+    assert_eq!(s.dead_runs.runs, vec![dead.clone()], "{:?}", s.dead_runs);
+    assert_eq!(s.dead_runs.files, 6, "{:?}", s.dead_runs);
+    assert!(!planted[0].exists() && !planted[1].exists() && !planted[2].exists());
+    assert!(
+        planted[3].join("part-00000-x.parquet").exists(),
+        "a young run's part went"
+    );
+    assert!(
+        planted[4].join("part-00000-x.parquet").exists(),
+        "a resumable job's part went"
+    );
+    assert!(out.join(format!("patient/export={run}")).exists());
+    assert_eq!(counts(&loc).await, before);
 }
