@@ -208,8 +208,12 @@ async fn sweep_dead_runs(
         let Some(table) = dir.filename() else {
             continue;
         };
+        // Current-state tables are skipped: their merges write files into the partitions of
+        // earlier runs (a row keeps its run's partition), so a partition there says nothing
+        // about a run being alive.
         if [crate::dataset::RUNS_DIR, crate::dataset::JOBS_DIR].contains(&table)
             || table.starts_with('.')
+            || table.ends_with(crate::dataset::current::LATEST_SUFFIX)
             || !(views.is_empty() || views.iter().any(|v| v == table))
         {
             continue;
@@ -234,12 +238,23 @@ async fn sweep_dead_runs(
                 continue;
             }
             if opened.is_none() {
-                opened = Some(location.open_table(table).await?);
+                let t = location.open_table(table).await?;
+                let live = match &t {
+                    Some(t) => crate::dataset::current::live_partitions(t, table)?,
+                    None => HashSet::new(),
+                };
+                opened = Some((t, live));
             }
-            if let Some(Some(t)) = &opened
-                && crate::dataset::delta::holds_run(t, run)
-                    .await
-                    .unwrap_or(true)
+            // A partition with a file some version reads, or of a run the table committed, is
+            // never swept, whatever the records say.
+            if let Some((t, live)) = &opened
+                && (live.contains(run)
+                    || match t {
+                        Some(t) => crate::dataset::delta::holds_run(t, run)
+                            .await
+                            .unwrap_or(true),
+                        None => false,
+                    })
             {
                 continue;
             }

@@ -630,6 +630,17 @@ fn live_files(t: &DeltaTable, table: &str) -> Result<Vec<LiveFile>, DatasetError
     Ok(out)
 }
 
+/// The `export` partitions that hold an active file of a loaded table.
+pub(crate) fn live_partitions(
+    t: &DeltaTable,
+    table: &str,
+) -> Result<HashSet<String>, DatasetError> {
+    Ok(live_files(t, table)?
+        .into_iter()
+        .filter_map(|f| f.export)
+        .collect())
+}
+
 /// The id range of a file from its stats, for `id`.
 fn with_id_range(f: &LiveFile, id: &str) -> Option<(String, String)> {
     let s: serde_json::Value = serde_json::from_str(f.add.stats.as_deref()?).ok()?;

@@ -424,8 +424,9 @@ async fn a_column_that_changed_type_refuses_the_run_before_any_table_commits() {
 
 /// VACUUM (`compact --retain`) also removes the partitions of runs that died before committing
 /// — parts no commit names, and on a local disk their half-written `#<n>` files — once they
-/// started longer ago than the retention and a day; a young run (it may still be writing) and
-/// an unfinished export job (`--resume` may finish it) keep theirs, and no row changes.
+/// started longer ago than the retention and a day; a young run (it may still be writing), an
+/// unfinished export job (`--resume` may finish it) and a current-state table keep theirs, and
+/// no row changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vacuum_removes_what_dead_runs_left_and_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
@@ -459,6 +460,8 @@ async fn vacuum_removes_what_dead_runs_left_and_nothing_else() {
         plant(&dead, "_rejects"),
         plant(&young, "patient"),
         plant(&resumable, "patient"),
+        // Merges write current-state files into earlier runs' partitions: never swept.
+        plant(&dead, "patient_latest"),
     ];
     let before = counts(&loc).await;
 
@@ -473,6 +476,10 @@ async fn vacuum_removes_what_dead_runs_left_and_nothing_else() {
     assert!(
         planted[4].join("part-00000-x.parquet").exists(),
         "a resumable job's part went"
+    );
+    assert!(
+        planted[5].join("part-00000-x.parquet").exists(),
+        "a current table's part went"
     );
     assert!(out.join(format!("patient/export={run}")).exists());
     assert_eq!(counts(&loc).await, before);
