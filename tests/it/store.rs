@@ -157,11 +157,25 @@ async fn s3_export_then_query_gives_the_local_counts() {
     // Compaction in the bucket: fewer files, the same rows. VACUUM keeps the files of the
     // version before the compaction (a reader may hold it); the next compaction's VACUUM
     // deletes them.
+    // And the part of a run that died two days ago goes with the first VACUUM.
+    use object_store::ObjectStoreExt as _;
+    let dead = flatfhir::dataset::RunIds::at(
+        chrono::Utc::now() - chrono::Duration::hours(48),
+        &mut rand::rng(),
+    )
+    .export;
+    let part = loc.child(&format!("patient/export={dead}/part-00000-x.parquet"));
+    loc.store.put(&part, b"PAR1".to_vec().into()).await.unwrap();
     let opts = CompactOptions {
         retain: Some(std::time::Duration::ZERO),
         ..Default::default()
     };
     let summary = compact(&loc, &opts).await.unwrap();
+    assert_eq!(summary.dead_runs.runs, vec![dead], "{summary:?}");
+    assert!(
+        loc.store.head(&part).await.is_err(),
+        "the dead run's part stays"
+    );
     let obs = summary
         .tables
         .iter()
