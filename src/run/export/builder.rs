@@ -188,7 +188,7 @@ impl ExportBuilder {
 }
 
 /// How long Ctrl-C waits for the files being written to be let go of before it cleans up.
-const WIND_DOWN: Duration = Duration::from_secs(30);
+pub(super) const WIND_DOWN: Duration = Duration::from_secs(30);
 
 /// The newest unfinished job in `location` that `--resume` (no `base_url`) or the same command
 /// again (the same server and resolved request) continues.

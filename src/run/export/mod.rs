@@ -463,11 +463,7 @@ async fn run_job(
             }
             // Nothing of this job can be resumed: leave nothing of it behind either.
             tasks.shutdown().await;
-            shared
-                .running
-                .writers
-                .idle(std::time::Duration::from_secs(30))
-                .await;
+            shared.running.writers.idle(builder::WIND_DOWN).await;
             let objects = abandon(&mut job, &location).await?;
             lease.release().await;
             return Err(match gone {
