@@ -892,10 +892,7 @@ async fn rewrite(
             if kept.num_rows() > 0 {
                 rows += kept.num_rows();
                 if writer.is_none() {
-                    let sink = Upload::new(object_store::buffered::BufWriter::new(
-                        location.store.clone(),
-                        location.child(&full),
-                    ));
+                    let sink = Upload::new(location, &full);
                     writer = Some(
                         parquet::arrow::AsyncArrowWriter::try_new(
                             sink,
@@ -916,7 +913,7 @@ async fn rewrite(
     if let Err(e) = filtered {
         // Nothing half-uploaded stays behind (see `DatasetWriter::abort`).
         if let Some(w) = writer {
-            w.into_inner().abort(&full).await;
+            w.into_inner().abort().await;
         }
         return Err(e);
     }
@@ -926,7 +923,7 @@ async fn rewrite(
     let meta = match writer.finish().await {
         Ok(meta) => meta,
         Err(e) => {
-            writer.into_inner().abort(&full).await;
+            writer.into_inner().abort().await;
             return Err(pq(e));
         }
     };

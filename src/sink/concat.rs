@@ -15,7 +15,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use object_store::{ObjectStoreExt, buffered::BufWriter};
+use object_store::ObjectStoreExt;
 use parquet::{
     arrow::parquet_to_arrow_schema,
     bloom_filter::Sbbf,
@@ -26,8 +26,9 @@ use parquet::{
         writer::SerializedFileWriter,
     },
 };
-use tokio::{io::AsyncWriteExt, runtime::Handle};
+use tokio::runtime::Handle;
 
+use super::upload::Upload;
 use crate::dataset::{DatasetError, DatasetLocation, PARTITION_COLUMN, WrittenFile};
 
 /// A part with at least this many rows (8,192) has row groups worth keeping as they are.
@@ -120,9 +121,8 @@ impl Output {
     ) -> Result<Output, DatasetError> {
         let upload = BlockingUpload {
             handle: handle.clone(),
-            inner: super::writer::upload(location, &path),
+            inner: Upload::new(location, &path),
             buf: Vec::new(),
-            shut_down: false,
         };
         let file = first.file_metadata();
         let props = WriterProperties::builder()
@@ -214,10 +214,8 @@ impl Output {
 /// blocking thread: bytes are gathered into 1 MiB pieces, each handed to the upload on `handle`.
 struct BlockingUpload {
     handle: Handle,
-    inner: BufWriter,
+    inner: Upload,
     buf: Vec<u8>,
-    /// Completing has begun: the upload can no longer be aborted.
-    shut_down: bool,
 }
 
 /// Bytes [`BlockingUpload`] gathers before handing them to the upload.
@@ -226,7 +224,9 @@ const PIECE_BYTES: usize = 1 << 20;
 impl BlockingUpload {
     fn push(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
-            self.handle.block_on(self.inner.write_all(&self.buf))?;
+            self.handle
+                .block_on(self.inner.write(&self.buf))
+                .map_err(std::io::Error::other)?;
             self.buf.clear();
         }
         Ok(())
@@ -237,21 +237,19 @@ impl BlockingUpload {
     /// Hand over what is left and complete the upload.
     fn complete(&mut self) -> std::io::Result<()> {
         self.push()?;
-        self.shut_down = true;
-        self.handle.block_on(self.inner.shutdown())
+        self.handle
+            .block_on(self.inner.finish())
+            .map_err(std::io::Error::other)
     }
 }
 
 impl Drop for BlockingUpload {
     /// An upload dropped before it was completed (the coalescing failed) is aborted, so that no
     /// unfinished multipart upload of it stays behind in the store (see
-    /// [`super::DatasetWriter::abort`]).
+    /// [`super::DatasetWriter::abort`]); one completed (or whose completion failed) is closed,
+    /// and aborting it does nothing.
     fn drop(&mut self) {
-        if !self.shut_down
-            && let Err(error) = self.handle.block_on(self.inner.abort())
-        {
-            tracing::warn!(%error, "could not abort an unfinished upload; an object store lifecycle rule for incomplete multipart uploads removes it");
-        }
+        self.handle.block_on(self.inner.abort());
     }
 }
 

@@ -11,12 +11,13 @@
 mod concat;
 pub mod rows;
 mod sharded;
+mod upload;
 mod writer;
 
 pub use crate::dataset::WrittenFile;
 pub use concat::{COPY_MIN_BYTES, COPY_MIN_ROWS, concat_parts, copies_whole};
 pub use sharded::ShardedWriter;
-pub(crate) use writer::Upload;
+pub(crate) use upload::Upload;
 pub use writer::{
     DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_MAX_ROWS_PER_FILE, DEFAULT_ROW_GROUP_ROWS, DatasetWriter,
     DatasetWriterBuilder,

@@ -2,24 +2,21 @@
 
 use std::collections::HashMap;
 
+use super::upload::Upload;
 use crate::{
     dataset::{DatasetError, DatasetLocation, PARTITION_COLUMN, STAGED_SUFFIX, WrittenFile},
     flatten::ViewBatch,
     view::compile::FHIR_TYPE_METADATA,
 };
-use bytes::Bytes;
 use datafusion::arrow::{
     array::{Array, ArrayRef, AsArray},
     datatypes::DataType,
     record_batch::RecordBatch,
     row::{RowConverter, SortField},
 };
-use futures::future::BoxFuture;
-use object_store::buffered::BufWriter;
 use parquet::{
-    arrow::{AsyncArrowWriter, async_writer::AsyncFileWriter},
+    arrow::AsyncArrowWriter,
     basic::{Compression, ZstdLevel},
-    errors::ParquetError,
     file::properties::{EnabledStatistics, WriterProperties},
     schema::types::ColumnPath,
 };
@@ -30,12 +27,6 @@ pub const DEFAULT_ROW_GROUP_ROWS: usize = 65_536;
 pub const DEFAULT_MAX_ROWS_PER_FILE: usize = 2_000_000;
 /// Encoded bytes buffered for one row group before it is flushed early (bounds memory per view).
 const MAX_IN_PROGRESS_BYTES: usize = 64 << 20;
-/// Bytes an open file buffers before it switches to a multipart upload on a cloud store (5 MiB,
-/// the smallest part S3 accepts). object_store's default is 10 MiB; with one open file per view
-/// that alone could hold 400 MiB.
-const UPLOAD_BUFFER_BYTES: usize = 5 << 20;
-/// The same for local and in-memory stores, whose parts may be of any size.
-const LOCAL_UPLOAD_BUFFER_BYTES: usize = 1 << 20;
 /// Memory of all open row groups together (every view of a run has one open) before the largest
 /// is flushed early: the per-view bound alone lets 40 views hold 40 × 64 MiB.
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 << 20;
@@ -148,75 +139,12 @@ impl OpenFile {
 /// request is retried as every request is.
 const ABORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The upload of one Parquet file: what parquet's async writer flushes goes through the object
-/// store's [`BufWriter`], and the upload knows whether it can still be aborted.
-///
-/// Each flushed buffer (a row group) is copied into the upload's own buffer rather than handed
-/// over whole (`BufWriter::put`): handed over, a row group's buffer stays alive until its last
-/// piece is uploaded, and synthea ×10's peak RSS grew from ~208 to ~240 MB.
-pub(crate) struct Upload {
-    inner: BufWriter,
-    /// Completing has begun (the last part and the completion request): no abort after that.
-    completing: bool,
-}
-
-impl Upload {
-    /// An upload through `inner`.
-    pub(crate) fn new(inner: BufWriter) -> Upload {
-        Upload {
-            inner,
-            completing: false,
-        }
-    }
-
-    /// Abort the upload unless completing it has begun. A failure to is logged, not returned:
-    /// the run has already failed, and its error is the one to report.
-    pub(crate) async fn abort(mut self, path: &str) {
-        if self.completing {
-            return;
-        }
-        if let Err(error) = self.inner.abort().await {
-            tracing::warn!(%path, %error, "could not abort an unfinished upload; an object store lifecycle rule for incomplete multipart uploads removes it");
-        }
-    }
-}
-
-impl AsyncFileWriter for Upload {
-    fn write(&mut self, bs: Bytes) -> BoxFuture<'_, parquet::errors::Result<()>> {
-        Box::pin(async move {
-            use tokio::io::AsyncWriteExt;
-            self.inner
-                .write_all(&bs)
-                .await
-                .map_err(|e| ParquetError::External(Box::new(e)))
-        })
-    }
-
-    fn complete(&mut self) -> BoxFuture<'_, parquet::errors::Result<()>> {
-        Box::pin(async move {
-            use tokio::io::AsyncWriteExt;
-            self.inner
-                .flush()
-                .await
-                .map_err(|e| ParquetError::External(Box::new(e)))?;
-            // From here on the upload is object_store's to complete: it aborts the upload when
-            // the completion request fails (not when a last part does), and aborting it after
-            // this point would panic.
-            self.completing = true;
-            self.inner
-                .shutdown()
-                .await
-                .map_err(|e| ParquetError::External(Box::new(e)))
-        })
-    }
-}
-
 /// Abort the uploads of files that were never closed, side by side, waiting at most
 /// [`ABORT_TIMEOUT`].
 async fn abort_uploads(files: impl IntoIterator<Item = OpenFile>) {
     let aborts: Vec<_> = files
         .into_iter()
-        .map(|f| async move { f.writer.into_inner().abort(&f.path).await })
+        .map(|f| async move { f.writer.into_inner().abort().await })
         .collect();
     if aborts.is_empty() {
         return;
@@ -231,18 +159,6 @@ async fn abort_uploads(files: impl IntoIterator<Item = OpenFile>) {
             "gave up aborting unfinished uploads after 30 s"
         );
     }
-}
-
-/// An upload of the object at `path` (relative to the dataset root), buffered as the store wants.
-pub(super) fn upload(location: &DatasetLocation, path: &str) -> BufWriter {
-    BufWriter::with_capacity(
-        location.store.clone(),
-        location.child(path),
-        match location.url.scheme() {
-            "file" | "memory" => LOCAL_UPLOAD_BUFFER_BYTES,
-            _ => UPLOAD_BUFFER_BYTES,
-        },
-    )
 }
 
 /// Writes view batches into Parquet files; [`finish`](Self::finish) closes them. Publishing the
@@ -327,7 +243,7 @@ impl DatasetWriter {
         } else {
             path.clone()
         };
-        let obj = Upload::new(upload(&self.cfg.location, &target));
+        let obj = Upload::new(&self.cfg.location, &target);
         let props = props_for(&self.props, first);
         let writer =
             AsyncArrowWriter::try_new(obj, first.schema(), Some(props)).map_err(|source| {
@@ -357,7 +273,7 @@ impl DatasetWriter {
             Err(source) => {
                 // Failed before completing began (writing the last row group or the footer):
                 // nothing of the upload stays behind either.
-                writer.into_inner().abort(&path).await;
+                writer.into_inner().abort().await;
                 return Err(DatasetError::Parquet { path, source });
             }
         };
