@@ -218,7 +218,8 @@ pub struct ExportArgs {
     /// Do not DELETE the job on the server after success.
     #[arg(long)]
     no_delete: bool,
-    /// On Ctrl-C keep the server job (for --resume) instead of cancelling it with DELETE.
+    /// On Ctrl-C keep the server job (for --resume) instead of cancelling it with DELETE (a
+    /// second Ctrl-C stops at once, without cancelling).
     #[arg(long)]
     keep_job: bool,
     /// Also keep every downloaded file, as received (gzip stays gzip), in this folder.

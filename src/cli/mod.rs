@@ -148,7 +148,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<Outcome> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         match cli.command {
             Command::Export(a) => {
                 let m = matches.subcommand_matches("export").unwrap_or(matches);
@@ -181,6 +181,23 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<Outcome> {
             Command::Demo(a) => demo::run(a, quiet).await,
             Command::Schemas(_) | Command::Keys(_) => unreachable!("ran above"),
         }
+    });
+    // Dropping the runtime waits for its blocking threads (decoders, file writers); after a
+    // second Ctrl-C the user asked not to wait for anything.
+    if result.as_ref().is_err_and(interrupted_twice) {
+        rt.shutdown_background();
+    }
+    result
+}
+
+fn interrupted_twice(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<flatfhir::Error>(),
+            Some(flatfhir::Error::Export(
+                flatfhir::run::export::ExportError::InterruptedTwice
+            ))
+        )
     })
 }
 

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 /// Delay between body chunks for the per-request `slow` fault without a value.
 const DEFAULT_SLOW_CHUNK: Duration = Duration::from_millis(50);
+/// Delay of a `DELETE` for the `slow-delete` fault without a value, in milliseconds.
+const DEFAULT_SLOW_DELETE_MS: u64 = 30_000;
 
 /// How file downloads are redirected (the `redirect-file` fault).
 ///
@@ -69,6 +71,8 @@ pub struct Faults {
     pub stall_file: bool,
     /// Never gzip file bodies, whatever `Accept-Encoding` says.
     pub no_gzip: bool,
+    /// Answer `DELETE` of a job's status URL only after this delay (a server slow to cancel).
+    pub slow_delete: Option<Duration>,
     /// Add one more Patient `output` file: a gzip bomb whose plain body is about
     /// this many bytes of one valid Patient line repeated (same `id` on every line), served
     /// gzip-encoded at about 290:1 when the client accepts gzip.
@@ -156,6 +160,9 @@ impl RequestFaults {
                 }
                 "stall-file" => f.stall_file = true,
                 "no-gzip" => f.no_gzip = true,
+                "slow-delete" => {
+                    f.slow_delete = Some(Duration::from_millis(number(DEFAULT_SLOW_DELETE_MS)?))
+                }
                 "gzip-bomb" => {
                     let (size, count) = match arg.map(|a| a.split_once(':').unwrap_or((a, "1"))) {
                         Some((size, count)) => {
@@ -202,6 +209,7 @@ impl Faults {
             redirect_file: job.redirect_file.or(self.redirect_file),
             stall_file: self.stall_file || job.stall_file,
             no_gzip: self.no_gzip || job.no_gzip,
+            slow_delete: job.slow_delete.or(self.slow_delete),
             gzip_bomb: job.gzip_bomb.or(self.gzip_bomb),
             gzip_bombs: if job.gzip_bomb.is_some() {
                 job.gzip_bombs
@@ -257,6 +265,11 @@ mod tests {
         assert!(RequestFaults::parse(["redirect-file:0"]).is_err());
         assert!(RequestFaults::parse(["redirect-file:elsewhere"]).is_err());
         assert!(f("stall-file,no-gzip").stall_file && f("no-gzip").no_gzip);
+        assert_eq!(f("slow-delete").slow_delete, Some(Duration::from_secs(30)));
+        assert_eq!(
+            f("slow-delete:5").slow_delete,
+            Some(Duration::from_millis(5))
+        );
         assert_eq!((f("file-429").file_429, f("file-429:3").file_429), (1, 3));
         assert_eq!(f("gzip-bomb:2").gzip_bomb, Some(2 << 20));
         assert_eq!(f("gzip-bomb").gzip_bomb, Some(300 << 20));

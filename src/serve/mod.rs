@@ -86,6 +86,7 @@
 //! | `paged[:N]` | [`ServerBuilder::with_files_per_page`] | manifest pages of N (default 1) output files, chained by `link[next]` |
 //! | `redirect-file[:N][:same]` | `redirect_file` ([`FileRedirect`]) | every file URL answers `307`, then each hop `302`/`307` alternately, N hops in all (default 1); the last leads to the storage origin, or with `same` to the file endpoint itself (same-origin hops use a relative `Location`) |
 //! | `stall-file` | `stall_file` | every file's first download sends about half a line, then nothing, keeping the connection open (until shutdown) |
+//! | `slow-delete[:MS]` | `slow_delete` | `DELETE` of the job's status URL answers only after MS (default 30,000) milliseconds |
 //! | `no-gzip` | `no_gzip` | file bodies are never gzip-encoded (so cut bodies can be resumed with `Range`) |
 //! | `gzip-bomb[:MiB]` | `gzip_bomb` | one more Patient `output` file: a valid Patient line repeated to MiB (default 300) plain, served gzip-encoded at about 290:1, 300 MiB in about 1 MiB (all lines share one `id`) |
 //!

@@ -168,6 +168,12 @@ pub(super) async fn cancel(
     if let Some(resp) = state.bearer_rejection(&headers) {
         return resp;
     }
+    let delay = lock(&state.jobs)
+        .get(&id)
+        .and_then(|j| j.faults.slow_delete);
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     match lock(&state.jobs).remove(&id) {
         Some(_) => Issue::info(format!("export {id} deleted")).response(StatusCode::ACCEPTED),
         None => Rejection::not_found(format!("no export job {id:?}")).into_response(),

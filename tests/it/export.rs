@@ -767,6 +767,47 @@ async fn ctrl_c_cancels_the_job_and_leaves_nothing_or_keeps_it_for_resume() {
     srv.shutdown().await;
 }
 
+/// A second Ctrl-C while the first one cleans up (here: cancelling the job on a server that
+/// takes 20 s to answer the DELETE) stops at once, without cleaning up: the job stays
+/// unfinished, so `--resume` can continue it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_stops_without_waiting_for_the_clean_up() {
+    let srv = slow_sample_server().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let mut child = slow_export(&srv, &out, 60)
+        .args(["--param", "_flatfhirFault=slow-delete:20000"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(&mut child, "a committed file", || two_committed_files(&out)).await;
+    let (record, _) = job_record(&out);
+    let interrupt = || {
+        let status = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    interrupt();
+    // Time for the first one's wind-down and DELETE to begin.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    interrupt();
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("interrupted twice"),
+        "{stderr}"
+    );
+    assert!(
+        !srv.log().iter().any(|r| r.method == "DELETE"),
+        "the process waited for the DELETE's answer"
+    );
+    let job: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_ne!(job["state"], "failed", "{job}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_export_resumes_with_exact_counts() {
     let srv = slow_sample_server().await;

@@ -175,15 +175,20 @@ impl ExportBuilder {
         if let Some(r) = finished {
             return r;
         }
-        // The run's futures are dropped; the threads writing its files stop on their own.
-        if !running.writers.idle(WIND_DOWN).await {
-            tracing::warn!("files were still being written {WIND_DOWN:?} after Ctrl-C");
-        }
-        Err(
-            interrupted(&client, &location, ctrl_c == OnCtrlC::KeepServerJob)
-                .await
-                .into(),
-        )
+        let clean_up = async {
+            // The run's futures are dropped; the threads writing its files stop on their own.
+            if !running.writers.idle(WIND_DOWN).await {
+                tracing::warn!("files were still being written {WIND_DOWN:?} after Ctrl-C");
+            }
+            interrupted(&client, &location, ctrl_c == OnCtrlC::KeepServerJob).await
+        };
+        // The clean-up can take a while (waiting for writers, cancelling the server's job over a
+        // slow network): a second Ctrl-C stops at once, as users expect of a command line tool.
+        let err = tokio::select! {
+            e = clean_up => e,
+            _ = tokio::signal::ctrl_c() => ExportError::InterruptedTwice,
+        };
+        Err(err.into())
     }
 }
 

@@ -141,6 +141,11 @@ pub enum ExportError {
         /// Whether the server's job was kept for `--resume`.
         resumable: bool,
     },
+    /// Interrupted by a second Ctrl-C during the clean-up after the first.
+    #[error(
+        "interrupted twice: stopped without cleaning up; `flatfhir export --resume DIR` continues the job unless its cancellation had begun (`flatfhir compact --retain` removes what an abandoned job left)"
+    )]
+    InterruptedTwice,
 }
 
 /// A snapshot needs a full export: every resource of the exported types that the population
