@@ -18,7 +18,9 @@
 //! Delta's own VACUUM leaves alone (delta-rs's default mode only deletes files a commit
 //! removed). A run counts as dead when it published no run record, is no unfinished export job
 //! (`--resume` may still finish those), and started longer ago than both the retention and
-//! [`DEAD_RUN_AGE`], so that a run still writing is never swept from under its writer.
+//! [`DEAD_RUN_AGE`], so that a run still writing is never swept from under its writer — nor is a
+//! run that old whose uncommitted files include one written since then (a convert of many
+//! terabytes still at work: converts hold no lease).
 
 use std::{collections::HashSet, num::NonZeroU64, time::Duration};
 
@@ -204,6 +206,10 @@ async fn sweep_dead_runs(
         .map_err(|e| store_err(&location.prefix, e))?;
     let mut dead = DeadRuns::default();
     let mut runs = std::collections::BTreeSet::new();
+    // Partitions that may be swept, by run: the newest file of them all, and their tables.
+    type Candidates =
+        std::collections::BTreeMap<String, (Option<chrono::DateTime<chrono::Utc>>, Vec<String>)>;
+    let mut candidates = Candidates::new();
     for dir in &top.common_prefixes {
         let Some(table) = dir.filename() else {
             continue;
@@ -258,8 +264,36 @@ async fn sweep_dead_runs(
             {
                 continue;
             }
+            // The newest file of the partition: a run that wrote one since the cutoff is alive.
+            let newest = location
+                .store
+                .list(Some(p))
+                .try_fold(
+                    None,
+                    |n: Option<chrono::DateTime<chrono::Utc>>, o| async move {
+                        Ok(n.max(Some(o.last_modified)))
+                    },
+                )
+                .await
+                .map_err(|e| store_err(p, e))?;
+            let newest_of_run = candidates
+                .entry(run.to_string())
+                .or_insert((None, Vec::new()));
+            newest_of_run.0 = newest_of_run.0.max(newest);
+            newest_of_run.1.push(table.to_string());
+        }
+    }
+    for (run, (newest, tables)) in candidates {
+        if newest.is_some_and(|t| t >= cutoff) {
+            tracing::info!(
+                %run,
+                "kept the uncommitted parts of an old run that wrote a file since the cutoff (still at work?)"
+            );
+            continue;
+        }
+        for table in tables {
             let (files, bytes) =
-                crate::dataset::staging::delete_partition(location, table, run).await;
+                crate::dataset::staging::delete_partition(location, &table, &run).await;
             tracing::info!(
                 table,
                 run,
@@ -269,8 +303,8 @@ async fn sweep_dead_runs(
             );
             dead.files += files;
             dead.bytes += bytes;
-            runs.insert(run.to_string());
         }
+        runs.insert(run);
     }
     dead.runs = runs.into_iter().collect();
     Ok(dead)

@@ -447,21 +447,33 @@ async fn vacuum_removes_what_dead_runs_left_and_nothing_else() {
     let job = flatfhir::dataset::JobRecord::new(ago(72), "http://h/fhir", Default::default());
     job.save(&loc).await.unwrap();
     let (dead, young, resumable) = (ago(48).export, ago(1).export, job.export.clone());
-    let plant = |run: &str, table: &str| {
+    // Started two days ago too, but one of its files was written an hour ago: still at work.
+    let writing = ago(48).export;
+    // Files written `hours` ago.
+    let plant = |run: &str, table: &str, hours: u64| {
         let dir = out.join(format!("{table}/export={run}"));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(&part, dir.join("part-00000-x.parquet")).unwrap();
-        std::fs::write(dir.join("part-00001-x.parquet.staged#1"), b"PAR1").unwrap();
+        let parquet = dir.join("part-00000-x.parquet");
+        let staged = dir.join("part-00001-x.parquet.staged#1");
+        std::fs::copy(&part, &parquet).unwrap();
+        std::fs::write(&staged, b"PAR1").unwrap();
+        let then = std::time::SystemTime::now() - std::time::Duration::from_secs(hours * 3600);
+        for f in [parquet, staged] {
+            let f = std::fs::File::options().write(true).open(f).unwrap();
+            f.set_modified(then).unwrap();
+        }
         dir
     };
     let planted = [
-        plant(&dead, "patient"),
-        plant(&dead, "no_table_yet"),
-        plant(&dead, "_rejects"),
-        plant(&young, "patient"),
-        plant(&resumable, "patient"),
+        plant(&dead, "patient", 47),
+        plant(&dead, "no_table_yet", 47),
+        plant(&dead, "_rejects", 47),
+        plant(&young, "patient", 1),
+        plant(&resumable, "patient", 70),
         // Merges write current-state files into earlier runs' partitions: never swept.
-        plant(&dead, "patient_latest"),
+        plant(&dead, "patient_latest", 47),
+        plant(&writing, "patient", 47),
+        plant(&writing, "_rejects", 1),
     ];
     let before = counts(&loc).await;
 
@@ -480,6 +492,11 @@ async fn vacuum_removes_what_dead_runs_left_and_nothing_else() {
     assert!(
         planted[5].join("part-00000-x.parquet").exists(),
         "a current table's part went"
+    );
+    assert!(
+        planted[6].join("part-00000-x.parquet").exists()
+            && planted[7].join("part-00000-x.parquet").exists(),
+        "the part of a run still writing went"
     );
     assert!(out.join(format!("patient/export={run}")).exists());
     assert_eq!(counts(&loc).await, before);

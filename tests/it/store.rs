@@ -166,6 +166,14 @@ async fn s3_export_then_query_gives_the_local_counts() {
     .export;
     let part = loc.child(&format!("patient/export={dead}/part-00000-x.parquet"));
     loc.store.put(&part, b"PAR1".to_vec().into()).await.unwrap();
+    // Written two days ago too (s3s-fs reports a file's mtime as its last modification).
+    let backing = s3.bucket_dir().join(part.as_ref());
+    std::fs::File::options()
+        .write(true)
+        .open(&backing)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(47 * 3600))
+        .unwrap();
     let opts = CompactOptions {
         retain: Some(std::time::Duration::ZERO),
         ..Default::default()
