@@ -49,9 +49,8 @@ pub struct ExportArgs {
     /// `timeout = "12h"`, `header = { X-Tenant = "a" }`, `store_option = { aws_region = "…" }`.
     /// A list on the command line replaces the profile's list; `--header` and `--store-option`
     /// replace only the entries of the same name. A bearer token or client id given on the
-    /// command line or in the environment replaces the profile's way of authorizing. Flags
-    /// that take no value can only be switched on, so a profile that sets one cannot be
-    /// overridden by a flag.
+    /// command line or in the environment replaces the profile's way of authorizing. A switch
+    /// that a profile turns on is turned off with `=false` (`--keep-job=false`).
     ///
     /// Secrets only by reference: `bearer_token_env = "VAR"` or `bearer_token_file = "PATH"`,
     /// `header_env`/`header_file` for secret headers (Authorization, Cookie, …), and
@@ -253,6 +252,32 @@ pub struct ExportConfig {
     key: Option<(String, PrivateKey)>,
     token_url: Option<Url>,
     args: Box<ExportArgs>,
+}
+
+/// Let every switch of `export` that a profile can turn on be turned off again on the command
+/// line: `--keep-job` stays a switch (on), and `--keep-job=false` overrides a profile's
+/// `keep_job = true`. Without this a flag could only ever add to what a profile says.
+/// The export level (`--system`, `--patients`) is replaced as a whole by another level instead.
+pub fn negatable_switches(cmd: clap::Command) -> clap::Command {
+    const NOT: [&str; 3] = ["system", "patients", "resume"];
+    let switches: Vec<clap::Id> = cmd
+        .get_arguments()
+        .filter(|a| matches!(a.get_action(), clap::ArgAction::SetTrue))
+        .filter(|a| a.get_long().is_some() && !NOT.contains(&a.get_id().as_str()))
+        .map(|a| a.get_id().clone())
+        .collect();
+    switches.into_iter().fold(cmd, |cmd, id| {
+        cmd.mut_arg(id, |a| {
+            a.action(clap::ArgAction::Set)
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true")
+                .default_value("false")
+                .value_name("BOOL")
+                .hide_possible_values(true)
+                .hide_default_value(true)
+        })
+    })
 }
 
 impl ExportArgs {
@@ -685,14 +710,14 @@ pub fn finish_export(
 mod tests {
     use std::{path::Path, time::Duration};
 
-    use clap::{CommandFactory, FromArgMatches};
+    use clap::FromArgMatches;
 
     use super::*;
     use crate::cli::profile::tests::nightly;
 
     /// `flatfhir export ARGS…` with profile `epic-prod` of the shared test file applied.
     fn with_profile(args: &[&str]) -> Box<ExportArgs> {
-        let cmd = super::super::Cli::command();
+        let cmd = super::super::Cli::command_line();
         let m = cmd
             .try_get_matches_from(["flatfhir", "export"].iter().chain(args))
             .unwrap();
@@ -784,6 +809,28 @@ mod tests {
     }
 
     #[test]
+    fn a_switch_the_profile_turns_on_is_turned_off_with_false() {
+        let a = with_profile(&[]);
+        assert!(a.no_delete && a.schema.no_raw && !a.keep_job);
+        let a = with_profile(&["--no-delete=false", "--no-raw=false", "--keep-job"]);
+        assert!(!a.no_delete && !a.schema.no_raw && a.keep_job);
+        let a = with_profile(&["--no-delete=true", "--keep-job=false"]);
+        assert!(a.no_delete && !a.keep_job);
+        // A value only with `=`: no flag swallows the word after it.
+        let cmd = super::super::Cli::command_line();
+        assert!(
+            cmd.try_get_matches_from(["flatfhir", "export", "--keep-job", "false"])
+                .is_err()
+        );
+        let help = super::super::Cli::command_line()
+            .find_subcommand_mut("export")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(help.contains("--keep-job[=<BOOL>]"), "{help}");
+    }
+
+    #[test]
     fn a_way_of_authorizing_on_the_command_line_replaces_the_profiles() {
         let a = with_profile(&["--bearer-token", "t"]);
         assert_eq!(a.bearer_token.as_deref(), Some("t"));
@@ -798,7 +845,7 @@ mod tests {
 
     #[test]
     fn without_a_profile_nothing_changes_and_auth_pairs_are_checked() {
-        let cmd = super::super::Cli::command();
+        let cmd = super::super::Cli::command_line();
         let parse = |args: &[&str]| {
             let m = cmd
                 .clone()

@@ -89,11 +89,17 @@ impl Cli {
     /// Parse the process's arguments and keep clap's matches with them: they tell which values
     /// the command line or the environment gave, which a `--profile` must not override.
     pub fn parse_with_matches() -> (Cli, ArgMatches) {
-        let matches = Cli::command().get_matches();
+        let matches = Cli::command_line().get_matches();
         match Cli::from_arg_matches(&matches) {
             Ok(cli) => (cli, matches),
-            Err(e) => e.format(&mut Cli::command()).exit(),
+            Err(e) => e.format(&mut Cli::command_line()).exit(),
         }
+    }
+
+    /// The command line: the derived one, with `export`'s switches negatable
+    /// ([`export::negatable_switches`]).
+    pub fn command_line() -> clap::Command {
+        Cli::command().mut_subcommand("export", export::negatable_switches)
     }
 }
 

@@ -911,8 +911,7 @@ out = "s3://bucket/fhir"
 
     #[test]
     fn every_export_flag_is_a_profile_key() {
-        use clap::CommandFactory;
-        let cmd = super::super::Cli::command();
+        let cmd = super::super::Cli::command_line();
         let export = cmd.find_subcommand("export").unwrap();
         let mut keys = 0;
         for arg in export.get_arguments() {
