@@ -31,6 +31,10 @@ const PART_BYTES: usize = 5 << 20;
 const LOCAL_PART_BYTES: usize = 1 << 20;
 /// Parts of one upload in flight at once (object_store's default).
 const PARTS_IN_FLIGHT: usize = 8;
+/// How long an abort waits for the parts in flight to end (10 s) before it cancels them and
+/// aborts anyway: a part retried against a failing store could otherwise hold it for minutes,
+/// and the dataset writer's own time limit (30 s) would then drop the abort unsent.
+const PARTS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where an [`Upload`] stands.
 enum State {
@@ -151,14 +155,19 @@ impl Upload {
     }
 
     /// Abort the upload unless it is closed: wait for the parts in flight to end (whatever their
-    /// outcome), then abort, so no part reaches the store after the abort. A failure to abort is
+    /// outcome, for at most [`PARTS_WAIT`]), then abort, so no part reaches the store after the
+    /// abort. A failure to abort is
     /// logged, not returned: the run has already failed, and its error is the one to report.
     pub(crate) async fn abort(&mut self) {
         let State::Multipart { upload, parts } = &mut self.state else {
             self.state = State::Closed;
             return;
         };
-        while parts.join_next().await.is_some() {}
+        let drained = async { while parts.join_next().await.is_some() {} };
+        if tokio::time::timeout(PARTS_WAIT, drained).await.is_err() {
+            // A store that keeps failing retries each part for minutes: abort anyway.
+            parts.shutdown().await;
+        }
         let aborted = upload.abort().await;
         self.state = State::Closed;
         if let Err(error) = aborted {
@@ -239,6 +248,7 @@ mod tests {
     struct SlowParts {
         inner: object_store::memory::InMemory,
         log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+        part_takes: std::time::Duration,
     }
 
     impl std::fmt::Display for SlowParts {
@@ -251,15 +261,16 @@ mod tests {
     struct SlowUpload {
         inner: Box<dyn MultipartUpload>,
         log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+        part_takes: std::time::Duration,
     }
 
     #[async_trait::async_trait]
     impl MultipartUpload for SlowUpload {
         fn put_part(&mut self, data: object_store::PutPayload) -> object_store::UploadPart {
             let part = self.inner.put_part(data);
-            let log = self.log.clone();
+            let (log, takes) = (self.log.clone(), self.part_takes);
             let server = tokio::spawn(async move {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(takes).await;
                 let r = part.await;
                 log.lock().unwrap().push("part");
                 r
@@ -291,8 +302,12 @@ mod tests {
             opts: PutMultipartOptions,
         ) -> object_store::Result<Box<dyn MultipartUpload>> {
             let inner = self.inner.put_multipart_opts(location, opts).await?;
-            let log = self.log.clone();
-            Ok(Box::new(SlowUpload { inner, log }))
+            let (log, part_takes) = (self.log.clone(), self.part_takes);
+            Ok(Box::new(SlowUpload {
+                inner,
+                log,
+                part_takes,
+            }))
         }
         async fn get_opts(
             &self,
@@ -332,12 +347,17 @@ mod tests {
 
     /// The race that left `.upload_id-….part-N` files in s3s-fs: an abort sent while parts
     /// are in flight is overtaken by them. Here every part lands before the abort is sent.
-    #[tokio::test]
-    async fn an_abort_waits_for_the_parts_in_flight() {
+    /// An upload to a [`SlowParts`] store whose parts take `part_takes`, with three parts in
+    /// flight, and the store's log.
+    #[allow(clippy::type_complexity)]
+    async fn three_parts_in_flight(
+        part_takes: std::time::Duration,
+    ) -> (Upload, Arc<std::sync::Mutex<Vec<&'static str>>>) {
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let store = SlowParts {
             inner: object_store::memory::InMemory::new(),
             log: log.clone(),
+            part_takes,
         };
         let loc = DatasetLocation {
             store: Arc::new(store),
@@ -346,10 +366,26 @@ mod tests {
         };
         let mut up = Upload::new(&loc, "part.parquet");
         up.write(&vec![1u8; 3 * PART_BYTES + 1]).await.unwrap();
+        (up, log)
+    }
+
+    #[tokio::test]
+    async fn an_abort_waits_for_the_parts_in_flight() {
+        let (mut up, log) = three_parts_in_flight(std::time::Duration::from_millis(100)).await;
         up.abort().await;
         // Whatever was still on its way has had the time to arrive.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert_eq!(*log.lock().unwrap(), ["part", "part", "part", "abort"]);
+    }
+
+    /// Parts that never end (a store failing every retry) hold the abort for [`PARTS_WAIT`]
+    /// only: then it is sent anyway.
+    #[tokio::test]
+    async fn an_abort_waits_for_hung_parts_only_so_long() {
+        let (mut up, log) = three_parts_in_flight(std::time::Duration::from_secs(3600)).await;
+        let aborted = tokio::time::timeout(PARTS_WAIT * 3, up.abort()).await;
+        assert!(aborted.is_ok(), "the abort waited for parts that never end");
+        assert_eq!(*log.lock().unwrap(), ["abort"]);
     }
 
     #[tokio::test]
