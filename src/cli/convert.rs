@@ -1,6 +1,13 @@
 //! `flatfhir convert`: ndjson files into a dataset.
 
-use std::{io::Write, path::PathBuf, sync::Arc};
+use std::{
+    io::Write,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -117,6 +124,31 @@ pub async fn run(c: ConvertConfig, quiet: bool) -> Result<Outcome> {
     metrics.report("convert", &dataset, started, result, Default::default)
 }
 
+/// Ctrl-C stops the run the way a failure does: its decoders stop, its uploads are aborted and
+/// the files it wrote are removed, so an interrupted convert leaves nothing behind (without this
+/// the process died at once and left its parts to `compact --retain`, and on object storage its
+/// unfinished multipart uploads to a lifecycle rule). A second Ctrl-C stops at once.
+async fn stop_on_ctrl_c(
+    first: std::pin::Pin<Box<impl Future<Output = std::io::Result<()>>>>,
+    cancel: Arc<AtomicBool>,
+) {
+    if first.await.is_err() {
+        return;
+    }
+    cancel.store(true, Ordering::Relaxed);
+    super::logging::say(
+        tracing::Level::WARN,
+        "interrupted: stopping, and removing what this run wrote (Ctrl-C again stops at once)",
+    );
+    if tokio::signal::ctrl_c().await.is_ok() {
+        super::logging::say(
+            tracing::Level::ERROR,
+            "interrupted twice: stopped without cleaning up (`flatfhir compact --retain` removes what the run left after 24 hours)",
+        );
+        std::process::exit(130);
+    }
+}
+
 async fn convert(c: ConvertConfig, quiet: bool) -> Result<(Outcome, RunManifest)> {
     let total: u64 = c
         .files
@@ -133,12 +165,29 @@ async fn convert(c: ConvertConfig, quiet: bool) -> Result<(Outcome, RunManifest)
         out = c.out,
         "converting"
     );
+    let cancel = Arc::new(AtomicBool::new(false));
+    // Polled once here, so that the handler is in place before the run starts (a spawned task
+    // may first run later), and Ctrl-C never kills the process half-way.
+    let mut first = Box::pin(tokio::signal::ctrl_c());
+    let ctrl_c = match futures::poll!(first.as_mut()) {
+        std::task::Poll::Pending => Some(tokio::spawn(stop_on_ctrl_c(first, cancel.clone()))),
+        std::task::Poll::Ready(r) => {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot catch Ctrl-C: it stops the process at once");
+            }
+            None
+        }
+    };
     let run = ConvertBuilder::new(Arc::new(c.registry), c.location)
         .with_files(c.files)
         .with_options(c.options)
         .with_progress(progress)
+        .with_cancel(cancel)
         .run()
         .await;
+    if let Some(ctrl_c) = ctrl_c {
+        ctrl_c.abort();
+    }
     display.stop();
     let manifest = run?;
     let mut stdout = std::io::stdout().lock();

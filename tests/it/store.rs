@@ -400,7 +400,7 @@ async fn failed_convert_aborts_uploads(s3: &S3Server, writers: usize) {
     let tmp = tempfile::tempdir().unwrap();
     // The observation part passes the 5 MiB upload buffer long before the run ends, so its
     // upload is a multipart one with parts already in the store...
-    let big = big_observations(tmp.path());
+    let big = crate::support::big_observations(tmp.path(), 25_000);
     // ...when a file cut mid-gzip, read after it, fails the run.
     let sample = flatfhir::run::expand_inputs(&[data("sample")]).unwrap();
     let whole = std::fs::read(&sample[0]).unwrap();
@@ -436,23 +436,8 @@ async fn failed_convert_aborts_uploads(s3: &S3Server, writers: usize) {
     );
 }
 
-/// About 13 MB of Observations in `dir`: written uncompressed in row groups of 1,000 rows
-/// ([`big_options`]), the observation part's upload goes multipart after ~5,000 of them.
-fn big_observations(dir: &std::path::Path) -> std::path::PathBuf {
-    let pad = "x".repeat(400);
-    let mut text = String::new();
-    for i in 0..25_000 {
-        text.push_str(&format!(
-            r#"{{"resourceType":"Observation","id":"o{i}","status":"final","valueString":"{pad}{i}"}}"#
-        ));
-        text.push('\n');
-    }
-    let path = dir.join("Observation.ndjson");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// No compression, row groups of 1,000 rows (see [`big_observations`]).
+/// No compression, row groups of 1,000 rows: the part of 25,000
+/// [`crate::support::big_observations`] goes multipart after ~5,000 of them.
 fn big_options() -> ConvertOptions {
     ConvertOptions {
         compression: flatfhir::parquet::basic::Compression::UNCOMPRESSED,
@@ -483,7 +468,7 @@ async fn s3_a_convert_whose_uploads_keep_failing_reports_the_store_error() {
         ..big_options()
     };
     let err = ConvertBuilder::new(Arc::new(ViewRegistry::builtin().unwrap()), loc)
-        .with_files(vec![big_observations(tmp.path())])
+        .with_files(vec![crate::support::big_observations(tmp.path(), 25_000)])
         .with_options(options)
         .run()
         .await

@@ -89,3 +89,19 @@ pub fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// `Observation.ndjson` in `dir`: `n` Observations of about 480 bytes each (25,000: about
+/// 13 MB), each with a distinct 400-character `valueString`, so their Parquet stays big.
+pub fn big_observations(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    let pad = "x".repeat(400);
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            r#"{{"resourceType":"Observation","id":"o{i}","status":"final","valueString":"{pad}{i}"}}"#
+        ));
+        text.push('\n');
+    }
+    let path = dir.join("Observation.ndjson");
+    std::fs::write(&path, text).unwrap();
+    path
+}
