@@ -15,9 +15,9 @@ use clap::Args;
 use flatfhir::{
     dataset::{DatasetLocation, RunManifest},
     run::{
-        Progress,
+        Progress, StopSignal,
         convert::{ConvertBuilder, ConvertOptions},
-        expand_inputs,
+        expand_inputs, stop_signal,
     },
     view::ViewRegistry,
 };
@@ -124,29 +124,29 @@ pub async fn run(c: ConvertConfig, quiet: bool) -> Result<Outcome> {
     metrics.report("convert", &dataset, started, result, Default::default)
 }
 
-/// Ctrl-C stops the run the way a failure does: its decoders stop, its uploads are aborted and
-/// the files it wrote are removed, so an interrupted convert leaves nothing behind (without this
-/// the process died at once and left its parts to `compact --retain`, and on object storage its
-/// unfinished multipart uploads to a lifecycle rule). A second Ctrl-C stops at once.
-async fn stop_on_ctrl_c(
-    first: std::pin::Pin<Box<impl Future<Output = std::io::Result<()>>>>,
-    cancel: Arc<AtomicBool>,
-) {
-    if first.await.is_err() {
-        return;
-    }
+/// Ctrl-C (or SIGTERM) stops the run the way a failure does: its decoders stop, its uploads are
+/// aborted and the files it wrote are removed, so an interrupted convert leaves nothing behind
+/// (without this the process died at once and left its parts to `compact --retain`, and on
+/// object storage its unfinished multipart uploads to a lifecycle rule). A second signal stops
+/// at once.
+async fn stopped_by(signal: StopSignal, cancel: &AtomicBool) {
     cancel.store(true, Ordering::Relaxed);
     super::logging::say(
         tracing::Level::WARN,
-        "interrupted: stopping, and removing what this run wrote (Ctrl-C again stops at once)",
+        &format!(
+            "{}: stopping, and removing what this run wrote (Ctrl-C again stops at once)",
+            match signal {
+                StopSignal::Interrupt => "interrupted",
+                StopSignal::Terminate => "terminated (SIGTERM)",
+            }
+        ),
     );
-    if tokio::signal::ctrl_c().await.is_ok() {
-        super::logging::say(
-            tracing::Level::ERROR,
-            "interrupted twice: stopped without cleaning up (`flatfhir compact --retain` removes what the run left after 24 hours)",
-        );
-        std::process::exit(130);
-    }
+    stop_signal().await;
+    super::logging::say(
+        tracing::Level::ERROR,
+        "interrupted twice: stopped without cleaning up (`flatfhir compact --retain` removes what the run left after 24 hours)",
+    );
+    std::process::exit(130);
 }
 
 async fn convert(c: ConvertConfig, quiet: bool) -> Result<(Outcome, RunManifest)> {
@@ -167,17 +167,19 @@ async fn convert(c: ConvertConfig, quiet: bool) -> Result<(Outcome, RunManifest)
     );
     let cancel = Arc::new(AtomicBool::new(false));
     // Polled once here, so that the handler is in place before the run starts (a spawned task
-    // may first run later), and Ctrl-C never kills the process half-way.
-    let mut first = Box::pin(tokio::signal::ctrl_c());
-    let ctrl_c = match futures::poll!(first.as_mut()) {
-        std::task::Poll::Pending => Some(tokio::spawn(stop_on_ctrl_c(first, cancel.clone()))),
-        std::task::Poll::Ready(r) => {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "cannot catch Ctrl-C: it stops the process at once");
-            }
-            None
+    // may first run later), and no signal kills the process half-way.
+    let mut first = Box::pin(stop_signal());
+    let early = futures::poll!(first.as_mut());
+    let ctrl_c = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            let signal = match early {
+                std::task::Poll::Ready(s) => s,
+                std::task::Poll::Pending => first.await,
+            };
+            stopped_by(signal, &cancel).await
         }
-    };
+    });
     let run = ConvertBuilder::new(Arc::new(c.registry), c.location)
         .with_files(c.files)
         .with_options(c.options)
@@ -185,9 +187,7 @@ async fn convert(c: ConvertConfig, quiet: bool) -> Result<(Outcome, RunManifest)
         .with_cancel(cancel)
         .run()
         .await;
-    if let Some(ctrl_c) = ctrl_c {
-        ctrl_c.abort();
-    }
+    ctrl_c.abort();
     display.stop();
     let manifest = run?;
     let mut stdout = std::io::stdout().lock();

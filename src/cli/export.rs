@@ -218,7 +218,7 @@ pub struct ExportArgs {
     #[arg(long)]
     no_delete: bool,
     /// On Ctrl-C keep the server job (for --resume) instead of cancelling it with DELETE (a
-    /// second Ctrl-C stops at once, without cancelling).
+    /// second Ctrl-C stops at once, without cancelling; SIGTERM always keeps the job).
     #[arg(long)]
     keep_job: bool,
     /// Also keep every downloaded file, as received (gzip stays gzip), in this folder.

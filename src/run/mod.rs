@@ -37,6 +37,43 @@ use std::{
 pub use driver::{BatchSink, Decoded, Driver, DriverBuilder, WindDown};
 pub use input::{DEFAULT_CHUNK_BYTES, DEFAULT_SPLIT_BYTES, Input, expand_inputs};
 
+/// A stop request from outside: Ctrl-C (SIGINT), or SIGTERM, what schedulers and container
+/// runtimes (cron's killers, systemd, Kubernetes evicting a pod) send before they kill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// Ctrl-C.
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+}
+
+/// The first Ctrl-C or SIGTERM. Both handlers are installed at the first poll; until this
+/// returns, neither signal stops the process by itself. An error installing one leaves that
+/// signal to its default action (stop the process).
+pub async fn stop_signal() -> StopSignal {
+    let interrupt = async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => StopSignal::Interrupt,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let terminate = async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                term.recv().await;
+                return StopSignal::Terminate;
+            }
+        }
+        std::future::pending().await
+    };
+    tokio::select! {
+        s = interrupt => s,
+        s = terminate => s,
+    }
+}
+
 /// Live counters of a run, for progress display (updated once per chunk or file, never per
 /// line).
 #[derive(Debug, Default)]

@@ -228,48 +228,47 @@ fn schemas_list_and_show() {
     assert_eq!(o.status.code(), Some(2));
 }
 
-/// Ctrl-C stops a convert the way a failure does: the run is cancelled and what it had written
-/// — here a part still being written, `part-….parquet#1` on a local disk — is removed; no run
-/// record, no table.
+/// Ctrl-C (or SIGTERM, as a scheduler sends) stops a convert the way a failure does: the run is
+/// cancelled and what it had written — here a part still being written, `part-….parquet#1` on a
+/// local disk — is removed; no run record, no table.
 #[test]
 fn ctrl_c_stops_a_convert_and_leaves_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let input = crate::support::big_observations(tmp.path(), 100_000);
-    let out = tmp.path().join("ds");
-    // Small uncompressed row groups: the part's upload starts at once, long before the end.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flatfhir"))
-        .arg("convert")
-        .arg(&input)
-        .arg("--out")
-        .arg(&out)
-        .args(["--row-group-size", "1000", "--compression", "none"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while crate::support::walk(&out)
-        .iter()
-        .all(|f| !f.contains("export="))
-    {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the convert ended before writing"
-        );
-        assert!(std::time::Instant::now() < deadline, "nothing written");
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    for (signal, said) in [("-INT", "interrupted"), ("-TERM", "terminated")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let input = crate::support::big_observations(tmp.path(), 100_000);
+        let out = tmp.path().join("ds");
+        // Small uncompressed row groups: the part's upload starts at once, long before the end.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flatfhir"))
+            .arg("convert")
+            .arg(&input)
+            .arg("--out")
+            .arg(&out)
+            .args(["--row-group-size", "1000", "--compression", "none"])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while crate::support::walk(&out)
+            .iter()
+            .all(|f| !f.contains("export="))
+        {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the convert ended before writing"
+            );
+            assert!(std::time::Instant::now() < deadline, "nothing written");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{signal}: {err}");
+        assert!(err.contains(said) && err.contains("cancelled"), "{err}");
+        assert_eq!(crate::support::walk(&out), Vec::<String>::new());
     }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let o = child.wait_with_output().unwrap();
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("interrupted") && err.contains("cancelled"),
-        "{err}"
-    );
-    assert_eq!(crate::support::walk(&out), Vec::<String>::new());
 }

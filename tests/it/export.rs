@@ -706,15 +706,17 @@ async fn a_job_deleted_on_the_server_while_downloading_leaves_nothing_behind() {
 
 /// Ctrl-C (SIGINT) in the middle of the downloads: by default the server's job is cancelled
 /// with DELETE and the job abandoned, nothing of it left in the dataset; with `--keep-job` the
-/// job stays, and `--resume` finishes it with exact counts.
+/// job stays, and `--resume` finishes it with exact counts. SIGTERM (a scheduler stopping the
+/// job) keeps it too, without `--keep-job`: the next run continues it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_cancels_the_job_and_leaves_nothing_or_keeps_it_for_resume() {
     let srv = slow_sample_server().await;
-    for keep in [false, true] {
+    for (signal, keep_job) in [("-INT", false), ("-INT", true), ("-TERM", false)] {
+        let keep = keep_job || signal == "-TERM";
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("ds");
         let mut cmd = slow_export(&srv, &out, 60);
-        if keep {
+        if keep_job {
             cmd.arg("--keep-job");
         }
         let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
@@ -722,15 +724,15 @@ async fn ctrl_c_cancels_the_job_and_leaves_nothing_or_keeps_it_for_resume() {
         let (record, job) = job_record(&out);
         let export = job["export"].as_str().unwrap().to_string();
         let status = std::process::Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
+            .args([signal, &child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
         let o = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(
-            !o.status.success() && stderr.contains("interrupted"),
-            "{stderr}"
+            o.status.code() == Some(2) && stderr.contains("interrupted"),
+            "{signal}: {stderr}"
         );
         let job: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
@@ -748,7 +750,7 @@ async fn ctrl_c_cancels_the_job_and_leaves_nothing_or_keeps_it_for_resume() {
         if keep {
             assert!(stderr.contains("--resume"), "{stderr}");
             assert_ne!(job["state"], "failed");
-            assert!(!deleted, "--keep-job cancelled the server's job");
+            assert!(!deleted, "{signal}: the server's job was cancelled");
             let o = std::process::Command::new(env!("CARGO_BIN_EXE_flatfhir"))
                 .args(["export", "--resume", out.to_str().unwrap(), "-q"])
                 .output()

@@ -14,7 +14,7 @@ use crate::{
     Result,
     client::{BulkClient, ExportRequest},
     dataset::{DatasetLocation, JobRecord},
-    run::Progress,
+    run::{Progress, StopSignal},
     view::ViewRegistry,
 };
 
@@ -56,7 +56,8 @@ impl Default for ExportOptions {
     }
 }
 
-/// What Ctrl-C does to a running export (see [`ExportBuilder::with_ctrl_c`]).
+/// What Ctrl-C does to a running export (see [`ExportBuilder::with_ctrl_c`]). Unless
+/// [`Ignore`](Self::Ignore), SIGTERM stops the export too, keeping the server's job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnCtrlC {
     /// Nothing: the caller handles signals (the default for library use).
@@ -168,25 +169,28 @@ impl ExportBuilder {
         if ctrl_c == OnCtrlC::Ignore {
             return timed.await;
         }
-        let finished = tokio::select! {
-            r = timed => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
+        let stop = tokio::select! {
+            r = timed => return r,
+            s = crate::run::stop_signal() => s,
         };
-        if let Some(r) = finished {
-            return r;
+        // SIGTERM comes from a scheduler stopping the job (a pod evicted, a deploy): the next
+        // run continues the export, so the server's job is kept whatever Ctrl-C would do.
+        let keep = ctrl_c == OnCtrlC::KeepServerJob || stop == StopSignal::Terminate;
+        if stop == StopSignal::Terminate {
+            tracing::warn!("terminated (SIGTERM): keeping the server's job for the next run");
         }
         let clean_up = async {
             // The run's futures are dropped; the threads writing its files stop on their own.
             if !running.writers.idle(WIND_DOWN).await {
-                tracing::warn!("files were still being written {WIND_DOWN:?} after Ctrl-C");
+                tracing::warn!("files were still being written {WIND_DOWN:?} after {stop:?}");
             }
-            interrupted(&client, &location, ctrl_c == OnCtrlC::KeepServerJob).await
+            interrupted(&client, &location, keep).await
         };
         // The clean-up can take a while (waiting for writers, cancelling the server's job over a
-        // slow network): a second Ctrl-C stops at once, as users expect of a command line tool.
+        // slow network): a second signal stops at once, as users expect of a command line tool.
         let err = tokio::select! {
             e = clean_up => e,
-            _ = tokio::signal::ctrl_c() => ExportError::InterruptedTwice,
+            _ = crate::run::stop_signal() => ExportError::InterruptedTwice,
         };
         Err(err.into())
     }
