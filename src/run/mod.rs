@@ -47,9 +47,9 @@ pub enum StopSignal {
     Terminate,
 }
 
-/// The first Ctrl-C or SIGTERM. Both handlers are installed at the first poll; until this
-/// returns, neither signal stops the process by itself. An error installing one leaves that
-/// signal to its default action (stop the process).
+/// The first Ctrl-C or SIGTERM. Both handlers are installed at the first poll, and from then on,
+/// for the life of the process, neither signal stops it by itself. An error installing one leaves
+/// that signal to its default action (stop the process).
 pub async fn stop_signal() -> StopSignal {
     let interrupt = async {
         match tokio::signal::ctrl_c().await {
