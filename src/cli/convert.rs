@@ -146,7 +146,8 @@ async fn stopped_by(signal: StopSignal, cancel: &AtomicBool) {
         tracing::Level::ERROR,
         "interrupted twice: stopped without cleaning up (`flatfhir compact --retain` removes what the run left after 24 hours)",
     );
-    std::process::exit(130);
+    // 2, as every failed run (the README's exit codes).
+    std::process::exit(2);
 }
 
 async fn convert(c: ConvertConfig, quiet: bool) -> Result<(Outcome, RunManifest)> {
