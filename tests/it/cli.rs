@@ -260,11 +260,7 @@ fn ctrl_c_stops_a_convert_and_leaves_nothing() {
             assert!(std::time::Instant::now() < deadline, "nothing written");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let status = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        crate::support::send_signal(&child, signal);
         let o = child.wait_with_output().unwrap();
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{signal}: {err}");

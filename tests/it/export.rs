@@ -723,11 +723,7 @@ async fn ctrl_c_cancels_the_job_and_leaves_nothing_or_keeps_it_for_resume() {
         wait_until(&mut child, "a committed file", || two_committed_files(&out)).await;
         let (record, job) = job_record(&out);
         let export = job["export"].as_str().unwrap().to_string();
-        let status = std::process::Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        crate::support::send_signal(&child, signal);
         let o = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(
@@ -784,17 +780,10 @@ async fn a_second_ctrl_c_stops_without_waiting_for_the_clean_up() {
         .unwrap();
     wait_until(&mut child, "a committed file", || two_committed_files(&out)).await;
     let (record, _) = job_record(&out);
-    let interrupt = || {
-        let status = std::process::Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    interrupt();
+    crate::support::send_signal(&child, "-INT");
     // Time for the first one's wind-down and DELETE to begin.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    interrupt();
+    crate::support::send_signal(&child, "-INT");
     let o = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -105,3 +105,12 @@ pub fn big_observations(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Send `signal` (`-INT`, `-TERM`, …) to the process `child`, as a user or a scheduler does.
+pub fn send_signal(child: &std::process::Child, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} failed");
+}
