@@ -87,6 +87,7 @@ impl ConvertArgs {
     /// Check everything that can be checked before the run.
     pub fn validate(self) -> Result<ConvertConfig> {
         let registry = self.schema.registry()?;
+        flatfhir::dataset::check_views(&registry)?;
         let files = expand_inputs(&self.inputs)?;
         if files.is_empty() {
             bail!("no input files (looked for *.ndjson, *.ndjson.gz, *.jsonl, *.jsonl.gz)");

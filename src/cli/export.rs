@@ -423,6 +423,7 @@ impl ExportArgs {
     /// Check everything that can be checked without the network.
     pub fn validate(self: Box<Self>) -> Result<ExportConfig> {
         let registry = self.schema.registry()?;
+        flatfhir::dataset::check_views(&registry)?;
         let resume = self.resume.is_some();
         let out = self
             .resume

@@ -801,7 +801,7 @@ async fn apply(
     // The history table gained columns (its view did): the current table gains them too.
     let hist_schema = hist.snapshot().map_err(derr)?.schema();
     if let Some(schema) = reconcile_schema(table, &hist_schema, &snapshot.schema())? {
-        actions.push(evolve_to(table, snapshot.snapshot(), &schema)?);
+        actions.extend(evolve_to(table, snapshot.snapshot(), &schema)?);
     }
     let done = CommitBuilder::from(props)
         .with_actions(actions)

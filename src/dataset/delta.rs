@@ -377,6 +377,25 @@ fn delta_schema(schema: &Schema, partitioned: bool) -> Result<StructType, DeltaT
     Ok(kernel)
 }
 
+/// Check that every column of every view has a Delta Lake type, so that a view no table can
+/// hold is refused before a run does any I/O, rather than when its commit fails half-way
+/// through its tables.
+pub fn check_views(registry: &crate::view::ViewRegistry) -> Result<(), DatasetError> {
+    for view in registry.views() {
+        for field in view.schema().fields() {
+            let one = Schema::new(vec![field.as_ref().clone()]);
+            if delta_schema(&one, false).is_err() {
+                return Err(DatasetError::UnsupportedColumn {
+                    view: view.name().to_string(),
+                    column: field.name().clone(),
+                    data_type: field.data_type().to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Create table `table` with `schema` unless it exists (another writer may create it at the same
 /// time: whoever loses the race loads the winner's table).
 pub async fn create_table(
@@ -574,12 +593,19 @@ pub(crate) fn reconcile_schema(
         .map_err(|e| delta_err(table)(DeltaTableError::from(e)))
 }
 
-/// The metadata action that evolves `snapshot`'s table to `schema` (see [`reconcile_schema`]).
+/// The actions that evolve `snapshot`'s table to `schema` (see [`reconcile_schema`]): its
+/// metadata, and a protocol upgrade when a new column needs a table feature the table lacks.
+///
+/// A `TIMESTAMP` (without time zone) column is Delta's `timestamp_ntz`, which readers may only
+/// read from a table that declares the `timestampNtz` feature (reader version 3, writer
+/// version 7). A table created with such a column gets it from delta-rs; a table that gains one
+/// later must get it in the same commit, or the commit makes the table unreadable for every
+/// reader, flatfhir included.
 pub(crate) fn evolve_to(
     table: &str,
     snapshot: &deltalake::kernel::EagerSnapshot,
     schema: &StructType,
-) -> Result<Action, DatasetError> {
+) -> Result<Vec<Action>, DatasetError> {
     use deltalake::kernel::MetadataExt;
     tracing::info!(
         table,
@@ -591,12 +617,58 @@ pub(crate) fn evolve_to(
             .join(", "),
         "the view gained columns: adding them to the table (earlier rows read as null)"
     );
-    snapshot
+    let err = |e: DeltaTableError| delta_err(table)(e);
+    let metadata = snapshot
         .metadata()
         .clone()
         .with_schema(schema)
         .map(Action::Metadata)
-        .map_err(|e| delta_err(table)(DeltaTableError::from(e)))
+        .map_err(|e| err(DeltaTableError::from(e)))?;
+    let mut actions = vec![metadata];
+    if deltalake::kernel::contains_timestampntz(schema.fields())
+        && let Some(protocol) = with_feature(snapshot.protocol(), TIMESTAMP_NTZ_FEATURE)
+            .map_err(|e| err(DeltaTableError::Generic(e)))?
+    {
+        actions.push(Action::Protocol(protocol));
+    }
+    Ok(actions)
+}
+
+/// The Delta table feature of `timestamp_ntz` columns.
+const TIMESTAMP_NTZ_FEATURE: &str = "timestampNtz";
+
+/// `protocol` with reader and writer feature `feature` added (reader version 3, writer version
+/// 7, the versions that list features), or `None` when it has the feature already.
+fn with_feature(
+    protocol: &deltalake::kernel::Protocol,
+    feature: &str,
+) -> Result<Option<deltalake::kernel::Protocol>, String> {
+    let mut p = serde_json::to_value(protocol).map_err(|e| e.to_string())?;
+    let has = |p: &Value, key: &str| {
+        p[key]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|f| f == feature))
+    };
+    if has(&p, "readerFeatures") && has(&p, "writerFeatures") {
+        return Ok(None);
+    }
+    for (version, at_least, key) in [
+        ("minReaderVersion", 3, "readerFeatures"),
+        ("minWriterVersion", 7, "writerFeatures"),
+    ] {
+        if p[version].as_i64().unwrap_or_default() < at_least {
+            p[version] = json!(at_least);
+        }
+        if !has(&p, key) {
+            match p[key].as_array_mut() {
+                Some(a) => a.push(json!(feature)),
+                None => p[key] = json!([feature]),
+            }
+        }
+    }
+    serde_json::from_value(p)
+        .map(Some)
+        .map_err(|e| format!("cannot add table feature {feature}: {e}"))
 }
 
 async fn commit_files(
@@ -665,7 +737,7 @@ async fn commit_files(
         // Again: another writer may have created or evolved the table meanwhile.
         let mut actions = adds.clone();
         if let Some(schema) = reconcile_schema(table, &ours, &snapshot.schema())? {
-            actions.push(evolve_to(table, snapshot.snapshot(), &schema)?);
+            actions.extend(evolve_to(table, snapshot.snapshot(), &schema)?);
         }
         let op = DeltaOperation::Write {
             mode: SaveMode::Append,

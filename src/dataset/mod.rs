@@ -34,6 +34,7 @@ pub mod migrate;
 mod run_id;
 pub mod staging;
 
+pub use delta::check_views;
 pub use job::{FileKind, FileRecord, FileState, JobRecord, JobState, Lease};
 pub use location::DatasetLocation;
 pub use manifest::{
@@ -109,6 +110,20 @@ pub enum DatasetError {
         table_columns: String,
         /// The run's.
         run_columns: String,
+    },
+    /// A view has a column that no Delta Lake type holds (an `ansi/type` `TIME` column: Delta
+    /// has no time-of-day type), found before the run starts.
+    #[error(
+        "view `{view}`, column `{column}`: {data_type} has no Delta Lake type; remove its \
+         `ansi/type` tag (the column then holds the FHIR text) or use another type"
+    )]
+    UnsupportedColumn {
+        /// The view.
+        view: String,
+        /// The column.
+        column: String,
+        /// Its Arrow type.
+        data_type: String,
     },
     /// The dataset was written by a flatfhir before Delta Lake tables.
     #[error(

@@ -396,6 +396,82 @@ async fn a_view_that_gains_or_loses_a_column_evolves_its_tables() {
     );
 }
 
+/// A view that gains a `TIMESTAMP` (without time zone) column: Delta's `timestamp_ntz`, which
+/// a table may hold only with the `timestampNtz` feature. The run that adds it upgrades the
+/// table's protocol in the same commit, so the table stays readable (the commit without it
+/// made every later read and run of the table fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_that_gains_a_timestamp_without_zone_keeps_its_table_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out_s, loc) = sample_converted(tmp.path());
+    let ds = Dataset::open(&loc).await.unwrap();
+    let births = one_number(&ds, "select count(birth_date) from patient").await;
+    assert!(births > 0);
+    let args = changed_patient_view(tmp.path(), |columns| {
+        columns.push(serde_json::json!({"name": "born_at", "path": "birthDate",
+            "tag": [{"name": "ansi/type", "value": "TIMESTAMP"}]}));
+    });
+    for round in 0..2 {
+        let run = convert(&out_s, &args).wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "round {round}: {stderr}");
+    }
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one_number(&ds, "select count(born_at) from patient").await,
+        2 * births
+    );
+    assert_eq!(
+        one_number(&ds, "select count(born_at) from patient_latest").await,
+        births
+    );
+    let t = loc.open_table("patient").await.unwrap().unwrap();
+    let protocol = serde_json::to_value(t.snapshot().unwrap().protocol()).unwrap();
+    for key in ["readerFeatures", "writerFeatures"] {
+        assert!(
+            protocol[key]
+                .as_array()
+                .unwrap()
+                .contains(&"timestampNtz".into()),
+            "{protocol}"
+        );
+    }
+    // And a run with the default views again.
+    let run = convert(&out_s, &[]).wait_with_output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// A view with a column no Delta type holds (`ansi/type` `TIME`) is refused before the run
+/// does any I/O: nothing is written, and the message names the view and the column.
+#[test]
+fn a_view_no_delta_table_can_hold_is_refused_before_any_io() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = changed_patient_view(tmp.path(), |columns| {
+        columns.push(serde_json::json!({"name": "at_time", "path": "birthDate",
+            "tag": [{"name": "ansi/type", "value": "TIME"}]}));
+    });
+    let out = tmp.path().join("ds");
+    let run = convert(out.to_str().unwrap(), &args)
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("view `patient`, column `at_time`")
+            && stderr.contains("no Delta Lake type"),
+        "{stderr}"
+    );
+    assert!(
+        crate::support::walk(&out).is_empty(),
+        "{:?}",
+        crate::support::walk(&out)
+    );
+}
+
 /// A run in which a column changed type (a view changed with `--schemas`) is refused before
 /// any table commits it: every table keeps its rows, and the message names the column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
