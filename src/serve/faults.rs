@@ -43,6 +43,11 @@ pub struct Faults {
     pub file_429: u32,
     /// Cut every file's first download after about half its bytes (connection reset mid-body).
     pub cut_file_once: bool,
+    /// Serve the first this-many downloads of each output file as only the first half of its
+    /// lines, a complete body that ends at a line end (what a proxy that truncates a
+    /// close-delimited body, or a server that lost part of a file, hands out): only the
+    /// manifest's `count` tells.
+    pub short_file: u32,
     /// Index of a file (the `n` of `{n}.ndjson`) that answers `410 Gone`. Manifests fetched after
     /// the `410` list a fresh URL for it, as a server that refreshes expired links would.
     pub file_gone: Option<usize>,
@@ -117,6 +122,7 @@ impl RequestFaults {
                 "status-fatal" => f.status_fatal = true,
                 "file-429" => f.file_429 = number(1)? as u32,
                 "cut-file" => f.cut_file_once = true,
+                "short-file" => f.short_file = number(1)? as u32,
                 "file-gone" => f.file_gone = Some(number(0)? as usize),
                 "file-lost" => f.file_lost = Some(number(0)? as usize),
                 "slow" => {
@@ -197,6 +203,7 @@ impl Faults {
             status_fatal: self.status_fatal || job.status_fatal,
             file_429: self.file_429.max(job.file_429),
             cut_file_once: self.cut_file_once || job.cut_file_once,
+            short_file: self.short_file.max(job.short_file),
             file_gone: job.file_gone.or(self.file_gone),
             file_lost: job.file_lost.or(self.file_lost),
             slow_chunk: job.slow_chunk.or(self.slow_chunk),

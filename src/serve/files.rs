@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::bomb::GzipBomb;
 use super::faults::FileRedirect;
-use super::job::{ExportFile, Job};
+use super::job::{ExportFile, FileKind, Job};
 use super::outcome::{Issue, Rejection};
 use super::server::AppState;
 
@@ -208,7 +208,18 @@ async fn serve(
         return serve_bomb(resp, bomb, range, gzip_ok, ending, pace);
     }
 
-    let body = export_file.body();
+    let short = export_file.kind == FileKind::Output && {
+        let mut state = job.state();
+        let served = state.shortened.entry(n).or_default();
+        let short = *served < faults.short_file;
+        *served += u32::from(short);
+        short
+    };
+    let body = if short {
+        export_file.body_of(export_file.lines.len() / 2)
+    } else {
+        export_file.body()
+    };
     let total = body.len();
     let mut resp = resp;
     // A range request is answered from the identity encoding, so offsets are plain ndjson bytes.

@@ -54,9 +54,15 @@ impl ExportFile {
 
     /// The ndjson body: every line followed by `\n`.
     pub fn body(&self) -> Bytes {
-        let len = self.lines.iter().map(|l| l.len() + 1).sum();
+        self.body_of(self.lines.len())
+    }
+
+    /// The body of the first `n` lines.
+    pub fn body_of(&self, n: usize) -> Bytes {
+        let lines = &self.lines[..n.min(self.lines.len())];
+        let len = lines.iter().map(|l| l.len() + 1).sum();
         let mut out = BytesMut::with_capacity(len);
-        for line in &self.lines {
+        for line in lines {
             out.put_slice(line);
             out.put_u8(b'\n');
         }
@@ -79,6 +85,8 @@ pub(super) struct JobState {
     pub throttled: HashMap<usize, u32>,
     /// Files downloaded at least once (for `cut_file_once`).
     pub downloaded: HashSet<usize>,
+    /// Short bodies served so far per file (for `short_file`).
+    pub shortened: HashMap<usize, u32>,
     /// The `file_gone` file has answered `410`, so manifests now list a fresh URL.
     pub gone_served: bool,
     /// The `file_401` fault has fired.

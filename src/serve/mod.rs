@@ -74,6 +74,7 @@
 //! | `status-fatal` | `status_fatal` | once the job is done, polls answer `500` with a `processing` OperationOutcome |
 //! | `file-429[:N]` | `file_429` | the first N requests for each file answer `429` + `Retry-After` |
 //! | `cut-file` | `cut_file_once` | every file's first download is cut after about half of its bytes |
+//! | `short-file[:N]` | `short_file` | the first N (default 1) downloads of each output file are complete bodies of only the first half of its lines (the manifest's `count` is the whole file's) |
 //! | `file-gone[:N]` | `file_gone` | file N (default 0) answers `410`; manifests fetched after that list a fresh URL for it |
 //! | `file-lost[:N]` | `file_lost` | file N (default 0) answers `404` to every download while the job lives on, under the same URL in every manifest |
 //! | `slow[:MS]` | `slow_chunk` | a delay (default 50 ms) between 8 KiB body chunks |

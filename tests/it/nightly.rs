@@ -385,3 +385,56 @@ fn wait_for_lease_gone(jobs: &std::path::Path) {
     };
     assert!(!leased(), "a finished job's lease is deleted");
 }
+
+/// A file whose body ends early without an error (a proxy cutting a close-delimited body at a
+/// line end) holds fewer resources than its manifest `count`: it is downloaded again, so the run
+/// publishes all of it. A file that stays short is kept, with a warning, and a snapshot run
+/// then removes nothing (those resources are not gone from the server, only from the file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_file_is_fetched_again_and_one_that_stays_short_removes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    let mut data: Vec<_> = (1..=6)
+        .map(|i| patient(&format!("p{i}"), "female", &["Old"], OLD))
+        .collect();
+    data.extend((1..=4).map(|i| observation(&format!("o{i}"), "p1", i as f64, OLD)));
+    let srv = start(files(&data), "127.0.0.1:0".parse().unwrap(), &[]).await;
+    export(&srv, &loc, full(), false).await.unwrap();
+    let faulty = |fault: &str| ExportRequest {
+        params: vec![("_flatfhirFault".into(), fault.into())],
+        ..full()
+    };
+    let downloads = |srv: &RunningServer| {
+        srv.log()
+            .iter()
+            .filter(|r| r.path.ends_with(".ndjson") && r.status == 200)
+            .count()
+    };
+
+    // The first download of each file is short: each is fetched again, and the snapshot holds
+    // everything.
+    let before = downloads(&srv);
+    let s = export(&srv, &loc, faulty("short-file"), true)
+        .await
+        .unwrap();
+    let files = s.manifest.inputs.len();
+    assert_eq!(downloads(&srv) - before, 2 * files, "each file twice");
+    assert_eq!(s.manifest.types["Patient"].rows, 6);
+    assert!(s.manifest.warnings.is_empty(), "{:?}", s.manifest.warnings);
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_current_is(&ds, &srv).await;
+
+    // Every download is short: kept after the retries, with warnings, and nothing removed.
+    let s = export(&srv, &loc, faulty("short-file:99"), true)
+        .await
+        .unwrap();
+    assert!(s.manifest.types["Patient"].rows < 6);
+    let warnings = s.manifest.warnings.join("\n");
+    assert!(
+        warnings.contains("manifest count") && warnings.contains("snapshot: nothing removed"),
+        "{warnings}"
+    );
+    assert!(!s.manifest.snapshot);
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_current_is(&ds, &srv).await;
+}

@@ -34,10 +34,31 @@ pub(super) async fn process_item(
         r.insert(shown.clone());
     }
     let mut attempt = 0;
+    let mut short_attempts = 0;
     let mut backoff = sh.client.retry().base;
     let mut refreshed = false;
     let result = loop {
         match fetch(sh, kind, &url, requires_token, n, slot).await {
+            Ok((parts, stats, _))
+                if short_attempts < SHORT_FILE_RETRIES && is_short(kind, item.count, &stats) =>
+            {
+                // Fewer resources than the manifest's `count`: a body that ended early without
+                // an error (a close-delimited body cut at a line end by a proxy or a crashed
+                // backend). Download it again rather than publish part of it.
+                short_attempts += 1;
+                sh.client.http_stats().retry();
+                crate::dataset::discard_staged(&sh.location, &parts).await;
+                tracing::warn!(
+                    file = %shown,
+                    lines = stats.lines - stats.blank_lines,
+                    count = item.count.unwrap_or_default(),
+                    retry = short_attempts,
+                    of = SHORT_FILE_RETRIES,
+                    "the file holds fewer resources than the manifest's count; downloading it again"
+                );
+                backoff = sh.client.retry().next_backoff(backoff);
+                tokio::time::sleep(backoff).await;
+            }
             Ok((parts, stats, outcomes)) => {
                 break Ok(FileRecord {
                     url: item.url.clone(),
@@ -76,6 +97,16 @@ pub(super) async fn process_item(
         r.remove(&shown);
     }
     result
+}
+
+/// Downloads of a file that came back shorter than its manifest `count` before it is kept as
+/// it is (a server whose `count` is wrong would otherwise fail every export). A run that keeps
+/// a short file warns, and removes nothing from the current state as a snapshot.
+const SHORT_FILE_RETRIES: u32 = 2;
+
+/// Whether an output file held fewer resources (non-blank lines) than its manifest's `count`.
+pub(super) fn is_short(kind: FileKind, count: Option<u64>, stats: &DecodeStats) -> bool {
+    kind == FileKind::Output && count.is_some_and(|c| stats.lines - stats.blank_lines < c)
 }
 
 fn retryable(e: &Error) -> bool {

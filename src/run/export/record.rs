@@ -22,6 +22,7 @@ pub(super) fn run_record(
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut deleted = 0;
     let mut warnings = Vec::new();
+    let mut short = Vec::new();
     for (url, rec) in &job.files {
         debug_assert_eq!(rec.state, FileState::Committed);
         let shown = Url::parse(url)
@@ -35,6 +36,9 @@ pub(super) fn run_record(
                     let w = format!("{shown}: manifest count {c} but {lines} lines read");
                     tracing::warn!("{w}");
                     warnings.push(w);
+                }
+                if super::files::is_short(rec.kind, rec.count, &rec.stats) {
+                    short.push(shown.clone());
                 }
                 inputs.push(InputRecord {
                     source: shown,
@@ -59,6 +63,19 @@ pub(super) fn run_record(
         }
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
+    // A resource missing from a short file is not gone from the server: a snapshot that holds
+    // one removes nothing.
+    let snapshot = job.snapshot && short.is_empty();
+    if job.snapshot && !snapshot {
+        let w = format!(
+            "snapshot: nothing removed from the current state, since {} held fewer resources \
+             than the manifest's count: {}",
+            if short.len() == 1 { "a file" } else { "files" },
+            short.join(", ")
+        );
+        tracing::warn!("{w}");
+        warnings.push(w);
+    }
     let server_errors = outcomes.get("fatal").is_some_and(|n| *n > 0)
         || outcomes.get("error").is_some_and(|n| *n > 0);
     let ids = RunIds {
@@ -73,7 +90,7 @@ pub(super) fn run_record(
         deleted,
         warnings,
         request: Some(job.request.clone()),
-        snapshot: job.snapshot,
+        snapshot,
         backfill: job.backfill.clone(),
         ..RunManifest::finished("export", ids, stats, inputs, files)
     }
