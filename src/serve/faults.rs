@@ -80,6 +80,9 @@ pub struct Faults {
     /// How many such bomb files (`gzip-bomb:MiB:N`; default 1): several at once test that a
     /// client's memory does not grow with the ratio times its download concurrency.
     pub gzip_bombs: usize,
+    /// Bind only the first of repeated `_type` and `_elements` parameters and ignore the rest
+    /// silently, as HAPI FHIR does (a comma-joined value still counts in full).
+    pub first_value_only: bool,
 }
 
 /// Faults of one kick-off request, plus the `paged` option that only exists per request.
@@ -177,6 +180,7 @@ impl RequestFaults {
                     f.gzip_bomb = Some(size);
                     f.gzip_bombs = count;
                 }
+                "first-value-only" => f.first_value_only = true,
                 "paged" => out.files_per_page = Some(number(1)?.max(1) as usize),
                 other => return Err(format!("unknown _flatfhirFault {other:?}")),
             }
@@ -216,6 +220,7 @@ impl Faults {
             } else {
                 self.gzip_bombs
             },
+            first_value_only: self.first_value_only || job.first_value_only,
         }
     }
 }
@@ -265,6 +270,7 @@ mod tests {
         assert!(RequestFaults::parse(["redirect-file:0"]).is_err());
         assert!(RequestFaults::parse(["redirect-file:elsewhere"]).is_err());
         assert!(f("stall-file,no-gzip").stall_file && f("no-gzip").no_gzip);
+        assert!(f("first-value-only").first_value_only);
         assert_eq!(f("slow-delete").slow_delete, Some(Duration::from_secs(30)));
         assert_eq!(
             f("slow-delete:5").slow_delete,

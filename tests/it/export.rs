@@ -171,6 +171,38 @@ async fn group_export_and_post_parameters() {
     srv.shutdown().await;
 }
 
+/// `--type A,B` against a server that binds only the first `_type` parameter (HAPI FHIR): sent
+/// as one comma-joined `_type`, GET and POST alike, every type asked for comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_are_one_comma_joined_parameter() {
+    let srv = server(
+        Faults {
+            first_value_only: true,
+            ..Faults::default()
+        },
+        |b| b,
+    )
+    .await;
+    for post in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let req = ExportRequest {
+            types: vec!["Patient".into(), "Condition".into()],
+            post,
+            ..patients()
+        };
+        let s = export(&srv, req, tmp.path(), Auth::None).await.unwrap();
+        assert_eq!(
+            s.manifest.types.keys().collect::<Vec<_>>(),
+            ["Condition", "Patient"],
+            "post: {post}"
+        );
+    }
+    assert!(srv.log().iter().any(|r| r.method == "GET"
+        && r.path.contains("$export?")
+        && r.path.contains("_type=Patient%2CCondition")));
+    srv.shutdown().await;
+}
+
 async fn fault_case(fault: &str) -> (tempfile::TempDir, ExportSummary, RunningServer) {
     let srv = server(Faults::default(), |b| b).await;
     let tmp = tempfile::tempdir().unwrap();
