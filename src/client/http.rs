@@ -79,9 +79,9 @@ impl BulkClientBuilder {
         self.auth = auth;
         self
     }
-    /// Extra headers (`--header`): on kick-off, status and DELETE requests, and on file requests
-    /// to the hosts that may receive the access token ([`BulkClient::token_allowed`]) — never on a
-    /// file request to, or redirected to, another origin.
+    /// Extra headers (`--header`): on every request to an origin that may receive the access
+    /// token ([`BulkClient::token_allowed`]) — never on a kick-off, status, manifest page, DELETE
+    /// or file request to, or redirected to, another origin.
     pub fn with_headers(mut self, h: Vec<(String, String)>) -> Self {
         self.headers = h;
         self
@@ -231,16 +231,19 @@ impl BulkClient {
             })
     }
 
-    /// A request with the user's headers and, when `with_token` and the origin is trusted, the
-    /// access token (marked sensitive so no debug output shows it). Returns the token used, for
-    /// [`renew_after_401`](Self::renew_after_401).
+    /// A request with, when the origin is trusted ([`token_allowed`](Self::token_allowed)), the
+    /// user's headers and (when `with_token`) the access token, marked sensitive so no debug
+    /// output shows it. A status URL, a manifest page or a DELETE on another origin gets
+    /// neither: `--header`s carry secrets too (`Authorization: Basic`, API keys). Returns the
+    /// token used, for [`renew_after_401`](Self::renew_after_401).
     async fn request(
         &self,
         method: Method,
         url: &Url,
         with_token: bool,
     ) -> Result<(reqwest::RequestBuilder, Option<Arc<str>>), ClientError> {
-        self.request_with(method, url, with_token, true).await
+        let trusted = self.token_allowed(url);
+        self.request_with(method, url, with_token, trusted).await
     }
 
     /// [`request`](Self::request), with the user's headers only when `with_headers`.

@@ -16,7 +16,7 @@
 //! Everything a server says is untrusted input: manifest URLs must be http(s) (https when the
 //! server is), relative `Content-Location`s are resolved against the kick-off URL, the access
 //! token is never sent to another origin unless the user allowed that host (nor are the user's
-//! extra headers on file requests, redirected or not), and server error bodies are shown
+//! extra headers, on any request: status URL, manifest page, DELETE or file, redirected or not), and server error bodies are shown
 //! through their OperationOutcome diagnostics (truncated). URLs in messages are redacted
 //! ([`error_redact`]).
 //!
