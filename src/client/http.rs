@@ -600,6 +600,16 @@ impl BulkClient {
                     if resp.status() == StatusCode::OK
                         || resp.status() == StatusCode::PARTIAL_CONTENT =>
                 {
+                    if let Some(media) = refused_file_type(resp.headers().get(CONTENT_TYPE)) {
+                        return Err(ClientError::Protocol {
+                            url: redact(&at),
+                            message: format!(
+                                "the file answered {} with Content-Type {media}, a web page \
+                                 (a sign-in or proxy error page?), not ndjson",
+                                resp.status().as_u16()
+                            ),
+                        });
+                    }
                     let gzip = resp
                         .headers()
                         .get(CONTENT_ENCODING)
@@ -730,6 +740,36 @@ fn job_status(resp: &Response) -> StatusCode {
     resp.status()
 }
 
+/// The media type of a file response that cannot be ndjson: HTML, XHTML or XML (an SSO sign-in
+/// page, a proxy's or a WAF's error page, an object store's XML error sent with `200`). Every
+/// other type is taken, as servers label ndjson in many ways: `application/fhir+ndjson`,
+/// `application/ndjson`, `application/x-ndjson`, `application/json`, `text/plain`,
+/// `application/octet-stream`, `binary/octet-stream`, a gzip type, or none at all.
+fn refused_file_type(value: Option<&HeaderValue>) -> Option<String> {
+    let value = value?;
+    let Ok(text) = value.to_str() else {
+        return Some(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    };
+    let media = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let refused = media == "text/html"
+        || media == "application/xhtml+xml"
+        || media == "text/xml"
+        || media == "application/xml"
+        || media.ends_with("+xml");
+    refused.then(|| {
+        media
+            .chars()
+            .take(100)
+            .filter(|c| !c.is_control())
+            .collect()
+    })
+}
+
 /// The first byte of a `206`'s `Content-Range: bytes START-END/TOTAL`.
 fn range_start(resp: &Response) -> Option<u64> {
     let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
@@ -742,4 +782,42 @@ fn retry_after(resp: &Response) -> Option<Duration> {
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn web_pages_are_refused_as_files() {
+        let refused = |ct: &str| refused_file_type(Some(&HeaderValue::from_str(ct).unwrap()));
+        for ok in [
+            "application/fhir+ndjson",
+            "application/ndjson",
+            "application/x-ndjson",
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/fhir+json",
+            "text/plain",
+            "application/octet-stream",
+            "binary/octet-stream",
+            "application/gzip",
+            "Application/FHIR+NDJSON; charset=UTF-8",
+        ] {
+            assert_eq!(refused(ok), None, "{ok}");
+        }
+        assert_eq!(refused_file_type(None), None);
+        for bad in [
+            "text/html",
+            "text/html; charset=utf-8",
+            "TEXT/HTML",
+            "application/xhtml+xml",
+            "application/xml",
+            "text/xml",
+            "application/atom+xml",
+        ] {
+            assert!(refused(bad).is_some(), "{bad}");
+        }
+        assert_eq!(refused("text/html; charset=utf-8").unwrap(), "text/html");
+    }
 }

@@ -11,6 +11,7 @@
 //!  download  GET each output/deleted/error file (Accept-Encoding: gzip; Range to resume;
 //!            redirects followed by hand, ≤ 5 hops; an idle timeout on every chunk);
 //!            the bearer token only when requiresAccessToken is true and the origin is trusted
+//!            (a 200 whose Content-Type is HTML or XML — a sign-in page — is refused)
 //! ```
 //!
 //! Everything a server says is untrusted input: manifest URLs must be http(s) (https when the

@@ -49,6 +49,9 @@ pub struct Faults {
     /// Index of a file that answers `404` to every download while its job lives on, listed
     /// under the same URL by every manifest (a file lost from the server's storage).
     pub file_lost: Option<usize>,
+    /// Index of a file that answers `200 text/html` with a login page to every download (an SSO
+    /// gateway or a proxy's error page in front of the file server).
+    pub file_html: Option<usize>,
     /// Delay between 8 KiB chunks of every file body.
     pub slow_chunk: Option<Duration>,
     /// Send `Retry-After` as an HTTP-date instead of delta-seconds.
@@ -122,6 +125,7 @@ impl RequestFaults {
                 "cut-file" => f.cut_file_once = true,
                 "file-gone" => f.file_gone = Some(number(0)? as usize),
                 "file-lost" => f.file_lost = Some(number(0)? as usize),
+                "file-html" => f.file_html = Some(number(0)? as usize),
                 "slow" => {
                     f.slow_chunk = Some(match arg {
                         Some(_) => Duration::from_millis(number(0)?),
@@ -203,6 +207,7 @@ impl Faults {
             cut_file_once: self.cut_file_once || job.cut_file_once,
             file_gone: job.file_gone.or(self.file_gone),
             file_lost: job.file_lost.or(self.file_lost),
+            file_html: job.file_html.or(self.file_html),
             slow_chunk: job.slow_chunk.or(self.slow_chunk),
             retry_after_http_date: self.retry_after_http_date || job.retry_after_http_date,
             deleted: self.deleted.iter().chain(&job.deleted).cloned().collect(),
@@ -271,6 +276,7 @@ mod tests {
         assert!(RequestFaults::parse(["redirect-file:elsewhere"]).is_err());
         assert!(f("stall-file,no-gzip").stall_file && f("no-gzip").no_gzip);
         assert!(f("first-value-only").first_value_only);
+        assert_eq!(f("file-html:2").file_html, Some(2));
         assert_eq!(f("slow-delete").slow_delete, Some(Duration::from_secs(30)));
         assert_eq!(
             f("slow-delete:5").slow_delete,

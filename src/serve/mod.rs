@@ -76,6 +76,7 @@
 //! | `cut-file` | `cut_file_once` | every file's first download is cut after about half of its bytes |
 //! | `file-gone[:N]` | `file_gone` | file N (default 0) answers `410`; manifests fetched after that list a fresh URL for it |
 //! | `file-lost[:N]` | `file_lost` | file N (default 0) answers `404` to every download while the job lives on, under the same URL in every manifest |
+//! | `file-html[:N]` | `file_html` | file N (default 0) answers `200 text/html` with a login page (an SSO gateway or a proxy's error page) |
 //! | `slow[:MS]` | `slow_chunk` | a delay (default 50 ms) between 8 KiB body chunks |
 //! | `retry-after-date` | `retry_after_http_date` | `Retry-After` is an HTTP-date instead of delta-seconds |
 //! | `deleted:Type/id` | `deleted` | a `deleted` file of DELETE Bundles (these resources are left out of `output`) |

@@ -631,3 +631,23 @@ async fn headers_never_go_to_another_origin() {
     a.abort();
     b.abort();
 }
+
+/// A file that answers `200 text/html` (an SSO sign-in page, a proxy's error page) is a failed
+/// download of that file, naming its URL and the type, and the run fails, rather than its lines
+/// becoming rejects in a run that succeeds (and, with `--snapshot`, empties the type's current
+/// state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_instead_of_a_file_fails_the_run() {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = client(&srv, Auth::None, |b| b);
+    let e = export_by(c, with_fault("file-html"), tmp.path())
+        .await
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("text/html") && e.contains("$export-file") && e.contains("/0.ndjson"),
+        "{e}"
+    );
+    srv.shutdown().await;
+}
