@@ -462,10 +462,19 @@ impl BulkClient {
     }
 
     /// One status request (transient failures retried a bounded number of times).
+    ///
+    /// A `429` is not a failure: the IG says it means the client polls too fast, and the job is
+    /// fine. It is waited out — `Retry-After` when the server sends one (at least
+    /// [`min_poll_interval`](RetryConfig::min_poll_interval)), else a growing backoff up to
+    /// [`max_poll_interval`](RetryConfig::max_poll_interval) — and polled again, without counting
+    /// towards `max_retries`: SMART's reference server answers `429` for minutes once tripped.
+    /// The export's overall timeout (`--timeout`) bounds the waiting.
     pub async fn poll(&self, status: &Url) -> Result<PollOutcome, ClientError> {
         let mut prev = self.cfg.retry.base;
         let mut attempt = 0;
         let mut renewed = false;
+        let mut throttled = 0u32;
+        let mut throttle_prev = self.cfg.retry.base;
         loop {
             let (rb, used) = self.request(Method::GET, status, true).await?;
             let rb = rb.header(ACCEPT, "application/json");
@@ -517,9 +526,26 @@ impl BulkClient {
                     let hint = retry_after(&resp);
                     let code = job_status(&resp).as_u16();
                     let body = resp.bytes().await.unwrap_or_default();
+                    if code == 429 {
+                        throttled += 1;
+                        let wait = match hint {
+                            Some(h) => self.cfg.retry.clamp_poll(h),
+                            None => {
+                                throttle_prev = self.cfg.retry.next_backoff(throttle_prev);
+                                self.cfg.retry.clamp_poll(throttle_prev)
+                            }
+                        };
+                        self.stats.waited_throttled(wait);
+                        tracing::info!(
+                            throttled,
+                            wait_ms = wait.as_millis() as u64,
+                            "status: the server asks to poll more slowly (429); waiting"
+                        );
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
                     let oo = OperationOutcome::parse(&body);
-                    let transient = code == 429
-                        || oo.as_ref().is_some_and(|o| o.is_transient())
+                    let transient = oo.as_ref().is_some_and(|o| o.is_transient())
                         || (code >= 500 && oo.is_none());
                     let e = ClientError::Status {
                         method: "GET",

@@ -5,8 +5,8 @@
 //!  kick-off  GET|POST [base]/$export, Patient/$export, Group/{id}/$export
 //!     │      Accept: application/fhir+json, Prefer: respond-async      → 202 + Content-Location
 //!     ▼
-//!  poll      GET status URL (Retry-After, X-Progress, backoff with jitter; transient errors
-//!     │      retried)                                                   → 200 + manifest
+//!  poll      GET status URL (Retry-After ≥ 1 s, X-Progress, backoff with jitter; transient
+//!     │      errors retried; 429 waited out, not counted)               → 200 + manifest
 //!     ▼
 //!  download  GET each output/deleted/error file (Accept-Encoding: gzip; Range to resume;
 //!            redirects followed by hand, ≤ 5 hops; an idle timeout on every chunk);
