@@ -79,9 +79,9 @@ impl BulkClientBuilder {
         self.auth = auth;
         self
     }
-    /// Extra headers (`--header`): on kick-off, status and DELETE requests, and on file requests
-    /// to the hosts that may receive the access token ([`BulkClient::token_allowed`]) — never on a
-    /// file request to, or redirected to, another origin.
+    /// Extra headers (`--header`): on every request to an origin that may receive the access
+    /// token ([`BulkClient::token_allowed`]) — never on a kick-off, status, manifest page, DELETE
+    /// or file request to, or redirected to, another origin.
     pub fn with_headers(mut self, h: Vec<(String, String)>) -> Self {
         self.headers = h;
         self
@@ -231,16 +231,19 @@ impl BulkClient {
             })
     }
 
-    /// A request with the user's headers and, when `with_token` and the origin is trusted, the
-    /// access token (marked sensitive so no debug output shows it). Returns the token used, for
-    /// [`renew_after_401`](Self::renew_after_401).
+    /// A request with, when the origin is trusted ([`token_allowed`](Self::token_allowed)), the
+    /// user's headers and (when `with_token`) the access token, marked sensitive so no debug
+    /// output shows it. A status URL, a manifest page or a DELETE on another origin gets
+    /// neither: `--header`s carry secrets too (`Authorization: Basic`, API keys). Returns the
+    /// token used, for [`renew_after_401`](Self::renew_after_401).
     async fn request(
         &self,
         method: Method,
         url: &Url,
         with_token: bool,
     ) -> Result<(reqwest::RequestBuilder, Option<Arc<str>>), ClientError> {
-        self.request_with(method, url, with_token, true).await
+        let trusted = self.token_allowed(url);
+        self.request_with(method, url, with_token, trusted).await
     }
 
     /// [`request`](Self::request), with the user's headers only when `with_headers`.
@@ -459,10 +462,19 @@ impl BulkClient {
     }
 
     /// One status request (transient failures retried a bounded number of times).
+    ///
+    /// A `429` is not a failure: the IG says it means the client polls too fast, and the job is
+    /// fine. It is waited out — `Retry-After` when the server sends one (at least
+    /// [`min_poll_interval`](RetryConfig::min_poll_interval)), else a growing backoff up to
+    /// [`max_poll_interval`](RetryConfig::max_poll_interval) — and polled again, without counting
+    /// towards `max_retries`: SMART's reference server answers `429` for minutes once tripped.
+    /// The export's overall timeout (`--timeout`) bounds the waiting.
     pub async fn poll(&self, status: &Url) -> Result<PollOutcome, ClientError> {
         let mut prev = self.cfg.retry.base;
         let mut attempt = 0;
         let mut renewed = false;
+        let mut throttled = 0u32;
+        let mut throttle_prev = self.cfg.retry.base;
         loop {
             let (rb, used) = self.request(Method::GET, status, true).await?;
             let rb = rb.header(ACCEPT, "application/json");
@@ -514,9 +526,26 @@ impl BulkClient {
                     let hint = retry_after(&resp);
                     let code = job_status(&resp).as_u16();
                     let body = resp.bytes().await.unwrap_or_default();
+                    if code == 429 {
+                        throttled += 1;
+                        let wait = match hint {
+                            Some(h) => self.cfg.retry.clamp_poll(h),
+                            None => {
+                                throttle_prev = self.cfg.retry.next_backoff(throttle_prev);
+                                self.cfg.retry.clamp_poll(throttle_prev)
+                            }
+                        };
+                        self.stats.waited_throttled(wait);
+                        tracing::info!(
+                            throttled,
+                            wait_ms = wait.as_millis() as u64,
+                            "status: the server asks to poll more slowly (429); waiting"
+                        );
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
                     let oo = OperationOutcome::parse(&body);
-                    let transient = code == 429
-                        || oo.as_ref().is_some_and(|o| o.is_transient())
+                    let transient = oo.as_ref().is_some_and(|o| o.is_transient())
                         || (code >= 500 && oo.is_none());
                     let e = ClientError::Status {
                         method: "GET",
@@ -597,6 +626,16 @@ impl BulkClient {
                     if resp.status() == StatusCode::OK
                         || resp.status() == StatusCode::PARTIAL_CONTENT =>
                 {
+                    if let Some(media) = refused_file_type(resp.headers().get(CONTENT_TYPE)) {
+                        return Err(ClientError::Protocol {
+                            url: redact(&at),
+                            message: format!(
+                                "the file answered {} with Content-Type {media}, a web page \
+                                 (a sign-in or proxy error page?), not ndjson",
+                                resp.status().as_u16()
+                            ),
+                        });
+                    }
                     let gzip = resp
                         .headers()
                         .get(CONTENT_ENCODING)
@@ -727,6 +766,36 @@ fn job_status(resp: &Response) -> StatusCode {
     resp.status()
 }
 
+/// The media type of a file response that cannot be ndjson: HTML, XHTML or XML (an SSO sign-in
+/// page, a proxy's or a WAF's error page, an object store's XML error sent with `200`). Every
+/// other type is taken, as servers label ndjson in many ways: `application/fhir+ndjson`,
+/// `application/ndjson`, `application/x-ndjson`, `application/json`, `text/plain`,
+/// `application/octet-stream`, `binary/octet-stream`, a gzip type, or none at all.
+fn refused_file_type(value: Option<&HeaderValue>) -> Option<String> {
+    let value = value?;
+    let Ok(text) = value.to_str() else {
+        return Some(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    };
+    let media = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let refused = media == "text/html"
+        || media == "application/xhtml+xml"
+        || media == "text/xml"
+        || media == "application/xml"
+        || media.ends_with("+xml");
+    refused.then(|| {
+        media
+            .chars()
+            .take(100)
+            .filter(|c| !c.is_control())
+            .collect()
+    })
+}
+
 /// The first byte of a `206`'s `Content-Range: bytes START-END/TOTAL`.
 fn range_start(resp: &Response) -> Option<u64> {
     let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
@@ -739,4 +808,42 @@ fn retry_after(resp: &Response) -> Option<Duration> {
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn web_pages_are_refused_as_files() {
+        let refused = |ct: &str| refused_file_type(Some(&HeaderValue::from_str(ct).unwrap()));
+        for ok in [
+            "application/fhir+ndjson",
+            "application/ndjson",
+            "application/x-ndjson",
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/fhir+json",
+            "text/plain",
+            "application/octet-stream",
+            "binary/octet-stream",
+            "application/gzip",
+            "Application/FHIR+NDJSON; charset=UTF-8",
+        ] {
+            assert_eq!(refused(ok), None, "{ok}");
+        }
+        assert_eq!(refused_file_type(None), None);
+        for bad in [
+            "text/html",
+            "text/html; charset=utf-8",
+            "TEXT/HTML",
+            "application/xhtml+xml",
+            "application/xml",
+            "text/xml",
+            "application/atom+xml",
+        ] {
+            assert!(refused(bad).is_some(), "{bad}");
+        }
+        assert_eq!(refused("text/html; charset=utf-8").unwrap(), "text/html");
+    }
 }

@@ -5,18 +5,19 @@
 //!  kick-off  GET|POST [base]/$export, Patient/$export, Group/{id}/$export
 //!     │      Accept: application/fhir+json, Prefer: respond-async      → 202 + Content-Location
 //!     ▼
-//!  poll      GET status URL (Retry-After, X-Progress, backoff with jitter; transient errors
-//!     │      retried)                                                   → 200 + manifest
+//!  poll      GET status URL (Retry-After ≥ 1 s, X-Progress, backoff with jitter; transient
+//!     │      errors retried; 429 waited out, not counted)               → 200 + manifest
 //!     ▼
 //!  download  GET each output/deleted/error file (Accept-Encoding: gzip; Range to resume;
 //!            redirects followed by hand, ≤ 5 hops; an idle timeout on every chunk);
 //!            the bearer token only when requiresAccessToken is true and the origin is trusted
+//!            (a 200 whose Content-Type is HTML or XML — a sign-in page — is refused)
 //! ```
 //!
 //! Everything a server says is untrusted input: manifest URLs must be http(s) (https when the
 //! server is), relative `Content-Location`s are resolved against the kick-off URL, the access
 //! token is never sent to another origin unless the user allowed that host (nor are the user's
-//! extra headers on file requests, redirected or not), and server error bodies are shown
+//! extra headers, on any request: status URL, manifest page, DELETE or file, redirected or not), and server error bodies are shown
 //! through their OperationOutcome diagnostics (truncated). URLs in messages are redacted
 //! ([`error_redact`]).
 //!

@@ -158,7 +158,11 @@ impl ExportRequest {
         Ok(())
     }
 
-    /// `(name, value)` pairs, one per value (repeated rather than comma-joined).
+    /// `(name, value)` pairs. `_type` and `_elements` are one comma-joined parameter each, as the
+    /// IG defines them (a comma-delimited string): the IG lets a server treat repeats as joined,
+    /// but HAPI FHIR binds only the first `_type` and Cerner rejects repeats, so a repeated form
+    /// loses types silently. `_typeFilter` stays one parameter per query, as STU3 defines it (a
+    /// query may itself hold commas), and so do the other lists.
     pub fn pairs(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
         let mut push = |n: &str, v: &str| p.push((n.to_string(), v.to_string()));
@@ -171,11 +175,11 @@ impl ExportRequest {
         if let Some(s) = &self.until {
             push("_until", s);
         }
-        for t in &self.types {
-            push("_type", t);
+        if !self.types.is_empty() {
+            push("_type", &self.types.join(","));
         }
-        for e in &self.elements {
-            push("_elements", e);
+        if !self.elements.is_empty() {
+            push("_elements", &self.elements.join(","));
         }
         for f in &self.type_filters {
             push("_typeFilter", f);
@@ -205,7 +209,8 @@ impl ExportRequest {
         Ok(url)
     }
 
-    /// The POST body: a FHIR `Parameters` resource, one entry per value.
+    /// The POST body: a FHIR `Parameters` resource, one entry per [`pairs`](Self::pairs) pair
+    /// (so `_type` and `_elements` are one comma-joined `valueString` each).
     pub fn parameters_body(&self) -> Value {
         let mut params: Vec<Value> = self
             .pairs()
@@ -248,7 +253,7 @@ mod tests {
         assert_eq!(u.path(), "/fhir/Group/g-1/$export");
         assert_eq!(
             u.query(),
-            Some("_since=2020-01-01T00%3A00%3A00%2B01%3A00&_type=Patient&_type=Observation")
+            Some("_since=2020-01-01T00%3A00%3A00%2B01%3A00&_type=Patient%2CObservation")
         );
         assert!(!r.uses_post());
         let r = ExportRequest {
@@ -261,8 +266,10 @@ mod tests {
             body["parameter"][0]["valueInstant"],
             "2020-01-01T00:00:00+01:00"
         );
+        assert_eq!(body["parameter"][1]["name"], "_type");
+        assert_eq!(body["parameter"][1]["valueString"], "Patient,Observation");
         assert_eq!(
-            body["parameter"][3]["valueReference"]["reference"],
+            body["parameter"][2]["valueReference"]["reference"],
             "Patient/p1"
         );
         let bad = ExportRequest {
@@ -270,6 +277,40 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.endpoint(&base).is_err());
+    }
+
+    #[test]
+    fn type_and_elements_are_joined_type_filters_repeated() {
+        let r = ExportRequest {
+            types: vec!["Patient".into(), "Observation".into()],
+            elements: vec!["id".into(), "Observation.status".into()],
+            type_filters: vec![
+                "Observation?code=a,b".into(),
+                "Observation?status=final".into(),
+            ],
+            ..Default::default()
+        };
+        let names = |n: &str| r.pairs().into_iter().filter(|(k, _)| k == n).count();
+        assert_eq!(
+            (names("_type"), names("_elements"), names("_typeFilter")),
+            (1, 1, 2)
+        );
+        let body = r.parameters_body();
+        let values: Vec<_> = body["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| format!("{}={}", p["name"].as_str().unwrap(), p["valueString"]))
+            .collect();
+        assert_eq!(
+            values,
+            [
+                r#"_type="Patient,Observation""#,
+                r#"_elements="id,Observation.status""#,
+                r#"_typeFilter="Observation?code=a,b""#,
+                r#"_typeFilter="Observation?status=final""#,
+            ]
+        );
     }
 
     #[test]

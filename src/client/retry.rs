@@ -10,6 +10,9 @@ pub const DEFAULT_BASE_BACKOFF: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(120);
 /// Default longest wait between two status polls, whatever `Retry-After` says.
 pub const DEFAULT_MAX_POLL_INTERVAL: Duration = Duration::from_secs(300);
+/// Default shortest wait a server's `Retry-After` can ask for (`Retry-After: 0` or a date in the
+/// past would otherwise make the client poll as fast as it can): the IG's recommended floor.
+pub const DEFAULT_MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How requests are retried and polls spaced.
 #[derive(Debug, Clone)]
@@ -22,6 +25,8 @@ pub struct RetryConfig {
     pub max_backoff: Duration,
     /// Longest poll interval (default [`DEFAULT_MAX_POLL_INTERVAL`]).
     pub max_poll_interval: Duration,
+    /// Shortest wait a `Retry-After` can ask for (default [`DEFAULT_MIN_POLL_INTERVAL`]).
+    pub min_poll_interval: Duration,
 }
 
 impl Default for RetryConfig {
@@ -31,6 +36,7 @@ impl Default for RetryConfig {
             base: DEFAULT_BASE_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
             max_poll_interval: DEFAULT_MAX_POLL_INTERVAL,
+            min_poll_interval: DEFAULT_MIN_POLL_INTERVAL,
         }
     }
 }
@@ -44,9 +50,9 @@ impl RetryConfig {
         Duration::from_secs_f64(pick.min(self.max_backoff.as_secs_f64()))
     }
 
-    /// Clamp a server-requested wait to `[base/10, max_poll_interval]`.
+    /// Clamp a server-requested wait to `[min_poll_interval, max_poll_interval]`.
     pub fn clamp_poll(&self, d: Duration) -> Duration {
-        d.clamp(self.base / 10, self.max_poll_interval)
+        d.min(self.max_poll_interval).max(self.min_poll_interval)
     }
 }
 
@@ -102,5 +108,7 @@ mod tests {
             c.clamp_poll(Duration::from_secs(10_000)),
             c.max_poll_interval
         );
+        // `Retry-After: 0` waits a second, not `base / 10`.
+        assert_eq!(c.clamp_poll(Duration::ZERO), Duration::from_secs(1));
     }
 }

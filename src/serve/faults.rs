@@ -54,6 +54,9 @@ pub struct Faults {
     /// Index of a file that answers `404` to every download while its job lives on, listed
     /// under the same URL by every manifest (a file lost from the server's storage).
     pub file_lost: Option<usize>,
+    /// Index of a file that answers `200 text/html` with a login page to every download (an SSO
+    /// gateway or a proxy's error page in front of the file server).
+    pub file_html: Option<usize>,
     /// Delay between 8 KiB chunks of every file body.
     pub slow_chunk: Option<Duration>,
     /// Send `Retry-After` as an HTTP-date instead of delta-seconds.
@@ -85,6 +88,9 @@ pub struct Faults {
     /// How many such bomb files (`gzip-bomb:MiB:N`; default 1): several at once test that a
     /// client's memory does not grow with the ratio times its download concurrency.
     pub gzip_bombs: usize,
+    /// Bind only the first of repeated `_type` and `_elements` parameters and ignore the rest
+    /// silently, as HAPI FHIR does (a comma-joined value still counts in full).
+    pub first_value_only: bool,
 }
 
 /// Faults of one kick-off request, plus the `paged` option that only exists per request.
@@ -125,6 +131,7 @@ impl RequestFaults {
                 "short-file" => f.short_file = number(1)? as u32,
                 "file-gone" => f.file_gone = Some(number(0)? as usize),
                 "file-lost" => f.file_lost = Some(number(0)? as usize),
+                "file-html" => f.file_html = Some(number(0)? as usize),
                 "slow" => {
                     f.slow_chunk = Some(match arg {
                         Some(_) => Duration::from_millis(number(0)?),
@@ -183,6 +190,7 @@ impl RequestFaults {
                     f.gzip_bomb = Some(size);
                     f.gzip_bombs = count;
                 }
+                "first-value-only" => f.first_value_only = true,
                 "paged" => out.files_per_page = Some(number(1)?.max(1) as usize),
                 other => return Err(format!("unknown _flatfhirFault {other:?}")),
             }
@@ -206,6 +214,7 @@ impl Faults {
             short_file: self.short_file.max(job.short_file),
             file_gone: job.file_gone.or(self.file_gone),
             file_lost: job.file_lost.or(self.file_lost),
+            file_html: job.file_html.or(self.file_html),
             slow_chunk: job.slow_chunk.or(self.slow_chunk),
             retry_after_http_date: self.retry_after_http_date || job.retry_after_http_date,
             deleted: self.deleted.iter().chain(&job.deleted).cloned().collect(),
@@ -223,6 +232,7 @@ impl Faults {
             } else {
                 self.gzip_bombs
             },
+            first_value_only: self.first_value_only || job.first_value_only,
         }
     }
 }
@@ -272,6 +282,8 @@ mod tests {
         assert!(RequestFaults::parse(["redirect-file:0"]).is_err());
         assert!(RequestFaults::parse(["redirect-file:elsewhere"]).is_err());
         assert!(f("stall-file,no-gzip").stall_file && f("no-gzip").no_gzip);
+        assert!(f("first-value-only").first_value_only);
+        assert_eq!(f("file-html:2").file_html, Some(2));
         assert_eq!(f("slow-delete").slow_delete, Some(Duration::from_secs(30)));
         assert_eq!(
             f("slow-delete:5").slow_delete,

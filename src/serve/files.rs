@@ -82,6 +82,16 @@ pub(super) async fn download(
         return Issue::error("not-found", format!("file {n} is lost (fault file-lost)"))
             .response(StatusCode::NOT_FOUND);
     }
+    if job.faults.file_html == Some(n) {
+        let page = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n\
+                    <body><form action=\"/login\">Please sign in</form></body></html>\n";
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response();
+    }
     let hop: u32 = query("hop").and_then(|h| h.parse().ok()).unwrap_or(0);
     if let Some(redirect) = job.faults.redirect_file
         && hop < redirect.hops

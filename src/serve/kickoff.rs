@@ -229,7 +229,14 @@ fn parse(
         }
         params.extend(parameters_body(body)?);
     }
-    let request = ExportRequest::parse(level, &params, post, lenient, &state.data)?;
+    let request = ExportRequest::parse(
+        level,
+        &params,
+        post,
+        lenient,
+        state.config.faults.first_value_only,
+        &state.data,
+    )?;
     Ok((request, lenient))
 }
 

@@ -77,6 +77,7 @@
 //! | `short-file[:N]` | `short_file` | the first N (default 1) downloads of each output file are complete bodies of only the first half of its lines (the manifest's `count` is the whole file's) |
 //! | `file-gone[:N]` | `file_gone` | file N (default 0) answers `410`; manifests fetched after that list a fresh URL for it |
 //! | `file-lost[:N]` | `file_lost` | file N (default 0) answers `404` to every download while the job lives on, under the same URL in every manifest |
+//! | `file-html[:N]` | `file_html` | file N (default 0) answers `200 text/html` with a login page (an SSO gateway or a proxy's error page) |
 //! | `slow[:MS]` | `slow_chunk` | a delay (default 50 ms) between 8 KiB body chunks |
 //! | `retry-after-date` | `retry_after_http_date` | `Retry-After` is an HTTP-date instead of delta-seconds |
 //! | `deleted:Type/id` | `deleted` | a `deleted` file of DELETE Bundles (these resources are left out of `output`) |
@@ -90,6 +91,7 @@
 //! | `slow-delete[:MS]` | `slow_delete` | `DELETE` of the job's status URL answers only after MS (default 30,000) milliseconds |
 //! | `no-gzip` | `no_gzip` | file bodies are never gzip-encoded (so cut bodies can be resumed with `Range`) |
 //! | `gzip-bomb[:MiB]` | `gzip_bomb` | one more Patient `output` file: a valid Patient line repeated to MiB (default 300) plain, served gzip-encoded at about 290:1, 300 MiB in about 1 MiB (all lines share one `id`) |
+//! | `first-value-only` | `first_value_only` | only the first of repeated `_type` / `_elements` parameters counts, the rest are ignored silently, as HAPI FHIR binds them (a comma-joined value counts in full) |
 //!
 //! # Auth
 //!

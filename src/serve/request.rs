@@ -65,14 +65,29 @@ const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjso
 
 impl ExportRequest {
     /// Validate kick-off parameters (`name`, `value` pairs; comma lists not yet split).
+    /// `first_value_only` is the server-wide `first-value-only` fault ([`Faults`]), which a
+    /// request may also ask for.
+    ///
+    /// [`Faults`]: super::Faults
     pub fn parse(
         level: &Level,
         params: &[(String, String)],
         post: bool,
         lenient: bool,
+        first_value_only: bool,
         data: &Dataset,
     ) -> Result<Self, Rejection> {
-        let mut req = ExportRequest::default();
+        let mut req = ExportRequest {
+            faults: RequestFaults::parse(
+                params
+                    .iter()
+                    .filter(|(n, _)| n == "_flatfhirFault")
+                    .map(|(_, v)| v.as_str()),
+            )
+            .map_err(Rejection::invalid)?,
+            ..Default::default()
+        };
+        let first_value_only = first_value_only || req.faults.faults.first_value_only;
         let unsupported = |notes: &mut Vec<Issue>, what: String| {
             if lenient {
                 notes.push(Issue {
@@ -100,7 +115,14 @@ impl ExportRequest {
             Ok(first)
         };
         let list = |name: &'static str| -> Vec<&str> {
+            // HAPI binds `_type` and `_elements` as one string: a repeat is dropped.
+            let keep = if first_value_only && matches!(name, "_type" | "_elements") {
+                1
+            } else {
+                usize::MAX
+            };
             values(name)
+                .take(keep)
                 .flat_map(|v| v.split(','))
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
@@ -199,8 +221,6 @@ impl ExportRequest {
                 )));
             }
         }
-        req.faults = RequestFaults::parse(values("_flatfhirFault")).map_err(Rejection::invalid)?;
-
         let mut patients = Vec::new();
         let patient_values = list("patient");
         if !patient_values.is_empty() {
@@ -359,7 +379,7 @@ mod tests {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
-        ExportRequest::parse(&level, &params, post, lenient, &data())
+        ExportRequest::parse(&level, &params, post, lenient, false, &data())
     }
 
     #[test]
@@ -379,6 +399,22 @@ mod tests {
         .unwrap();
         assert_eq!(r.types.unwrap().len(), 3);
         assert_eq!(r.elements[1].resource_type.as_deref(), Some("Observation"));
+        // The `first-value-only` fault binds `_type` as HAPI does: the first parameter only.
+        let hapi = parse(
+            Level::System,
+            &[
+                ("_flatfhirFault", "first-value-only"),
+                ("_type", "Patient,Observation"),
+                ("_type", "Condition"),
+            ],
+            false,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            hapi.types.unwrap().into_iter().collect::<Vec<_>>(),
+            ["Observation", "Patient"]
+        );
         assert_eq!(r.since.unwrap().to_rfc3339(), "2020-01-01T00:00:00+01:00");
         assert!(parse(Level::System, &[("_outputFormat", "text/csv")], false, true).is_err());
         assert!(parse(Level::System, &[("_since", "yesterday")], false, true).is_err());

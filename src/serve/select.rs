@@ -255,7 +255,7 @@ mod tests {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
-        ExportRequest::parse(&level, &params, true, false, d).unwrap()
+        ExportRequest::parse(&level, &params, true, false, false, d).unwrap()
     }
 
     #[test]

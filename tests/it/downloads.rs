@@ -520,3 +520,134 @@ async fn resumes_are_bounded_and_an_ignored_range_is_a_protocol_error() {
     assert!(e.to_string().contains("ignored the Range request"), "{e}");
     task.abort();
 }
+
+/// A user's `--header`s (an `Authorization: Basic`, an API key) are secrets as much as the token:
+/// a status URL (`Content-Location`), a manifest `link` or a DELETE on another origin gets
+/// neither. A second loopback listener (another port is another origin) records what reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_never_go_to_another_origin() {
+    use axum::{
+        Router,
+        extract::Request,
+        http::{StatusCode, header},
+        response::IntoResponse,
+    };
+    type Seen = Arc<std::sync::Mutex<Vec<(String, String, Vec<String>)>>>;
+    fn record(seen: &Seen, req: &Request) {
+        let names = req.headers().keys().map(|k| k.to_string()).collect();
+        let what = (
+            req.method().to_string(),
+            req.uri().path().to_string(),
+            names,
+        );
+        seen.lock().unwrap().push(what);
+    }
+    let listen = || async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}/", l.local_addr().unwrap())).unwrap();
+        (l, url)
+    };
+    let (fhir_listener, fhir) = listen().await;
+    let (other_listener, other) = listen().await;
+    let (fhir_seen, other_seen) = (Seen::default(), Seen::default());
+
+    // The FHIR server: a kick-off whose status URL is on the other origin.
+    let (seen, status) = (fhir_seen.clone(), other.join("status").unwrap());
+    let fhir_app = Router::new().fallback(move |req: Request| {
+        record(&seen, &req);
+        let status = status.to_string();
+        async move { (StatusCode::ACCEPTED, [(header::CONTENT_LOCATION, status)]).into_response() }
+    });
+    // The other origin: the status URL, whose manifest links to a second page there.
+    let (seen, page2) = (other_seen.clone(), other.join("page2").unwrap());
+    let other_app = Router::new().fallback(move |req: Request| {
+        record(&seen, &req);
+        let link = (req.uri().path() == "/status")
+            .then(|| serde_json::json!([{"relation": "next", "url": page2.as_str()}]));
+        let method = req.method().clone();
+        async move {
+            if method == axum::http::Method::DELETE {
+                return StatusCode::ACCEPTED.into_response();
+            }
+            let mut m = serde_json::json!({
+                "transactionTime": "2026-01-01T00:00:00Z",
+                "request": "x",
+                "requiresAccessToken": true,
+                "output": [],
+                "error": [],
+            });
+            if let Some(link) = link {
+                m["link"] = link;
+            }
+            axum::Json(m).into_response()
+        }
+    });
+    let a = tokio::spawn(async move { axum::serve(fhir_listener, fhir_app).await });
+    let b = tokio::spawn(async move { axum::serve(other_listener, other_app).await });
+
+    let c = BulkClientBuilder::new(fhir.join("fhir/").unwrap())
+        .with_auth(Auth::Bearer(TOKEN.into()))
+        .with_headers(vec![
+            ("Authorization".into(), "Basic dXNlcjpzM2NyM3Q=".into()),
+            ("X-Api-Key".into(), "s3cret-key".into()),
+        ])
+        .with_retry(fast_retry())
+        .build()
+        .unwrap();
+    let status = c.kick_off(&patients()).await.unwrap();
+    assert_eq!(status.origin(), other.origin());
+    let PollOutcome::Complete(m) = c.poll(&status).await.unwrap() else {
+        panic!("the manifest was complete");
+    };
+    let next = Url::parse(m.next_page().unwrap()).unwrap();
+    assert!(matches!(
+        c.fetch_page(&next).await.unwrap(),
+        PollOutcome::Complete(_)
+    ));
+    c.delete(&status).await.unwrap();
+
+    // The FHIR origin got the headers; the other origin got GET /status, GET /page2 and DELETE
+    // /status, none with them.
+    let fhir_seen = fhir_seen.lock().unwrap().clone();
+    assert!(
+        fhir_seen[0].2.iter().any(|h| h == "x-api-key")
+            && fhir_seen[0].2.iter().any(|h| h == "authorization"),
+        "{fhir_seen:?}"
+    );
+    let other_seen = other_seen.lock().unwrap().clone();
+    let calls: Vec<_> = other_seen
+        .iter()
+        .map(|(m, p, _)| format!("{m} {p}"))
+        .collect();
+    assert_eq!(calls, ["GET /status", "GET /page2", "DELETE /status"]);
+    for (method, path, names) in &other_seen {
+        assert!(
+            !names
+                .iter()
+                .any(|h| h == "x-api-key" || h == "authorization"),
+            "{method} {path} carried a secret header: {names:?}"
+        );
+    }
+    a.abort();
+    b.abort();
+}
+
+/// A file that answers `200 text/html` (an SSO sign-in page, a proxy's error page) is a failed
+/// download of that file, naming its URL and the type, and the run fails, rather than its lines
+/// becoming rejects in a run that succeeds (and, with `--snapshot`, empties the type's current
+/// state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_instead_of_a_file_fails_the_run() {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = client(&srv, Auth::None, |b| b);
+    let e = export_by(c, with_fault("file-html"), tmp.path())
+        .await
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("text/html") && e.contains("$export-file") && e.contains("/0.ndjson"),
+        "{e}"
+    );
+    srv.shutdown().await;
+}

@@ -171,6 +171,38 @@ async fn group_export_and_post_parameters() {
     srv.shutdown().await;
 }
 
+/// `--type A,B` against a server that binds only the first `_type` parameter (HAPI FHIR): sent
+/// as one comma-joined `_type`, GET and POST alike, every type asked for comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_are_one_comma_joined_parameter() {
+    let srv = server(
+        Faults {
+            first_value_only: true,
+            ..Faults::default()
+        },
+        |b| b,
+    )
+    .await;
+    for post in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let req = ExportRequest {
+            types: vec!["Patient".into(), "Condition".into()],
+            post,
+            ..patients()
+        };
+        let s = export(&srv, req, tmp.path(), Auth::None).await.unwrap();
+        assert_eq!(
+            s.manifest.types.keys().collect::<Vec<_>>(),
+            ["Condition", "Patient"],
+            "post: {post}"
+        );
+    }
+    assert!(srv.log().iter().any(|r| r.method == "GET"
+        && r.path.contains("$export?")
+        && r.path.contains("_type=Patient%2CCondition")));
+    srv.shutdown().await;
+}
+
 async fn fault_case(fault: &str) -> (tempfile::TempDir, ExportSummary, RunningServer) {
     let srv = server(Faults::default(), |b| b).await;
     let tmp = tempfile::tempdir().unwrap();
@@ -197,6 +229,43 @@ async fn transient_status_errors_are_retried() {
 async fn status_429_and_http_date_retry_after() {
     fault_case("status-429:2").await;
     fault_case("retry-after-date").await;
+}
+
+/// A `429` on a status poll means "poll more slowly", not a failure: it is waited out however
+/// often it comes (here more often than `max_retries`), and `Retry-After: 0` still waits the
+/// one-second floor between polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_429s_are_waited_out_not_counted_as_retries() {
+    let srv = server(Faults::default(), |b| b.with_retry_after(0)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let client = BulkClientBuilder::new(srv.base_url().clone())
+        .with_retry(RetryConfig {
+            max_retries: 1,
+            ..fast_retry()
+        })
+        .build()
+        .unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    let started = std::time::Instant::now();
+    let s = ExportBuilder::new(client, Arc::new(ViewRegistry::builtin().unwrap()), loc)
+        .with_request(with_fault("status-429:4"))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let throttled = srv
+        .log()
+        .iter()
+        .filter(|r| r.path.contains("$export-status") && r.status == 429)
+        .count();
+    assert_eq!(throttled, 4);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(s.manifest.transaction_time.is_some());
+    assert_exact(tmp.path(), &srv.counts()).await;
+    srv.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -240,3 +240,48 @@ async fn since_auto_tombstones_and_latest_views_match_the_server() {
     );
     assert_eq!(counts(&loc).await, before);
 }
+
+/// `--since auto` after a run bounded by `--until`: that run covered the changes before its
+/// `until` only, so the next run starts there, not at its `transactionTime` (which would skip
+/// the changes in between for good). A run with `--elements` is another export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_auto_after_until_starts_at_the_until() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    const MID: &str = "2023-06-01T00:00:00Z";
+    let data = files(&[
+        patient("p1", "female", &["Old"], OLD),
+        patient("p2", "female", &["Old"], OLD),
+        patient("p3", "male", &["Mid"], MID),
+        patient("p4", "male", &["Mid"], MID),
+    ]);
+    let srv = start(data, "127.0.0.1:0".parse().unwrap(), &[]).await;
+    let bounded = ExportRequest {
+        level: Some(ExportLevel::System),
+        until: Some("2021-01-01T00:00:00Z".into()),
+        ..Default::default()
+    };
+    let first = run(&srv, &loc, bounded).await;
+    assert_eq!(first.manifest.types["Patient"].rows, 2);
+
+    // Another population (`_elements`): no earlier run of it.
+    let base = srv.base_url().to_string();
+    let ids = ExportRequest {
+        elements: vec!["id".into()],
+        ..auto()
+    };
+    let r = resolve_since_auto(&loc, &base, ids).await.unwrap();
+    assert_eq!(r.since, None);
+
+    let second = run(&srv, &loc, auto()).await;
+    assert_eq!(
+        second.manifest.request.as_ref().unwrap().since.as_deref(),
+        Some("2020-12-31T23:59:59.999Z")
+    );
+    assert_eq!(
+        second.manifest.types.get("Patient").map(|t| t.rows),
+        Some(2),
+        "the changes between the first run's until and its transactionTime"
+    );
+    srv.shutdown().await;
+}
