@@ -183,7 +183,7 @@ impl Download {
             ClientError::Network {
                 method: "GET",
                 url: redact(&self.url),
-                source: e,
+                source: e.without_url(),
             }
         }
     }

@@ -138,6 +138,23 @@ pub enum ClientError {
     /// `--timeout` expired.
     #[error("export did not finish within {0:?}")]
     Timeout(std::time::Duration),
+    /// The connection failed after a kick-off was sent, so the server may have started an export
+    /// job whose status URL flatfhir never got. Not retried: each kick-off starts a job, and a
+    /// server that runs one export per client (Epic) refuses the next kick-off while an orphan
+    /// runs.
+    #[error(
+        "kick-off {method} {url}: {cause}; the server may have started an export job that \
+         flatfhir cannot see (the kick-off is not sent again, so as not to start a second one); \
+         if the next run's kick-off is refused, that job must finish or expire first"
+    )]
+    KickOffLost {
+        /// HTTP method.
+        method: &'static str,
+        /// Redacted URL.
+        url: String,
+        /// What broke (the connection error, or the idle timeout).
+        cause: String,
+    },
     /// The server sent nothing for the idle timeout (no response headers, or no body bytes):
     /// the connection was dropped. Retryable for idempotent requests (every request but a POST
     /// kick-off, which must not be replayed blindly).

@@ -327,10 +327,11 @@ impl BulkClient {
                     idle: self.cfg.idle_timeout,
                 }
             } else {
+                // The error's own URL would print the query (a signed URL's signature).
                 ClientError::Network {
                     method,
                     url: redact(url),
-                    source,
+                    source: source.without_url(),
                 }
             }
         })
@@ -452,6 +453,25 @@ impl BulkClient {
                 }
                 Err(e) => (e, None),
             };
+            let e = match e {
+                // The request may have reached the server: sending it again could start a
+                // second job. Only a connection never made is safe to retry.
+                ClientError::Network { source, .. } if !source.is_connect() => {
+                    return Err(ClientError::KickOffLost {
+                        method: name,
+                        url: redact(&url),
+                        cause: error_chain(&source),
+                    });
+                }
+                ClientError::Stalled { idle, .. } => {
+                    return Err(ClientError::KickOffLost {
+                        method: name,
+                        url: redact(&url),
+                        cause: format!("nothing received for {idle:?}"),
+                    });
+                }
+                e => e,
+            };
             if !e.is_retryable() || attempt >= self.cfg.retry.max_retries {
                 return Err(e);
             }
@@ -489,7 +509,7 @@ impl BulkClient {
                     let body = resp.bytes().await.map_err(|source| ClientError::Network {
                         method: "GET",
                         url: redact(status),
-                        source,
+                        source: source.without_url(),
                     })?;
                     return Manifest::parse(&body, status).map(PollOutcome::Complete);
                 }
@@ -794,6 +814,19 @@ fn refused_file_type(value: Option<&HeaderValue>) -> Option<String> {
             .filter(|c| !c.is_control())
             .collect()
     })
+}
+
+/// A transport error and its causes, `: `-joined (reqwest's own message, "error sending
+/// request", says nothing of why).
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// The first byte of a `206`'s `Content-Range: bytes START-END/TOTAL`.

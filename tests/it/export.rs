@@ -917,3 +917,50 @@ async fn killed_export_resumes_with_exact_counts() {
     );
     srv.shutdown().await;
 }
+
+/// A kick-off whose connection breaks after the request was sent (the server read it, started
+/// a job, and closed without answering) is not sent again: a second kick-off would start a
+/// second job, and a server that runs one export per client refuses the next kick-off while
+/// the orphan runs. The error says so. A connection never made is retried as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_off_lost_after_it_was_sent_is_not_sent_again() {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = received.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            // Read the request head, count it, close without a response.
+            let mut reader = BufReader::new(&conn);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    for post in [false, true] {
+        received.store(0, std::sync::atomic::Ordering::SeqCst);
+        let client = BulkClientBuilder::new(format!("http://{addr}/fhir/").parse().unwrap())
+            .with_retry(RetryConfig {
+                max_retries: 3,
+                ..fast_retry()
+            })
+            .build()
+            .unwrap();
+        let req = ExportRequest { post, ..patients() };
+        let e = client.kick_off(&req).await.unwrap_err().to_string();
+        assert!(
+            e.contains("may have started an export job") && e.contains("not sent again"),
+            "{e}"
+        );
+        assert_eq!(
+            received.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "post={post}"
+        );
+    }
+}
