@@ -1,7 +1,7 @@
 //! The dataset as Delta Lake tables: several processes writing one dataset at once (locally and
 //! on the S3 server on loopback), time travel, compaction while a reader holds a version, the
-//! race of two first runs (their commit puts in a fixed order through a gated store), and the old
-//! layout refused then migrated.
+//! races of a current-state merge with a compaction and of two first runs (each commit put in a
+//! fixed order through a gated store), and the old layout refused then migrated.
 
 use std::{path::Path, process::Command};
 
@@ -702,6 +702,54 @@ async fn operations(loc: &DatasetLocation, table: &str) -> Vec<String> {
         }
     }
     ops
+}
+
+/// A run's current-state merge prepared on the version before a compaction of the table and
+/// committed after it (report finding 2): the merge must not remove the small files OPTIMIZE
+/// already replaced while OPTIMIZE's file, with the old versions, stays — it loses the race and
+/// is recomputed from the compacted table, so every patient is there once, in its new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_prepared_before_a_compaction_is_recomputed_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve("memory://race-merge-after-optimize/ds", false).unwrap();
+    convert_small_files(
+        &loc,
+        six_patients(&tmp.path().join("one"), "female", crate::incremental::OLD),
+    )
+    .await;
+    let latest = loc.open_table("patient_latest").await.unwrap().unwrap();
+    let next = latest.version().unwrap() + 1;
+
+    // The second run's merge of patient_latest is about to commit `next`: compaction takes it.
+    let compacted = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (ungated, done) = (loc.clone(), compacted.clone());
+    let (gated, gate) = Gate::around(
+        &loc,
+        &commit_path("patient_latest", next),
+        Box::pin(async move {
+            let opts = CompactOptions {
+                views: vec!["patient_latest".into()],
+                ..Default::default()
+            };
+            *done.lock().unwrap() = Some(compact(&ungated, &opts).await.unwrap());
+        }),
+    );
+    convert_small_files(
+        &gated,
+        six_patients(&tmp.path().join("two"), "male", crate::incremental::NEW),
+    )
+    .await;
+    assert!(gate.fired());
+    let s = compacted.lock().unwrap().take().unwrap();
+    assert_eq!(s.tables[0].version, Some(next), "{s:?}");
+    assert!(s.tables[0].files_removed > 1, "{s:?}");
+
+    assert_eq!(latest_patients(&loc, "male").await, (6, 6, 6));
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one_number(&ds, "select count(*) from patient_name_latest").await,
+        6
+    );
 }
 
 /// Two first runs into a new dataset (report finding 3), in a fixed order: the first run's
