@@ -752,6 +752,49 @@ async fn a_merge_prepared_before_a_compaction_is_recomputed_after_it() {
     );
 }
 
+/// The other order: a compaction of a current-state table prepared before a run's merge and
+/// committed after it. OPTIMIZE's commit conflicts with the merge (it would bring back the rows
+/// the merge removed); compaction starts over from the merged table and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_prepared_before_a_merge_is_redone_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve("memory://race-optimize-after-merge/ds", false).unwrap();
+    convert_small_files(
+        &loc,
+        six_patients(&tmp.path().join("one"), "female", crate::incremental::OLD),
+    )
+    .await;
+    let next = loc
+        .open_table("patient_latest")
+        .await
+        .unwrap()
+        .unwrap()
+        .version()
+        .unwrap()
+        + 1;
+
+    // OPTIMIZE is about to commit `next`: the second run's merge takes it.
+    let inputs = six_patients(&tmp.path().join("two"), "male", crate::incremental::NEW);
+    let (gated, gate) = Gate::around(
+        &loc,
+        &commit_path("patient_latest", next),
+        convert_elsewhere(loc.clone(), inputs),
+    );
+    let opts = CompactOptions {
+        views: vec!["patient_latest".into()],
+        ..Default::default()
+    };
+    let s = compact(&gated, &opts).await.unwrap();
+    assert!(gate.fired());
+    assert!(s.tables[0].version > Some(next), "{s:?}");
+
+    assert_eq!(latest_patients(&loc, "male").await, (6, 6, 6));
+    assert_eq!(
+        operations(&loc, "patient_latest").await,
+        ["CREATE TABLE", "MERGE", "OPTIMIZE"]
+    );
+}
+
 /// Two first runs into a new dataset (report finding 3), in a fixed order: the first run's
 /// create of `table` (with its rows) is about to commit version 0 when the second run, started
 /// later, creates every table first. The first run's create must not land as a second CREATE
