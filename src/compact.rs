@@ -6,7 +6,10 @@
 //! files of each partition (one run's partition of a history table; the whole of a current
 //! table) into files of about [`CompactOptions::target_size`] and commits the swap in one
 //! commit: every reader — flatfhir, Spark, DuckDB — sees either the old files or the new ones,
-//! never both, and a reader holding the previous version keeps reading it.
+//! never both, and a reader holding the previous version keeps reading it. A run that merges
+//! into a current table while it is compacted makes OPTIMIZE's commit conflict (it would bring
+//! back rows the merge removed): the table is compacted again from the merged version, up to
+//! [`MAX_COMMIT_ATTEMPTS`] times.
 //!
 //! Replaced files stay on disk (time travel to earlier versions reads them) until a VACUUM with
 //! a retention (`--retain 7d`) deletes the files removed longer ago than that. A reader of a
@@ -28,7 +31,10 @@ use object_store::path::Path;
 
 use crate::{
     Result,
-    dataset::{DatasetError, DatasetLocation},
+    dataset::{
+        DatasetError, DatasetLocation,
+        delta::{MAX_COMMIT_ATTEMPTS, is_conflict},
+    },
 };
 
 /// How long ago a run that never committed must have started before VACUUM removes its parts
@@ -116,7 +122,7 @@ pub async fn compact(location: &DatasetLocation, opts: &CompactOptions) -> Resul
         .build();
     let target = NonZeroU64::new(opts.target_size.max(1 << 20)).expect("non-zero");
     let mut summary = CompactSummary::default();
-    for name in names
+    'tables: for name in names
         .iter()
         .filter(|n| opts.views.is_empty() || opts.views.contains(n))
     {
@@ -124,16 +130,31 @@ pub async fn compact(location: &DatasetLocation, opts: &CompactOptions) -> Resul
             table: name.clone(),
             source: Box::new(source),
         };
-        let Some(table) = location.open_table(name).await? else {
-            continue;
+        let mut attempt = 0;
+        let (before, table, metrics) = loop {
+            attempt += 1;
+            let Some(table) = location.open_table(name).await? else {
+                continue 'tables;
+            };
+            let before = table.version().unwrap_or_default();
+            let optimized = table
+                .optimize()
+                .with_target_size(target)
+                .with_writer_properties(props.clone())
+                .await;
+            match optimized {
+                Ok((table, metrics)) => break (before, table, metrics),
+                Err(e) if is_conflict(&e) && attempt < MAX_COMMIT_ATTEMPTS => {
+                    tracing::info!(
+                        table = %name,
+                        attempt,
+                        error = %e,
+                        "the table changed while it was compacted (a run merged into it); compacting it again"
+                    );
+                }
+                Err(e) => return Err(err(e).into()),
+            }
         };
-        let before = table.version().unwrap_or_default();
-        let (table, metrics) = table
-            .optimize()
-            .with_target_size(target)
-            .with_writer_properties(props.clone())
-            .await
-            .map_err(err)?;
         let after = table.version().unwrap_or_default();
         let mut done = TableCompaction {
             table: name.clone(),

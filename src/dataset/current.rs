@@ -17,10 +17,12 @@
 //!    `e` touched, the rows of the version the base table holds (read from the history table's
 //!    partition of that run).
 //!
-//! Every merge carries the `txn` app id [`CURRENT_APP_ID`], so two writers updating the same
-//! current table at once conflict and the loser recomputes from the winner's state — the base
-//! table is read after the view's snapshot is taken, so the last writer of every table sees the
-//! final versions.
+//! Every merge is a Delta `MERGE` that read the whole table and carries the `txn` app id
+//! [`CURRENT_APP_ID`], so it conflicts with any commit that changed the table's files since its
+//! snapshot — another writer's merge, or a compaction (`flatfhir compact`) — and the loser
+//! recomputes from the winner's state. The base table is read after the view's snapshot is
+//! taken, so the last writer of every table sees the final versions. A current table is created
+//! by the first run of its type as version 0 or not at all (the loser recomputes as well).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -44,7 +46,7 @@ use deltalake::{
         Action, Transaction,
         transaction::{CommitBuilder, CommitProperties},
     },
-    protocol::{DeltaOperation, SaveMode},
+    protocol::DeltaOperation,
 };
 
 use futures::StreamExt;
@@ -711,7 +713,8 @@ async fn open_file(
 /// whose `id` is in `remove` go (files holding none stay untouched, files holding only such
 /// rows are dropped, others rewritten without them); `inserts` come from the history table
 /// `hist_name` (loaded as `hist`): per run partition, the rows of some keys, or all of its files,
-/// copied as they are. The commit carries [`CURRENT_APP_ID`].
+/// copied as they are. The commit carries [`CURRENT_APP_ID`] and reads the whole table: any
+/// commit to the table since `target` (another merge, a compaction) makes it fail as a conflict.
 #[allow(clippy::too_many_arguments)]
 async fn apply(
     location: &DatasetLocation,
@@ -790,12 +793,21 @@ async fn apply(
     let props = CommitProperties::default()
         .with_metadata(commit_info(run))
         .with_application_transaction(Transaction::new(CURRENT_APP_ID, version));
-    let op = DeltaOperation::Write {
-        mode: SaveMode::Append,
-        partition_by: Some(vec![super::PARTITION_COLUMN.to_string()]),
-        // No read predicate (one would be parsed as SQL by the conflict checker): conflicts
-        // between current-state commits are caught by their common `txn` app id.
+    // A MERGE without a predicate: to delta-rs's conflict checker, a commit that read the whole
+    // table, so it loses to any commit since its snapshot that added files or removed some —
+    // another merge (which the common `txn` app id catches too), and OPTIMIZE, which nothing
+    // else catches: it carries no `txn`, and its removes have `dataChange: false`, which
+    // delta-rs skips when it looks for files removed twice or removed after being read (only
+    // its added files, against a whole-table read, conflict). Committed as a blind write
+    // (`Write`, no read set), a merge prepared before a compaction removed files the compaction
+    // had already replaced and left the compacted file, with the old versions of its keys, live
+    // beside the new ones.
+    let op = DeltaOperation::Merge {
         predicate: None,
+        merge_predicate: None,
+        matched_predicates: Vec::new(),
+        not_matched_predicates: Vec::new(),
+        not_matched_by_source_predicates: Vec::new(),
     };
     let snapshot = target.snapshot().map_err(derr)?;
     // The history table gained columns (its view did): the current table gains them too.

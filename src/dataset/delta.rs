@@ -11,7 +11,8 @@
 //!   ([`super::discard_run`]).
 //! * Commits are conditional puts of `_delta_log/<version>.json` (delta-rs retries a lost race
 //!   after checking the winner for conflicts), so several flatfhir processes can write one
-//!   dataset at once, locally or on an object store with conditional put.
+//!   dataset at once, locally or on an object store with conditional put. A table's creating
+//!   commit is not retried: it is version 0 or nothing ([`create_table_holding`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -425,6 +426,13 @@ pub async fn create_table_with(
 /// its `txn`): one commit instead of two for a table's first run. When the table exists already
 /// (another writer created it first), the winner's table is returned without `actions`: the
 /// caller checks whether it holds its run.
+///
+/// The create lands as version 0 or not at all. delta-rs retries a commit that lost the race for
+/// its version at the next free one, and a create whose version 0 was taken has nothing to check
+/// the winner against (its snapshot is loaded at the winner's version): retried, it would land
+/// as a second `CREATE TABLE` — a new table id and schema over the winner's, and `actions`
+/// (rows a current-state table must not hold twice) committed behind the caller's back. So the
+/// create is made with no retries.
 pub async fn create_table_holding(
     location: &DatasetLocation,
     table: &str,
@@ -450,9 +458,7 @@ pub async fn create_table_holding(
     if partitioned {
         create = create.with_partition_columns([PARTITION_COLUMN]);
     }
-    if let Some(props) = props {
-        create = create.with_commit_properties(props);
-    }
+    create = create.with_commit_properties(props.unwrap_or_default().with_max_retries(0));
     if !actions.is_empty() {
         create = create.with_actions(actions);
     }

@@ -1,6 +1,7 @@
 //! The dataset as Delta Lake tables: several processes writing one dataset at once (locally and
-//! on the S3 server on loopback), time travel, compaction while a reader holds a version, and
-//! the old layout refused then migrated.
+//! on the S3 server on loopback), time travel, compaction while a reader holds a version, the
+//! races of a current-state merge with a compaction and of two first runs (each commit put in a
+//! fixed order through a gated store), and the old layout refused then migrated.
 
 use std::{path::Path, process::Command};
 
@@ -576,4 +577,342 @@ async fn vacuum_removes_what_dead_runs_left_and_nothing_else() {
     );
     assert!(out.join(format!("patient/export={run}")).exists());
     assert_eq!(counts(&loc).await, before);
+}
+
+/// A store that, once, runs `before` just before the first put whose path ends with `suffix`
+/// goes through: another writer's commit lands, in a fixed order, between the moment a commit
+/// was prepared (its snapshot read) and its conditional put.
+struct Gate {
+    inner: std::sync::Arc<dyn object_store::ObjectStore>,
+    suffix: String,
+    before: std::sync::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+}
+
+impl Gate {
+    /// `location` with its store gated; the location itself stays ungated (the other writer's).
+    fn around(
+        location: &DatasetLocation,
+        suffix: &str,
+        before: futures::future::BoxFuture<'static, ()>,
+    ) -> (DatasetLocation, std::sync::Arc<Gate>) {
+        let gate = std::sync::Arc::new(Gate {
+            inner: location.store.clone(),
+            suffix: suffix.to_string(),
+            before: std::sync::Mutex::new(Some(before)),
+        });
+        let mut gated = location.clone();
+        gated.store = gate.clone();
+        (gated, gate)
+    }
+
+    fn fired(&self) -> bool {
+        self.before.lock().unwrap().is_none()
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("suffix", &self.suffix)
+            .finish()
+    }
+}
+
+impl std::fmt::Display for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gate({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for Gate {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        if location.as_ref().ends_with(&self.suffix) {
+            let before = self.before.lock().unwrap().take();
+            if let Some(before) = before {
+                before.await;
+            }
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// `Patient.ndjson` in `dir`: six patients, last updated `updated`, of gender `gender`.
+fn six_patients(dir: &Path, gender: &str, updated: &str) -> Vec<std::path::PathBuf> {
+    let text: String = (1..=6)
+        .map(|i| {
+            crate::incremental::patient(&format!("p{i}"), gender, &["Name"], updated).to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("Patient.ndjson"), text).unwrap();
+    flatfhir::run::expand_inputs(&[dir.to_path_buf()]).unwrap()
+}
+
+/// Convert `inputs` into `loc`, one row per file (so that OPTIMIZE has files to merge).
+async fn convert_small_files(
+    loc: &DatasetLocation,
+    inputs: Vec<std::path::PathBuf>,
+) -> RunManifest {
+    let registry = std::sync::Arc::new(flatfhir::view::ViewRegistry::builtin().unwrap());
+    flatfhir::run::convert::ConvertBuilder::new(registry, loc.clone())
+        .with_files(inputs)
+        .with_options(flatfhir::run::convert::ConvertOptions {
+            max_rows_per_file: 1,
+            batch_size: 1,
+            ..Default::default()
+        })
+        .run()
+        .await
+        .unwrap()
+}
+
+/// [`convert_small_files`] on a runtime of its own (a run's future is not `Send`), as the other
+/// writer behind a [`Gate`].
+fn convert_elsewhere(
+    loc: DatasetLocation,
+    inputs: Vec<std::path::PathBuf>,
+) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(convert_small_files(&loc, inputs));
+        })
+        .await
+        .unwrap();
+    })
+}
+
+/// `(rows, distinct ids, rows of gender `gender`)` of `patient_latest`.
+async fn latest_patients(loc: &DatasetLocation, gender: &str) -> (i64, i64, i64) {
+    let ds = Dataset::open(loc).await.unwrap();
+    let n = |sql: String| {
+        let ds = &ds;
+        async move { one_number(ds, &sql).await }
+    };
+    (
+        n("select count(*) from patient_latest".into()).await,
+        n("select count(distinct id) from patient_latest".into()).await,
+        n(format!(
+            "select count(*) from patient_latest where gender = '{gender}'"
+        ))
+        .await,
+    )
+}
+
+/// The commit file of `version` of `table`.
+fn commit_path(table: &str, version: u64) -> String {
+    format!("/{table}/_delta_log/{version:020}.json")
+}
+
+/// The `commitInfo.operation` of every commit of `table`, oldest first.
+async fn operations(loc: &DatasetLocation, table: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let mut commits: Vec<_> = loc
+        .store
+        .list(Some(&loc.child(&format!("{table}/_delta_log/"))))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await
+        .unwrap();
+    commits.retain(|p| p.as_ref().ends_with(".json"));
+    commits.sort();
+    let mut ops = Vec::new();
+    for p in commits {
+        let body = loc.store.get(&p).await.unwrap().bytes().await.unwrap();
+        for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let action: serde_json::Value = serde_json::from_slice(line).unwrap();
+            if let Some(op) = action["commitInfo"]["operation"].as_str() {
+                ops.push(op.to_string());
+            }
+        }
+    }
+    ops
+}
+
+/// A run's current-state merge prepared on the version before a compaction of the table and
+/// committed after it (report finding 2): the merge must not remove the small files OPTIMIZE
+/// already replaced while OPTIMIZE's file, with the old versions, stays — it loses the race and
+/// is recomputed from the compacted table, so every patient is there once, in its new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_prepared_before_a_compaction_is_recomputed_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve("memory://race-merge-after-optimize/ds", false).unwrap();
+    convert_small_files(
+        &loc,
+        six_patients(&tmp.path().join("one"), "female", crate::incremental::OLD),
+    )
+    .await;
+    let latest = loc.open_table("patient_latest").await.unwrap().unwrap();
+    let next = latest.version().unwrap() + 1;
+
+    // The second run's merge of patient_latest is about to commit `next`: compaction takes it.
+    let compacted = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (ungated, done) = (loc.clone(), compacted.clone());
+    let (gated, gate) = Gate::around(
+        &loc,
+        &commit_path("patient_latest", next),
+        Box::pin(async move {
+            let opts = CompactOptions {
+                views: vec!["patient_latest".into()],
+                ..Default::default()
+            };
+            *done.lock().unwrap() = Some(compact(&ungated, &opts).await.unwrap());
+        }),
+    );
+    convert_small_files(
+        &gated,
+        six_patients(&tmp.path().join("two"), "male", crate::incremental::NEW),
+    )
+    .await;
+    assert!(gate.fired());
+    let s = compacted.lock().unwrap().take().unwrap();
+    assert_eq!(s.tables[0].version, Some(next), "{s:?}");
+    assert!(s.tables[0].files_removed > 1, "{s:?}");
+
+    assert_eq!(latest_patients(&loc, "male").await, (6, 6, 6));
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one_number(&ds, "select count(*) from patient_name_latest").await,
+        6
+    );
+}
+
+/// The other order: a compaction of a current-state table prepared before a run's merge and
+/// committed after it. OPTIMIZE's commit conflicts with the merge (it would bring back the rows
+/// the merge removed); compaction starts over from the merged table and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_prepared_before_a_merge_is_redone_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve("memory://race-optimize-after-merge/ds", false).unwrap();
+    convert_small_files(
+        &loc,
+        six_patients(&tmp.path().join("one"), "female", crate::incremental::OLD),
+    )
+    .await;
+    let next = loc
+        .open_table("patient_latest")
+        .await
+        .unwrap()
+        .unwrap()
+        .version()
+        .unwrap()
+        + 1;
+
+    // OPTIMIZE is about to commit `next`: the second run's merge takes it.
+    let inputs = six_patients(&tmp.path().join("two"), "male", crate::incremental::NEW);
+    let (gated, gate) = Gate::around(
+        &loc,
+        &commit_path("patient_latest", next),
+        convert_elsewhere(loc.clone(), inputs),
+    );
+    let opts = CompactOptions {
+        views: vec!["patient_latest".into()],
+        ..Default::default()
+    };
+    let s = compact(&gated, &opts).await.unwrap();
+    assert!(gate.fired());
+    assert!(s.tables[0].version > Some(next), "{s:?}");
+
+    assert_eq!(latest_patients(&loc, "male").await, (6, 6, 6));
+    assert_eq!(
+        operations(&loc, "patient_latest").await,
+        ["CREATE TABLE", "MERGE", "OPTIMIZE"]
+    );
+}
+
+/// Two first runs into a new dataset (report finding 3), in a fixed order: the first run's
+/// create of `table` (with its rows) is about to commit version 0 when the second run, started
+/// later, creates every table first. The first run's create must not land as a second CREATE
+/// TABLE at version 1: a current-state table would hold both runs' rows, and a history table
+/// would be created again (another table id, the first run's schema). The first run then commits
+/// as a later writer does.
+async fn first_runs_at_once(memory: &str, table: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(&format!("memory://{memory}/ds"), false).unwrap();
+    let inputs = six_patients(tmp.path(), "female", crate::incremental::OLD);
+    let (gated, gate) = Gate::around(
+        &loc,
+        &commit_path(table, 0),
+        convert_elsewhere(loc.clone(), inputs.clone()),
+    );
+    convert_small_files(&gated, inputs).await;
+    assert!(gate.fired());
+
+    assert_eq!(RunManifest::list(&loc).await.unwrap().len(), 2);
+    assert_eq!(latest_patients(&loc, "female").await, (6, 6, 6));
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_eq!(one_number(&ds, "select count(*) from patient").await, 12);
+    assert_eq!(
+        one_number(&ds, "select count(*) from patient_name_latest").await,
+        6
+    );
+    for t in loc.delta_tables().await.unwrap() {
+        let ops = operations(&loc, &t).await;
+        assert_eq!(ops[0], "CREATE TABLE", "{t}: {ops:?}");
+        assert!(
+            !ops[1..].contains(&"CREATE TABLE".to_string()),
+            "{t}: {ops:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_that_loses_the_create_of_a_current_table_adds_no_rows() {
+    first_runs_at_once("race-create-latest", "patient_latest").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_that_loses_the_create_of_a_history_table_appends_to_the_winners() {
+    first_runs_at_once("race-create-history", "patient").await;
 }
