@@ -22,7 +22,7 @@ pub const SINCE_AUTO: &str = "auto";
 /// Replace `since: "auto"` ([`SINCE_AUTO`]) by the point the published export runs in
 /// `location` from the same server (`base_url`) with the same level, group, `_type` set,
 /// `_typeFilter` set, `_elements` set and `patient` set reached: the newest `transactionTime`, or
-/// for a run bounded by `_until` the earlier of the two (see the [module docs](self)); with no
+/// for a run bounded by `_until` the earlier of the two (see this module's docs); with no
 /// such run `since` is cleared and the export is a full one. Any other request is returned
 /// unchanged.
 pub async fn resolve_since_auto(
