@@ -5,13 +5,15 @@
 //! at most [`DEFAULT_CHUNK_BYTES`].
 //!
 //! Big uncompressed files are cut into byte ranges ([`split_file`]) that several decode threads
-//! read at once; each range knows the line number it starts at, so rejects stay exact.
+//! read at once; each range knows the line number it starts at, so rejects stay exact. Only
+//! regular files are: a pipe or FIFO can be read once only, so it is opened once, by its decode
+//! thread, which peeks at its first bytes to sniff gzip.
 //!
 //! Paths are not files: [`expand_inputs`] reads a file once however many paths name it, and
 //! walks a folder once however many links reach it (so symlink loops end).
 
 use std::{
-    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    io::{BufReader, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -153,19 +155,26 @@ impl Input {
 }
 
 /// Buffer `raw`, look at its first two bytes, archive it when asked, and inflate it when it is
-/// gzip.
+/// gzip. The two bytes are peeked, not consumed: `raw` may be a pipe, which cannot be read
+/// again.
 fn sniff(
-    raw: impl Read + Send + 'static,
+    mut raw: impl Read + Send + 'static,
     archive: Option<PathBuf>,
 ) -> std::io::Result<Box<dyn Read + Send>> {
-    let mut buffered = BufReader::with_capacity(64 << 10, raw);
-    let gzip = loop {
-        match buffered.fill_buf() {
-            Ok(b) => break b.starts_with(&[0x1f, 0x8b]),
+    // A pipe may hand over one byte at a time: read until two bytes or the end.
+    let mut head = [0u8; 2];
+    let mut got = 0;
+    while got < head.len() {
+        match raw.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-    };
+    }
+    let gzip = head[..got] == [0x1f, 0x8b];
+    let peeked = std::io::Cursor::new(head).take(got as u64);
+    let buffered = BufReader::with_capacity(64 << 10, peeked.chain(raw));
     let archived: Box<dyn Read + Send> = match archive {
         Some(mut path) => {
             if gzip {
@@ -429,9 +438,25 @@ pub fn split_ranges<R: Read + Seek>(
 
 /// The ranges a file is decoded in: one whole-file range for gzip input and for files up to
 /// `split_bytes`, else as [`split_ranges`].
+///
+/// Only a regular file is opened here (to sniff gzip and find line boundaries), since only a
+/// regular file can be read again from any offset. Anything else — a pipe (`/dev/stdin`,
+/// `<(…)` process substitution), a named FIFO, a character device — is one whole range and is
+/// not opened at all: its bytes can be read once only, so the one reader the decode thread
+/// opens must see them all (peeking at them to sniff gzip). Reading two bytes of a pipe here
+/// cut them off the first line, and opening a FIFO a second time waited for a writer that was
+/// gone.
 pub fn split_file(path: &Path, split_bytes: usize) -> std::io::Result<Vec<FileRange>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Ok(vec![FileRange {
+            start: 0,
+            end: meta.len(),
+            first_line: 1,
+        }]);
+    }
     let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
+    let len = meta.len();
     let mut magic = [0u8; 2];
     let gzip = f.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
     if gzip || split_bytes == 0 || len <= split_bytes as u64 {
