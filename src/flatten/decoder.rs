@@ -133,7 +133,8 @@ pub struct Decoder {
     batch_size: usize,
     batch_bytes: usize,
     only_viewed: bool,
-    /// One per resource type seen, resolved on its first line (see [`TypeSlot`]).
+    /// One per resource type seen that is R4 or read by a view, resolved on its first line
+    /// (see [`TypeSlot`]); other names get none, so their number costs no memory.
     slots: Vec<TypeSlot>,
     slot_index: HashMap<String, usize>,
     /// One per view that received rows, in first-seen order.
@@ -182,10 +183,8 @@ struct TypeSlot {
 enum SlotKind {
     /// Evaluated by its views.
     Viewed,
-    /// No view reads it and `only_viewed` is set: counted as skipped.
+    /// An R4 type no view reads, and `only_viewed` is set: counted as skipped.
     Skipped,
-    /// No view reads it and it is not an R4 type: rejected.
-    Unknown,
 }
 
 /// The builders of one view, created on its first row.
@@ -400,21 +399,23 @@ impl LineCx<'_> {
                 return Ok(());
             }
         };
-        let slot = self.slot(rt);
-        match self.slots[slot].kind {
-            SlotKind::Viewed => {}
-            SlotKind::Skipped => {
+        let Some(slot) = self.slot(rt) else {
+            // Not R4 and no view reads it: nothing to keep for it (a slot per name would let
+            // a file of distinct made-up names grow memory without bound).
+            if self.only_viewed {
                 self.stats.skipped += 1;
-                *self.json = doc.into_buffers();
-                return Ok(());
+            } else {
+                let reason =
+                    format!("unknown resource type {rt:?} (not FHIR R4, and no view reads it)");
+                self.reject_untyped(&line, reason);
             }
-            SlotKind::Unknown => {
-                self.reject_untyped(
-                    &line,
-                    format!("unknown resource type {rt:?} (not FHIR R4, and no view reads it)"),
-                );
-                return Ok(());
-            }
+            *self.json = doc.into_buffers();
+            return Ok(());
+        };
+        if self.slots[slot].kind == SlotKind::Skipped {
+            self.stats.skipped += 1;
+            *self.json = doc.into_buffers();
+            return Ok(());
         }
         self.slots[slot].counts.lines += 1;
         // Evaluate every view first; append only when all succeeded. The rows of all views
@@ -506,21 +507,22 @@ impl LineCx<'_> {
         Ok(())
     }
 
-    /// The slot of `rt`, resolved from the registry on the type's first line.
-    fn slot(&mut self, rt: &str) -> usize {
+    /// The slot of `rt`, resolved from the registry on the type's first line; `None` for a
+    /// type that is not R4 and that no view reads (skipped or rejected, and given no slot:
+    /// their names are unbounded, the R4 types and the views are not).
+    fn slot(&mut self, rt: &str) -> Option<usize> {
         if let Some(&i) = self.slot_index.get(rt) {
-            return i;
+            return Some(i);
         }
         let registry = self.registry;
         let has_views = registry.views_for(rt).next().is_some();
-        let kind = if has_views {
+        if !has_views && !is_r4_resource_type(rt) {
+            return None;
+        }
+        let kind = if has_views || !self.only_viewed {
             SlotKind::Viewed
-        } else if self.only_viewed {
-            SlotKind::Skipped
-        } else if !is_r4_resource_type(rt) {
-            SlotKind::Unknown
         } else {
-            SlotKind::Viewed
+            SlotKind::Skipped
         };
         let base_name = snake_case(rt);
         let mut views: Vec<Arc<CompiledView>> = Vec::new();
@@ -558,7 +560,7 @@ impl LineCx<'_> {
             counts: TypeCounts::default(),
         });
         self.slot_index.insert(rt.to_string(), self.slots.len() - 1);
-        self.slots.len() - 1
+        Some(self.slots.len() - 1)
     }
 }
 
@@ -585,6 +587,38 @@ pub fn generic_view(resource_type: &str, raw: bool) -> CompiledView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Distinct made-up resource type names keep no state each (regression: hunt finding 7:
+    /// 2 M names grew memory by ~400 MB); they are still rejected and counted as invalid.
+    #[test]
+    fn unknown_types_keep_no_state() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        for only_viewed in [false, true] {
+            let mut d = DecoderBuilder::new(reg.clone(), "f")
+                .with_only_viewed_types(only_viewed)
+                .build();
+            let mut input = String::new();
+            for i in 0..1000 {
+                input.push_str(&format!("{{\"resourceType\":\"Zz{i}Made\"}}\n"));
+            }
+            input.push_str("{\"resourceType\":\"Patient\",\"id\":\"p\"}\n");
+            d.decode(input.as_bytes()).unwrap();
+            d.finish().unwrap();
+            assert_eq!(d.slots.len(), 1, "only Patient has a slot");
+            assert_eq!(d.slot_index.len(), 1);
+            let stats = d.stats().clone();
+            if only_viewed {
+                assert_eq!(stats.skipped, 1000);
+            } else {
+                let bucket = &stats.types[INVALID_TYPE_BUCKET];
+                assert_eq!((bucket.lines, bucket.rejects), (1000, 1000));
+                let r = d.take_rejects();
+                assert_eq!(r.len(), 1000);
+                assert!(r[7].reason.contains("unknown resource type \"Zz7Made\""));
+            }
+            assert_eq!(stats.types["Patient"].rows, 1);
+        }
+    }
 
     #[test]
     fn with_start_locates_rejects_in_the_whole_file() {
