@@ -33,6 +33,10 @@ pub const DEFAULT_BATCH_BYTES: usize = 6 << 20;
 const MAX_KEPT_ROWS: usize = 1 << 16;
 /// Lines longer than this (256 KiB) are followed by [`EvalScratch::trim`].
 const TRIM_AFTER_BYTES: usize = 256 << 10;
+/// Bytes of a rejected line kept in its reject record (64 KiB): a longer line is cut (at a
+/// character boundary) and its reason says so and gives the line's length, so that the memory
+/// rejects take is bounded whatever the bad lines.
+pub const MAX_REJECT_RAW_BYTES: usize = 64 << 10;
 /// Longest accepted ndjson line (64 MiB); longer lines are rejected without being buffered.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
 
@@ -311,8 +315,21 @@ impl Decoder {
 }
 
 impl LineCx<'_> {
-    fn reject(&mut self, line: &Line<'_>, resource_type: Option<&str>, reason: String) {
+    fn reject(&mut self, line: &Line<'_>, resource_type: Option<&str>, mut reason: String) {
         let raw = match line.bytes {
+            Some(b) if b.len() > MAX_REJECT_RAW_BYTES => {
+                // Rejects wait in bounded queues by count, so a whole 60 MiB line per reject
+                // made peak memory GBs; a prefix is enough to see what the line was.
+                let mut cut = MAX_REJECT_RAW_BYTES;
+                while cut > 0 && (b[cut] & 0xC0) == 0x80 {
+                    cut -= 1; // not inside a UTF-8 character
+                }
+                reason.push_str(&format!(
+                    " (raw: the first {cut} of the line's {} bytes)",
+                    b.len()
+                ));
+                String::from_utf8_lossy(&b[..cut]).into_owned()
+            }
             Some(b) => String::from_utf8_lossy(b).into_owned(),
             None => "(line longer than the limit; not kept)".to_string(),
         };
@@ -618,6 +635,38 @@ mod tests {
             }
             assert_eq!(stats.types["Patient"].rows, 1);
         }
+    }
+
+    /// A rejected line keeps at most [`MAX_REJECT_RAW_BYTES`] of itself, and its reason says
+    /// so (regression: hunt finding 9: whole 60 MiB lines per reject made peak memory GBs).
+    #[test]
+    fn rejects_keep_a_bounded_prefix_of_long_lines() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let mut d = DecoderBuilder::new(reg, "f").build();
+        // Malformed after 1 MB of two-byte characters, so the cut falls inside one.
+        let long = format!(
+            "{{\"resourceType\":\"Patient\",\"x\":\"{}\n",
+            "é".repeat(500_000)
+        );
+        d.decode(long.as_bytes()).unwrap();
+        d.decode(b"not json\n").unwrap();
+        d.finish().unwrap();
+        let r = d.take_rejects();
+        assert_eq!(r.len(), 2);
+        assert!(r[0].raw.len() <= MAX_REJECT_RAW_BYTES, "{}", r[0].raw.len());
+        assert!(r[0].raw.len() > MAX_REJECT_RAW_BYTES - 4);
+        assert!(long.starts_with(&r[0].raw), "cut on a character boundary");
+        let len = long.len() - 1;
+        assert!(
+            r[0].reason.ends_with(&format!(
+                " (raw: the first {} of the line's {len} bytes)",
+                r[0].raw.len()
+            )),
+            "{}",
+            r[0].reason
+        );
+        assert_eq!(r[1].raw, "not json");
+        assert!(!r[1].reason.contains("raw:"), "{}", r[1].reason);
     }
 
     #[test]
