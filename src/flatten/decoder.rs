@@ -604,6 +604,7 @@ pub fn generic_view(resource_type: &str, raw: bool) -> CompiledView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::view::json::{JsonDoc, MAX_DEPTH, to_json_text};
 
     /// Distinct made-up resource type names keep no state each (regression: hunt finding 7:
     /// 2 M names grew memory by ~400 MB); they are still rejected and counted as invalid.
@@ -667,6 +668,97 @@ mod tests {
         );
         assert_eq!(r[1].raw, "not json");
         assert!(!r[1].reason.contains("raw:"), "{}", r[1].reason);
+    }
+
+    /// `levels` nested JSON containers (the root object counted), as FHIR nests them: a Patient
+    /// with extensions in extensions (two levels each), or a QuestionnaireResponse with items
+    /// in items, ending in an empty array.
+    fn deep_resource(resource_type: &str, key: &str, levels: usize) -> String {
+        assert!(levels >= 2 && levels.is_multiple_of(2));
+        let pairs = (levels - 2) / 2;
+        let mut s = format!("{{\"resourceType\":\"{resource_type}\",\"id\":\"deep\",\"{key}\":");
+        for i in 0..pairs {
+            s.push_str(&format!(
+                "[{{\"url\":\"u{i}\",\"linkId\":\"l{i}\",\"{key}\":"
+            ));
+        }
+        s.push_str("[]");
+        s.push_str(&"}]".repeat(pairs));
+        s.push('}');
+        s
+    }
+
+    /// Decode `lines` through the built-in views, and evaluate FHIRPath that walks the whole
+    /// depth (`descendants()`, `repeat()`, equality and text of nested nodes) on each, on a
+    /// thread with the default 2 MiB stack of spawned and tokio blocking threads.
+    fn decode_deep_on_a_default_stack(lines: Vec<String>) -> (DecodeStats, Vec<Reject>) {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                use crate::view::fhirpath::{Constants, Env, Expression, Item};
+                let reg = Arc::new(ViewRegistry::builtin().unwrap());
+                let mut d = DecoderBuilder::new(reg, "deep").build();
+                for l in &lines {
+                    d.decode(l.as_bytes()).unwrap();
+                    d.decode(b"\n").unwrap();
+                    let Ok(doc) = JsonDoc::parse(l) else { continue };
+                    let root = doc.root();
+                    assert_eq!(to_json_text(root), *l);
+                    let env = Env {
+                        resource: root,
+                        row_index: 0,
+                    };
+                    for src in [
+                        "descendants().count()",
+                        "repeat(extension | item).count()",
+                        "(extension | item) = (extension | item)",
+                        "descendants().where($this = %resource.descendants().last()).count()",
+                    ] {
+                        let e = Expression::compile(src, &Constants::new()).unwrap();
+                        let out = e.evaluate(&[Item::json(root)], &env).unwrap();
+                        assert_eq!(out.len(), 1, "{src}");
+                    }
+                }
+                d.finish().unwrap();
+                (d.stats().clone(), d.take_rejects())
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    /// Valid FHIR nests deeper than 128 JSON levels (64 nested extensions, a questionnaire 70
+    /// items deep): every level up to [`MAX_DEPTH`] decodes, on a default-sized thread stack,
+    /// and one more is rejected (regression: hunt finding 6).
+    #[test]
+    fn deep_resources_decode_up_to_the_nesting_limit() {
+        // FLATFHIR_DEPTH_PROBE=N (with MAX_DEPTH raised) measures where the stack overflows.
+        let depth: usize = std::env::var("FLATFHIR_DEPTH_PROBE")
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(MAX_DEPTH);
+        let (stats, rejects) = decode_deep_on_a_default_stack(vec![
+            deep_resource("Patient", "extension", 130),
+            deep_resource("QuestionnaireResponse", "item", 142),
+            deep_resource("Patient", "extension", depth),
+            deep_resource("QuestionnaireResponse", "item", depth),
+        ]);
+        assert!(rejects.is_empty(), "{rejects:?}");
+        assert_eq!(stats.types["Patient"].rows, 2);
+        assert_eq!(stats.types["QuestionnaireResponse"].rows, 2);
+        if std::env::var("FLATFHIR_DEPTH_PROBE").is_err() {
+            // One level more than the limit, in the innermost array.
+            let over = deep_resource("Patient", "extension", MAX_DEPTH).replace("[]", "[[]]");
+            let (_, rejects) = decode_deep_on_a_default_stack(vec![over]);
+            assert_eq!(rejects.len(), 1);
+            assert!(
+                rejects[0]
+                    .reason
+                    .contains(&format!("nesting deeper than {MAX_DEPTH} levels")),
+                "{}",
+                rejects[0].reason
+            );
+        }
     }
 
     #[test]
