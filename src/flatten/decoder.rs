@@ -37,7 +37,11 @@ const TRIM_AFTER_BYTES: usize = 256 << 10;
 /// character boundary) and its reason says so and gives the line's length, so that the memory
 /// rejects take is bounded whatever the bad lines.
 pub const MAX_REJECT_RAW_BYTES: usize = 64 << 10;
-/// Longest accepted ndjson line (64 MiB); longer lines are rejected without being buffered.
+/// The largest line limit that can be set (2 GiB - 1): the JSON parser's offsets are 31-bit.
+pub const LARGEST_MAX_LINE_BYTES: usize = (1 << 31) - 1;
+/// Longest accepted ndjson line by default (64 MiB; `--max-line-bytes`); longer lines are
+/// rejected without being buffered (their reject says the limit and how to raise it). A line
+/// costs a few times its size while it is decoded, per decode thread.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
 
 /// Configures a [`Decoder`].
@@ -113,6 +117,7 @@ impl DecoderBuilder {
             file: self.file,
             batch_size: self.batch_size,
             batch_bytes: self.batch_bytes,
+            max_line_bytes: self.max_line_bytes,
             only_viewed: self.only_viewed,
             slots: Vec::new(),
             slot_index: HashMap::new(),
@@ -136,6 +141,7 @@ pub struct Decoder {
     file: String,
     batch_size: usize,
     batch_bytes: usize,
+    max_line_bytes: usize,
     only_viewed: bool,
     /// One per resource type seen that is R4 or read by a view, resolved on its first line
     /// (see [`TypeSlot`]); other names get none, so their number costs no memory.
@@ -205,6 +211,7 @@ struct LineCx<'d> {
     file: &'d str,
     batch_size: usize,
     batch_bytes: usize,
+    max_line_bytes: usize,
     only_viewed: bool,
     slots: &'d mut Vec<TypeSlot>,
     slot_index: &'d mut HashMap<String, usize>,
@@ -298,6 +305,7 @@ impl Decoder {
             file: &self.file,
             batch_size: self.batch_size,
             batch_bytes: self.batch_bytes,
+            max_line_bytes: self.max_line_bytes,
             only_viewed: self.only_viewed,
             slots: &mut self.slots,
             slot_index: &mut self.slot_index,
@@ -362,7 +370,12 @@ impl LineCx<'_> {
     fn line(&mut self, line: Line<'_>) -> Result<(), FlattenError> {
         self.stats.lines += 1;
         let Some(bytes) = line.bytes else {
-            let reason = format!("line is {} bytes, longer than the limit", line.len);
+            let reason = format!(
+                "line is {} bytes, longer than the limit of {} (raise it with --max-line-bytes); \
+                 not decoded, and not kept",
+                line.len,
+                bytes_text(self.max_line_bytes)
+            );
             self.reject_untyped(&line, reason);
             return Ok(());
         };
@@ -581,6 +594,17 @@ impl LineCx<'_> {
     }
 }
 
+/// `n` bytes for people: `64 MiB`, else `1000 bytes`.
+fn bytes_text(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
 /// The base view of a resource type that has none: `id`, `resource_type`, `last_updated` (+ raw).
 pub fn generic_view(resource_type: &str, raw: bool) -> CompiledView {
     let def = serde_json::json!({
@@ -668,6 +692,39 @@ mod tests {
         );
         assert_eq!(r[1].raw, "not json");
         assert!(!r[1].reason.contains("raw:"), "{}", r[1].reason);
+    }
+
+    /// A line over the limit is rejected with a reason that gives the limit and the option
+    /// that raises it, and the limit is configurable (regression: hunt finding 5).
+    #[test]
+    fn the_line_limit_is_named_and_configurable() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let line = format!(
+            "{{\"resourceType\":\"Patient\",\"id\":\"{}\"}}\n",
+            "p".repeat(64)
+        );
+        for (limit, rows) in [(64, 0), (1 << 10, 1)] {
+            let mut d = DecoderBuilder::new(reg.clone(), "f")
+                .with_max_line_bytes(limit)
+                .build();
+            d.decode(line.as_bytes()).unwrap();
+            d.finish().unwrap();
+            assert_eq!(d.stats().types.get("Patient").map_or(0, |t| t.rows), rows);
+            let r = d.take_rejects();
+            if rows == 0 {
+                assert_eq!(
+                    r[0].reason,
+                    format!(
+                        "line is {} bytes, longer than the limit of 64 bytes (raise it with \
+                         --max-line-bytes); not decoded, and not kept",
+                        line.len() - 1
+                    )
+                );
+            } else {
+                assert!(r.is_empty(), "{r:?}");
+            }
+        }
+        assert_eq!(bytes_text(DEFAULT_MAX_LINE_BYTES), "64 MiB");
     }
 
     /// `levels` nested JSON containers (the root object counted), as FHIR nests them: a Patient

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 pub use decoder::{
     DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LINE_BYTES, Decoder, DecoderBuilder,
-    MAX_REJECT_RAW_BYTES,
+    LARGEST_MAX_LINE_BYTES, MAX_REJECT_RAW_BYTES,
 };
 pub use rejects::{
     MAX_REJECT_BYTES, MAX_REJECTS_PER_BATCH, RejectBuffer, rejects_batch, rejects_schema,

@@ -44,6 +44,9 @@ pub struct ConvertOptions {
     pub row_group_rows: usize,
     /// Rows per file (default [`DEFAULT_MAX_ROWS_PER_FILE`]).
     pub max_rows_per_file: usize,
+    /// Longest accepted ndjson line; a longer one is rejected without being read into memory
+    /// (default [`crate::flatten::DEFAULT_MAX_LINE_BYTES`]).
+    pub max_line_bytes: usize,
     /// Split uncompressed files larger than this into byte ranges decoded in parallel (default
     /// [`DEFAULT_SPLIT_BYTES`]; `0` disables splitting).
     pub split_bytes: usize,
@@ -61,6 +64,7 @@ impl Default for ConvertOptions {
             row_group_rows: DEFAULT_ROW_GROUP_ROWS,
             max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
             split_bytes: DEFAULT_SPLIT_BYTES,
+            max_line_bytes: crate::flatten::DEFAULT_MAX_LINE_BYTES,
         }
     }
 }
@@ -199,6 +203,7 @@ impl ConvertBuilder {
         let driver = DriverBuilder::new(registry.clone())
             .with_threads(opts.threads)
             .with_batch_size(opts.batch_size)
+            .with_max_line_bytes(opts.max_line_bytes)
             .with_progress(progress)
             .with_cancel(cancel.clone())
             .build();

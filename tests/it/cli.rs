@@ -348,3 +348,35 @@ fn pipes_and_fifos_are_read_whole() {
         assert_eq!(rows_and_rejects(&o), (2, 0), "fifo {n}: {}", stderr(&o));
     }
 }
+
+/// `--max-line-bytes` sets the longest accepted line, and is checked before any I/O
+/// (regression: hunt finding 5: the 64 MiB limit could not be raised).
+#[test]
+fn the_line_limit_is_an_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("p.ndjson");
+    std::fs::write(&input, "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n").unwrap();
+    for (limit, rows, rejects) in [("30", 0, 1), ("1KiB", 1, 0)] {
+        let out = tmp.path().join(format!("out{limit}"));
+        let o = flatfhir(&[
+            "convert",
+            input.to_str().unwrap(),
+            "--json",
+            "--max-line-bytes",
+            limit,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(rows_and_rejects(&o), (rows, rejects), "{limit}");
+    }
+    let o = flatfhir(&[
+        "convert",
+        input.to_str().unwrap(),
+        "--max-line-bytes",
+        "0",
+        "--out",
+        "x",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("out of range"), "{}", stderr(&o));
+}
