@@ -190,6 +190,18 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok((n * scale).round() as u64)
 }
 
+/// `--max-line-bytes`: a size ([`parse_bytes`]) from 1 byte up to the JSON parser's limit.
+pub fn parse_max_line_bytes(s: &str) -> Result<usize, String> {
+    let n = parse_bytes(s)?;
+    let most = flatfhir::flatten::LARGEST_MAX_LINE_BYTES;
+    if n == 0 || n > most as u64 {
+        return Err(format!(
+            "{s:?} is out of range: a line limit is 1 byte to {most} bytes (2 GiB - 1)"
+        ));
+    }
+    Ok(n as usize)
+}
+
 pub fn parse_compression(s: &str) -> Result<parquet::basic::Compression, String> {
     use parquet::basic::{Compression, ZstdLevel};
     match s.split_once(':') {

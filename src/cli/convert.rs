@@ -24,7 +24,7 @@ use flatfhir::{
 
 use super::{
     Outcome,
-    args::{MetricsArgs, SchemaArgs, StoreArgs, parse_compression},
+    args::{MetricsArgs, SchemaArgs, StoreArgs, parse_compression, parse_max_line_bytes},
     check_rejects, output, progress,
 };
 
@@ -52,6 +52,10 @@ pub struct ConvertArgs {
     /// Rows per RecordBatch.
     #[arg(long, default_value_t = flatfhir::flatten::DEFAULT_BATCH_SIZE)]
     batch_size: usize,
+    /// Longest accepted ndjson line (e.g. 256MiB); a longer one is rejected, without its text.
+    /// A line costs a few times its size in memory while it is decoded, per decode thread.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_max_line_bytes)]
+    max_line_bytes: usize,
     /// Decode threads [default: number of cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -97,6 +101,7 @@ impl ConvertArgs {
             batch_size: self.batch_size.max(1),
             compression: self.compression,
             row_group_rows: self.row_group_size.max(1),
+            max_line_bytes: self.max_line_bytes,
             ..Default::default()
         };
         if let Some(t) = self.threads {

@@ -29,7 +29,10 @@ use flatfhir::{
 
 use super::{
     Outcome,
-    args::{MetricsArgs, SchemaArgs, StoreArgs, parse_duration, parse_header, parse_kv},
+    args::{
+        MetricsArgs, SchemaArgs, StoreArgs, parse_duration, parse_header, parse_kv,
+        parse_max_line_bytes,
+    },
     check_rejects, logging, output,
     profile::{CONFIG_ENV, ConfigFile, NamedProfile, PROFILE_ENV, ProfileError},
     progress,
@@ -190,6 +193,10 @@ pub struct ExportArgs {
     /// Another host that may receive the access token for file downloads (repeatable).
     #[arg(long, value_name = "HOST", help_heading = "Authorization")]
     allow_token_host: Vec<String>,
+    /// Longest accepted ndjson line (e.g. 256MiB) [default: 64MiB]; a longer one is rejected,
+    /// without its text. A line costs a few times its size in memory while it is decoded.
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_line_bytes)]
+    max_line_bytes: Option<usize>,
     /// Files downloaded in parallel.
     #[arg(long, default_value_t = flatfhir::run::export::DEFAULT_CONCURRENCY)]
     concurrency: usize,
@@ -384,6 +391,7 @@ impl ExportArgs {
             allow_token_host = p.allow_token_host,
             concurrency = p.concurrency,
             max_concurrent_requests = p.max_concurrent_requests.map(Some),
+            max_line_bytes = p.max_line_bytes.map(|n| Some(n.0)),
             timeout = p.timeout.map(|d| d.0),
             max_poll_interval = p.max_poll_interval.map(|d| d.0),
             idle_timeout = p.idle_timeout.map(|d| d.0),
@@ -598,6 +606,9 @@ async fn export(
         keep_ndjson: a.keep_ndjson.clone(),
         coalesce: !a.no_coalesce,
         backfill: !a.no_backfill,
+        max_line_bytes: a
+            .max_line_bytes
+            .unwrap_or(flatfhir::flatten::DEFAULT_MAX_LINE_BYTES),
         ..Default::default()
     };
     let progress = Arc::new(Progress::default());

@@ -57,7 +57,7 @@ use serde::{Deserialize, Deserializer, de};
 
 use flatfhir::auth::SigningAlg;
 
-use super::args::{parse_duration, parse_kv};
+use super::args::{parse_duration, parse_kv, parse_max_line_bytes};
 
 /// The environment variable that names the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "FLATFHIR_CONFIG";
@@ -351,6 +351,7 @@ pub struct Profile {
     // Limits and the job.
     pub concurrency: Option<usize>,
     pub max_concurrent_requests: Option<usize>,
+    pub max_line_bytes: Option<LineLimit>,
     pub timeout: Option<Dur>,
     pub max_poll_interval: Option<Dur>,
     pub idle_timeout: Option<Dur>,
@@ -599,6 +600,28 @@ impl<'de> Deserialize<'de> for Dur {
             "a duration such as \"90s\", \"30m\", \"12h\" or \"7d\"",
             |s| parse_duration(s).map(Dur),
         )
+    }
+}
+
+/// A line limit: a size such as `"256MiB"` (or a number of bytes), as `--max-line-bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct LineLimit(pub usize);
+
+impl<'de> Deserialize<'de> for LineLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Bytes(u64),
+            Text(String),
+        }
+        let text = match Either::deserialize(d)? {
+            Either::Bytes(n) => n.to_string(),
+            Either::Text(s) => s,
+        };
+        parse_max_line_bytes(&text)
+            .map(LineLimit)
+            .map_err(serde::de::Error::custom)
     }
 }
 

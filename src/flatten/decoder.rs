@@ -33,7 +33,15 @@ pub const DEFAULT_BATCH_BYTES: usize = 6 << 20;
 const MAX_KEPT_ROWS: usize = 1 << 16;
 /// Lines longer than this (256 KiB) are followed by [`EvalScratch::trim`].
 const TRIM_AFTER_BYTES: usize = 256 << 10;
-/// Longest accepted ndjson line (64 MiB); longer lines are rejected without being buffered.
+/// Bytes of a rejected line kept in its reject record (64 KiB): a longer line is cut (at a
+/// character boundary) and its reason says so and gives the line's length, so that the memory
+/// rejects take is bounded whatever the bad lines.
+pub const MAX_REJECT_RAW_BYTES: usize = 64 << 10;
+/// The largest line limit that can be set (2 GiB - 1): the JSON parser's offsets are 31-bit.
+pub const LARGEST_MAX_LINE_BYTES: usize = (1 << 31) - 1;
+/// Longest accepted ndjson line by default (64 MiB; `--max-line-bytes`); longer lines are
+/// rejected without being buffered (their reject says the limit and how to raise it). A line
+/// costs a few times its size while it is decoded, per decode thread.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
 
 /// Configures a [`Decoder`].
@@ -109,6 +117,7 @@ impl DecoderBuilder {
             file: self.file,
             batch_size: self.batch_size,
             batch_bytes: self.batch_bytes,
+            max_line_bytes: self.max_line_bytes,
             only_viewed: self.only_viewed,
             slots: Vec::new(),
             slot_index: HashMap::new(),
@@ -132,8 +141,10 @@ pub struct Decoder {
     file: String,
     batch_size: usize,
     batch_bytes: usize,
+    max_line_bytes: usize,
     only_viewed: bool,
-    /// One per resource type seen, resolved on its first line (see [`TypeSlot`]).
+    /// One per resource type seen that is R4 or read by a view, resolved on its first line
+    /// (see [`TypeSlot`]); other names get none, so their number costs no memory.
     slots: Vec<TypeSlot>,
     slot_index: HashMap<String, usize>,
     /// One per view that received rows, in first-seen order.
@@ -182,10 +193,8 @@ struct TypeSlot {
 enum SlotKind {
     /// Evaluated by its views.
     Viewed,
-    /// No view reads it and `only_viewed` is set: counted as skipped.
+    /// An R4 type no view reads, and `only_viewed` is set: counted as skipped.
     Skipped,
-    /// No view reads it and it is not an R4 type: rejected.
-    Unknown,
 }
 
 /// The builders of one view, created on its first row.
@@ -202,6 +211,7 @@ struct LineCx<'d> {
     file: &'d str,
     batch_size: usize,
     batch_bytes: usize,
+    max_line_bytes: usize,
     only_viewed: bool,
     slots: &'d mut Vec<TypeSlot>,
     slot_index: &'d mut HashMap<String, usize>,
@@ -295,6 +305,7 @@ impl Decoder {
             file: &self.file,
             batch_size: self.batch_size,
             batch_bytes: self.batch_bytes,
+            max_line_bytes: self.max_line_bytes,
             only_viewed: self.only_viewed,
             slots: &mut self.slots,
             slot_index: &mut self.slot_index,
@@ -312,8 +323,21 @@ impl Decoder {
 }
 
 impl LineCx<'_> {
-    fn reject(&mut self, line: &Line<'_>, resource_type: Option<&str>, reason: String) {
+    fn reject(&mut self, line: &Line<'_>, resource_type: Option<&str>, mut reason: String) {
         let raw = match line.bytes {
+            Some(b) if b.len() > MAX_REJECT_RAW_BYTES => {
+                // Rejects wait in bounded queues by count, so a whole 60 MiB line per reject
+                // made peak memory GBs; a prefix is enough to see what the line was.
+                let mut cut = MAX_REJECT_RAW_BYTES;
+                while cut > 0 && (b[cut] & 0xC0) == 0x80 {
+                    cut -= 1; // not inside a UTF-8 character
+                }
+                reason.push_str(&format!(
+                    " (raw: the first {cut} of the line's {} bytes)",
+                    b.len()
+                ));
+                String::from_utf8_lossy(&b[..cut]).into_owned()
+            }
             Some(b) => String::from_utf8_lossy(b).into_owned(),
             None => "(line longer than the limit; not kept)".to_string(),
         };
@@ -346,7 +370,12 @@ impl LineCx<'_> {
     fn line(&mut self, line: Line<'_>) -> Result<(), FlattenError> {
         self.stats.lines += 1;
         let Some(bytes) = line.bytes else {
-            let reason = format!("line is {} bytes, longer than the limit", line.len);
+            let reason = format!(
+                "line is {} bytes, longer than the limit of {} (raise it with --max-line-bytes); \
+                 not decoded, and not kept",
+                line.len,
+                bytes_text(self.max_line_bytes)
+            );
             self.reject_untyped(&line, reason);
             return Ok(());
         };
@@ -400,21 +429,23 @@ impl LineCx<'_> {
                 return Ok(());
             }
         };
-        let slot = self.slot(rt);
-        match self.slots[slot].kind {
-            SlotKind::Viewed => {}
-            SlotKind::Skipped => {
+        let Some(slot) = self.slot(rt) else {
+            // Not R4 and no view reads it: nothing to keep for it (a slot per name would let
+            // a file of distinct made-up names grow memory without bound).
+            if self.only_viewed {
                 self.stats.skipped += 1;
-                *self.json = doc.into_buffers();
-                return Ok(());
+            } else {
+                let reason =
+                    format!("unknown resource type {rt:?} (not FHIR R4, and no view reads it)");
+                self.reject_untyped(&line, reason);
             }
-            SlotKind::Unknown => {
-                self.reject_untyped(
-                    &line,
-                    format!("unknown resource type {rt:?} (not FHIR R4, and no view reads it)"),
-                );
-                return Ok(());
-            }
+            *self.json = doc.into_buffers();
+            return Ok(());
+        };
+        if self.slots[slot].kind == SlotKind::Skipped {
+            self.stats.skipped += 1;
+            *self.json = doc.into_buffers();
+            return Ok(());
         }
         self.slots[slot].counts.lines += 1;
         // Evaluate every view first; append only when all succeeded. The rows of all views
@@ -506,21 +537,22 @@ impl LineCx<'_> {
         Ok(())
     }
 
-    /// The slot of `rt`, resolved from the registry on the type's first line.
-    fn slot(&mut self, rt: &str) -> usize {
+    /// The slot of `rt`, resolved from the registry on the type's first line; `None` for a
+    /// type that is not R4 and that no view reads (skipped or rejected, and given no slot:
+    /// their names are unbounded, the R4 types and the views are not).
+    fn slot(&mut self, rt: &str) -> Option<usize> {
         if let Some(&i) = self.slot_index.get(rt) {
-            return i;
+            return Some(i);
         }
         let registry = self.registry;
         let has_views = registry.views_for(rt).next().is_some();
-        let kind = if has_views {
+        if !has_views && !is_r4_resource_type(rt) {
+            return None;
+        }
+        let kind = if has_views || !self.only_viewed {
             SlotKind::Viewed
-        } else if self.only_viewed {
-            SlotKind::Skipped
-        } else if !is_r4_resource_type(rt) {
-            SlotKind::Unknown
         } else {
-            SlotKind::Viewed
+            SlotKind::Skipped
         };
         let base_name = snake_case(rt);
         let mut views: Vec<Arc<CompiledView>> = Vec::new();
@@ -558,7 +590,18 @@ impl LineCx<'_> {
             counts: TypeCounts::default(),
         });
         self.slot_index.insert(rt.to_string(), self.slots.len() - 1);
-        self.slots.len() - 1
+        Some(self.slots.len() - 1)
+    }
+}
+
+/// `n` bytes for people: `64 MiB`, else `1000 bytes`.
+fn bytes_text(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} bytes")
     }
 }
 
@@ -585,6 +628,195 @@ pub fn generic_view(resource_type: &str, raw: bool) -> CompiledView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::view::json::{JsonDoc, MAX_DEPTH, to_json_text};
+
+    /// Distinct made-up resource type names keep no state each (regression: hunt finding 7:
+    /// 2 M names grew memory by ~400 MB); they are still rejected and counted as invalid.
+    #[test]
+    fn unknown_types_keep_no_state() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        for only_viewed in [false, true] {
+            let mut d = DecoderBuilder::new(reg.clone(), "f")
+                .with_only_viewed_types(only_viewed)
+                .build();
+            let mut input = String::new();
+            for i in 0..1000 {
+                input.push_str(&format!("{{\"resourceType\":\"Zz{i}Made\"}}\n"));
+            }
+            input.push_str("{\"resourceType\":\"Patient\",\"id\":\"p\"}\n");
+            d.decode(input.as_bytes()).unwrap();
+            d.finish().unwrap();
+            assert_eq!(d.slots.len(), 1, "only Patient has a slot");
+            assert_eq!(d.slot_index.len(), 1);
+            let stats = d.stats().clone();
+            if only_viewed {
+                assert_eq!(stats.skipped, 1000);
+            } else {
+                let bucket = &stats.types[INVALID_TYPE_BUCKET];
+                assert_eq!((bucket.lines, bucket.rejects), (1000, 1000));
+                let r = d.take_rejects();
+                assert_eq!(r.len(), 1000);
+                assert!(r[7].reason.contains("unknown resource type \"Zz7Made\""));
+            }
+            assert_eq!(stats.types["Patient"].rows, 1);
+        }
+    }
+
+    /// A rejected line keeps at most [`MAX_REJECT_RAW_BYTES`] of itself, and its reason says
+    /// so (regression: hunt finding 9: whole 60 MiB lines per reject made peak memory GBs).
+    #[test]
+    fn rejects_keep_a_bounded_prefix_of_long_lines() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let mut d = DecoderBuilder::new(reg, "f").build();
+        // Malformed after 1 MB of two-byte characters, so the cut falls inside one.
+        let long = format!(
+            "{{\"resourceType\":\"Patient\",\"x\":\"{}\n",
+            "é".repeat(500_000)
+        );
+        d.decode(long.as_bytes()).unwrap();
+        d.decode(b"not json\n").unwrap();
+        d.finish().unwrap();
+        let r = d.take_rejects();
+        assert_eq!(r.len(), 2);
+        assert!(r[0].raw.len() <= MAX_REJECT_RAW_BYTES, "{}", r[0].raw.len());
+        assert!(r[0].raw.len() > MAX_REJECT_RAW_BYTES - 4);
+        assert!(long.starts_with(&r[0].raw), "cut on a character boundary");
+        let len = long.len() - 1;
+        assert!(
+            r[0].reason.ends_with(&format!(
+                " (raw: the first {} of the line's {len} bytes)",
+                r[0].raw.len()
+            )),
+            "{}",
+            r[0].reason
+        );
+        assert_eq!(r[1].raw, "not json");
+        assert!(!r[1].reason.contains("raw:"), "{}", r[1].reason);
+    }
+
+    /// A line over the limit is rejected with a reason that gives the limit and the option
+    /// that raises it, and the limit is configurable (regression: hunt finding 5).
+    #[test]
+    fn the_line_limit_is_named_and_configurable() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let line = format!(
+            "{{\"resourceType\":\"Patient\",\"id\":\"{}\"}}\n",
+            "p".repeat(64)
+        );
+        for (limit, rows) in [(64, 0), (1 << 10, 1)] {
+            let mut d = DecoderBuilder::new(reg.clone(), "f")
+                .with_max_line_bytes(limit)
+                .build();
+            d.decode(line.as_bytes()).unwrap();
+            d.finish().unwrap();
+            assert_eq!(d.stats().types.get("Patient").map_or(0, |t| t.rows), rows);
+            let r = d.take_rejects();
+            if rows == 0 {
+                assert_eq!(
+                    r[0].reason,
+                    format!(
+                        "line is {} bytes, longer than the limit of 64 bytes (raise it with \
+                         --max-line-bytes); not decoded, and not kept",
+                        line.len() - 1
+                    )
+                );
+            } else {
+                assert!(r.is_empty(), "{r:?}");
+            }
+        }
+        assert_eq!(bytes_text(DEFAULT_MAX_LINE_BYTES), "64 MiB");
+    }
+
+    /// `levels` nested JSON containers (the root object counted), as FHIR nests them: a Patient
+    /// with extensions in extensions (two levels each), or a QuestionnaireResponse with items
+    /// in items, ending in an empty array.
+    fn deep_resource(resource_type: &str, key: &str, levels: usize) -> String {
+        assert!(levels >= 2 && levels.is_multiple_of(2));
+        let pairs = (levels - 2) / 2;
+        let mut s = format!("{{\"resourceType\":\"{resource_type}\",\"id\":\"deep\",\"{key}\":");
+        for i in 0..pairs {
+            s.push_str(&format!(
+                "[{{\"url\":\"u{i}\",\"linkId\":\"l{i}\",\"{key}\":"
+            ));
+        }
+        s.push_str("[]");
+        s.push_str(&"}]".repeat(pairs));
+        s.push('}');
+        s
+    }
+
+    /// Decode `lines` through the built-in views, and evaluate FHIRPath that walks the whole
+    /// depth (`descendants()`, `repeat()`, equality and text of nested nodes) on each, on a
+    /// thread with the default 2 MiB stack of spawned and tokio blocking threads.
+    fn decode_deep_on_a_default_stack(lines: Vec<String>) -> (DecodeStats, Vec<Reject>) {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                use crate::view::fhirpath::{Constants, Env, Expression, Item};
+                let reg = Arc::new(ViewRegistry::builtin().unwrap());
+                let mut d = DecoderBuilder::new(reg, "deep").build();
+                for l in &lines {
+                    d.decode(l.as_bytes()).unwrap();
+                    d.decode(b"\n").unwrap();
+                    let Ok(doc) = JsonDoc::parse(l) else { continue };
+                    let root = doc.root();
+                    assert_eq!(to_json_text(root), *l);
+                    let env = Env {
+                        resource: root,
+                        row_index: 0,
+                    };
+                    for src in [
+                        "descendants().count()",
+                        "repeat(extension | item).count()",
+                        "(extension | item) = (extension | item)",
+                        "descendants().where($this = %resource.descendants().last()).count()",
+                    ] {
+                        let e = Expression::compile(src, &Constants::new()).unwrap();
+                        let out = e.evaluate(&[Item::json(root)], &env).unwrap();
+                        assert_eq!(out.len(), 1, "{src}");
+                    }
+                }
+                d.finish().unwrap();
+                (d.stats().clone(), d.take_rejects())
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    /// Valid FHIR nests deeper than 128 JSON levels (64 nested extensions, a questionnaire 70
+    /// items deep): every level up to [`MAX_DEPTH`] decodes, on a default-sized thread stack,
+    /// and one more is rejected (regression: hunt finding 6).
+    #[test]
+    fn deep_resources_decode_up_to_the_nesting_limit() {
+        // FLATFHIR_DEPTH_PROBE=N (with MAX_DEPTH raised) measures where the stack overflows.
+        let depth: usize = std::env::var("FLATFHIR_DEPTH_PROBE")
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(MAX_DEPTH);
+        let (stats, rejects) = decode_deep_on_a_default_stack(vec![
+            deep_resource("Patient", "extension", 130),
+            deep_resource("QuestionnaireResponse", "item", 142),
+            deep_resource("Patient", "extension", depth),
+            deep_resource("QuestionnaireResponse", "item", depth),
+        ]);
+        assert!(rejects.is_empty(), "{rejects:?}");
+        assert_eq!(stats.types["Patient"].rows, 2);
+        assert_eq!(stats.types["QuestionnaireResponse"].rows, 2);
+        if std::env::var("FLATFHIR_DEPTH_PROBE").is_err() {
+            // One level more than the limit, in the innermost array.
+            let over = deep_resource("Patient", "extension", MAX_DEPTH).replace("[]", "[[]]");
+            let (_, rejects) = decode_deep_on_a_default_stack(vec![over]);
+            assert_eq!(rejects.len(), 1);
+            assert!(
+                rejects[0]
+                    .reason
+                    .contains(&format!("nesting deeper than {MAX_DEPTH} levels")),
+                "{}",
+                rejects[0].reason
+            );
+        }
+    }
 
     #[test]
     fn with_start_locates_rejects_in_the_whole_file() {

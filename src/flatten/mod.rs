@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 pub use decoder::{
     DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LINE_BYTES, Decoder, DecoderBuilder,
+    LARGEST_MAX_LINE_BYTES, MAX_REJECT_RAW_BYTES,
 };
 pub use rejects::{
     MAX_REJECT_BYTES, MAX_REJECTS_PER_BATCH, RejectBuffer, rejects_batch, rejects_schema,
@@ -86,7 +87,9 @@ pub struct Reject {
     pub resource_type: Option<String>,
     /// Why, naming the view and column where relevant.
     pub reason: String,
-    /// The line as read (invalid UTF-8 replaced; a line over the size limit is not kept).
+    /// The line as read (invalid UTF-8 replaced), at most its first
+    /// [`MAX_REJECT_RAW_BYTES`] (the reason then says so and gives the line's length);
+    /// a line over the size limit is not kept.
     pub raw: String,
 }
 

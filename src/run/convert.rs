@@ -5,11 +5,16 @@
 //!        ─► DatasetWriter ─► parts ─► run record (_runs/<run>.json), published last
 //! ```
 //!
-//! A run that fails deletes the parts it wrote, so it leaves nothing behind for any reader.
+//! A run that fails deletes the parts it wrote, so it leaves nothing behind for any reader. A
+//! stop (the cancel flag) is honoured up to the commit, not only while decoding: a run stopped
+//! while its last row groups are flushed fails as cancelled too.
 
 use std::{
     path::PathBuf,
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tracing::Instrument;
@@ -39,6 +44,9 @@ pub struct ConvertOptions {
     pub row_group_rows: usize,
     /// Rows per file (default [`DEFAULT_MAX_ROWS_PER_FILE`]).
     pub max_rows_per_file: usize,
+    /// Longest accepted ndjson line; a longer one is rejected without being read into memory
+    /// (default [`crate::flatten::DEFAULT_MAX_LINE_BYTES`]).
+    pub max_line_bytes: usize,
     /// Split uncompressed files larger than this into byte ranges decoded in parallel (default
     /// [`DEFAULT_SPLIT_BYTES`]; `0` disables splitting).
     pub split_bytes: usize,
@@ -56,8 +64,48 @@ impl Default for ConvertOptions {
             row_group_rows: DEFAULT_ROW_GROUP_ROWS,
             max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
             split_bytes: DEFAULT_SPLIT_BYTES,
+            max_line_bytes: crate::flatten::DEFAULT_MAX_LINE_BYTES,
         }
     }
+}
+
+/// Finish the parts of a decoded run and publish it, unless a stop (Ctrl-C, SIGTERM, the
+/// caller's cancel flag) came meanwhile. The driver honours a stop only while it decodes; one
+/// that comes later, while the last row groups are flushed, used to be ignored: the run was
+/// committed and exited 0 after the CLI had said it was removing what the run wrote. Until the
+/// commit, a stop fails the run as cancelled and the caller removes its parts; after the
+/// commit nothing can be taken back, and the run is kept (with a warning that says so).
+async fn publish(
+    decoded: super::Decoded<ShardedWriter>,
+    ids: RunIds,
+    registry: &ViewRegistry,
+    location: &DatasetLocation,
+    cancel: &AtomicBool,
+    started: std::time::Instant,
+) -> Result<RunManifest> {
+    let stopped = || cancel.load(Ordering::Relaxed);
+    let mut sink = decoded.sink;
+    if stopped() {
+        sink.abort().await;
+        return Err(Error::Cancelled);
+    }
+    // Flushing the last row groups of big views can take seconds.
+    let files = sink.finish().await?;
+    if stopped() {
+        return Err(Error::Cancelled);
+    }
+    let decode = started.elapsed().as_secs_f64();
+    let mut manifest = RunManifest::finished("convert", ids, decoded.stats, decoded.inputs, files)
+        .with_view_keys(registry);
+    manifest.metrics.phases.decode = decode;
+    manifest.publish(location).await?;
+    if stopped() {
+        tracing::warn!(
+            run = %manifest.run_id,
+            "the stop came after the run was committed: the run is kept"
+        );
+    }
+    Ok(manifest)
 }
 
 /// Parquet writer threads by default: a third of the cores (rounded up), since encoding and
@@ -155,8 +203,9 @@ impl ConvertBuilder {
         let driver = DriverBuilder::new(registry.clone())
             .with_threads(opts.threads)
             .with_batch_size(opts.batch_size)
+            .with_max_line_bytes(opts.max_line_bytes)
             .with_progress(progress)
-            .with_cancel(cancel)
+            .with_cancel(cancel.clone())
             .build();
         let export = ids.export.clone();
         // Every event of the run, on every thread it spawns, carries the run id.
@@ -164,14 +213,7 @@ impl ConvertBuilder {
         let published = async {
             let t = std::time::Instant::now();
             let decoded = driver.run(inputs, writer).await?;
-            let files = decoded.sink.finish().await?;
-            let decode = t.elapsed().as_secs_f64();
-            let mut manifest =
-                RunManifest::finished("convert", ids, decoded.stats, decoded.inputs, files)
-                    .with_view_keys(&registry);
-            manifest.metrics.phases.decode = decode;
-            manifest.publish(&location).await?;
-            Ok(manifest)
+            publish(decoded, ids, &registry, &location, &cancel, t).await
         }
         .instrument(span)
         .await;
@@ -190,5 +232,43 @@ impl ConvertBuilder {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::Input;
+
+    /// A stop that comes after the last line was decoded, but before the commit, fails the run
+    /// as cancelled and publishes nothing (regression: hunt finding 12: such a run was
+    /// committed and exited 0).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_after_decoding_publishes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let input = tmp.path().join("p.ndjson");
+        std::fs::write(&input, "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n").unwrap();
+        let location =
+            DatasetLocation::resolve(tmp.path().join("ds").to_str().unwrap(), true).unwrap();
+        let registry = Arc::new(ViewRegistry::builtin().unwrap());
+        let ids = RunIds::new();
+        let writer = ShardedWriter::new(
+            DatasetWriterBuilder::new(location.clone(), ids.tag(), &ids.export),
+            2,
+        );
+        let cancel = Arc::new(AtomicBool::new(false));
+        let driver = DriverBuilder::new(registry.clone())
+            .with_cancel(cancel.clone())
+            .build();
+        let decoded = driver.run(vec![Input::file(&input)], writer).await.unwrap();
+        assert_eq!(decoded.stats.lines, 1);
+        // The signal arrives now: decoding is done, nothing is committed yet.
+        cancel.store(true, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let err = publish(decoded, ids, &registry, &location, &cancel, t)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{err}");
+        assert!(RunManifest::list(&location).await.unwrap().is_empty());
     }
 }

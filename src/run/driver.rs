@@ -17,8 +17,8 @@ use crate::{
     Error, Result,
     dataset::InputRecord,
     flatten::{
-        DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DecodeStats, DecoderBuilder, FlattenError,
-        RejectBuffer, ViewBatch,
+        DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LINE_BYTES, DecodeStats,
+        DecoderBuilder, FlattenError, RejectBuffer, ViewBatch,
     },
     sink::DatasetWriter,
     view::ViewRegistry,
@@ -78,6 +78,7 @@ pub struct DriverBuilder {
     threads: usize,
     batch_size: usize,
     batch_bytes: usize,
+    max_line_bytes: usize,
     only_viewed: bool,
     cancel: Arc<AtomicBool>,
     wind_down: Arc<WindDown>,
@@ -92,6 +93,7 @@ impl DriverBuilder {
             threads: 1,
             batch_size: DEFAULT_BATCH_SIZE,
             batch_bytes: DEFAULT_BATCH_BYTES,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             only_viewed: false,
             cancel: Arc::new(AtomicBool::new(false)),
             wind_down: Arc::default(),
@@ -115,6 +117,12 @@ impl DriverBuilder {
     /// Raw bytes per batch (default [`DEFAULT_BATCH_BYTES`]).
     pub fn with_batch_bytes(mut self, n: usize) -> Self {
         self.batch_bytes = n.max(1);
+        self
+    }
+    /// Longest accepted line (default [`DEFAULT_MAX_LINE_BYTES`]; see
+    /// [`DecoderBuilder::with_max_line_bytes`]).
+    pub fn with_max_line_bytes(mut self, n: usize) -> Self {
+        self.max_line_bytes = n.max(1);
         self
     }
     /// Decode only the registry's resource types and add no generic tables (default `false`;
@@ -405,6 +413,7 @@ fn decode_input(
     let mut decoder = DecoderBuilder::new(cfg.registry.clone(), label.clone())
         .with_batch_size(cfg.batch_size)
         .with_batch_bytes(cfg.batch_bytes)
+        .with_max_line_bytes(cfg.max_line_bytes)
         .with_only_viewed_types(cfg.only_viewed)
         .with_start(first_line, offset)
         .build();

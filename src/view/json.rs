@@ -15,14 +15,34 @@
 //! FHIR objects are small, so that is faster than hashing. The parser is strict RFC 8259 (the
 //! input must already be valid UTF-8, which the decoder checks anyway for the raw column): no
 //! trailing commas, comments, leading zeros or raw control characters in strings; nesting is
-//! limited to [`MAX_DEPTH`] so a hostile line cannot exhaust the stack. On duplicate keys the
+//! limited to [`MAX_DEPTH`], far beyond real FHIR, so that a hostile line cannot exhaust the
+//! stack. On duplicate keys the
 //! first one wins.
 
 use std::borrow::{Borrow, Cow};
 use std::fmt;
 
-/// Deepest nesting accepted (the same limit serde_json applies).
-pub const MAX_DEPTH: usize = 128;
+/// [`MAX_DEPTH`] as a literal, for the error message.
+macro_rules! max_depth {
+    () => {
+        512
+    };
+}
+
+/// Deepest nesting accepted (512 containers, the root included).
+///
+/// FHIR nests two JSON levels per level of extensions or questionnaire items, so this is 255
+/// nested extensions: valid resources seen in practice stay far below (the deepest of the input
+/// hunt, 64 nested extensions and a questionnaire 70 items deep, are ~140 levels, which the
+/// former limit of 128, serde_json's, rejected). The limit exists for the stack: the parser,
+/// [`to_json_text`] and FHIRPath equality of nodes recurse once per level. Measured on a debug
+/// build (larger frames than release), they overflow a 2 MiB thread stack (a decode thread's)
+/// at ~1,500 levels, ~1.4 KiB per level, so 512 levels use about a third of it; the test
+/// `deep_resources_decode_up_to_the_nesting_limit` decodes resources at the limit on such a
+/// thread.
+pub const MAX_DEPTH: usize = max_depth!();
+/// The parse error of a document nested deeper than [`MAX_DEPTH`].
+const DEPTH_ERROR: &str = concat!("nesting deeper than ", max_depth!(), " levels");
 /// Largest node buffer kept from one document to the next (256 Ki nodes, 5 MiB).
 pub const MAX_KEPT_NODES: usize = 1 << 18;
 /// Largest decoded-string buffer kept from one document to the next (1 MiB).
@@ -634,7 +654,7 @@ impl Parser<'_> {
 
     fn container(&mut self, mut node: Node, depth: usize) -> PResult<()> {
         if depth >= MAX_DEPTH {
-            return self.err("nesting deeper than 128 levels");
+            return self.err(DEPTH_ERROR);
         }
         let object = self.src[self.pos] == b'{';
         node.tag = if object { Tag::Object } else { Tag::Array };
@@ -1025,9 +1045,11 @@ mod tests {
             let e = parse(bad).expect_err(bad);
             assert_eq!(e.column, col, "{bad:?}: {e}");
         }
-        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        assert!(parse(&deep).unwrap_err().message.contains("nesting"));
-        let ok = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        let e = parse(&deep).unwrap_err();
+        assert_eq!(e.message, "nesting deeper than 512 levels");
+        assert_eq!(e.column, MAX_DEPTH + 1);
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(parse(&ok).is_ok());
     }
 

@@ -27,6 +27,8 @@ pub struct ExportOptions {
     pub timeout: Duration,
     /// Rows per batch.
     pub batch_size: usize,
+    /// Longest accepted ndjson line (default [`crate::flatten::DEFAULT_MAX_LINE_BYTES`]).
+    pub max_line_bytes: usize,
     /// Parquet compression.
     pub compression: parquet::basic::Compression,
     /// Send DELETE to the status URL after success (default true).
@@ -47,6 +49,7 @@ impl Default for ExportOptions {
             concurrency: DEFAULT_CONCURRENCY,
             timeout: DEFAULT_TIMEOUT,
             batch_size: crate::flatten::DEFAULT_BATCH_SIZE,
+            max_line_bytes: crate::flatten::DEFAULT_MAX_LINE_BYTES,
             compression: parquet::basic::Compression::ZSTD(Default::default()),
             delete_after: true,
             keep_ndjson: None,

@@ -157,6 +157,7 @@ async fn fetch(
     let driver = DriverBuilder::new(registry)
         .with_batch_size(sh.opts.batch_size)
         .with_batch_bytes(batch_bytes)
+        .with_max_line_bytes(sh.opts.max_line_bytes)
         .with_only_viewed_types(kind != FileKind::Output)
         .with_progress(sh.progress.clone())
         .with_wind_down(sh.running.writers.clone())
