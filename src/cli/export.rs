@@ -653,10 +653,17 @@ pub fn finish_export(
     } else {
         output::write_accounting(&mut stdout, m, out)?;
         if let Some(t) = &m.transaction_time {
-            writeln!(
-                stdout,
-                "transactionTime {t} (the next run with --since auto starts here)"
-            )?;
+            match flatfhir::run::export::since_auto_start(m) {
+                Some(r) if r != *t => writeln!(
+                    stdout,
+                    "transactionTime {t}; bounded by --until, so the next run with --since auto \
+                     starts at {r}"
+                )?,
+                _ => writeln!(
+                    stdout,
+                    "transactionTime {t} (the next run with --since auto starts here)"
+                )?,
+            }
         }
         if m.deleted > 0 {
             writeln!(

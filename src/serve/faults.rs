@@ -57,6 +57,9 @@ pub struct Faults {
     /// Index of a file that answers `200 text/html` with a login page to every download (an SSO
     /// gateway or a proxy's error page in front of the file server).
     pub file_html: Option<usize>,
+    /// Index of a file that answers `200` with one OperationOutcome line (`application/fhir+json`)
+    /// to every download instead of its resources (a server reporting an error in the file).
+    pub file_outcome: Option<usize>,
     /// Delay between 8 KiB chunks of every file body.
     pub slow_chunk: Option<Duration>,
     /// Send `Retry-After` as an HTTP-date instead of delta-seconds.
@@ -132,6 +135,7 @@ impl RequestFaults {
                 "file-gone" => f.file_gone = Some(number(0)? as usize),
                 "file-lost" => f.file_lost = Some(number(0)? as usize),
                 "file-html" => f.file_html = Some(number(0)? as usize),
+                "file-outcome" => f.file_outcome = Some(number(0)? as usize),
                 "slow" => {
                     f.slow_chunk = Some(match arg {
                         Some(_) => Duration::from_millis(number(0)?),
@@ -215,6 +219,7 @@ impl Faults {
             file_gone: job.file_gone.or(self.file_gone),
             file_lost: job.file_lost.or(self.file_lost),
             file_html: job.file_html.or(self.file_html),
+            file_outcome: job.file_outcome.or(self.file_outcome),
             slow_chunk: job.slow_chunk.or(self.slow_chunk),
             retry_after_http_date: self.retry_after_http_date || job.retry_after_http_date,
             deleted: self.deleted.iter().chain(&job.deleted).cloned().collect(),

@@ -92,6 +92,17 @@ pub(super) async fn download(
         )
             .into_response();
     }
+    if job.faults.file_outcome == Some(n) {
+        let outcome = serde_json::json!({"resourceType": "OperationOutcome", "issue": [{
+            "severity": "error", "code": "exception",
+            "diagnostics": "the file could not be generated (fault file-outcome)"}]});
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/fhir+json")],
+            format!("{outcome}\n"),
+        )
+            .into_response();
+    }
     let hop: u32 = query("hop").and_then(|h| h.parse().ok()).unwrap_or(0);
     if let Some(redirect) = job.faults.redirect_file
         && hop < redirect.hops

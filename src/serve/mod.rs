@@ -77,6 +77,7 @@
 //! | `short-file[:N]` | `short_file` | the first N (default 1) downloads of each output file are complete bodies of only the first half of its lines (the manifest's `count` is the whole file's) |
 //! | `file-gone[:N]` | `file_gone` | file N (default 0) answers `410`; manifests fetched after that list a fresh URL for it |
 //! | `file-lost[:N]` | `file_lost` | file N (default 0) answers `404` to every download while the job lives on, under the same URL in every manifest |
+//! | `file-outcome[:N]` | `file_outcome` | file N (default 0) answers `200 application/fhir+json` with one OperationOutcome line instead of its resources |
 //! | `file-html[:N]` | `file_html` | file N (default 0) answers `200 text/html` with a login page (an SSO gateway or a proxy's error page) |
 //! | `slow[:MS]` | `slow_chunk` | a delay (default 50 ms) between 8 KiB body chunks |
 //! | `retry-after-date` | `retry_after_http_date` | `Retry-After` is an HTTP-date instead of delta-seconds |

@@ -437,4 +437,13 @@ async fn a_short_file_is_fetched_again_and_one_that_stays_short_removes_nothing(
     assert!(!s.manifest.snapshot);
     let ds = Dataset::open(&loc).await.unwrap();
     assert_current_is(&ds, &srv).await;
+
+    // A file answered with an OperationOutcome instead of its resources: nothing removed either.
+    let s = export(&srv, &loc, faulty("file-outcome:0"), true)
+        .await
+        .unwrap();
+    let warnings = s.manifest.warnings.join("\n");
+    assert!(warnings.contains("snapshot: nothing removed"), "{warnings}");
+    let ds = Dataset::open(&loc).await.unwrap();
+    assert_current_is(&ds, &srv).await;
 }

@@ -43,7 +43,7 @@ use url::Url;
 
 use builder::Running;
 pub use builder::{ExportBuilder, ExportOptions, OnCtrlC, find_unfinished};
-pub use since::{SINCE_AUTO, resolve_since_auto};
+pub use since::{SINCE_AUTO, reached as since_auto_start, resolve_since_auto};
 
 use super::Progress;
 use crate::{

@@ -10,6 +10,39 @@ use crate::{
     view::ViewRegistry,
 };
 
+/// Why an output file may not hold every resource the server listed in it, if it may not:
+/// fewer resources than its manifest `count`, rejected lines (a resource that could not be read
+/// is not a resource the server deleted), or resources of another type than the manifest's (an
+/// OperationOutcome or an error page answered in place of the file). A snapshot run that holds
+/// such a file removes nothing.
+fn unsure(rec: &crate::dataset::FileRecord) -> Option<String> {
+    if super::files::is_short(rec.kind, rec.count, &rec.stats) {
+        return Some(format!(
+            "{} of the manifest's {} resources",
+            rec.stats.lines - rec.stats.blank_lines,
+            rec.count.unwrap_or_default()
+        ));
+    }
+    let rejects = rec.stats.rejects();
+    if rejects > 0 {
+        return Some(format!("{rejects} rejected lines"));
+    }
+    let other: Vec<&str> = rec
+        .stats
+        .types
+        .iter()
+        .filter(|(t, c)| c.lines > 0 && rec.resource_type.as_deref().is_some_and(|r| r != *t))
+        .map(|(t, _)| t.as_str())
+        .collect();
+    (!other.is_empty()).then(|| {
+        format!(
+            "{} resources in a {} file",
+            other.join(", "),
+            rec.resource_type.as_deref().unwrap_or_default()
+        )
+    })
+}
+
 /// The run record of a job whose files are all committed (its parts: `files`), and whether the
 /// server reported fatal or error issues.
 pub(super) fn run_record(
@@ -37,8 +70,8 @@ pub(super) fn run_record(
                     tracing::warn!("{w}");
                     warnings.push(w);
                 }
-                if super::files::is_short(rec.kind, rec.count, &rec.stats) {
-                    short.push(shown.clone());
+                if let Some(why) = unsure(rec) {
+                    short.push(format!("{shown} ({why})"));
                 }
                 inputs.push(InputRecord {
                     source: shown,
@@ -63,15 +96,15 @@ pub(super) fn run_record(
         }
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    // A resource missing from a short file is not gone from the server: a snapshot that holds
-    // one removes nothing.
+    // A resource missing from a file that was not read whole is not gone from the server: a
+    // snapshot that holds one removes nothing.
     let snapshot = job.snapshot && short.is_empty();
     if job.snapshot && !snapshot {
         let w = format!(
-            "snapshot: nothing removed from the current state, since {} held fewer resources \
-             than the manifest's count: {}",
+            "snapshot: nothing removed from the current state, since {} may not hold every \
+             resource the server has: {}",
             if short.len() == 1 { "a file" } else { "files" },
-            short.join(", ")
+            short.join("; ")
         );
         tracing::warn!("{w}");
         warnings.push(w);
@@ -96,4 +129,55 @@ pub(super) fn run_record(
     }
     .with_view_keys(registry);
     (manifest, server_errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{dataset::FileRecord, flatten::TypeCounts};
+
+    fn file(count: Option<u64>, types: &[(&str, u64, u64)]) -> FileRecord {
+        let mut stats = DecodeStats::default();
+        for (t, lines, rejects) in types {
+            stats.lines += lines;
+            stats.types.insert(
+                t.to_string(),
+                TypeCounts {
+                    lines: *lines,
+                    rows: lines - rejects,
+                    rejects: *rejects,
+                    filtered: 0,
+                },
+            );
+        }
+        FileRecord {
+            url: "http://h/1.ndjson".into(),
+            kind: FileKind::Output,
+            resource_type: Some("Patient".into()),
+            state: FileState::Committed,
+            parts: Vec::new(),
+            stats,
+            count,
+            outcomes: BTreeMap::new(),
+            refreshed_url: None,
+        }
+    }
+
+    /// A file read whole, of its manifest type, with no reject, is sure; every other one says why
+    /// it is not (a snapshot run holding it removes nothing).
+    #[test]
+    fn files_that_may_miss_resources_are_unsure() {
+        assert_eq!(unsure(&file(Some(3), &[("Patient", 3, 0)])), None);
+        assert_eq!(unsure(&file(None, &[("Patient", 3, 0)])), None);
+        let why = |f: FileRecord| unsure(&f).unwrap_or_default();
+        assert_eq!(
+            why(file(Some(3), &[("Patient", 2, 0)])),
+            "2 of the manifest's 3 resources"
+        );
+        assert_eq!(why(file(None, &[("Patient", 3, 1)])), "1 rejected lines");
+        assert_eq!(
+            why(file(None, &[("OperationOutcome", 1, 0)])),
+            "OperationOutcome resources in a Patient file"
+        );
+    }
 }

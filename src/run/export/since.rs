@@ -61,27 +61,40 @@ fn covered_until(runs: &[RunManifest], base_url: &str, request: &ExportRequest) 
     runs.iter()
         .filter(|r| r.kind == "export")
         .filter(|r| r.source.as_deref().map(|s| s.trim_end_matches('/')) == Some(base))
-        .filter_map(|r| {
-            let q = r.request.as_ref().filter(|q| same_population(q, request))?;
-            let t = r.transaction_time.as_deref()?;
-            let at = chrono::DateTime::parse_from_rfc3339(t).ok()?;
-            match q.until.as_deref() {
-                None => Some((at, t.to_string())),
-                Some(u) => {
-                    // A run whose `until` cannot be read proves nothing: left out.
-                    let until = chrono::DateTime::parse_from_rfc3339(u).ok()?;
-                    if until > at {
-                        Some((at, t.to_string()))
-                    } else {
-                        let before = until - chrono::Duration::milliseconds(1);
-                        let text = before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                        Some((before, text))
-                    }
-                }
-            }
+        .filter(|r| {
+            r.request
+                .as_ref()
+                .is_some_and(|q| same_population(q, request))
         })
+        .filter_map(reached_at)
         .max_by_key(|(at, _)| *at)
         .map(|(_, t)| t)
+}
+
+/// Where `--since auto` starts after export run `run` (see [`resolve_since_auto`]): its
+/// `transactionTime`, or `until` minus a millisecond when the run was bounded by an earlier
+/// `_until`; `None` when it has no readable `transactionTime` (or `until`: such a run proves
+/// nothing).
+pub fn reached(run: &RunManifest) -> Option<String> {
+    reached_at(run).map(|(_, t)| t)
+}
+
+fn reached_at(r: &RunManifest) -> Option<(chrono::DateTime<chrono::FixedOffset>, String)> {
+    let t = r.transaction_time.as_deref()?;
+    let at = chrono::DateTime::parse_from_rfc3339(t).ok()?;
+    match r.request.as_ref().and_then(|q| q.until.as_deref()) {
+        None => Some((at, t.to_string())),
+        Some(u) => {
+            let until = chrono::DateTime::parse_from_rfc3339(u).ok()?;
+            if until > at {
+                Some((at, t.to_string()))
+            } else {
+                let before = until - chrono::Duration::milliseconds(1);
+                let text = before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                Some((before, text))
+            }
+        }
+    }
 }
 
 /// Same server-side population: level (and group), `_type`, `_typeFilter`, `_elements` (a run
