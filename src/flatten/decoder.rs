@@ -389,7 +389,10 @@ impl LineCx<'_> {
                 let at = e.valid_up_to() + 1;
                 self.reject_untyped(
                     &line,
-                    format!("malformed JSON: invalid UTF-8 at column {at}"),
+                    format!(
+                        "malformed JSON: invalid UTF-8 at column {at}{}",
+                        encoding_hint(bytes)
+                    ),
                 );
                 return Ok(());
             }
@@ -397,7 +400,10 @@ impl LineCx<'_> {
         let doc = match JsonDoc::parse_with(text, std::mem::take(self.json)) {
             Ok(d) => d,
             Err(e) => {
-                self.reject_untyped(&line, format!("malformed JSON: {e}"));
+                self.reject_untyped(
+                    &line,
+                    format!("malformed JSON: {e}{}", encoding_hint(bytes)),
+                );
                 return Ok(());
             }
         };
@@ -602,6 +608,25 @@ fn bytes_text(n: usize) -> String {
         format!("{} KiB", n >> 10)
     } else {
         format!("{n} bytes")
+    }
+}
+
+/// What a malformed line's bytes suggest about its file, for the reject's reason: a file saved
+/// as UTF-16 (Windows tools, PowerShell's `>`: a `FF FE`/`FE FF` byte-order mark, or a NUL
+/// byte beside every ASCII character), or one whose lines end with a lone CR (old Mac line
+/// endings: the whole file is one "line"). Such files give a reject per line, or one for the
+/// file, whose plain "malformed JSON" says nothing of what to fix.
+fn encoding_hint(bytes: &[u8]) -> &'static str {
+    let utf16_bom = bytes.starts_with(b"\xFF\xFE") || bytes.starts_with(b"\xFE\xFF");
+    let nuls = bytes.iter().take(256).filter(|b| **b == 0).count();
+    if utf16_bom || nuls * 4 >= bytes.len().min(256) {
+        " (the file looks UTF-16 encoded; ndjson is UTF-8: convert it, e.g. with \
+         `iconv -f UTF-16 -t UTF-8`)"
+    } else if memchr::memchr(b'\r', bytes).is_some_and(|i| i + 1 < bytes.len()) {
+        " (the line holds a carriage return (CR) before its end: lines that end with a lone CR \
+         are not ndjson lines, which end with LF or CRLF)"
+    } else {
+        ""
     }
 }
 
@@ -816,6 +841,37 @@ mod tests {
                 rejects[0].reason
             );
         }
+    }
+
+    /// A UTF-16 file and a file with lone-CR line endings are rejected with a reason that says
+    /// what is wrong with the file, not only "malformed JSON".
+    #[test]
+    fn rejects_of_utf16_and_cr_files_say_what_is_wrong() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let reasons = |input: &[u8]| {
+            let mut d = DecoderBuilder::new(reg.clone(), "f").build();
+            d.decode(input).unwrap();
+            d.finish().unwrap();
+            d.take_rejects()
+                .into_iter()
+                .map(|r| r.reason)
+                .collect::<Vec<_>>()
+        };
+        let text = "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n{\"resourceType\":\"Patient\",\"id\":\"b\"}\n";
+        let mut utf16 = vec![0xFF, 0xFE];
+        utf16.extend(text.encode_utf16().flat_map(u16::to_le_bytes));
+        let r = reasons(&utf16);
+        assert!(!r.is_empty());
+        assert!(r.iter().all(|r| r.contains("UTF-16")), "{r:?}");
+        let r = reasons(text.replace('\n', "\r").as_bytes());
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].contains("carriage return"), "{r:?}");
+        // A plain malformed line gets no hint.
+        let r = reasons(b"{\"resourceType\":\n");
+        assert!(
+            !r[0].contains("UTF-16") && !r[0].contains("carriage"),
+            "{r:?}"
+        );
     }
 
     #[test]
