@@ -140,7 +140,8 @@ async fn stopped_by(signal: StopSignal, cancel: &AtomicBool) {
     super::logging::say(
         tracing::Level::WARN,
         &format!(
-            "{}: stopping, and removing what this run wrote (Ctrl-C again stops at once)",
+            "{}: stopping; what this run wrote is removed unless it is committed already \
+             (Ctrl-C again stops at once)",
             match signal {
                 StopSignal::Interrupt => "interrupted",
                 StopSignal::Terminate => "terminated (SIGTERM)",

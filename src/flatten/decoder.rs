@@ -400,10 +400,13 @@ impl LineCx<'_> {
         let doc = match JsonDoc::parse_with(text, std::mem::take(self.json)) {
             Ok(d) => d,
             Err(e) => {
-                self.reject_untyped(
-                    &line,
-                    format!("malformed JSON: {e}{}", encoding_hint(bytes)),
-                );
+                let reason = if e.is_too_deep() {
+                    // Not malformed: deeper than the parser goes.
+                    format!("JSON {e} (the parser's limit, far beyond real FHIR)")
+                } else {
+                    format!("malformed JSON: {e}{}", encoding_hint(bytes))
+                };
+                self.reject_untyped(&line, reason);
                 return Ok(());
             }
         };
@@ -833,12 +836,11 @@ mod tests {
             let over = deep_resource("Patient", "extension", MAX_DEPTH).replace("[]", "[[]]");
             let (_, rejects) = decode_deep_on_a_default_stack(vec![over]);
             assert_eq!(rejects.len(), 1);
+            let reason = &rejects[0].reason;
             assert!(
-                rejects[0]
-                    .reason
-                    .contains(&format!("nesting deeper than {MAX_DEPTH} levels")),
-                "{}",
-                rejects[0].reason
+                reason.contains(&format!("nesting deeper than {MAX_DEPTH} levels"))
+                    && !reason.contains("malformed"),
+                "{reason}"
             );
         }
     }

@@ -139,6 +139,13 @@ impl fmt::Display for JsonError {
 
 impl std::error::Error for JsonError {}
 
+impl JsonError {
+    /// The document is valid JSON as far as read, but nested deeper than [`MAX_DEPTH`].
+    pub fn is_too_deep(&self) -> bool {
+        self.message == DEPTH_ERROR
+    }
+}
+
 impl<'s> JsonDoc<'s> {
     /// Parse `src` (one JSON value, surrounding whitespace allowed) using `buffers`' storage.
     /// Give the storage back with [`JsonDoc::into_buffers`] to reuse it.
