@@ -190,13 +190,79 @@ fn sniff(
         None => Box::new(buffered),
     };
     Ok(if gzip {
-        Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
-            64 << 10,
-            archived,
-        )))
+        Box::new(GzMembers::new(BufReader::with_capacity(64 << 10, archived)))
     } else {
         archived
     })
+}
+
+/// The members of a gzip file, one after the other (as `MultiGzDecoder`), followed by nothing
+/// or by zero bytes: tools that write in blocks (tape formats, some archivers and transfer
+/// tools) pad a gzip file with zeros, which `gzip -d` and `zcat` ignore and `MultiGzDecoder`
+/// takes for a broken next member, failing the run. Other bytes after the last member are an
+/// error, as before.
+struct GzMembers<R: std::io::BufRead> {
+    state: Option<GzState<R>>,
+}
+
+enum GzState<R: std::io::BufRead> {
+    /// Inside a member.
+    Member(Box<flate2::bufread::GzDecoder<R>>),
+    /// After a member: another member, zero padding, or the end.
+    Between(R),
+}
+
+impl<R: std::io::BufRead> GzMembers<R> {
+    fn new(inner: R) -> Self {
+        GzMembers {
+            state: Some(GzState::Member(Box::new(flate2::bufread::GzDecoder::new(
+                inner,
+            )))),
+        }
+    }
+}
+
+impl<R: std::io::BufRead> Read for GzMembers<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.state.take() {
+                None => return Ok(0),
+                Some(GzState::Member(mut member)) => {
+                    let n = member.read(buf)?;
+                    if n > 0 {
+                        self.state = Some(GzState::Member(member));
+                        return Ok(n);
+                    }
+                    self.state = Some(GzState::Between(member.into_inner()));
+                }
+                Some(GzState::Between(mut inner)) => {
+                    let next = inner.fill_buf()?;
+                    match next.first() {
+                        None => return Ok(0),
+                        Some(0x1f) => {
+                            self.state = Some(GzState::Member(Box::new(
+                                flate2::bufread::GzDecoder::new(inner),
+                            )));
+                        }
+                        Some(_) if next.iter().all(|b| *b == 0) => {
+                            let n = next.len();
+                            inner.consume(n);
+                            self.state = Some(GzState::Between(inner));
+                        }
+                        Some(_) => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "bytes that are neither gzip nor zero padding after the gzip data",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Counts bytes read through it (the compressed size for gzip input).
@@ -525,6 +591,42 @@ pub fn plan_files(
         }
     }
     Ok(inputs)
+}
+
+#[cfg(test)]
+mod gz_tests {
+    use super::*;
+
+    fn gz(text: &str) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(text.as_bytes()).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn inflate(bytes: Vec<u8>) -> std::io::Result<String> {
+        let mut out = String::new();
+        GzMembers::new(BufReader::with_capacity(7, std::io::Cursor::new(bytes)))
+            .read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// Members one after the other, then zero padding (as `gzip -d` reads them); other bytes
+    /// after the data, or a cut member, are errors.
+    #[test]
+    fn gzip_members_then_zero_padding_are_read_and_other_trailing_bytes_refused() {
+        let mut two = gz("{\"a\":1}\n");
+        two.extend(gz("{\"b\":2}\n"));
+        assert_eq!(inflate(two.clone()).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+        let mut padded = two.clone();
+        padded.extend(std::iter::repeat_n(0u8, 1000));
+        assert_eq!(inflate(padded).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+        let mut garbage = two.clone();
+        garbage.extend(b"\0\0junk");
+        assert!(inflate(garbage).is_err());
+        let cut = two[..two.len() - 5].to_vec();
+        assert!(inflate(cut).is_err());
+        assert_eq!(inflate(gz("")).unwrap(), "");
+    }
 }
 
 #[cfg(test)]
