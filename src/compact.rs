@@ -20,7 +20,8 @@
 //! left behind: parts under a run's `export=` partition of a table that no commit names, which
 //! Delta's own VACUUM leaves alone (delta-rs's default mode only deletes files a commit
 //! removed). A run counts as dead when it published no run record, is no unfinished export job
-//! (`--resume` may still finish those), and started longer ago than both the retention and
+//! (`--resume` may still finish those) or run interrupted while it published (the next run
+//! finishes those), and started longer ago than both the retention and
 //! [`DEAD_RUN_AGE`], so that a run still writing is never swept from under its writer — nor is a
 //! run that old whose uncommitted files include one written since then (a convert of many
 //! terabytes still at work: converts hold no lease).
@@ -214,12 +215,17 @@ async fn sweep_dead_runs(
         .try_collect()
         .await
         .map_err(|e| store_err(&runs_dir, e))?;
-    let resumable: HashSet<String> = crate::dataset::JobRecord::list(location)
+    let mut resumable: HashSet<String> = crate::dataset::JobRecord::list(location)
         .await?
         .into_iter()
         .filter(|j| !j.state.is_finished())
         .map(|j| j.export)
         .collect();
+    // Runs interrupted while they published: the next run finishes them, with their files.
+    let publishing: Vec<crate::dataset::RunManifest> = location
+        .list_json_shallow(crate::dataset::PUBLISHING_DIR)
+        .await?;
+    resumable.extend(publishing.into_iter().map(|r| r.export));
     let top = location
         .store
         .list_with_delimiter(Some(&location.prefix))
@@ -238,7 +244,12 @@ async fn sweep_dead_runs(
         // Current-state tables are skipped: their merges write files into the partitions of
         // earlier runs (a row keeps its run's partition), so a partition there says nothing
         // about a run being alive.
-        if [crate::dataset::RUNS_DIR, crate::dataset::JOBS_DIR].contains(&table)
+        if [
+            crate::dataset::RUNS_DIR,
+            crate::dataset::JOBS_DIR,
+            crate::dataset::PUBLISHING_DIR,
+        ]
+        .contains(&table)
             || table.starts_with('.')
             || table.ends_with(crate::dataset::current::LATEST_SUFFIX)
             || !(views.is_empty() || views.iter().any(|v| v == table))

@@ -457,29 +457,44 @@ impl JobRecord {
 
     /// The lease of a process that may still be working on this job, if any.
     pub async fn holder(&self, loc: &DatasetLocation) -> Result<Option<Lease>, DatasetError> {
-        let lease: Option<Lease> = loc.get_json_opt(&Self::lease_path(&self.run_id)).await?;
-        Ok(lease.filter(Lease::live))
+        live_lease(loc, &Self::lease_path(&self.run_id)).await
     }
 
     /// Claim the job: write its lease now and every [`LEASE_RENEW`] until the guard is dropped.
     pub async fn hold(&self, loc: &DatasetLocation) -> Result<LeaseGuard, DatasetError> {
-        let path = Self::lease_path(&self.run_id);
-        loc.put_json(&path, &Lease::now()).await?;
-        let (l, p) = (loc.clone(), path.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LEASE_RENEW).await;
-                if let Err(e) = l.put_json(&p, &Lease::now()).await {
-                    tracing::warn!(error = %e, "could not renew the job's lease");
-                }
-            }
-        });
-        Ok(LeaseGuard {
-            task,
-            loc: loc.clone(),
-            path,
-        })
+        hold_lease(loc, Self::lease_path(&self.run_id)).await
     }
+}
+
+/// The lease at `path` (relative to the dataset root), if its holder may still be running.
+pub(crate) async fn live_lease(
+    loc: &DatasetLocation,
+    path: &str,
+) -> Result<Option<Lease>, DatasetError> {
+    let lease: Option<Lease> = loc.get_json_opt(path).await?;
+    Ok(lease.filter(Lease::live))
+}
+
+/// Write a lease at `path` now and every [`LEASE_RENEW`] until the guard is dropped.
+pub(crate) async fn hold_lease(
+    loc: &DatasetLocation,
+    path: String,
+) -> Result<LeaseGuard, DatasetError> {
+    loc.put_json(&path, &Lease::now()).await?;
+    let (l, p) = (loc.clone(), path.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LEASE_RENEW).await;
+            if let Err(e) = l.put_json(&p, &Lease::now()).await {
+                tracing::warn!(error = %e, "could not renew a lease");
+            }
+        }
+    });
+    Ok(LeaseGuard {
+        task,
+        loc: loc.clone(),
+        path,
+    })
 }
 
 /// FNV-1a, 64 bit: a stable (across runs and builds) name for a file URL.

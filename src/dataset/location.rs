@@ -163,6 +163,15 @@ impl DatasetLocation {
         Ok(())
     }
 
+    /// Delete the object at `rel`, best effort: one that is not there is fine, any other
+    /// failure is logged (what is left is bookkeeping the next run cleans up).
+    pub async fn delete(&self, rel: &str) {
+        match self.store.delete(&self.child(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(path = rel, error = %e, "could not delete"),
+        }
+    }
+
     /// Read every `*.json` document under the directory `rel` (none when it does not exist).
     pub async fn list_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Vec<T>, DatasetError> {
         let metas: Vec<_> = self

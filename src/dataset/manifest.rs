@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{DatasetError, DatasetLocation, RUNS_DIR, RunIds};
+use super::{DatasetError, DatasetLocation, PUBLISHING_DIR, RUNS_DIR, RunIds};
 use crate::{
     client::{ExportRequest, HttpSummary},
     flatten::TypeCounts,
@@ -288,7 +288,111 @@ impl RunManifest {
     /// Publish a finished run: one Delta commit per table (skipping tables that already hold
     /// the run, so a resumed or retried publish adds nothing twice), then the current-state
     /// tables merged, then the run record (which says which tables are committed).
+    ///
+    /// Runs that were killed while they published are finished first ([`Self::finish_interrupted`]).
+    /// Between its first commit and its record a run is in two places at once: its rows are in
+    /// the history tables, its merge into the current-state tables may be half done. So a run
+    /// other than an export (which has its job record and `--resume`) first leaves a copy of
+    /// its record under `_publishing/`, with a lease renewed while it publishes; the next run
+    /// of the dataset that finds the copy with no live lease finishes publishing it.
     pub async fn publish(&mut self, loc: &DatasetLocation) -> Result<(), DatasetError> {
+        Self::finish_interrupted(loc).await;
+        if self.kind == "export" {
+            return self.publish_now(loc).await;
+        }
+        let (path, lease) = Self::publishing_paths(&self.run_id);
+        loc.put_json(&path, self).await?;
+        let guard = super::job::hold_lease(loc, lease).await?;
+        let r = self.publish_now(loc).await;
+        // A run that failed before any table held it is not finished later: it failed, and
+        // leaves nothing visible. One that some table holds is (it is visible already).
+        let keep = r.is_err() && self.held_anywhere(loc).await;
+        if !keep {
+            loc.delete(&path).await;
+        }
+        guard.release().await;
+        r
+    }
+
+    /// The copy of a run's record while it publishes, and its lease.
+    fn publishing_paths(run_id: &str) -> (String, String) {
+        (
+            format!("{PUBLISHING_DIR}/{run_id}.json"),
+            format!("{PUBLISHING_DIR}/{run_id}.lease"),
+        )
+    }
+
+    /// Whether some table of the run holds it (committed), or the answer is unknown.
+    async fn held_anywhere(&self, loc: &DatasetLocation) -> bool {
+        let tables: BTreeSet<&str> = self.files.iter().map(|f| f.view.as_str()).collect();
+        for table in tables {
+            match loc.open_table(table).await {
+                Ok(Some(t)) => {
+                    if super::delta::holds_run(&t, &self.export)
+                        .await
+                        .unwrap_or(true)
+                    {
+                        return true;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+
+    /// Finish publishing the runs that were killed while they published (their record copies
+    /// under `_publishing/` with no live lease), oldest first: commit what is not committed yet,
+    /// merge them into the current-state tables and write their records. A run that cannot be
+    /// finished now is left for the next time, with a warning; it does not stop this one.
+    pub async fn finish_interrupted(loc: &DatasetLocation) {
+        let pending: Vec<RunManifest> = match loc.list_json_shallow(PUBLISHING_DIR).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for runs interrupted while publishing");
+                return;
+            }
+        };
+        let mut pending = pending;
+        pending.sort_by(|a, b| (&a.started, &a.run_id).cmp(&(&b.started, &b.run_id)));
+        for mut run in pending {
+            let (path, lease) = Self::publishing_paths(&run.run_id);
+            let published = loc
+                .get_json_opt::<serde_json::Value>(&Self::path(&run.run_id))
+                .await;
+            if matches!(published, Ok(Some(_))) {
+                loc.delete(&path).await;
+                continue;
+            }
+            if !matches!(super::job::live_lease(loc, &lease).await, Ok(None)) {
+                continue; // being published by a process that is still alive (or unknown)
+            }
+            let guard = match super::job::hold_lease(loc, lease).await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(run = %run.run_id, error = %e, "could not claim an interrupted run");
+                    continue;
+                }
+            };
+            tracing::warn!(
+                run = %run.run_id,
+                "finishing the publication of a run that was interrupted while it published"
+            );
+            match run.publish_now(loc).await {
+                Ok(()) => loc.delete(&path).await,
+                Err(e) => tracing::warn!(
+                    run = %run.run_id,
+                    error = %e,
+                    "could not finish publishing an interrupted run; the next run tries again"
+                ),
+            }
+            guard.release().await;
+        }
+    }
+
+    /// [`Self::publish`] without the bookkeeping of interrupted runs.
+    async fn publish_now(&mut self, loc: &DatasetLocation) -> Result<(), DatasetError> {
         let t0 = std::time::Instant::now();
         self.committed = super::delta::commit_run(loc, self).await?;
         self.metrics.phases.commit = t0.elapsed().as_secs_f64();

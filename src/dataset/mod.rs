@@ -47,6 +47,8 @@ pub use staging::{Discarded, commit_staged, discard_run, discard_staged, sweep_u
 pub const RUNS_DIR: &str = "_runs";
 /// Directory of export job records.
 pub const JOBS_DIR: &str = "_jobs";
+/// Directory of the records of runs being published (see [`RunManifest::publish`]).
+pub const PUBLISHING_DIR: &str = "_publishing";
 /// Table of rejected lines.
 pub const REJECTS_TABLE: &str = "_rejects";
 /// Table of deleted resources announced by servers (tombstones).

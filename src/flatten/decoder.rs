@@ -379,6 +379,10 @@ impl LineCx<'_> {
             self.reject_untyped(&line, reason);
             return Ok(());
         };
+        // A byte-order mark at the start of a line other than the file's first (which the
+        // splitter drops): files written with one, joined by `cat`. It is no part of the
+        // resource, so it costs neither the row nor the raw column.
+        let bytes = bytes.strip_prefix(super::lines::BOM).unwrap_or(bytes);
         if bytes.iter().all(u8::is_ascii_whitespace) {
             self.stats.blank_lines += 1;
             return Ok(());
@@ -874,6 +878,27 @@ mod tests {
             !r[0].contains("UTF-16") && !r[0].contains("carriage"),
             "{r:?}"
         );
+    }
+
+    /// Files that start with a byte-order mark, joined by `cat`: the marks in the middle cost
+    /// no row, and the raw column holds the resource without them.
+    #[test]
+    fn byte_order_marks_at_the_start_of_any_line_are_dropped() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let mut d = DecoderBuilder::new(reg, "f").build();
+        let bom = "\u{FEFF}";
+        let input = format!(
+            "{bom}{{\"resourceType\":\"Patient\",\"id\":\"a\"}}\n\
+             {bom}{{\"resourceType\":\"Patient\",\"id\":\"b\"}}\r\n{bom}\n"
+        );
+        d.decode(input.as_bytes()).unwrap();
+        let batches = d.finish().unwrap();
+        assert!(d.take_rejects().is_empty());
+        let patient = batches.iter().find(|b| &*b.view == "patient").unwrap();
+        assert_eq!(patient.batch.num_rows(), 2);
+        let raw = patient.batch.column_by_name("resource").unwrap();
+        let raw = datafusion::arrow::array::AsArray::as_string::<i32>(raw);
+        assert_eq!(raw.value(1), r#"{"resourceType":"Patient","id":"b"}"#);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct LineSplitter {
 }
 
 /// The UTF-8 byte-order mark.
-const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
+pub(super) const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
 
 impl LineSplitter {
     /// A splitter that hands out lines longer than `max_line` bytes as `bytes: None`.

@@ -314,6 +314,79 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
     srv.shutdown().await;
 }
 
+/// A convert killed between its history commits and its current-state merge (convert has no
+/// `--resume`): the next run of the dataset, here a convert of one other Patient, finishes
+/// publishing it first — every table holds the killed run whole, its record is written, and
+/// the current-state tables hold every resource of both runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_convert_killed_while_it_published_is_finished_by_the_next_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let out_s = out.to_str().unwrap();
+    let bin = env!("CARGO_BIN_EXE_flatfhir");
+    let o = Command::new(bin)
+        .arg("convert")
+        .arg(data("sample"))
+        .args(["--out", out_s, "-q"])
+        .env(flatfhir::dataset::delta::ABORT_AFTER_COMMITS_ENV, "3")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the fault should have aborted the run");
+    let loc = DatasetLocation::resolve(out_s, false).unwrap();
+    assert!(RunManifest::list(&loc).await.unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(out.join(flatfhir::dataset::PUBLISHING_DIR))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "json")
+            .count(),
+        1,
+        "the killed run left its record's copy"
+    );
+
+    // The sample's counts, from a convert that was not killed.
+    let whole = tmp.path().join("whole");
+    let o = Command::new(bin)
+        .arg("convert")
+        .arg(data("sample"))
+        .args(["--out", whole.to_str().unwrap(), "-q"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let mut want = counts(&DatasetLocation::resolve(whole.to_str().unwrap(), false).unwrap()).await;
+
+    let one = tmp.path().join("one.ndjson");
+    std::fs::write(
+        &one,
+        "{\"resourceType\":\"Patient\",\"id\":\"one-more\",\"meta\":{\"lastUpdated\":\"2024-01-01T00:00:00Z\"}}\n",
+    )
+    .unwrap();
+    let o = Command::new(bin)
+        .arg("convert")
+        .arg(&one)
+        .args(["--out", out_s])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted while it published"),
+        "{stderr}"
+    );
+    for t in ["patient", "patient_latest"] {
+        *want.get_mut(t).unwrap() += 1;
+    }
+    assert_eq!(counts(&loc).await, want);
+    assert_eq!(RunManifest::list(&loc).await.unwrap().len(), 2);
+    assert!(
+        std::fs::read_dir(out.join(flatfhir::dataset::PUBLISHING_DIR))
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing left under _publishing"
+    );
+}
+
 /// The sample converted once into `<dir>/ds`: its path and location.
 fn sample_converted(dir: &Path) -> (String, DatasetLocation) {
     let out_s = dir.join("ds").to_str().unwrap().to_string();
