@@ -149,11 +149,17 @@ pub(crate) async fn delete_partition(
         && is_plain_name(table)
         && is_plain_name(export)
     {
-        let dir = root
-            .join(table)
-            .join(format!("{}={export}", super::PARTITION_COLUMN));
-        if let Ok((objects, bytes)) =
-            tokio::task::spawn_blocking(move || remove_local_dir(&dir)).await
+        let table_dir = root.join(table);
+        let dir = table_dir.join(format!("{}={export}", super::PARTITION_COLUMN));
+        if let Ok((objects, bytes)) = tokio::task::spawn_blocking(move || {
+            let removed = remove_local_dir(&dir);
+            // A table the failed run created (no Delta log, no other run): nothing of it is
+            // left behind either. Only an empty directory goes; another writer's new partition
+            // in it keeps it (and a writer whose directory vanished creates it again).
+            let _ = std::fs::remove_dir(&table_dir);
+            removed
+        })
+        .await
         {
             deleted.0 += objects;
             deleted.1 += bytes;
@@ -221,11 +227,22 @@ mod tests {
         std::fs::write(run.join("part-1.parquet.staged#1"), b"123456").unwrap();
         let d = discard_run(&loc, "20261205T144207.043Z-cb2c857482e1").await;
         assert_eq!((d.objects, d.bytes), (2, 10), "{d:?}");
-        assert!(!run.exists(), "the run's partition stays");
+        assert!(!run.exists(), "the run's partition goes");
         assert!(other.join("part-0.parquet").exists());
         assert!(is_unfinished_write("part-1.parquet.staged#12"));
         assert!(!is_unfinished_write("part-1.parquet") && !is_unfinished_write("a#b1"));
         // A run id that is not one path component is never joined into a path.
         assert!(!is_plain_name("../x") && !is_plain_name("..") && !is_plain_name("a/b"));
+        // The other run keeps the table's directory; a table only the failed run wrote
+        // (a failed first run) leaves no empty directory behind.
+        assert!(tmp.path().join("patient").is_dir());
+        let only = tmp
+            .path()
+            .join("observation/export=20261205T144207.043Z-cb2c857482e1");
+        std::fs::create_dir_all(&only).unwrap();
+        std::fs::write(only.join("part-0.parquet"), b"1").unwrap();
+        discard_run(&loc, "20261205T144207.043Z-cb2c857482e1").await;
+        assert!(!tmp.path().join("observation").exists());
+        assert!(tmp.path().join("patient").is_dir());
     }
 }
