@@ -483,6 +483,16 @@ impl CompiledView {
                 "view name {name:?} must match ^[A-Za-z][A-Za-z0-9_]*$"
             )));
         }
+        // Each view's table has a current-state twin `<name>_latest` beside it in a dataset.
+        if let Some(of) = name
+            .to_ascii_lowercase()
+            .strip_suffix(crate::dataset::current::LATEST_SUFFIX)
+        {
+            return Err(err(format!(
+                "view name {name:?} ends in `_latest`, which a dataset keeps for the \
+                 current-state table of view {of:?}; rename the view"
+            )));
+        }
         if def.select.is_empty() {
             return Err(err("`select` must have at least one entry".into()));
         }
@@ -1212,10 +1222,8 @@ impl Compiler<'_> {
         if !s.union_all.is_empty() {
             let before = self.columns.len();
             let first = self.select(&s.union_all[0], &format!("{locus}.unionAll[0]"))?;
-            let names: Vec<String> = self.columns[before..]
-                .iter()
-                .map(|c| c.name.clone())
-                .collect();
+            let first_columns: Vec<ColumnSpec> = self.columns[before..].to_vec();
+            let names: Vec<String> = first_columns.iter().map(|c| c.name.clone()).collect();
             union_all.push(first);
             for (i, branch) in s.union_all.iter().enumerate().skip(1) {
                 let mut sub = Compiler {
@@ -1230,6 +1238,27 @@ impl Compiler<'_> {
                         "{locus}.unionAll[{i}]: branches must have the same columns in the same order \
                          (first branch: {names:?}, this branch: {bnames:?})"
                     )));
+                }
+                // One column holds every branch's values: a branch's values converted to the
+                // first branch's type would be cut (a dateTime to its date) or refused.
+                for (a, b) in first_columns.iter().zip(&sub.columns) {
+                    if (a.column_type, a.collection) != (b.column_type, b.collection) {
+                        let shown = |c: &ColumnSpec| {
+                            format!(
+                                "{}{}",
+                                c.fhir_type,
+                                if c.collection { " (collection)" } else { "" }
+                            )
+                        };
+                        return Err(self.err(format!(
+                            "{locus}.unionAll[{i}]: column `{}` is {} here but {} in the first \
+                             branch; branches must have the same column types (give the column \
+                             the same `type` in every branch)",
+                            a.name,
+                            shown(b),
+                            shown(a)
+                        )));
+                    }
                 }
                 // Branch column indices are relative to `sub`; map them onto the first branch's.
                 node.shift(before);
@@ -1552,6 +1581,36 @@ mod tests {
         let bad = json!({"resource": "Patient", "select": [{"unionAll": [
             {"column": [{"name": "a", "path": "id"}]}, {"column": [{"name": "b", "path": "id"}]}]}]});
         assert!(rows(bad, json!({})).unwrap_err().contains("same columns"));
+        // Same names, other types: a dateTime under a first branch's date would be cut to
+        // its date; a decimal under an integer refused.
+        let ansi = |t: &str| json!([{"name": "ansi/type", "value": t}]);
+        for (a, b) in [
+            (
+                json!({"tag": ansi("DATE")}),
+                json!({"tag": ansi("TIMESTAMP")}),
+            ),
+            (json!({"type": "integer"}), json!({"type": "decimal"})),
+        ] {
+            let column = |extra: &serde_json::Value| {
+                let mut c = json!({"name": "d", "path": "id"});
+                c.as_object_mut()
+                    .unwrap()
+                    .extend(extra.as_object().unwrap().clone());
+                json!({"column": [c]})
+            };
+            let bad =
+                json!({"resource": "Patient", "select": [{"unionAll": [column(&a), column(&b)]}]});
+            let e = rows(bad, json!({})).unwrap_err();
+            assert!(e.contains("same column types"), "{e}");
+        }
+        let same = json!({"resource": "Patient", "select": [{"unionAll": [
+            {"column": [{"name": "d", "path": "gender"}]}, {"column": [{"name": "d", "path": "id"}]}]}]});
+        assert!(rows(same, json!({"id": "x"})).is_ok());
+        // A name a dataset keeps for a current-state table.
+        let latest = json!({"resource": "Patient", "name": "patient_latest",
+            "select": [{"column": [{"name": "id", "path": "id"}]}]});
+        let e = rows(latest, json!({})).unwrap_err();
+        assert!(e.contains("current-state table of view \"patient\""), "{e}");
         let dup = json!({"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id"}, {"name": "a", "path": "id"}]}]});
         assert!(rows(dup, json!({})).unwrap_err().contains("twice"));
         assert!(rows(json!({}), json!({})).unwrap_err().contains("resource"));
