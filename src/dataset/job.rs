@@ -155,6 +155,11 @@ pub struct JobRecord {
     /// does not look again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfill: Option<super::Backfill>,
+    /// Every file of the complete manifest is committed ([`Self::all_downloaded`]): what is
+    /// left (coalescing, publishing) needs nothing from the server, so a resumed job finishes
+    /// even when the server has forgotten the export.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub downloaded: bool,
     /// Files by manifest URL (stored one object per file, not in the job's own object).
     #[serde(skip)]
     pub files: BTreeMap<String, FileRecord>,
@@ -185,6 +190,7 @@ impl JobRecord {
             state: JobState::Created,
             snapshot: false,
             backfill: None,
+            downloaded: false,
             files: BTreeMap::new(),
         }
     }
@@ -261,6 +267,19 @@ impl JobRecord {
                 Ok(())
             }
             _ => Err(self.refuse("completed")),
+        }
+    }
+
+    /// Every file of the complete manifest is downloaded and committed: the manifest's list is
+    /// now the files' records.
+    pub fn all_downloaded(&mut self) -> Result<(), InvalidTransition> {
+        let all_committed = self.files.values().all(|f| f.state == FileState::Committed);
+        match self.state {
+            JobState::Downloading if all_committed => {
+                self.downloaded = true;
+                Ok(())
+            }
+            _ => Err(self.refuse("all_downloaded")),
         }
     }
 

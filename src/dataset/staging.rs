@@ -69,11 +69,19 @@ pub async fn discard_run(location: &DatasetLocation, export: &str) -> Discarded 
         let Some(name) = table.filename() else {
             continue;
         };
-        if let Ok(Some(t)) = location.open_table(name).await
-            && super::delta::holds_run(&t, export).await.unwrap_or(true)
-        {
-            deleted.committed.push(name.to_string());
-            continue;
+        match location.open_table(name).await {
+            Ok(Some(t)) if super::delta::holds_run(&t, export).await.unwrap_or(true) => {
+                deleted.committed.push(name.to_string());
+                continue;
+            }
+            // A current-state table's merges carry their own app id, not the run's, and a
+            // version of it may read the run's partition (a merge of the run that committed
+            // before the run failed): its files stay. What a merge that never committed wrote
+            // there is unreferenced and harmless.
+            Ok(Some(_)) if name.ends_with(super::current::LATEST_SUFFIX) => continue,
+            // Unknown: keep everything.
+            Err(_) => continue,
+            _ => {}
         }
         let (objects, bytes) = delete_partition(location, name, export).await;
         deleted.objects += objects;

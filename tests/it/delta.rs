@@ -314,6 +314,54 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
     srv.shutdown().await;
 }
 
+/// An export killed while it published (after its last file was committed), whose server then
+/// forgot the job (restarted, or expired it): `--resume` finishes publishing from the job's
+/// records without the server — it used to poll, get a 404 and abandon the job, leaving the run's
+/// rows in the history tables with no run record (hunt finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_killed_while_it_published_is_finished_without_its_server() {
+    use flatfhir::serve::{DataSource, ServerBuilder};
+    let srv = ServerBuilder::new(DataSource::Dir(data("sample")))
+        .start()
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let out_s = out.to_str().unwrap();
+    let base = srv.base_url().to_string();
+    let bin = env!("CARGO_BIN_EXE_flatfhir");
+    let o = Command::new(bin)
+        .args(["export", "--base-url", &base, "--patients", "--out", out_s, "-q"])
+        .env(flatfhir::dataset::delta::ABORT_AFTER_COMMITS_ENV, "3")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the fault should have aborted the run");
+    let expected = srv.counts();
+    srv.shutdown().await;
+    let o = Command::new(bin)
+        .args(["export", "--resume", out_s, "-q"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::export::assert_exact(&out, &expected).await;
+    let loc = DatasetLocation::resolve(out_s, false).unwrap();
+    assert_eq!(RunManifest::list(&loc).await.unwrap().len(), 1);
+}
+
+/// Discarding a run keeps the files of the current-state tables: their merges carry their own
+/// app id, not the run's, so the run looked uncommitted there and the files a committed merge
+/// reads were deleted — every later read and run of the dataset failed (hunt finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_a_run_keeps_what_the_current_state_tables_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, loc) = sample_converted(tmp.path());
+    let before = counts(&loc).await;
+    let run = RunManifest::list(&loc).await.unwrap().remove(0);
+    let d = flatfhir::dataset::discard_run(&loc, &run.export).await;
+    assert_eq!(d.objects, 0, "{d:?}");
+    assert_eq!(counts(&loc).await, before);
+}
+
 /// A convert killed between its history commits and its current-state merge (convert has no
 /// `--resume`): the next run of the dataset, here a convert of one other Patient, finishes
 /// publishing it first — every table holds the killed run whole, its record is written, and

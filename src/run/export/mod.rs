@@ -448,48 +448,72 @@ async fn run_job(
         }
     };
 
-    let t = std::time::Instant::now();
-    let pages = poll::poll_until_complete(
-        &client,
-        &status,
-        &progress,
-        |m, tasks: &mut Tasks| spawn_items(items_of(m), m.requires_access_token, tasks),
-        &mut tasks,
-    )
-    .await;
-    phases.poll = t.elapsed().as_secs_f64();
-    let t = std::time::Instant::now();
-    let pages = match pages {
-        Ok(p) => p,
-        Err(e) => {
-            let gone = gone_status(&e);
-            if gone.is_none() && !matches!(e, Error::Client(ClientError::JobFailed(_))) {
-                return Err(e);
-            }
-            // Nothing of this job can be resumed: leave nothing of it behind either.
-            tasks.shutdown().await;
-            shared.running.writers.idle(builder::WIND_DOWN).await;
-            let objects = abandon(&mut job, &location).await?;
-            lease.release().await;
-            return Err(match gone {
-                Some(status) => ExportError::JobGone {
-                    run: job.run_id.clone(),
-                    status,
-                    from: "its status URL".into(),
-                    objects,
-                    resumed,
+    let (all_items, requires_token) = if job.downloaded {
+        // Killed after its last file was committed (while coalescing or publishing): the
+        // files' records are the manifest, and the server (which may have forgotten the job
+        // since) is not asked again.
+        tracing::info!("every file of the export is committed; publishing it");
+        let items = job
+            .files
+            .values()
+            .map(|r| {
+                let item = ManifestItem {
+                    type_: r.resource_type.clone(),
+                    url: r.url.clone(),
+                    count: r.count,
+                };
+                (r.kind, item)
+            })
+            .collect();
+        (items, false)
+    } else {
+        let t = std::time::Instant::now();
+        let pages = poll::poll_until_complete(
+            &client,
+            &status,
+            &progress,
+            |m, tasks: &mut Tasks| spawn_items(items_of(m), m.requires_access_token, tasks),
+            &mut tasks,
+        )
+        .await;
+        phases.poll = t.elapsed().as_secs_f64();
+        let pages = match pages {
+            Ok(p) => p,
+            Err(e) => {
+                let gone = gone_status(&e);
+                if gone.is_none() && !matches!(e, Error::Client(ClientError::JobFailed(_))) {
+                    return Err(e);
                 }
-                .into(),
-                None => e,
-            });
-        }
+                // Nothing of this job can be resumed: leave nothing of it behind either.
+                tasks.shutdown().await;
+                shared.running.writers.idle(builder::WIND_DOWN).await;
+                let objects = abandon(&mut job, &location).await?;
+                lease.release().await;
+                return Err(match gone {
+                    Some(status) => ExportError::JobGone {
+                        run: job.run_id.clone(),
+                        status,
+                        from: "its status URL".into(),
+                        objects,
+                        resumed,
+                    }
+                    .into(),
+                    None => e,
+                });
+            }
+        };
+        let first = &pages[0];
+        job.manifest_received(&first.transaction_time)?;
+        job.save(&location).await?;
+        let items: Vec<(FileKind, ManifestItem)> = pages.iter().flat_map(items_of).collect();
+        (items, first.requires_access_token)
     };
-    let first = &pages[0];
-    let requires_token = first.requires_access_token;
-    job.manifest_received(&first.transaction_time)?;
-    job.save(&location).await?;
-    let all_items: Vec<(FileKind, ManifestItem)> = pages.iter().flat_map(items_of).collect();
-    tracing::info!(files = all_items.len(), transaction_time = %first.transaction_time, "export complete; downloading");
+    let t = std::time::Instant::now();
+    tracing::info!(
+        files = all_items.len(),
+        transaction_time = job.transaction_time.as_deref().unwrap_or(""),
+        "export complete; downloading"
+    );
     progress
         .files_total
         .store(all_items.len() as u64, Ordering::Relaxed);
@@ -583,6 +607,10 @@ async fn run_job(
     }
     if let Some(e) = failure {
         return Err(e);
+    }
+    if !job.downloaded {
+        job.all_downloaded()?;
+        job.save(&location).await?;
     }
     phases.decode = t.elapsed().as_secs_f64();
 
