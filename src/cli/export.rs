@@ -187,7 +187,8 @@ pub struct ExportArgs {
     /// `jku` assertion header: the URL of the JWKS registered for this client, if it has one.
     #[arg(long, help_heading = "Authorization")]
     jku: Option<String>,
-    /// Allow a plain-HTTP token endpoint that is not on loopback (the assertion travels unencrypted).
+    /// Allow plain HTTP to a FHIR server or token endpoint that is not on loopback (the access
+    /// token and the client assertion travel unencrypted).
     #[arg(long, help_heading = "Authorization")]
     allow_insecure_http: bool,
     /// Another host that may receive the access token for file downloads (repeatable).
@@ -594,6 +595,7 @@ async fn export(
         .with_headers(a.headers.clone())
         .with_retry(retry)
         .with_token_hosts(a.allow_token_host.clone())
+        .with_insecure_http(a.allow_insecure_http)
         .with_idle_timeout(a.idle_timeout)
         .with_max_redirects(a.max_redirects)
         .with_max_concurrent_requests(a.max_concurrent_requests.unwrap_or(a.concurrency))

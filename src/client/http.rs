@@ -57,6 +57,7 @@ pub struct BulkClientBuilder {
     idle_timeout: Duration,
     max_redirects: u32,
     max_concurrent_requests: usize,
+    allow_insecure_http: bool,
 }
 
 impl BulkClientBuilder {
@@ -72,7 +73,14 @@ impl BulkClientBuilder {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_redirects: DEFAULT_MAX_REDIRECTS,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            allow_insecure_http: false,
         }
+    }
+    /// Send the access token over plain HTTP to a base URL that is not on loopback (default
+    /// `false`: [`Self::build`] refuses, as the IG requires TLS for every authorised request).
+    pub fn with_insecure_http(mut self, allow: bool) -> Self {
+        self.allow_insecure_http = allow;
+        self
     }
     /// Authorisation (default none).
     pub fn with_auth(mut self, auth: Auth) -> Self {
@@ -127,6 +135,17 @@ impl BulkClientBuilder {
                     "base URL must be http(s), not {s:?}"
                 )));
             }
+        }
+        if self.base.scheme() == "http"
+            && !matches!(self.auth, Auth::None)
+            && !super::smart::is_loopback(&self.base)
+            && !self.allow_insecure_http
+        {
+            return Err(ClientError::Invalid(format!(
+                "refusing to send the access token over plain HTTP to {} (not loopback): use \
+                 https, or --allow-insecure-http if you really mean it",
+                super::error::redact(&self.base)
+            )));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
@@ -846,6 +865,28 @@ fn retry_after(resp: &Response) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The access token never travels in clear to a server off this machine unless the user
+    /// says so (the IG requires TLS; the client assertion was already refused, not the token).
+    #[test]
+    fn the_token_is_not_sent_over_plain_http_off_loopback() {
+        let build = |base: &str, auth: Auth, allow: bool| {
+            BulkClientBuilder::new(Url::parse(base).unwrap())
+                .with_auth(auth)
+                .with_insecure_http(allow)
+                .build()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let bearer = || Auth::Bearer("t".into());
+        let e = build("http://ehr.example/fhir", bearer(), false).unwrap_err();
+        assert!(e.contains("plain HTTP") && e.contains("--allow-insecure-http"), "{e}");
+        assert!(build("http://ehr.example/fhir", bearer(), true).is_ok());
+        assert!(build("https://ehr.example/fhir", bearer(), false).is_ok());
+        assert!(build("http://127.0.0.1:8080/fhir", bearer(), false).is_ok());
+        assert!(build("http://localhost/fhir", bearer(), false).is_ok());
+        assert!(build("http://ehr.example/fhir", Auth::None, false).is_ok());
+    }
 
     #[test]
     fn web_pages_are_refused_as_files() {
