@@ -224,6 +224,15 @@ impl BulkClient {
         &self.stats
     }
 
+    /// The scopes the SMART token grants (`None` without SMART auth or before the first
+    /// token): see [`SmartAuth::granted_scope`](super::SmartAuth::granted_scope).
+    pub async fn granted_scope(&self) -> Option<String> {
+        match &self.cfg.auth {
+            Auth::Smart(s) => s.granted_scope().await,
+            _ => None,
+        }
+    }
+
     /// What this client's requests did so far, with the concurrency limit's figures.
     pub fn http_summary(&self) -> HttpSummary {
         let aimd = self.limiter.snapshot();
@@ -880,7 +889,10 @@ mod tests {
         };
         let bearer = || Auth::Bearer("t".into());
         let e = build("http://ehr.example/fhir", bearer(), false).unwrap_err();
-        assert!(e.contains("plain HTTP") && e.contains("--allow-insecure-http"), "{e}");
+        assert!(
+            e.contains("plain HTTP") && e.contains("--allow-insecure-http"),
+            "{e}"
+        );
         assert!(build("http://ehr.example/fhir", bearer(), true).is_ok());
         assert!(build("https://ehr.example/fhir", bearer(), false).is_ok());
         assert!(build("http://127.0.0.1:8080/fhir", bearer(), false).is_ok());

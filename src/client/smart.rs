@@ -91,6 +91,38 @@ pub fn export_scope(base: Option<&str>, v2: bool, group: bool) -> String {
     scopes.join(" ")
 }
 
+/// Whether `granted` (space-separated scopes) includes `scope`, or its exact equivalent in the
+/// other SMART syntax (`system/*.read` ⇔ `system/*.rs`).
+fn scope_granted(granted: &str, scope: &str) -> bool {
+    granted.split_whitespace().any(|g| {
+        g == scope
+            || [Syntax::V1, Syntax::V2]
+                .into_iter()
+                .any(|syn| in_syntax(scope, syn).as_deref() == Some(g))
+    })
+}
+
+/// Whether the scopes `granted` let a client read and search resources of type `ty`: a
+/// `system/`, `user/` or `patient/` scope for the type or `*` with read access (v1 `read` or
+/// `*`, v2 `r`/`s` permissions). Scopes that are not SMART resource scopes are ignored.
+pub fn scope_reads(granted: &str, ty: &str) -> bool {
+    granted.split_whitespace().any(|g| {
+        let Some((context, rest)) = g.split_once('/') else {
+            return false;
+        };
+        let Some((t, perm)) = rest.split_once('.') else {
+            return false;
+        };
+        let perm = perm.split('?').next().unwrap_or(perm);
+        let v2_read = !perm.is_empty()
+            && perm.chars().all(|c| "cruds".contains(c))
+            && perm.contains(['r', 's']);
+        ["system", "user", "patient"].contains(&context)
+            && (t == "*" || t == ty)
+            && (perm == "read" || perm == "*" || v2_read)
+    })
+}
+
 /// SMART scope syntax: v1 (`system/*.read`) or v2 (`system/*.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Syntax {
@@ -143,6 +175,8 @@ struct State {
     scope: Option<String>,
     token: Option<Cached>,
     issued: u64,
+    /// The scope the last token response granted (its `scope`; the requested one when absent).
+    granted: Option<String>,
 }
 
 /// A cached, self-renewing SMART Backend Services access token for one FHIR server.
@@ -201,6 +235,13 @@ impl SmartAuth {
         })
     }
 
+    /// The scopes the last token grants (`None` before the first token). The token endpoint
+    /// may grant fewer than were requested (SMART Backend Services: `scope` in the response),
+    /// and the server then leaves out what the token does not cover.
+    pub async fn granted_scope(&self) -> Option<String> {
+        self.state.lock().await.granted.clone()
+    }
+
     /// How many tokens were obtained so far (for tests and the run summary).
     pub async fn tokens_issued(&self) -> u64 {
         self.state.lock().await.issued
@@ -257,6 +298,20 @@ impl SmartAuth {
             .clone()
             .unwrap_or_else(|| self.cfg.scope.clone());
         let (value, expires_in, scope) = self.request_token(&token_url, &mut requested).await?;
+        let granted = scope.clone().unwrap_or_else(|| requested.clone());
+        let missing: Vec<&str> = requested
+            .split_whitespace()
+            .filter(|r| !scope_granted(&granted, r))
+            .collect();
+        if !missing.is_empty() && state.granted.as_deref() != Some(granted.as_str()) {
+            tracing::warn!(
+                granted = %granted,
+                not_granted = %missing.join(" "),
+                "The token endpoint granted fewer scopes than requested: the server may leave \
+                 out the resource types the token does not cover."
+            );
+        }
+        state.granted = Some(granted);
         if requested != self.cfg.scope {
             state.scope = Some(requested);
         }
@@ -525,6 +580,23 @@ fn oauth_token_uri(cs: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn granted_scopes_are_read_per_type_and_syntax() {
+        assert!(scope_reads("system/*.read", "Observation"));
+        assert!(scope_reads("system/Patient.read launch", "Patient"));
+        assert!(!scope_reads("system/Patient.read", "Observation"));
+        assert!(scope_reads("system/Observation.rs", "Observation"));
+        assert!(scope_reads("system/*.s", "Observation"));
+        assert!(!scope_reads("system/*.cu", "Observation"));
+        assert!(!scope_reads("system/*.write", "Observation"));
+        assert!(scope_reads("system/Observation.rs?category=laboratory", "Observation"));
+        assert!(!scope_reads("openid fhirUser", "Patient"));
+        // The same scope in the other syntax counts as granted.
+        assert!(scope_granted("system/*.rs", "system/*.read"));
+        assert!(scope_granted("system/*.read other", "system/*.read"));
+        assert!(!scope_granted("system/Patient.read", "system/*.read"));
+    }
 
     #[test]
     fn scopes_convert_between_syntaxes_only_exactly() {

@@ -187,6 +187,10 @@ pub struct RunManifest {
     /// of the same export brought and this one did not are removed from the current state.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snapshot: bool,
+    /// Types the export asked for (`_type`) that the access token does not grant reading: the
+    /// server may have left them out, so a snapshot run removes none of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_granted: Vec<String>,
     /// A Group export with `_since`: the members that joined since earlier runs and the runs
     /// that fetched their whole history first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -462,7 +466,10 @@ impl RunManifest {
         let types = if asked.is_empty() {
             self.types.keys().cloned().collect()
         } else {
-            asked.into_iter().collect()
+            asked
+                .into_iter()
+                .filter(|t| !self.not_granted.contains(t))
+                .collect()
         };
         super::current::SnapshotScope { runs, types }
     }

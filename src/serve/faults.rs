@@ -94,6 +94,10 @@ pub struct Faults {
     /// Bind only the first of repeated `_type` and `_elements` parameters and ignore the rest
     /// silently, as HAPI FHIR does (a comma-joined value still counts in full).
     pub first_value_only: bool,
+    /// Leave out, silently, the requested types the access token's scopes do not cover (as
+    /// SMART's reference server filters `_type` to the granted scopes), instead of refusing
+    /// the kick-off with `403`.
+    pub scope_filter: bool,
 }
 
 /// Faults of one kick-off request, plus the `paged` option that only exists per request.
@@ -195,6 +199,7 @@ impl RequestFaults {
                     f.gzip_bombs = count;
                 }
                 "first-value-only" => f.first_value_only = true,
+                "scope-filter" => f.scope_filter = true,
                 "paged" => out.files_per_page = Some(number(1)?.max(1) as usize),
                 other => return Err(format!("unknown _flatfhirFault {other:?}")),
             }
@@ -238,6 +243,7 @@ impl Faults {
                 self.gzip_bombs
             },
             first_value_only: self.first_value_only || job.first_value_only,
+            scope_filter: self.scope_filter || job.scope_filter,
         }
     }
 }
@@ -288,6 +294,7 @@ mod tests {
         assert!(RequestFaults::parse(["redirect-file:elsewhere"]).is_err());
         assert!(f("stall-file,no-gzip").stall_file && f("no-gzip").no_gzip);
         assert!(f("first-value-only").first_value_only);
+        assert!(f("scope-filter").scope_filter);
         assert_eq!(f("file-html:2").file_html, Some(2));
         assert_eq!(f("slow-delete").slow_delete, Some(Duration::from_secs(30)));
         assert_eq!(

@@ -1,5 +1,6 @@
 //! Kick-off: `GET|POST [base]/$export`, `Patient/$export`, `Group/{id}/$export`.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -63,7 +64,7 @@ async fn kickoff(
         Err(resp) => return resp,
     };
     let post = method == Method::POST;
-    let (request, lenient) = match parse(&state, &level, post, &uri, &headers, &body) {
+    let (mut request, lenient) = match parse(&state, &level, post, &uri, &headers, &body) {
         Ok(parsed) => parsed,
         Err(rejection) => return rejection.into_response(),
     };
@@ -74,6 +75,19 @@ async fn kickoff(
         };
         if matches!(level, Level::Group(_)) {
             types.push("Group".into());
+        }
+        let filter = state.config.faults.scope_filter || request.faults.faults.scope_filter;
+        if filter {
+            let group = matches!(level, Level::Group(_)).then(|| "Group".to_string());
+            let granted: BTreeSet<String> = types
+                .iter()
+                .filter(|t| Some(*t) != group.as_ref() && auth::covers_read(&grant.scopes, t))
+                .cloned()
+                .collect();
+            if !granted.is_empty() {
+                types.retain(|t| granted.contains(t) || Some(t) == group.as_ref());
+                request.types = Some(granted);
+            }
         }
         if let Some(t) = types.iter().find(|t| !auth::covers_read(&grant.scopes, t)) {
             return Issue::error(

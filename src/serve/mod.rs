@@ -93,6 +93,7 @@
 //! | `no-gzip` | `no_gzip` | file bodies are never gzip-encoded (so cut bodies can be resumed with `Range`) |
 //! | `gzip-bomb[:MiB]` | `gzip_bomb` | one more Patient `output` file: a valid Patient line repeated to MiB (default 300) plain, served gzip-encoded at about 290:1, 300 MiB in about 1 MiB (all lines share one `id`) |
 //! | `first-value-only` | `first_value_only` | only the first of repeated `_type` / `_elements` parameters counts, the rest are ignored silently, as HAPI FHIR binds them (a comma-joined value counts in full) |
+//! | `scope-filter` | `scope_filter` | requested types the access token's scopes do not cover are left out silently (SMART's reference server filters `_type` to the granted scopes) instead of a `403` kick-off |
 //!
 //! # Auth
 //!

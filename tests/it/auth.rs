@@ -464,3 +464,84 @@ async fn a_scope_without_an_equivalent_is_not_widened() {
     assert_eq!(token_statuses(&srv), [400]);
     srv.shutdown().await;
 }
+
+/// The token endpoint grants fewer scopes than asked (Patient only) and the server then leaves
+/// the other requested types out silently, as SMART's reference server does: a snapshot run
+/// removes nothing of the types the token does not cover (it emptied `observation_latest`), and
+/// its run record names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrowed_scope_makes_no_snapshot_remove_the_types_it_left_out() {
+    use flatfhir::{
+        client::{BulkClientBuilder, ExportRequest},
+        dataset::DatasetLocation,
+        query::Dataset,
+        run::export::ExportBuilder,
+        view::ViewRegistry,
+    };
+    let key = with_kid(&PrivateKey::generate(SigningAlg::Es384).unwrap(), "k1");
+    let narrow = registered("narrow", &key).with_allowed_scopes(vec!["system/Patient.read".into()]);
+    let faults = Faults {
+        scope_filter: true,
+        ..Default::default()
+    };
+    let srv = server(faults, |b| {
+        b.with_smart_clients(vec![registered("wide", &key), narrow])
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    let request = ExportRequest {
+        types: vec!["Patient".into(), "Observation".into()],
+        ..patients()
+    };
+    let run = |client_id: &'static str| {
+        let (srv, loc, request) = (&srv, &loc, request.clone());
+        let key = with_kid(&key, "k1");
+        async move {
+            let client = BulkClientBuilder::new(srv.base_url().clone())
+                .with_auth(smart(srv, client_id, key, "system/*.read"))
+                .with_retry(crate::export::fast_retry())
+                .build()
+                .unwrap();
+            let registry = Arc::new(ViewRegistry::builtin().unwrap());
+            ExportBuilder::new(client, registry, loc.clone())
+                .with_request(request)
+                .with_snapshot(true)
+                .run()
+                .await
+                .unwrap()
+        }
+    };
+    let count = |sql: &'static str| {
+        let loc = loc.clone();
+        async move {
+            let ds = Dataset::open(&loc).await.unwrap();
+            let b = ds.sql(sql).await.unwrap();
+            flatfhir::arrow::array::AsArray::as_primitive::<flatfhir::arrow::datatypes::Int64Type>(
+                b[0].column(0),
+            )
+            .value(0)
+        }
+    };
+    let first = run("wide").await;
+    assert!(first.manifest.not_granted.is_empty());
+    let observations = count("select count(*) from observation_latest").await;
+    let patients_n = count("select count(*) from patient_latest").await;
+    assert!(observations > 0 && patients_n > 0);
+
+    let second = run("narrow").await;
+    assert_eq!(second.manifest.not_granted, vec!["Observation".to_string()]);
+    assert!(
+        !second.manifest.types.contains_key("Observation"),
+        "the server left it out"
+    );
+    assert_eq!(
+        count("select count(*) from observation_latest").await,
+        observations
+    );
+    assert_eq!(
+        count("select count(*) from patient_latest").await,
+        patients_n
+    );
+    srv.shutdown().await;
+}

@@ -643,6 +643,24 @@ async fn run_job(
     let (mut manifest, server_errors) = record::run_record(&job, &registry, coalesced.parts);
     manifest.metrics.phases = phases;
     manifest.metrics.http = client.http_summary();
+    if let Some(granted) = client.granted_scope().await {
+        manifest.not_granted = job
+            .request
+            .types
+            .iter()
+            .filter(|t| !crate::client::smart::scope_reads(&granted, t))
+            .cloned()
+            .collect();
+        if !manifest.not_granted.is_empty() {
+            tracing::warn!(
+                types = %manifest.not_granted.join(","),
+                granted = %granted,
+                "the access token does not grant reading these requested types: the server may \
+                 have left them out{}",
+                if manifest.snapshot { ", so this snapshot run removes none of them" } else { "" }
+            );
+        }
+    }
     manifest.publish(&location).await?;
     job.completed()?;
     job.save(&location).await?;
