@@ -846,7 +846,7 @@ fn refused_file_type(value: Option<&HeaderValue>) -> Option<String> {
 
 /// A transport error and its causes, `: `-joined (reqwest's own message, "error sending
 /// request", says nothing of why).
-fn error_chain(e: &reqwest::Error) -> String {
+pub(crate) fn error_chain(e: &reqwest::Error) -> String {
     let mut out = e.to_string();
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
@@ -864,7 +864,7 @@ fn range_start(resp: &Response) -> Option<u64> {
     start.trim().parse().ok()
 }
 
-fn retry_after(resp: &Response) -> Option<Duration> {
+pub(crate) fn retry_after(resp: &Response) -> Option<Duration> {
     resp.headers()
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())

@@ -26,10 +26,17 @@ pub const DEFAULT_SCOPE_V1: &str = "system/*.read";
 pub const DEFAULT_SCOPE_V2: &str = "system/*.rs";
 /// Lifetime assumed when a token response has no usable `expires_in` (SMART recommends 300 s).
 const DEFAULT_EXPIRES_IN: u64 = 300;
+/// Longest lifetime believed of a token (a day), whatever its `expires_in` says.
+const MAX_EXPIRES_IN: u64 = 24 * 3600;
 /// Longest margin before expiry at which a token is renewed.
 const MAX_RENEW_MARGIN: Duration = Duration::from_secs(60);
-/// Attempts of one token request on network errors and 5xx.
+/// Attempts of one token request on network errors.
 const TOKEN_ATTEMPTS: u32 = 3;
+/// Token requests in all while the endpoint answers `429` or `5xx` (8): an EHR's token endpoint
+/// under load says how long to wait, and an export that gives up mid-run leaves its job behind.
+const TOKEN_ATTEMPTS_WHEN_BUSY: u32 = 8;
+/// Longest wait a token endpoint's `Retry-After` gets (2 minutes).
+const MAX_TOKEN_RETRY_AFTER: Duration = Duration::from_secs(120);
 /// The CapabilityStatement extension older servers use to advertise OAuth endpoints.
 const OAUTH_URIS: &str = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 
@@ -462,17 +469,29 @@ impl SmartAuth {
                 .await;
             let resp = match sent {
                 Ok(r) => r,
-                Err(e) if attempt < TOKEN_ATTEMPTS => {
-                    tracing::warn!(error = %e, "Token request failed; retrying.");
-                    tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
-                    continue;
+                Err(e) => {
+                    // The causes say why (a certificate, a refused connection); the URL is in
+                    // the error already, without its query.
+                    let why = super::http::error_chain(&e.without_url());
+                    if attempt < TOKEN_ATTEMPTS {
+                        tracing::warn!(error = %why, "Token request failed; retrying.");
+                        tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+                        continue;
+                    }
+                    return Err(auth_err(token_url, format!("token request failed: {why}")));
                 }
-                Err(e) => return Err(auth_err(token_url, format!("token request failed: {e}"))),
             };
             let status = resp.status();
-            if status.is_server_error() && attempt < TOKEN_ATTEMPTS {
-                tracing::warn!(%status, "Token endpoint error; retrying.");
-                tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+            // Busy (429) or down (5xx): wait as asked (`Retry-After`, at most
+            // MAX_TOKEN_RETRY_AFTER), else a little longer each time.
+            if (status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS)
+                && attempt < TOKEN_ATTEMPTS_WHEN_BUSY
+            {
+                let wait = super::http::retry_after(&resp)
+                    .unwrap_or(Duration::from_secs(attempt as u64))
+                    .min(MAX_TOKEN_RETRY_AFTER);
+                tracing::warn!(%status, wait_seconds = wait.as_secs_f32(), "Token endpoint busy or failing; retrying.");
+                tokio::time::sleep(wait).await;
                 continue;
             }
             let is_json = resp
@@ -545,7 +564,9 @@ impl SmartAuth {
                 .get("expires_in")
                 .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
                 .filter(|&s| s > 0)
-                .unwrap_or(DEFAULT_EXPIRES_IN);
+                .unwrap_or(DEFAULT_EXPIRES_IN)
+                // An absurd lifetime (1e19 s) overflowed the renewal time; a day is plenty.
+                .min(MAX_EXPIRES_IN);
             let scope = json
                 .get("scope")
                 .and_then(Value::as_str)
@@ -590,7 +611,10 @@ mod tests {
         assert!(scope_reads("system/*.s", "Observation"));
         assert!(!scope_reads("system/*.cu", "Observation"));
         assert!(!scope_reads("system/*.write", "Observation"));
-        assert!(scope_reads("system/Observation.rs?category=laboratory", "Observation"));
+        assert!(scope_reads(
+            "system/Observation.rs?category=laboratory",
+            "Observation"
+        ));
         assert!(!scope_reads("openid fhirUser", "Patient"));
         // The same scope in the other syntax counts as granted.
         assert!(scope_granted("system/*.rs", "system/*.read"));

@@ -545,3 +545,62 @@ async fn a_narrowed_scope_makes_no_snapshot_remove_the_types_it_left_out() {
     );
     srv.shutdown().await;
 }
+
+/// A token endpoint under load answers `429` and `503` with `Retry-After`: the client waits as
+/// asked and gets its token (it gave up after one 429, or three quick 5xx, and the export died
+/// mid-run). An absurd `expires_in` is taken as a day (it overflowed the renewal time: exit 101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_token_endpoint_is_waited_for() {
+    use axum::{Router, http::StatusCode, response::IntoResponse, routing::post};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = Router::new().route(
+        "/token",
+        post(move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0 => (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [("retry-after", "1")],
+                        "busy",
+                    )
+                        .into_response(),
+                    1 => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [("retry-after", "1")],
+                        "down",
+                    )
+                        .into_response(),
+                    _ => axum::Json(serde_json::json!({
+                        "access_token": "t0k3n", "token_type": "bearer",
+                        "expires_in": 10_000_000_000_000_000_000u64, "scope": "system/*.read"
+                    }))
+                    .into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = tokio::spawn(async move { axum::serve(listener, app).await });
+    let key = PrivateKey::generate(SigningAlg::Es384).unwrap();
+    let cfg = SmartConfig {
+        token_url: Some(format!("http://{addr}/token").parse().unwrap()),
+        ..SmartConfig::new("c", key)
+    };
+    let base = format!("http://{addr}/fhir").parse().unwrap();
+    let auth = SmartAuth::new(cfg, base).unwrap();
+    let t0 = std::time::Instant::now();
+    assert_eq!(&*auth.token().await.unwrap(), "t0k3n");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "Retry-After was honoured"
+    );
+    // Cached, not renewed at once.
+    auth.token().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    serving.abort();
+}
