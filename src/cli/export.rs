@@ -575,11 +575,20 @@ async fn export(
             Some(job) => job.holder(&c.location).await?.is_some(),
             None => false,
         };
-        if same.is_some() && !busy {
-            logging::say(
+        match &same {
+            Some(job) if !busy && job.state == flatfhir::dataset::JobState::Created => {
+                // Stopped before the server accepted the kick-off: nothing to continue.
+                logging::say(
+                    tracing::Level::INFO,
+                    "an earlier run of this export stopped before the server accepted it; \
+                     starting it again",
+                );
+            }
+            Some(_) if !busy => logging::say(
                 tracing::Level::INFO,
                 &format!("continuing the unfinished export job in {}", c.out),
-            );
+            ),
+            _ => {}
         }
         (base, request, same)
     };

@@ -40,7 +40,8 @@ pub struct Cli {
     /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// Less output on stderr (-q errors only and no progress, -qq nothing).
+    /// Less output on stderr (-q: errors only, no progress; -qq: no log lines at all — a command
+    /// that fails still prints its one error, and `view` its rejected lines).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub quiet: u8,
     /// Log lines on stderr: text, or json (one object per line: time, level, run_id, message,

@@ -89,6 +89,16 @@ impl ViewRegistry {
 
     fn insert(&mut self, view: CompiledView, origin: &str) -> &CompiledView {
         let name = view.name().to_string();
+        if !is_r4_resource_type(view.resource()) {
+            // Not an error (a view may read a newer version's type), but a misspelled type
+            // (`Patientt`) otherwise gives an empty table without a word.
+            tracing::warn!(
+                view = %name,
+                origin,
+                resource = view.resource(),
+                "the view reads a resource type that FHIR R4 does not have; check its spelling"
+            );
+        }
         let is_base = name == snake_case(view.resource());
         let mut view = view;
         view.set_raw_column(self.raw && is_base);
