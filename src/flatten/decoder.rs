@@ -322,6 +322,24 @@ impl Decoder {
     }
 }
 
+/// A rejected line's bytes as text for the `raw` column: as they are when they are UTF-8;
+/// otherwise each byte that is not part of a UTF-8 character as `\xNN` (a Windows-1252
+/// `M\xfcller`), and the reason says so — the bytes stay recoverable, where U+FFFD lost them.
+fn raw_text(b: &[u8], reason: &mut String) -> String {
+    if let Ok(s) = std::str::from_utf8(b) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(b.len() + 16);
+    for chunk in b.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    reason.push_str(" (raw: bytes that are not UTF-8 shown as \\xNN)");
+    out
+}
+
 impl LineCx<'_> {
     fn reject(&mut self, line: &Line<'_>, resource_type: Option<&str>, mut reason: String) {
         let raw = match line.bytes {
@@ -336,9 +354,9 @@ impl LineCx<'_> {
                     " (raw: the first {cut} of the line's {} bytes)",
                     b.len()
                 ));
-                String::from_utf8_lossy(&b[..cut]).into_owned()
+                raw_text(&b[..cut], &mut reason)
             }
-            Some(b) => String::from_utf8_lossy(b).into_owned(),
+            Some(b) => raw_text(b, &mut reason),
             None => "(line longer than the limit; not kept)".to_string(),
         };
         let bucket = resource_type.unwrap_or(INVALID_TYPE_BUCKET);
@@ -878,6 +896,21 @@ mod tests {
             !r[0].contains("UTF-16") && !r[0].contains("carriage"),
             "{r:?}"
         );
+    }
+
+    /// A Windows-1252 line is rejected with its bytes recoverable from `raw` (`\xfc` for the
+    /// byte 0xFC), not replaced by U+FFFD.
+    #[test]
+    fn rejects_of_non_utf8_lines_keep_their_bytes() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let mut d = DecoderBuilder::new(reg, "f").build();
+        d.decode(b"{\"resourceType\":\"Patient\",\"id\":\"M\xfcller\"}\n")
+            .unwrap();
+        d.finish().unwrap();
+        let r = d.take_rejects();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].raw, r#"{"resourceType":"Patient","id":"M\xfcller"}"#);
+        assert!(r[0].reason.contains("shown as \\xNN"), "{}", r[0].reason);
     }
 
     /// Files that start with a byte-order mark, joined by `cat`: the marks in the middle cost
