@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use crate::view::json::{JsonRef, bytes_eq, json_ref, member_str};
 
-use super::eval::{Ctx, as_type, decimal_item, eval, is_type, navigate, singleton, to_bool};
+use super::eval::{
+    Ctx, as_type, decimal_item, eval, is_type, navigate, singleton, to_bool, too_big,
+};
 use super::parser::{Func, Node};
 use super::regex::Regex;
 use super::types::{Env, EvalError, EvalResult, Item, choice_suffix_type};
@@ -327,6 +329,9 @@ pub(crate) fn call<'a>(
             let precision = int_arg(&arg(0)?, "the precision")?;
             let mut out = Vec::new();
             for i in &items {
+                if let Some(Val::BigDec(text)) = val(i) {
+                    return Err(too_big(&format!("{}()", func.name()), text));
+                }
                 out.extend(boundary(i, high, precision));
             }
             Ok(out)
@@ -546,6 +551,8 @@ fn to_decimal<'a>(item: &Item<'a>) -> Option<Item<'a>> {
             scale: 1,
         },
         Val::Str(s) if !s.contains(['e', 'E']) => Decimal::parse(s)?,
+        // Too large to compute with, but still the decimal it was.
+        Val::BigDec(_) => return item.primitive_text().map(Item::Decimal),
         _ => return None,
     };
     Some(decimal_item(d))
@@ -732,6 +739,7 @@ fn math_fn<'a>(
                 Some(decimal_item(d.round_to(p)))
             }
         },
+        Some(Val::BigDec(text)) => return Err(too_big(&format!("{name}()"), text)),
         _ => return Err(EvalError::Type(format!("{name} expects a number"))),
     };
     Ok(out.into_iter().collect())

@@ -27,7 +27,9 @@
 //!   logic.
 //! * Decimals are exact (an `i128` mantissa and a scale; see `values.rs`), keep their written
 //!   precision, and print in plain lexical form (`3 / 2` is `1.5`, `1.0.lowBoundary()` is
-//!   `0.95`). Integer arithmetic overflow and division by zero give an empty result.
+//!   `0.95`). Integer arithmetic overflow and division by zero give an empty result. Larger
+//!   decimals (FHIR's have any precision) compare exactly; arithmetic on one that does not fit
+//!   even without its trailing zeros is an error naming its size.
 //! * Dates and times compare with FHIRPath precision rules: `@2020 = @2020-01` is empty
 //!   (uncertain), offsets are normalised when both sides have one, and a JSON string compared
 //!   with a date/time literal or constant is read as one.

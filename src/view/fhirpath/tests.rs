@@ -327,6 +327,90 @@ fn equality_and_comparison() {
     assert_eq!(one("name.first() = name.last()"), "false");
 }
 
+/// FHIR decimals have arbitrary precision: values with more digits than the `i128` engine
+/// holds still compare exactly, and arithmetic on them fails with an error naming the size.
+#[test]
+fn big_decimals_compare_exactly() {
+    let obs = |v: &str| {
+        leak_json(&format!(
+            r#"{{"resourceType":"Observation","valueQuantity":{{"value":{v}}}}}"#
+        ))
+        .expect("valid JSON")
+    };
+    let big = obs("123456789012345678901234567890.123456789");
+    let padded = obs("0.1000000000000000000000000000000000000000");
+    let tiny = obs("1e-70");
+    let r = |res: &Json<'_>, s: &str| {
+        run_on(res, &format!("value.ofType(Quantity).value{s}"))
+            .unwrap_or_else(|e| panic!("{s}: {e}"))
+    };
+    assert_eq!(r(&big, " > 1"), ["true"]);
+    assert_eq!(
+        r(&big, " < 123456789012345678901234567890.12345679"),
+        ["true"]
+    );
+    assert_eq!(
+        r(&big, " = 123456789012345678901234567890.1234567890"),
+        ["true"]
+    );
+    assert_eq!(
+        r(&big, " = 123456789012345678901234567890.123456788"),
+        ["false"]
+    );
+    assert_eq!(r(&big, " != 1"), ["true"]);
+    assert_eq!(
+        r(&big, " ~ 123456789012345678901234567890.12345678900"),
+        ["true"]
+    );
+    assert_eq!(
+        r(&big, " ~ 123456789012345678901234567890.1234568"),
+        ["true"]
+    );
+    assert_eq!(
+        r(&big, " ~ 123456789012345678901234567890.1234567"),
+        ["false"]
+    );
+    assert_eq!(r(&big, " is Decimal"), ["true"]);
+    assert_eq!(
+        r(&big, ".toDecimal()"),
+        ["123456789012345678901234567890.123456789"]
+    );
+    assert_eq!(
+        r(&big, " in (1 | 123456789012345678901234567890.123456789)"),
+        ["true"]
+    );
+    assert_eq!(r(&big, ".where($this >= 0).exists()"), ["true"]);
+    assert_eq!(r(&padded, " > 1"), ["false"]);
+    assert_eq!(r(&padded, " = 0.1"), ["true"]);
+    assert_eq!(r(&padded, " = 0.10"), ["true"]);
+    assert_eq!(r(&padded, " + 0"), ["0.1"]);
+    assert_eq!(r(&padded, " * 2"), ["0.2"]);
+    assert_eq!(r(&tiny, " > 0"), ["true"]);
+    assert_eq!(r(&tiny, " < 0.0000000001"), ["true"]);
+    assert_eq!(r(&tiny, " = 0"), ["false"]);
+    assert_eq!(r(&tiny, ".where($this >= 0).exists()"), ["true"]);
+    assert_eq!(
+        one("-123456789012345678901234567890.123456789 < -1"),
+        "true"
+    );
+    assert_eq!(
+        one("(-123456789012345678901234567890.123456789).toString()"),
+        "-123456789012345678901234567890.123456789"
+    );
+    for (res, e) in [
+        (&big, " + 0"),
+        (&big, " * 2"),
+        (&tiny, " - 1"),
+        (&big, ".round()"),
+    ] {
+        let err = run_on(res, &format!("value.ofType(Quantity).value{e}"))
+            .expect_err(e)
+            .to_string();
+        assert!(err.contains("significant digits"), "{e}: {err}");
+        assert!(!err.contains("cannot apply"), "{e}: {err}");
+    }
+}
+
 #[test]
 fn arithmetic() {
     assert_eq!(one("2 + 3"), "5");
