@@ -560,19 +560,29 @@ fn to_decimal<'a>(item: &Item<'a>) -> Option<Item<'a>> {
 
 /// `toDate()`, `toDateTime()`, `toTime()`: strings in the target's lexical form convert; a date
 /// converts to a dateTime and a dateTime to its date part.
+///
+/// An element of the input whose type is unknown (`authoredOn`, `issued`: JSON has no types,
+/// see the module docs) and whose text is a dateTime with a time is taken as the FHIR
+/// `dateTime` or `instant` it is, so `authoredOn.toDate()` is its date. A string computed in
+/// the expression (`'2020-05-01T10:00:00Z'.toDate()`) is not: FHIRPath converts only
+/// `YYYY-MM-DD` strings to dates.
 fn to_temporal<'a>(item: &Item<'a>, kind: TemporalKind) -> Option<Item<'a>> {
+    let untyped_date_time = |s: &str| {
+        matches!(
+            item,
+            Item::Json {
+                fhir_type: None,
+                ..
+            }
+        ) && s.contains('T')
+            && Temporal::parse(s, TemporalKind::DateTime).is_some()
+    };
     let text = match (val(item)?, kind) {
+        (Val::Str(s), TemporalKind::Date) if untyped_date_time(s) => date_part(item)?,
         (Val::Str(_) | Val::Date(_), TemporalKind::Date | TemporalKind::DateTime)
         | (Val::DateTime(_), TemporalKind::DateTime)
         | (Val::Str(_) | Val::Time(_), TemporalKind::Time) => item.primitive_text()?,
-        (Val::DateTime(_), TemporalKind::Date) => {
-            let t = item.primitive_text()?;
-            let date_len = t.find('T').unwrap_or(t.len());
-            match t {
-                Cow::Borrowed(b) => Cow::Borrowed(&b[..date_len]),
-                Cow::Owned(o) => Cow::Owned(o[..date_len].to_string()),
-            }
-        }
+        (Val::DateTime(_), TemporalKind::Date) => date_part(item)?,
         _ => return None,
     };
     Temporal::parse(&text, kind)?;
@@ -580,6 +590,16 @@ fn to_temporal<'a>(item: &Item<'a>, kind: TemporalKind) -> Option<Item<'a>> {
         TemporalKind::Date => Item::Date(text),
         TemporalKind::DateTime => Item::DateTime(text),
         TemporalKind::Time => Item::Time(text),
+    })
+}
+
+/// The text of a dateTime up to its `T`.
+fn date_part<'a>(item: &Item<'a>) -> Option<Cow<'a, str>> {
+    let t = item.primitive_text()?;
+    let date_len = t.find('T').unwrap_or(t.len());
+    Some(match t {
+        Cow::Borrowed(b) => Cow::Borrowed(&b[..date_len]),
+        Cow::Owned(o) => Cow::Owned(o[..date_len].to_string()),
     })
 }
 

@@ -411,6 +411,24 @@ fn big_decimals_compare_exactly() {
     }
 }
 
+/// A dateTime element's type is not in the JSON, but `toDate()` still gives its date part.
+#[test]
+fn date_time_elements_convert_to_their_date() {
+    let mr = json!({"resourceType": "MedicationRequest", "authoredOn": "2020-05-01T10:00:00+02:00",
+                    "extension": [{"url": "x", "valueString": "2020-05-01T10:00:00Z"}]});
+    let r = |s: &str| run_on(&mr, s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    assert_eq!(r("authoredOn.toDate()"), ["2020-05-01"]);
+    assert_eq!(r("authoredOn.toDate() = @2020-05-01"), ["true"]);
+    assert_eq!(r("authoredOn.convertsToDate()"), ["true"]);
+    assert_eq!(r("authoredOn.toDateTime()"), ["2020-05-01T10:00:00+02:00"]);
+    assert_eq!(r("'2020-05-01'.toDate()"), ["2020-05-01"]);
+    // A string computed by the expression converts only from `YYYY-MM-DD`.
+    assert_eq!(r("'2020-05-01T10:00:00Z'.toDate()"), Vec::<String>::new());
+    assert_eq!(r("authoredOn.substring(0).toDate()"), Vec::<String>::new());
+    // So does an element known to be a `string`.
+    assert_eq!(r("extension.value.toDate()"), Vec::<String>::new());
+}
+
 #[test]
 fn arithmetic() {
     assert_eq!(one("2 + 3"), "5");
