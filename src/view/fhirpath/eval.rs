@@ -327,6 +327,7 @@ pub(crate) fn is_type(item: &Item<'_>, ty: &TypeSpec) -> bool {
                         matches!(f, "integer" | "positiveInt" | "unsignedInt" | "decimal")
                     }
                 }
+                (None, JsonRef::Object(m)) => f == "Reference" && is_reference_shaped(m),
                 _ => false,
             },
             Item::Boolean(_) => f == "boolean",
@@ -374,6 +375,31 @@ pub(crate) fn is_type(item: &Item<'_>, ty: &TypeSpec) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether an object of unknown type is a FHIR `Reference` by its members: only `reference`
+/// (a string), `identifier` (an object), `type`, `display`, `id` (strings) and `extension`,
+/// with a `reference` or an `identifier` among them.
+///
+/// JSON carries no types and the engine has no element definitions, so `subject is Reference`
+/// and `subject.ofType(Reference)` on a plain (non-choice) element are decided by shape. No
+/// other data type has those members (a `CodeableReference`'s `reference` is an object); a
+/// reference with only a `display` stays untyped, as a `Coding` can look the same. Other
+/// complex types are not inferred: `name.ofType(HumanName)` is empty.
+fn is_reference_shaped(m: JsonObject<'_>) -> bool {
+    let mut anchored = false;
+    for (k, v) in m {
+        match (k, json_ref(v)) {
+            ("reference", JsonRef::String(_)) | ("identifier", JsonRef::Object(_)) => {
+                anchored = true;
+            }
+            ("type" | "display" | "id", JsonRef::String(_)) | ("extension", JsonRef::Array(_)) => {}
+            // Extensions of the primitive members (`_display`).
+            (k, _) if k.starts_with('_') => {}
+            _ => return false,
+        }
+    }
+    anchored
 }
 
 /// `item as T`: the item (typed as T when that is a FHIR data type) or `None`.

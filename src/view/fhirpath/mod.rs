@@ -22,7 +22,10 @@
 //!
 //! * JSON carries no FHIR types, so a node's type is known only from a choice-element key
 //!   (`valueQuantity`, `effectiveInstant`) or after `ofType(T)`; `ofType` on an untyped
-//!   primitive falls back to the JSON kind (a string matches any string-like FHIR type).
+//!   primitive falls back to the JSON kind (a string matches any string-like FHIR type), an
+//!   untyped object is a `Reference` when its members are those of one (with a `reference` or
+//!   `identifier`), and no other complex type is inferred. `toDate()` on an untyped string
+//!   that is a dateTime with a time (`authoredOn`) gives its date.
 //! * Empty operands propagate: `{} = 1` is empty, and `and`/`or`/`not()` use three-valued
 //!   logic.
 //! * Decimals are exact (an `i128` mantissa and a scale; see `values.rs`), keep their written

@@ -429,6 +429,38 @@ fn date_time_elements_convert_to_their_date() {
     assert_eq!(r("extension.value.toDate()"), Vec::<String>::new());
 }
 
+/// A plain `Reference` element is recognised by its shape (JSON has no types).
+#[test]
+fn plain_reference_elements_are_references() {
+    let mr = json!({"resourceType": "MedicationRequest",
+        "subject": {"reference": "Patient/p1", "display": "P", "_display": {"extension": []}},
+        "performer": {"identifier": {"value": "x"}, "type": "Practitioner"},
+        "recorder": {"display": "only a display"},
+        "reasonReference": [{"reference": "Condition/c1"}],
+        "code": {"coding": [{"code": "a", "display": "A"}], "text": "t"},
+        "note": [{"text": "n", "authorReference": {"reference": "Patient/p1"}}]});
+    let r = |s: &str| run_on(&mr, s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    assert_eq!(r("subject.ofType(Reference).reference"), ["Patient/p1"]);
+    assert_eq!(r("subject is Reference"), ["true"]);
+    assert_eq!(r("subject is FHIR.Reference"), ["true"]);
+    assert_eq!(r("(subject as Reference).reference"), ["Patient/p1"]);
+    assert_eq!(
+        r("subject.ofType(Reference).getReferenceKey(Patient)"),
+        ["p1"]
+    );
+    assert_eq!(r("performer is Reference"), ["true"]);
+    assert_eq!(r("reasonReference.ofType(Reference).count()"), ["1"]);
+    assert_eq!(r("note.author.ofType(Reference).reference"), ["Patient/p1"]);
+    // Not references, or not known to be.
+    assert_eq!(r("subject is Coding"), ["false"]);
+    assert_eq!(r("recorder is Reference"), ["false"]);
+    assert_eq!(r("code is Reference"), ["false"]);
+    assert_eq!(r("code.coding is Reference"), ["false"]);
+    assert_eq!(r("note is Reference"), ["false"]);
+    assert_eq!(r("$this is Reference"), ["false"]);
+    assert_eq!(r("subject.reference is Reference"), ["false"]);
+}
+
 #[test]
 fn arithmetic() {
     assert_eq!(one("2 + 3"), "5");
