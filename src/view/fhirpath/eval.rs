@@ -12,7 +12,9 @@ use super::types::{
     Env, EvalError, EvalResult, Item, choice_suffix_type, fhir_type_is, has_specialisations,
     is_json_string_type,
 };
-use super::values::{Decimal, Val, compare, equals, equivalent, items_equal, val};
+use super::values::{
+    Decimal, MAX_DIGITS, MAX_PARSE_SCALE, Sci, Val, compare, equals, equivalent, items_equal, val,
+};
 
 /// Work allowed for one evaluation: every node visited and every item it produces costs one
 /// unit. Ordinary view expressions use hundreds; the limit stops pathological ones (e.g.
@@ -139,6 +141,7 @@ fn eval_node<'a>(node: &Node, input: &[Item<'a>], ctx: &Ctx<'_, 'a>) -> EvalResu
                         scale: d.scale,
                     })
                 }),
+                Some(Val::BigDec(text)) => Some(Item::Decimal(Cow::Owned(negate_text(text)))),
                 _ => return Err(EvalError::Type("unary - expects a number".into())),
             }
             .into_iter()
@@ -156,6 +159,15 @@ fn eval_node<'a>(node: &Node, input: &[Item<'a>], ctx: &Ctx<'_, 'a>) -> EvalResu
                 Ok(items.iter().filter_map(|i| as_type(i, ty)).collect())
             }
         }
+    }
+}
+
+/// The text of `-x` for a decimal's text `x`.
+fn negate_text(x: &str) -> String {
+    let x = x.trim();
+    match x.strip_prefix('-') {
+        Some(rest) => rest.to_string(),
+        None => format!("-{}", x.strip_prefix('+').unwrap_or(x)),
     }
 }
 
@@ -315,6 +327,7 @@ pub(crate) fn is_type(item: &Item<'_>, ty: &TypeSpec) -> bool {
                         matches!(f, "integer" | "positiveInt" | "unsignedInt" | "decimal")
                     }
                 }
+                (None, JsonRef::Object(m)) => f == "Reference" && is_reference_shaped(m),
                 _ => false,
             },
             Item::Boolean(_) => f == "boolean",
@@ -334,7 +347,7 @@ pub(crate) fn is_type(item: &Item<'_>, ty: &TypeSpec) -> bool {
             SystemType::Boolean => matches!(v, Some(Val::Bool(_))),
             SystemType::String => matches!(v, Some(Val::Str(_))),
             SystemType::Integer => matches!(v, Some(Val::Int(_))),
-            SystemType::Decimal => matches!(v, Some(Val::Dec(_))),
+            SystemType::Decimal => matches!(v, Some(Val::Dec(_) | Val::BigDec(_))),
             SystemType::Date => matches!(v, Some(Val::Date(_))),
             SystemType::DateTime => matches!(v, Some(Val::DateTime(_))),
             SystemType::Time => matches!(v, Some(Val::Time(_))),
@@ -362,6 +375,31 @@ pub(crate) fn is_type(item: &Item<'_>, ty: &TypeSpec) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether an object of unknown type is a FHIR `Reference` by its members: only `reference`
+/// (a string), `identifier` (an object), `type`, `display`, `id` (strings) and `extension`,
+/// with a `reference` or an `identifier` among them.
+///
+/// JSON carries no types and the engine has no element definitions, so `subject is Reference`
+/// and `subject.ofType(Reference)` on a plain (non-choice) element are decided by shape. No
+/// other data type has those members (a `CodeableReference`'s `reference` is an object); a
+/// reference with only a `display` stays untyped, as a `Coding` can look the same. Other
+/// complex types are not inferred: `name.ofType(HumanName)` is empty.
+fn is_reference_shaped(m: JsonObject<'_>) -> bool {
+    let mut anchored = false;
+    for (k, v) in m {
+        match (k, json_ref(v)) {
+            ("reference", JsonRef::String(_)) | ("identifier", JsonRef::Object(_)) => {
+                anchored = true;
+            }
+            ("type" | "display" | "id", JsonRef::String(_)) | ("extension", JsonRef::Array(_)) => {}
+            // Extensions of the primitive members (`_display`).
+            (k, _) if k.starts_with('_') => {}
+            _ => return false,
+        }
+    }
+    anchored
 }
 
 /// `item as T`: the item (typed as T when that is a FHIR data type) or `None`.
@@ -567,7 +605,7 @@ fn type_name(v: &Val<'_>) -> &'static str {
     match v {
         Val::Bool(_) => "Boolean",
         Val::Int(_) => "Integer",
-        Val::Dec(_) | Val::BadNumber => "Decimal",
+        Val::Dec(_) | Val::BigDec(_) | Val::BadNumber => "Decimal",
         Val::Str(_) => "String",
         Val::Date(_) => "Date",
         Val::DateTime(_) => "DateTime",
@@ -582,6 +620,30 @@ fn as_decimal(v: &Val<'_>) -> Option<Decimal> {
         Val::Dec(d) => Some(*d),
         _ => None,
     }
+}
+
+/// The error for arithmetic on a decimal too large for [`Decimal`] (a [`Val::BigDec`]).
+pub(crate) fn too_big(what: &str, text: &str) -> EvalError {
+    let Some(x) = Sci::parse(text) else {
+        return EvalError::Type(format!("{what} expects a number"));
+    };
+    let shown: String = if text.len() > 48 {
+        text.chars().take(40).chain("…".chars()).collect()
+    } else {
+        text.to_string()
+    };
+    let plural = |n: i64| if n == 1 { "" } else { "s" };
+    let (n, f) = (
+        i64::try_from(x.digit_count()).unwrap_or(i64::MAX),
+        x.frac_digits(),
+    );
+    EvalError::Eval(format!(
+        "{what}: the decimal {shown} has {n} significant digit{} and {f} fraction digit{}; \
+         FHIRPath arithmetic here is limited to {MAX_DIGITS} significant digits and \
+         {MAX_PARSE_SCALE} fraction digits (comparisons are exact at any size)",
+        plural(n),
+        plural(f),
+    ))
 }
 
 /// `+ - * / div mod` on two single values; `None` for an empty result (overflow, division by
@@ -601,6 +663,14 @@ fn arithmetic(op: BinOp, a: &Val<'_>, b: &Val<'_>) -> EvalResult<Option<Item<'st
             }
         };
         return Ok(r.map(Item::Integer));
+    }
+    let numeric = |v: &Val<'_>| matches!(v, Val::Int(_) | Val::Dec(_) | Val::BigDec(_));
+    if numeric(a) && numeric(b) {
+        for v in [a, b] {
+            if let Val::BigDec(text) = v {
+                return Err(too_big(&format!("`{}`", op.symbol()), text));
+            }
+        }
     }
     if let (Some(x), Some(y)) = (as_decimal(a), as_decimal(b)) {
         let r = match op {

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use crate::view::json::{JsonRef, bytes_eq, json_ref, member_str};
 
-use super::eval::{Ctx, as_type, decimal_item, eval, is_type, navigate, singleton, to_bool};
+use super::eval::{
+    Ctx, as_type, decimal_item, eval, is_type, navigate, singleton, to_bool, too_big,
+};
 use super::parser::{Func, Node};
 use super::regex::Regex;
 use super::types::{Env, EvalError, EvalResult, Item, choice_suffix_type};
@@ -327,6 +329,9 @@ pub(crate) fn call<'a>(
             let precision = int_arg(&arg(0)?, "the precision")?;
             let mut out = Vec::new();
             for i in &items {
+                if let Some(Val::BigDec(text)) = val(i) {
+                    return Err(too_big(&format!("{}()", func.name()), text));
+                }
                 out.extend(boundary(i, high, precision));
             }
             Ok(out)
@@ -546,6 +551,8 @@ fn to_decimal<'a>(item: &Item<'a>) -> Option<Item<'a>> {
             scale: 1,
         },
         Val::Str(s) if !s.contains(['e', 'E']) => Decimal::parse(s)?,
+        // Too large to compute with, but still the decimal it was.
+        Val::BigDec(_) => return item.primitive_text().map(Item::Decimal),
         _ => return None,
     };
     Some(decimal_item(d))
@@ -553,19 +560,29 @@ fn to_decimal<'a>(item: &Item<'a>) -> Option<Item<'a>> {
 
 /// `toDate()`, `toDateTime()`, `toTime()`: strings in the target's lexical form convert; a date
 /// converts to a dateTime and a dateTime to its date part.
+///
+/// An element of the input whose type is unknown (`authoredOn`, `issued`: JSON has no types,
+/// see the module docs) and whose text is a dateTime with a time is taken as the FHIR
+/// `dateTime` or `instant` it is, so `authoredOn.toDate()` is its date. A string computed in
+/// the expression (`'2020-05-01T10:00:00Z'.toDate()`) is not: FHIRPath converts only
+/// `YYYY-MM-DD` strings to dates.
 fn to_temporal<'a>(item: &Item<'a>, kind: TemporalKind) -> Option<Item<'a>> {
+    let untyped_date_time = |s: &str| {
+        matches!(
+            item,
+            Item::Json {
+                fhir_type: None,
+                ..
+            }
+        ) && s.contains('T')
+            && Temporal::parse(s, TemporalKind::DateTime).is_some()
+    };
     let text = match (val(item)?, kind) {
+        (Val::Str(s), TemporalKind::Date) if untyped_date_time(s) => date_part(item)?,
         (Val::Str(_) | Val::Date(_), TemporalKind::Date | TemporalKind::DateTime)
         | (Val::DateTime(_), TemporalKind::DateTime)
         | (Val::Str(_) | Val::Time(_), TemporalKind::Time) => item.primitive_text()?,
-        (Val::DateTime(_), TemporalKind::Date) => {
-            let t = item.primitive_text()?;
-            let date_len = t.find('T').unwrap_or(t.len());
-            match t {
-                Cow::Borrowed(b) => Cow::Borrowed(&b[..date_len]),
-                Cow::Owned(o) => Cow::Owned(o[..date_len].to_string()),
-            }
-        }
+        (Val::DateTime(_), TemporalKind::Date) => date_part(item)?,
         _ => return None,
     };
     Temporal::parse(&text, kind)?;
@@ -573,6 +590,16 @@ fn to_temporal<'a>(item: &Item<'a>, kind: TemporalKind) -> Option<Item<'a>> {
         TemporalKind::Date => Item::Date(text),
         TemporalKind::DateTime => Item::DateTime(text),
         TemporalKind::Time => Item::Time(text),
+    })
+}
+
+/// The text of a dateTime up to its `T`.
+fn date_part<'a>(item: &Item<'a>) -> Option<Cow<'a, str>> {
+    let t = item.primitive_text()?;
+    let date_len = t.find('T').unwrap_or(t.len());
+    Some(match t {
+        Cow::Borrowed(b) => Cow::Borrowed(&b[..date_len]),
+        Cow::Owned(o) => Cow::Owned(o[..date_len].to_string()),
     })
 }
 
@@ -732,6 +759,7 @@ fn math_fn<'a>(
                 Some(decimal_item(d.round_to(p)))
             }
         },
+        Some(Val::BigDec(text)) => return Err(too_big(&format!("{name}()"), text)),
         _ => return Err(EvalError::Type(format!("{name} expects a number"))),
     };
     Ok(out.into_iter().collect())

@@ -22,12 +22,17 @@
 //!
 //! * JSON carries no FHIR types, so a node's type is known only from a choice-element key
 //!   (`valueQuantity`, `effectiveInstant`) or after `ofType(T)`; `ofType` on an untyped
-//!   primitive falls back to the JSON kind (a string matches any string-like FHIR type).
+//!   primitive falls back to the JSON kind (a string matches any string-like FHIR type), an
+//!   untyped object is a `Reference` when its members are those of one (with a `reference` or
+//!   `identifier`), and no other complex type is inferred. `toDate()` on an untyped string
+//!   that is a dateTime with a time (`authoredOn`) gives its date.
 //! * Empty operands propagate: `{} = 1` is empty, and `and`/`or`/`not()` use three-valued
 //!   logic.
 //! * Decimals are exact (an `i128` mantissa and a scale; see `values.rs`), keep their written
 //!   precision, and print in plain lexical form (`3 / 2` is `1.5`, `1.0.lowBoundary()` is
-//!   `0.95`). Integer arithmetic overflow and division by zero give an empty result.
+//!   `0.95`). Integer arithmetic overflow and division by zero give an empty result. Larger
+//!   decimals (FHIR's have any precision) compare exactly; arithmetic on one that does not fit
+//!   even without its trailing zeros is an error naming its size.
 //! * Dates and times compare with FHIRPath precision rules: `@2020 = @2020-01` is empty
 //!   (uncertain), offsets are normalised when both sides have one, and a JSON string compared
 //!   with a date/time literal or constant is read as one.

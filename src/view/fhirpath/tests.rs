@@ -327,6 +327,140 @@ fn equality_and_comparison() {
     assert_eq!(one("name.first() = name.last()"), "false");
 }
 
+/// FHIR decimals have arbitrary precision: values with more digits than the `i128` engine
+/// holds still compare exactly, and arithmetic on them fails with an error naming the size.
+#[test]
+fn big_decimals_compare_exactly() {
+    let obs = |v: &str| {
+        leak_json(&format!(
+            r#"{{"resourceType":"Observation","valueQuantity":{{"value":{v}}}}}"#
+        ))
+        .expect("valid JSON")
+    };
+    let big = obs("123456789012345678901234567890.123456789");
+    let padded = obs("0.1000000000000000000000000000000000000000");
+    let tiny = obs("1e-70");
+    let r = |res: &Json<'_>, s: &str| {
+        run_on(res, &format!("value.ofType(Quantity).value{s}"))
+            .unwrap_or_else(|e| panic!("{s}: {e}"))
+    };
+    assert_eq!(r(&big, " > 1"), ["true"]);
+    assert_eq!(
+        r(&big, " < 123456789012345678901234567890.12345679"),
+        ["true"]
+    );
+    assert_eq!(
+        r(&big, " = 123456789012345678901234567890.1234567890"),
+        ["true"]
+    );
+    assert_eq!(
+        r(&big, " = 123456789012345678901234567890.123456788"),
+        ["false"]
+    );
+    assert_eq!(r(&big, " != 1"), ["true"]);
+    assert_eq!(
+        r(&big, " ~ 123456789012345678901234567890.12345678900"),
+        ["true"]
+    );
+    assert_eq!(
+        r(&big, " ~ 123456789012345678901234567890.1234568"),
+        ["true"]
+    );
+    assert_eq!(
+        r(&big, " ~ 123456789012345678901234567890.1234567"),
+        ["false"]
+    );
+    assert_eq!(r(&big, " is Decimal"), ["true"]);
+    assert_eq!(
+        r(&big, ".toDecimal()"),
+        ["123456789012345678901234567890.123456789"]
+    );
+    assert_eq!(
+        r(&big, " in (1 | 123456789012345678901234567890.123456789)"),
+        ["true"]
+    );
+    assert_eq!(r(&big, ".where($this >= 0).exists()"), ["true"]);
+    assert_eq!(r(&padded, " > 1"), ["false"]);
+    assert_eq!(r(&padded, " = 0.1"), ["true"]);
+    assert_eq!(r(&padded, " = 0.10"), ["true"]);
+    assert_eq!(r(&padded, " + 0"), ["0.1"]);
+    assert_eq!(r(&padded, " * 2"), ["0.2"]);
+    assert_eq!(r(&tiny, " > 0"), ["true"]);
+    assert_eq!(r(&tiny, " < 0.0000000001"), ["true"]);
+    assert_eq!(r(&tiny, " = 0"), ["false"]);
+    assert_eq!(r(&tiny, ".where($this >= 0).exists()"), ["true"]);
+    assert_eq!(
+        one("-123456789012345678901234567890.123456789 < -1"),
+        "true"
+    );
+    assert_eq!(
+        one("(-123456789012345678901234567890.123456789).toString()"),
+        "-123456789012345678901234567890.123456789"
+    );
+    for (res, e) in [
+        (&big, " + 0"),
+        (&big, " * 2"),
+        (&tiny, " - 1"),
+        (&big, ".round()"),
+    ] {
+        let err = run_on(res, &format!("value.ofType(Quantity).value{e}"))
+            .expect_err(e)
+            .to_string();
+        assert!(err.contains("significant digits"), "{e}: {err}");
+        assert!(!err.contains("cannot apply"), "{e}: {err}");
+    }
+}
+
+/// A dateTime element's type is not in the JSON, but `toDate()` still gives its date part.
+#[test]
+fn date_time_elements_convert_to_their_date() {
+    let mr = json!({"resourceType": "MedicationRequest", "authoredOn": "2020-05-01T10:00:00+02:00",
+                    "extension": [{"url": "x", "valueString": "2020-05-01T10:00:00Z"}]});
+    let r = |s: &str| run_on(&mr, s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    assert_eq!(r("authoredOn.toDate()"), ["2020-05-01"]);
+    assert_eq!(r("authoredOn.toDate() = @2020-05-01"), ["true"]);
+    assert_eq!(r("authoredOn.convertsToDate()"), ["true"]);
+    assert_eq!(r("authoredOn.toDateTime()"), ["2020-05-01T10:00:00+02:00"]);
+    assert_eq!(r("'2020-05-01'.toDate()"), ["2020-05-01"]);
+    // A string computed by the expression converts only from `YYYY-MM-DD`.
+    assert_eq!(r("'2020-05-01T10:00:00Z'.toDate()"), Vec::<String>::new());
+    assert_eq!(r("authoredOn.substring(0).toDate()"), Vec::<String>::new());
+    // So does an element known to be a `string`.
+    assert_eq!(r("extension.value.toDate()"), Vec::<String>::new());
+}
+
+/// A plain `Reference` element is recognised by its shape (JSON has no types).
+#[test]
+fn plain_reference_elements_are_references() {
+    let mr = json!({"resourceType": "MedicationRequest",
+        "subject": {"reference": "Patient/p1", "display": "P", "_display": {"extension": []}},
+        "performer": {"identifier": {"value": "x"}, "type": "Practitioner"},
+        "recorder": {"display": "only a display"},
+        "reasonReference": [{"reference": "Condition/c1"}],
+        "code": {"coding": [{"code": "a", "display": "A"}], "text": "t"},
+        "note": [{"text": "n", "authorReference": {"reference": "Patient/p1"}}]});
+    let r = |s: &str| run_on(&mr, s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    assert_eq!(r("subject.ofType(Reference).reference"), ["Patient/p1"]);
+    assert_eq!(r("subject is Reference"), ["true"]);
+    assert_eq!(r("subject is FHIR.Reference"), ["true"]);
+    assert_eq!(r("(subject as Reference).reference"), ["Patient/p1"]);
+    assert_eq!(
+        r("subject.ofType(Reference).getReferenceKey(Patient)"),
+        ["p1"]
+    );
+    assert_eq!(r("performer is Reference"), ["true"]);
+    assert_eq!(r("reasonReference.ofType(Reference).count()"), ["1"]);
+    assert_eq!(r("note.author.ofType(Reference).reference"), ["Patient/p1"]);
+    // Not references, or not known to be.
+    assert_eq!(r("subject is Coding"), ["false"]);
+    assert_eq!(r("recorder is Reference"), ["false"]);
+    assert_eq!(r("code is Reference"), ["false"]);
+    assert_eq!(r("code.coding is Reference"), ["false"]);
+    assert_eq!(r("note is Reference"), ["false"]);
+    assert_eq!(r("$this is Reference"), ["false"]);
+    assert_eq!(r("subject.reference is Reference"), ["false"]);
+}
+
 #[test]
 fn arithmetic() {
     assert_eq!(one("2 + 3"), "5");

@@ -5,7 +5,15 @@
 //! `150 × 10⁻²`), so `0.1 + 0.2 = 0.3` holds and the lexical precision is kept (`1.0 + 1` is
 //! `2.0`). Division keeps up to [`DIV_SCALE`] fraction digits, rounded half away from zero,
 //! without trailing zeros. Results that do not fit are empty (FHIRPath's rule for overflow).
+//!
+//! FHIR decimals have arbitrary precision. A value with more than [`MAX_DIGITS`] significant
+//! digits or [`MAX_PARSE_SCALE`] fraction digits is first read without its trailing zeros
+//! (`0.1000…0` is `0.1`); if it still does not fit it stays text ([`Val::BigDec`]) and is
+//! compared exactly through [`Sci`] (sign, digits and exponent, no precision cap), so `=`,
+//! `<`, `~`, `in` and `where` work on it. Arithmetic on it fails with an error that gives its
+//! size rather than a wrong or empty result.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use crate::view::json::{Json, JsonRef, json_ref, number_text};
@@ -14,6 +22,16 @@ use super::types::Item;
 
 /// Fraction digits kept by decimal division.
 pub const DIV_SCALE: u32 = 16;
+
+/// Most significant digits a [`Decimal`] holds (an `i128` holds 38; the rest is headroom for
+/// aligning scales).
+pub(crate) const MAX_DIGITS: usize = 36;
+
+/// Most fraction digits a parsed [`Decimal`] keeps.
+pub(crate) const MAX_PARSE_SCALE: u32 = 60;
+
+/// Room for the digits of an `i128`.
+const SCI_BUF: usize = 40;
 
 /// Largest scale kept by multiplication before rounding.
 const MAX_SCALE: u32 = 30;
@@ -37,50 +55,50 @@ impl Decimal {
         }
     }
 
-    /// Parse a lexical decimal (`-1.50`, `3`, JSON exponent forms like `1.5e3`).
+    /// Parse a lexical decimal (`-1.50`, `3`, JSON exponent forms like `1.5e3`) with its
+    /// written precision. `None` when the text is not a decimal or does not fit (more than
+    /// [`MAX_DIGITS`] significant digits, or more than [`MAX_PARSE_SCALE`] fraction digits):
+    /// [`Sci`] reads those exactly.
     pub(crate) fn parse(s: &str) -> Option<Decimal> {
-        let s = s.trim();
-        let (neg, body) = match s.as_bytes().first()? {
-            b'-' => (true, &s[1..]),
-            b'+' => (false, &s[1..]),
-            _ => (false, s),
-        };
-        let (num, exp) = match body.find(['e', 'E']) {
-            Some(i) => (&body[..i], body[i + 1..].parse::<i32>().ok()?),
-            None => (body, 0),
-        };
-        let (int, frac) = match num.find('.') {
-            Some(i) => (&num[..i], &num[i + 1..]),
-            None => (num, ""),
-        };
-        if int.is_empty() && frac.is_empty() {
-            return None;
+        let l = Lexical::parse(s)?;
+        let digits = l.int.iter().chain(l.frac).skip_while(|b| **b == b'0');
+        let scale = i64::try_from(l.frac.len()).ok()? - l.exp;
+        Decimal::from_digits(l.neg, digits, scale)
+    }
+
+    /// The value of `x` when it fits; trailing zeros are not kept (`0.1000…0` with any number
+    /// of zeros is `0.1`).
+    fn from_sci(x: Sci<'_>) -> Option<Decimal> {
+        let n = i64::try_from(x.a.len() + x.b.len()).ok()?;
+        Decimal::from_digits(x.neg, x.a.iter().chain(x.b), n - x.exp)
+    }
+
+    /// `digits × 10^-scale`: at most [`MAX_DIGITS`] digits (no leading zeros) and a scale of at
+    /// most [`MAX_PARSE_SCALE`] once a negative scale is folded into the mantissa.
+    fn from_digits<'d>(
+        neg: bool,
+        digits: impl Iterator<Item = &'d u8>,
+        mut scale: i64,
+    ) -> Option<Decimal> {
+        let mut mantissa: i128 = 0;
+        let mut n = 0;
+        for d in digits {
+            n += 1;
+            if n > MAX_DIGITS {
+                return None;
+            }
+            mantissa = mantissa * 10 + i128::from(d - b'0');
         }
-        if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let digits = format!("{int}{frac}");
-        let digits = digits.trim_start_matches('0');
-        if digits.len() > 36 {
-            return None;
-        }
-        let mut mantissa: i128 = if digits.is_empty() {
-            0
-        } else {
-            digits.parse().ok()?
-        };
-        let mut scale = i64::try_from(frac.len()).ok()? - i64::from(exp);
         if scale < 0 {
             mantissa = mantissa.checked_mul(pow10(u32::try_from(-scale).ok()?)?)?;
             scale = 0;
         }
-        if scale > 60 {
+        if scale > i64::from(MAX_PARSE_SCALE) {
             return None;
         }
-        let scale = u32::try_from(scale).ok()?;
         Some(Decimal {
             mantissa: if neg { -mantissa } else { mantissa },
-            scale,
+            scale: u32::try_from(scale).ok()?,
         })
     }
 
@@ -97,17 +115,34 @@ impl Decimal {
     pub(crate) fn cmp_value(self, other: Decimal) -> Ordering {
         match self.aligned(other) {
             Some((a, b, _)) => a.cmp(&b),
-            None => self
-                .to_f64()
-                .partial_cmp(&other.to_f64())
-                .unwrap_or(Ordering::Equal),
+            // Too far apart to align in an `i128`: compare the digits.
+            None => {
+                let (mut a, mut b) = ([0u8; SCI_BUF], [0u8; SCI_BUF]);
+                self.sci(&mut a).cmp_value(&other.sci(&mut b))
+            }
         }
     }
 
-    fn to_f64(self) -> f64 {
-        // Only used to order values too far apart to align exactly.
-        let m = self.mantissa as f64;
-        m / 10f64.powi(i32::try_from(self.scale).unwrap_or(i32::MAX))
+    /// This value as a [`Sci`] over digits written into `buf`.
+    fn sci(self, buf: &mut [u8; SCI_BUF]) -> Sci<'_> {
+        let mut m = self.mantissa.unsigned_abs();
+        let mut i = SCI_BUF;
+        loop {
+            i -= 1;
+            // `m % 10` is a single digit.
+            buf[i] = b'0' + (m % 10) as u8;
+            m /= 10;
+            if m == 0 {
+                break;
+            }
+        }
+        Sci::new(
+            self.mantissa < 0,
+            &buf[i..],
+            &[],
+            -i64::from(self.scale),
+            i64::from(self.scale),
+        )
     }
 
     pub(crate) fn add(self, other: Decimal) -> Option<Decimal> {
@@ -268,6 +303,197 @@ impl std::fmt::Display for Decimal {
         };
         let (int, frac) = padded.split_at(padded.len() - scale);
         write!(f, "{sign}{int}.{frac}")
+    }
+}
+
+/// The parts of a decimal's text: `[+-]int[.frac][(e|E)[+-]exp]`, digits only.
+struct Lexical<'s> {
+    neg: bool,
+    int: &'s [u8],
+    frac: &'s [u8],
+    exp: i64,
+}
+
+impl<'s> Lexical<'s> {
+    fn parse(s: &'s str) -> Option<Lexical<'s>> {
+        let s = s.trim();
+        let (neg, body) = match s.as_bytes().first()? {
+            b'-' => (true, &s[1..]),
+            b'+' => (false, &s[1..]),
+            _ => (false, s),
+        };
+        let (num, exp) = match body.find(['e', 'E']) {
+            Some(i) => (&body[..i], body[i + 1..].parse::<i64>().ok()?),
+            None => (body, 0),
+        };
+        let (int, frac) = match num.find('.') {
+            Some(i) => (&num[..i], &num[i + 1..]),
+            None => (num, ""),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return None;
+        }
+        if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Lexical {
+            neg,
+            int: int.as_bytes(),
+            frac: frac.as_bytes(),
+            exp,
+        })
+    }
+}
+
+/// The exact value of any decimal, read from its text without allocating and without a
+/// precision limit: `±0.d₁d₂…dₙ × 10^exp`, where the significant digits `d` are `a` followed
+/// by `b` (two slices of the text, around the decimal point) with no leading or trailing zeros.
+/// Zero has no digits. `1.50`, `1.5` and `15e-1` are all `0.15 × 10¹`.
+///
+/// FHIR decimals have arbitrary precision, so comparisons and equality use this when a value
+/// does not fit a [`Decimal`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sci<'s> {
+    neg: bool,
+    a: &'s [u8],
+    b: &'s [u8],
+    exp: i64,
+    /// Fraction digits as written (trailing zeros included), the precision `~` rounds to.
+    scale: i64,
+}
+
+impl<'s> Sci<'s> {
+    /// Parse a decimal's text (`None` when it is not one, or its exponent overflows).
+    pub(crate) fn parse(s: &'s str) -> Option<Sci<'s>> {
+        let l = Lexical::parse(s)?;
+        let scale = i64::try_from(l.frac.len()).ok()?.checked_sub(l.exp)?;
+        let int_len = i64::try_from(l.int.len()).ok()?;
+        // Bound the exponent so that `exp` arithmetic below cannot overflow.
+        if l.exp.unsigned_abs() > 1 << 60 || int_len > 1 << 60 || scale.unsigned_abs() > 1 << 61 {
+            return None;
+        }
+        Some(Sci::new(l.neg, l.int, l.frac, l.exp, scale))
+    }
+
+    /// `±int.frac × 10^exp`, normalised.
+    fn new(neg: bool, int: &'s [u8], frac: &'s [u8], exp: i64, scale: i64) -> Sci<'s> {
+        let lead = |d: &'s [u8]| &d[d.iter().take_while(|b| **b == b'0').count()..];
+        let trail =
+            |d: &'s [u8]| &d[..d.len() - d.iter().rev().take_while(|b| **b == b'0').count()];
+        let int = lead(int);
+        let (a, b, exp) = if int.is_empty() {
+            let f = lead(frac);
+            // Lengths of text slices fit an i64.
+            (f, &[][..], exp - (frac.len() - f.len()) as i64)
+        } else {
+            (int, frac, exp + int.len() as i64)
+        };
+        let (a, b) = match trail(b) {
+            [] => (trail(a), &[][..]),
+            b => (a, b),
+        };
+        Sci {
+            neg,
+            a,
+            b,
+            exp,
+            scale,
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.a.is_empty() && self.b.is_empty()
+    }
+
+    fn digits(&self) -> impl Iterator<Item = &'s u8> + use<'s> {
+        self.a.iter().chain(self.b)
+    }
+
+    /// Number of significant digits.
+    pub(crate) fn digit_count(&self) -> usize {
+        self.a.len() + self.b.len()
+    }
+
+    /// Fraction digits needed to write the value exactly (0 for integers).
+    pub(crate) fn frac_digits(&self) -> i64 {
+        (i64::try_from(self.digit_count()).unwrap_or(i64::MAX) - self.exp).max(0)
+    }
+
+    /// Exact numeric order.
+    pub(crate) fn cmp_value(&self, other: &Sci<'_>) -> Ordering {
+        let sign = |x: &Sci<'_>| match (x.is_zero(), x.neg) {
+            (true, _) => 0,
+            (false, true) => -1,
+            (false, false) => 1,
+        };
+        let (sa, sb) = (sign(self), sign(other));
+        if sa != sb || sa == 0 {
+            return sa.cmp(&sb);
+        }
+        let magnitude = self
+            .exp
+            .cmp(&other.exp)
+            .then_with(|| self.digits().cmp(other.digits()));
+        if sa < 0 {
+            magnitude.reverse()
+        } else {
+            magnitude
+        }
+    }
+
+    /// The digits and exponent after rounding half away from zero to `scale` fraction digits.
+    fn rounded(&self, scale: i64) -> (Vec<u8>, i64) {
+        let keep = self.exp.saturating_add(scale);
+        let len = i64::try_from(self.digit_count()).unwrap_or(i64::MAX);
+        if keep >= len {
+            return (self.digits().copied().collect(), self.exp);
+        }
+        if keep < 0 {
+            return (Vec::new(), 0);
+        }
+        // 0 <= keep < len.
+        let keep = keep as usize;
+        let mut d: Vec<u8> = self.digits().take(keep).copied().collect();
+        let mut exp = self.exp;
+        if self.digits().nth(keep).is_some_and(|x| *x >= b'5') {
+            while d.last() == Some(&b'9') {
+                d.pop();
+            }
+            match d.last_mut() {
+                Some(x) => *x += 1,
+                None => {
+                    d.push(b'1');
+                    exp += 1;
+                }
+            }
+        }
+        while d.last() == Some(&b'0') {
+            d.pop();
+        }
+        if d.is_empty() {
+            exp = 0;
+        }
+        (d, exp)
+    }
+
+    /// FHIRPath `~` on decimals: equal when rounded to the precision of the less precise one.
+    fn equivalent(&self, other: &Sci<'_>) -> bool {
+        let s = self.scale.min(other.scale).max(0);
+        let (x, xe) = self.rounded(s);
+        let (y, ye) = other.rounded(s);
+        let x = Sci {
+            a: &x,
+            b: &[],
+            exp: xe,
+            ..*self
+        };
+        let y = Sci {
+            a: &y,
+            b: &[],
+            exp: ye,
+            ..*other
+        };
+        x.cmp_value(&y) == Ordering::Equal
     }
 }
 
@@ -586,7 +812,11 @@ pub(crate) enum Val<'v> {
     Bool(bool),
     Int(i64),
     Dec(Decimal),
-    /// A number whose lexical form could not be represented exactly.
+    /// A valid decimal too large for [`Decimal`] even without its trailing zeros (more than
+    /// [`MAX_DIGITS`] significant digits, or more than [`MAX_PARSE_SCALE`] fraction digits), in
+    /// lexical form. It compares exactly (see [`Sci`]); arithmetic on it is an error.
+    BigDec(&'v str),
+    /// A number whose lexical form is not a decimal.
     BadNumber,
     Str(&'v str),
     Date(&'v str),
@@ -601,7 +831,7 @@ pub(crate) fn val<'v>(item: &'v Item<'_>) -> Option<Val<'v>> {
     Some(match item {
         Item::Boolean(b) => Val::Bool(*b),
         Item::Integer(i) => Val::Int(*i),
-        Item::Decimal(s) => Decimal::parse(s).map_or(Val::BadNumber, Val::Dec),
+        Item::Decimal(s) => decimal_val(s),
         Item::String(s) => Val::Str(s),
         Item::Date(s) => Val::Date(s),
         Item::DateTime(s) => Val::DateTime(s),
@@ -615,7 +845,10 @@ pub(crate) fn val<'v>(item: &'v Item<'_>) -> Option<Val<'v>> {
                 let is_int = !s.contains(['.', 'e', 'E']) && *fhir_type != Some("decimal");
                 match (is_int, s.parse::<i64>()) {
                     (true, Ok(i)) => Val::Int(i),
-                    _ => Decimal::parse(s).map_or(Val::BadNumber, Val::Dec),
+                    _ => match text {
+                        Cow::Borrowed(s) => decimal_val(s),
+                        Cow::Owned(_) => Decimal::parse(s).map_or(Val::BadNumber, Val::Dec),
+                    },
                 }
             }
             JsonRef::String(s) => match fhir_type.unwrap_or("string") {
@@ -627,6 +860,35 @@ pub(crate) fn val<'v>(item: &'v Item<'_>) -> Option<Val<'v>> {
             JsonRef::Array(_) | JsonRef::Object(_) => Val::Node(*value),
         },
     })
+}
+
+/// A decimal's text as a value: exact when it fits a [`Decimal`] (without its trailing zeros
+/// if need be), [`Val::BigDec`] when not.
+fn decimal_val(s: &str) -> Val<'_> {
+    if let Some(d) = Decimal::parse(s) {
+        return Val::Dec(d);
+    }
+    // Rare: only texts with very many digits get here.
+    match Sci::parse(s) {
+        Some(x) => Decimal::from_sci(x).map_or(Val::BigDec(s), Val::Dec),
+        None => Val::BadNumber,
+    }
+}
+
+/// Exact order of two numbers when one of them is a [`Val::BigDec`].
+fn cmp_big(a: &Val<'_>, b: &Val<'_>) -> Option<Ordering> {
+    let (mut x, mut y) = ([0u8; SCI_BUF], [0u8; SCI_BUF]);
+    Some(sci(a, &mut x)?.cmp_value(&sci(b, &mut y)?))
+}
+
+/// A number as a [`Sci`] (an `i64` or [`Decimal`] is written into `buf`).
+fn sci<'b>(v: &Val<'b>, buf: &'b mut [u8; SCI_BUF]) -> Option<Sci<'b>> {
+    match v {
+        Val::Int(i) => Some(Decimal::from_i64(*i).sci(buf)),
+        Val::Dec(d) => Some(d.sci(buf)),
+        Val::BigDec(s) => Sci::parse(s),
+        _ => None,
+    }
 }
 
 fn num(v: &Val<'_>) -> Option<Decimal> {
@@ -674,6 +936,7 @@ pub(crate) fn compare(a: &Val<'_>, b: &Val<'_>) -> Option<Ordering> {
         return Some(x.cmp_value(y));
     }
     match (a, b) {
+        (Val::BigDec(_), _) | (_, Val::BigDec(_)) => cmp_big(a, b),
         (Val::Str(x), Val::Str(y)) => Some(x.cmp(y)),
         _ => {
             let hint = temporal_kind(a).or_else(|| temporal_kind(b))?;
@@ -691,6 +954,9 @@ pub(crate) fn equals(a: &Val<'_>, b: &Val<'_>) -> Option<bool> {
         return Some(x.cmp_value(y) == Ordering::Equal);
     }
     match (a, b) {
+        (Val::BigDec(_), _) | (_, Val::BigDec(_)) => {
+            Some(cmp_big(a, b).is_some_and(|o| o == Ordering::Equal))
+        }
         (Val::Bool(x), Val::Bool(y)) => Some(x == y),
         (Val::Str(x), Val::Str(y)) => Some(x == y),
         (Val::Node(x), Val::Node(y)) => Some(json_equal(*x, *y)),
@@ -719,7 +985,10 @@ fn json_equal(a: Json<'_>, b: Json<'_>) -> bool {
             let (x, y) = (number_text(x), number_text(y));
             match (Decimal::parse(&x), Decimal::parse(&y)) {
                 (Some(p), Some(q)) => p.cmp_value(q) == Ordering::Equal,
-                _ => x == y,
+                _ => match (Sci::parse(&x), Sci::parse(&y)) {
+                    (Some(p), Some(q)) => p.cmp_value(&q) == Ordering::Equal,
+                    _ => x == y,
+                },
             }
         }
         (JsonRef::Array(x), JsonRef::Array(y)) => {
@@ -753,6 +1022,13 @@ pub(crate) fn equivalent(a: &Val<'_>, b: &Val<'_>) -> bool {
         return x.round_to(s).cmp_value(y.round_to(s)) == Ordering::Equal;
     }
     match (a, b) {
+        (Val::BigDec(_), _) | (_, Val::BigDec(_)) => {
+            let (mut p, mut q) = ([0u8; SCI_BUF], [0u8; SCI_BUF]);
+            match (sci(a, &mut p), sci(b, &mut q)) {
+                (Some(x), Some(y)) => x.equivalent(&y),
+                _ => false,
+            }
+        }
         (Val::Str(x), Val::Str(y)) => equiv_text(x) == equiv_text(y),
         _ => equals(a, b).unwrap_or(false),
     }
@@ -774,6 +1050,15 @@ mod tests {
         Decimal::parse(s).expect("decimal")
     }
 
+    impl Decimal {
+        fn neg(self) -> Decimal {
+            Decimal {
+                mantissa: -self.mantissa,
+                ..self
+            }
+        }
+    }
+
     #[test]
     fn decimal_parse_and_print() {
         for s in ["0", "1.50", "-0.05", "123.456", "-7", "0.001"] {
@@ -787,6 +1072,68 @@ mod tests {
         assert!(Decimal::parse(".").is_none());
         assert!(Decimal::parse("1e99999999999").is_none());
         assert!(Decimal::parse("1".repeat(50).as_str()).is_none());
+    }
+
+    #[test]
+    fn decimals_of_any_size_compare_exactly() {
+        let x = |s: &'static str| Sci::parse(s).expect("decimal");
+        let c = |a: &'static str, b: &'static str| x(a).cmp_value(&x(b));
+        assert_eq!(c("1.0", "1.00"), Ordering::Equal);
+        assert_eq!(c("15e-1", "1.50"), Ordering::Equal);
+        assert_eq!(c("-0.0", "0"), Ordering::Equal);
+        assert_eq!(
+            c("0.1000000000000000000000000000000000000000", "0.1"),
+            Ordering::Equal
+        );
+        assert_eq!(c("1e-70", "1e-69"), Ordering::Less);
+        assert_eq!(c("1e-70", "0"), Ordering::Greater);
+        assert_eq!(c("-1e-70", "0"), Ordering::Less);
+        assert_eq!(c("-2", "-10"), Ordering::Greater);
+        assert_eq!(c("100", "1e2"), Ordering::Equal);
+        assert_eq!(c("0.12", "0.123"), Ordering::Less);
+        assert_eq!(c("-0.12", "-0.123"), Ordering::Greater);
+        let big = "123456789012345678901234567890.123456789";
+        assert!(Decimal::parse(big).is_none());
+        assert!(matches!(decimal_val(big), Val::BigDec(_)));
+        assert!(matches!(
+            decimal_val("0.1000000000000000000000000000000000000000"),
+            Val::Dec(Decimal {
+                mantissa: 1,
+                scale: 1
+            })
+        ));
+        assert!(matches!(decimal_val("1e-70"), Val::BigDec(_)));
+        assert!(matches!(decimal_val("1e-70x"), Val::BadNumber));
+        assert_eq!(
+            compare(&decimal_val(big), &Val::Int(1)),
+            Some(Ordering::Greater)
+        );
+        assert_eq!(
+            equals(
+                &decimal_val(big),
+                &decimal_val("123456789012345678901234567890.1234567890")
+            ),
+            Some(true)
+        );
+        assert_eq!(equals(&decimal_val(big), &Val::Str(big)), Some(false));
+        // Values too far apart to align in an i128 compare by their digits, not as f64.
+        let b = Decimal {
+            mantissa: i128::MAX,
+            scale: 1,
+        };
+        let a = Decimal {
+            mantissa: i128::MAX / 10 + 1,
+            scale: 0,
+        };
+        assert_eq!(a.cmp_value(b), Ordering::Greater);
+        assert_eq!(b.cmp_value(a), Ordering::Less);
+        let (a, b) = (a.neg(), b.neg());
+        assert_eq!(a.cmp_value(b), Ordering::Less);
+        // `~` rounds to the less precise operand.
+        assert!(x(big).equivalent(&x("123456789012345678901234567890.1234568")));
+        assert!(!x(big).equivalent(&x("123456789012345678901234567890.1234567")));
+        assert!(x("0.96").equivalent(&x("1.0")));
+        assert!(x("0.4").equivalent(&x("0")));
     }
 
     #[test]
