@@ -14,15 +14,15 @@ pub const DEMO_GROUP: &str = "demo-cohort";
 pub const DEMO_QUERIES: &[(&str, &str)] = &[
     (
         "Patients by gender",
-        "SELECT gender, count(*) AS patients FROM patient GROUP BY gender ORDER BY gender",
+        "SELECT gender, count(*) AS patients FROM patient_latest GROUP BY gender ORDER BY gender",
     ),
     (
         "Diabetic patients and their latest HbA1c (LOINC 4548-4)",
         "WITH a1c AS (SELECT patient_id, value_quantity, effective_date_time, \
          row_number() OVER (PARTITION BY patient_id ORDER BY effective_date_time DESC) AS n \
-         FROM observation WHERE code = '4548-4') \
+         FROM observation_latest WHERE code = '4548-4') \
          SELECT p.id, p.birth_date, a1c.value_quantity AS latest_hba1c, a1c.value_quantity > 9 AS above_9 \
-         FROM patient p JOIN condition c ON c.patient_id = p.id AND c.code = '44054006' \
+         FROM patient_latest p JOIN condition_latest c ON c.patient_id = p.id AND c.code = '44054006' \
          LEFT JOIN a1c ON a1c.patient_id = p.id AND a1c.n = 1 ORDER BY p.id",
     ),
 ];

@@ -91,7 +91,7 @@ pub async fn run(a: DemoArgs, quiet: bool) -> Result<Outcome> {
     }
     writeln!(
         stdout,
-        "\nTry: flatfhir query --data {} \"select * from observation limit 5\"",
+        "\nTry: flatfhir query --data {} \"select * from observation_latest limit 5\"",
         a.out
     )?;
     Ok(outcome)
