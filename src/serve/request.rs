@@ -174,8 +174,28 @@ impl ExportRequest {
                 "_type {bad:?} is not a resource type"
             )));
         }
-        if !types.is_empty() {
-            req.types = Some(types.iter().map(|t| t.to_string()).collect());
+        // A type that neither FHIR R4 nor the served data has (a typo: `Observaton`) is
+        // refused, or under lenient handling ignored with a note — never silently exported
+        // as nothing (IG: a server SHOULD answer 4XX for a type it does not support).
+        let known = data.counts();
+        let mut kept = Vec::new();
+        for &t in &types {
+            if crate::view::is_r4_resource_type(t) || known.contains_key(t) {
+                kept.push(t);
+            } else {
+                unsupported(
+                    &mut req.notes,
+                    format!("_type {t:?} is not a resource type this server has"),
+                )?;
+            }
+        }
+        if !types.is_empty() && kept.is_empty() {
+            return Err(Rejection::invalid(
+                "none of the _type values is a resource type this server has".to_string(),
+            ));
+        }
+        if !kept.is_empty() {
+            req.types = Some(kept.iter().map(|t| t.to_string()).collect());
         }
 
         for spec in list("_elements") {
@@ -422,6 +442,31 @@ mod tests {
             parse_instant("2021-02-03").unwrap().to_rfc3339(),
             "2021-02-03T00:00:00+00:00"
         );
+    }
+
+    /// A type neither R4 nor the data has: refused, or under lenient handling left out with
+    /// a note; never exported silently as nothing.
+    #[test]
+    fn unknown_types_are_refused_or_noted() {
+        let strict = |t: &str| parse(Level::System, &[("_type", t)], false, false);
+        assert!(strict("Foo").is_err());
+        assert!(strict("Patient,Observaton").is_err());
+        let lenient = parse(
+            Level::System,
+            &[("_type", "Patient,Observaton")],
+            false,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            lenient.types,
+            Some(std::iter::once("Patient".to_string()).collect())
+        );
+        assert_eq!(lenient.notes.len(), 1);
+        assert!(lenient.notes[0].diagnostics.contains("Observaton"));
+        assert!(parse(Level::System, &[("_type", "Foo")], false, true).is_err());
+        // R4 types the data does not hold are fine (an empty export of them).
+        assert!(strict("Medication").is_ok());
     }
 
     #[test]

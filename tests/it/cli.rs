@@ -397,6 +397,9 @@ fn the_demo_run_twice_gives_the_same_answers() {
         s[s.find("Patients by gender").expect("the demo queries")..].to_string()
     };
     let first = run();
-    assert!(first.contains("female") || first.contains("male"), "{first}");
+    assert!(
+        first.contains("female") || first.contains("male"),
+        "{first}"
+    );
     assert_eq!(answers(&run()), answers(&first));
 }
