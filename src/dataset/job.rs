@@ -398,6 +398,9 @@ pub struct Lease {
     pub pid: u32,
     /// RFC 3339 time of the last renewal.
     pub renewed: String,
+    /// The run the holder works on, when the lease does not name it already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 impl Lease {
@@ -406,6 +409,7 @@ impl Lease {
             host: host_name(),
             pid: std::process::id(),
             renewed: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            run: None,
         }
     }
 
@@ -500,20 +504,61 @@ pub(crate) async fn hold_lease(
     path: String,
 ) -> Result<LeaseGuard, DatasetError> {
     loc.put_json(&path, &Lease::now()).await?;
+    Ok(renew_lease(loc, path, Lease::now()))
+}
+
+/// Keep renewing the lease at `path` (written already) until the guard is dropped.
+fn renew_lease(loc: &DatasetLocation, path: String, lease: Lease) -> LeaseGuard {
     let (l, p) = (loc.clone(), path.clone());
     let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(LEASE_RENEW).await;
-            if let Err(e) = l.put_json(&p, &Lease::now()).await {
+            let renewed = Lease {
+                run: lease.run.clone(),
+                ..Lease::now()
+            };
+            if let Err(e) = l.put_json(&p, &renewed).await {
                 tracing::warn!(error = %e, "could not renew a lease");
             }
         }
     });
-    Ok(LeaseGuard {
+    LeaseGuard {
         task,
         loc: loc.clone(),
         path,
-    })
+    }
+}
+
+/// Claim the lease at `path` only if no live process holds it: created with a conditional put
+/// (create if absent), so of two processes that start at the same moment exactly one gets it;
+/// a lease whose holder is gone is taken over. `Err(lease)`: the live holder's lease. On a store
+/// without conditional puts the claim is a plain write (the check-then-write of before).
+pub(crate) async fn claim_lease(
+    loc: &DatasetLocation,
+    path: String,
+    run: &str,
+) -> Result<Result<LeaseGuard, Lease>, DatasetError> {
+    let mine = Lease {
+        run: Some(run.to_string()),
+        ..Lease::now()
+    };
+    for _ in 0..3 {
+        if loc.put_json_if_absent(&path, &mine).await? {
+            return Ok(Ok(renew_lease(loc, path, mine)));
+        }
+        match loc.get_json_opt::<Lease>(&path).await? {
+            Some(l) if l.live() => return Ok(Err(l)),
+            // Its holder is gone: take it over (the next conditional put decides between
+            // processes that both saw it stale).
+            Some(_) => loc.delete(&path).await,
+            None => {}
+        }
+    }
+    // Lost every round to other processes claiming it: one of them holds it now.
+    match loc.get_json_opt::<Lease>(&path).await? {
+        Some(l) => Ok(Err(l)),
+        None => Ok(Err(mine)),
+    }
 }
 
 /// FNV-1a, 64 bit: a stable (across runs and builds) name for a file URL.

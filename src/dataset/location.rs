@@ -163,6 +163,46 @@ impl DatasetLocation {
         Ok(())
     }
 
+    /// Write a JSON document at `rel` unless an object is there already; `false` when one is.
+    /// A store without conditional puts writes it anyway (and says `true`).
+    pub async fn put_json_if_absent(
+        &self,
+        rel: &str,
+        value: &impl Serialize,
+    ) -> Result<bool, DatasetError> {
+        let body = serde_json::to_vec_pretty(value).map_err(|source| DatasetError::Manifest {
+            path: rel.to_string(),
+            source,
+        })?;
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        let store_err = |source| DatasetError::Store {
+            path: rel.to_string(),
+            source,
+        };
+        match self
+            .store
+            .put_opts(&self.child(rel), PutPayload::from(body.clone()), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.store
+                    .put(&self.child(rel), PutPayload::from(body))
+                    .await
+                    .map_err(store_err)?;
+                Ok(true)
+            }
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
     /// Delete the object at `rel`, best effort: one that is not there is fine, any other
     /// failure is logged (what is left is bookkeeping the next run cleans up).
     pub async fn delete(&self, rel: &str) {

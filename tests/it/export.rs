@@ -964,3 +964,43 @@ async fn a_kick_off_lost_after_it_was_sent_is_not_sent_again() {
         );
     }
 }
+
+/// Two runs of the same export started at the same moment (one cron line on two hosts): both
+/// found no unfinished job and both kicked off. Exactly one runs now; the other stops as busy
+/// (exit 3 in the CLI) before any request. Once the first is done, the export runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_export_started_twice_at_once_runs_once() {
+    let srv = server(Faults::default(), |b| b).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::join!(
+        export(&srv, patients(), tmp.path(), Auth::None),
+        export(&srv, patients(), tmp.path(), Auth::None)
+    );
+    let busy = |r: &flatfhir::Result<ExportSummary>| {
+        matches!(
+            r,
+            Err(flatfhir::Error::Export(
+                flatfhir::run::export::ExportError::Busy { .. }
+            ))
+        )
+    };
+    assert!(
+        (a.is_ok() && busy(&b)) || (b.is_ok() && busy(&a)),
+        "one run, one busy: {:?} / {:?}",
+        a.as_ref().err().map(ToString::to_string),
+        b.as_ref().err().map(ToString::to_string)
+    );
+    let kickoffs = srv
+        .log()
+        .into_iter()
+        .filter(|r| {
+            r.path.contains("$export") && !r.path.contains("status") && r.method != "DELETE"
+        })
+        .filter(|r| r.path.ends_with("$export"))
+        .count();
+    assert_eq!(kickoffs, 1);
+    export(&srv, patients(), tmp.path(), Auth::None)
+        .await
+        .unwrap();
+    srv.shutdown().await;
+}

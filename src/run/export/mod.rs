@@ -244,76 +244,121 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
         ..
     } = b;
     let resumed = resume.is_some();
-    let job = match resume {
-        Some(job) => {
-            if let Some(lease) = job.holder(&location).await? {
-                return Err(ExportError::Busy {
-                    run: job.run_id.clone(),
-                    seconds: lease.age().as_secs(),
-                    host: lease.host,
-                    pid: lease.pid,
-                }
-                .into());
+    // One process at a time per export (base URL and request): two runs of the same command
+    // started at the same moment (one cron line on two hosts) both found no unfinished job
+    // and both kicked off. The claim is a conditional put, so exactly one of them gets it.
+    let export_key = {
+        let (base, req) = match &resume {
+            Some(job) => (job.base_url.clone(), job.request.clone()),
+            None => (client.base().as_str().to_string(), request.clone()),
+        };
+        let text = format!(
+            "{}\n{}",
+            base.trim_end_matches('/'),
+            serde_json::to_string(&req).unwrap_or_default()
+        );
+        format!(
+            "{}/{:016x}.start",
+            crate::dataset::JOBS_DIR,
+            crate::dataset::job::fnv1a(text.as_bytes())
+        )
+    };
+    let claimed_for = resume
+        .as_ref()
+        .map_or_else(|| "a new job".to_string(), |j| j.run_id.clone());
+    let _start = match crate::dataset::job::claim_lease(&location, export_key, &claimed_for).await?
+    {
+        Ok(guard) => guard,
+        Err(holder) => {
+            return Err(ExportError::Busy {
+                run: holder
+                    .run
+                    .clone()
+                    .unwrap_or_else(|| "of this export".into()),
+                seconds: holder.age().as_secs(),
+                host: holder.host,
+                pid: holder.pid,
             }
-            tracing::info!(run = job.run_id, "resuming export job");
-            job
-        }
-        None => {
-            let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
-            job.snapshot = snapshot;
-            job.backfill = backfill;
-            job.save(&location).await?;
-            job
+            .into());
         }
     };
-    // What a new job needs when the server no longer has the one continued.
-    let again = (resumed && restart_when_gone)
-        .then(|| (job.request.clone(), job.snapshot, job.backfill.clone()));
-    // Every event of the run, on every task and thread it spawns, carries the run id.
-    let span = tracing::info_span!("run", run_id = %job.run_id);
-    let r = run_job(
-        client.clone(),
-        registry.clone(),
-        location.clone(),
-        opts.clone(),
-        progress.clone(),
-        running.clone(),
-        job,
-        resumed,
-    )
-    .instrument(span)
+    let start = _start;
+    let result = async move {
+        let job = match resume {
+            Some(job) => {
+                if let Some(lease) = job.holder(&location).await? {
+                    return Err(ExportError::Busy {
+                        run: job.run_id.clone(),
+                        seconds: lease.age().as_secs(),
+                        host: lease.host,
+                        pid: lease.pid,
+                    }
+                    .into());
+                }
+                tracing::info!(run = job.run_id, "resuming export job");
+                job
+            }
+            None => {
+                let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
+                job.snapshot = snapshot;
+                job.backfill = backfill;
+                job.save(&location).await?;
+                job
+            }
+        };
+        // What a new job needs when the server no longer has the one continued.
+        let again = (resumed && restart_when_gone)
+            .then(|| (job.request.clone(), job.snapshot, job.backfill.clone()));
+        // Every event of the run, on every task and thread it spawns, carries the run id.
+        let span = tracing::info_span!("run", run_id = %job.run_id);
+        let r = run_job(
+            client.clone(),
+            registry.clone(),
+            location.clone(),
+            opts.clone(),
+            progress.clone(),
+            running.clone(),
+            job,
+            resumed,
+        )
+        .instrument(span)
+        .await;
+        let Some((request, snapshot, backfill)) = again else {
+            return r;
+        };
+        let Err(Error::Export(ExportError::JobGone {
+            run,
+            status,
+            objects,
+            ..
+        })) = &r
+        else {
+            return r;
+        };
+        // The same command run again continued a job the server has forgotten (a restart, an
+        // expired or deleted job): start the export afresh rather than fail every night.
+        tracing::warn!(
+            run = %run,
+            status,
+            objects,
+            "the server no longer has the unfinished export job: abandoned it (its unpublished files removed); starting a new export"
+        );
+        progress.start_over();
+        let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
+        job.snapshot = snapshot;
+        job.backfill = backfill;
+        job.save(&location).await?;
+        let span = tracing::info_span!("run", run_id = %job.run_id);
+        run_job(
+            client, registry, location, opts, progress, running, job, false,
+        )
+        .instrument(span)
+        .await
+
+    }
     .await;
-    let Some((request, snapshot, backfill)) = again else {
-        return r;
-    };
-    let Err(Error::Export(ExportError::JobGone {
-        run,
-        status,
-        objects,
-        ..
-    })) = &r
-    else {
-        return r;
-    };
-    // The same command run again continued a job the server has forgotten (a restart, an
-    // expired or deleted job): start the export afresh rather than fail every night.
-    tracing::warn!(
-        run = %run,
-        status,
-        objects,
-        "the server no longer has the unfinished export job: abandoned it (its unpublished files removed); starting a new export"
-    );
-    progress.start_over();
-    let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
-    job.snapshot = snapshot;
-    job.backfill = backfill;
-    job.save(&location).await?;
-    let span = tracing::info_span!("run", run_id = %job.run_id);
-    run_job(
-        client, registry, location, opts, progress, running, job, false,
-    )
-    .instrument(span)
-    .await
+    start.release().await;
+    result
 }
 
 /// The status of an error that says the job or its file is gone (404, 410).
