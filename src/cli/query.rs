@@ -117,27 +117,75 @@ pub async fn run(c: QueryConfig) -> Result<Outcome> {
     stdout.flush()?;
     Ok(Outcome::Success)
 }
-/// Split a script on `;` outside quotes; empty statements dropped.
+
+/// Split a script on `;` outside quoted strings (`'…'`), quoted identifiers (`"…"`) and
+/// comments (`-- …` to the end of the line, `/* … */`): an apostrophe in a comment does not
+/// open a string. Statements of only whitespace and comments are dropped.
 fn split_statements(sql: &str) -> Vec<&str> {
-    let (mut out, mut start, mut quote) = (Vec::new(), 0, None::<char>);
-    for (i, c) in sql.char_indices() {
-        match (quote, c) {
-            (None, '\'' | '"') => quote = Some(c),
-            (Some(q), c) if c == q => quote = None,
-            (None, ';') => {
-                out.push(&sql[start..i]);
-                start = i + 1;
+    let b = sql.as_bytes();
+    let (mut out, mut start, mut i, mut code) = (Vec::new(), 0, 0, false);
+    // Every delimiter is ASCII, so each index where one is found is a char boundary.
+    let skip_to = |from: usize, end: &[u8]| {
+        b[from..]
+            .windows(end.len())
+            .position(|w| w == end)
+            .map_or(b.len(), |p| from + p + end.len())
+    };
+    while i < b.len() {
+        match b[i] {
+            // A doubled quote inside ('it''s') closes and reopens: the same split.
+            q @ (b'\'' | b'"') => {
+                i = skip_to(i + 1, &[q]);
+                code = true;
+                continue;
             }
-            _ => {}
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = skip_to(i + 2, b"\n");
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = skip_to(i + 2, b"*/");
+                continue;
+            }
+            b';' => {
+                if code {
+                    out.push(&sql[start..i]);
+                }
+                (start, code) = (i + 1, false);
+            }
+            c if c.is_ascii_whitespace() => {}
+            _ => code = true,
         }
+        i += 1;
     }
-    out.push(&sql[start..]);
-    out.into_iter()
-        .filter(|s| {
-            !s.trim().is_empty()
-                && !s
-                    .lines()
-                    .all(|l| l.trim().is_empty() || l.trim().starts_with("--"))
-        })
-        .collect()
+    if code {
+        out.push(&sql[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_statements_skips_comments_and_quotes() {
+        let script = "-- each patient's gender\n\
+                      create view g as select gender from patient; /* don't; */\n\
+                      select 'a;b', \"x;\"\"y\" from g where n = 'it''s;' -- it's; done";
+        let stmts: Vec<&str> = split_statements(script).iter().map(|s| s.trim()).collect();
+        assert_eq!(
+            stmts,
+            [
+                "-- each patient's gender\ncreate view g as select gender from patient",
+                "/* don't; */\nselect 'a;b', \"x;\"\"y\" from g where n = 'it''s;' -- it's; done",
+            ]
+        );
+        assert!(split_statements(" ;\n-- only a comment; really\n/* ; */ ;").is_empty());
+        assert_eq!(split_statements("select 1;"), ["select 1"]);
+        assert_eq!(
+            split_statements("select 1 -- no newline"),
+            ["select 1 -- no newline"]
+        );
+    }
 }
