@@ -380,3 +380,52 @@ fn the_line_limit_is_an_option() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("out of range"), "{}", stderr(&o));
 }
+
+/// A dataset of two AllergyIntolerance resources (`category`, a `List(Utf8)` column of the
+/// built-in view: two items for `a1`, none for `a2`).
+fn allergy_dataset(tmp: &std::path::Path) -> String {
+    let input = tmp.join("ai.ndjson");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"resourceType":"AllergyIntolerance","id":"a1","category":["food","medication"],"code":{"text":"peanut"}}"#,
+            "\n",
+            r#"{"resourceType":"AllergyIntolerance","id":"a2","code":{"text":"dust"}}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let out = tmp.join("ds");
+    let o = flatfhir(&[
+        "convert",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    out.to_str().unwrap().to_string()
+}
+
+/// `query --format json`: a NULL list is `null` (an empty one `[]`), json_get() and struct
+/// results are JSON, not display strings.
+#[test]
+fn query_json_keeps_null_lists_null_and_writes_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = allergy_dataset(tmp.path());
+    let o = flatfhir(&[
+        "query",
+        "--data",
+        &d,
+        "--format",
+        "json",
+        "select id, category, arrow_cast(NULL, 'List(Int64)') as nl, \
+         json_get(resource, 'code') as code, json_get(resource, 'id') as jid, \
+         named_struct('a', 1, 'b', [1, 2]) as s from allergy_intolerance order by id",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "{\"id\":\"a1\",\"category\":[\"food\",\"medication\"],\"nl\":null,\"code\":{\"text\":\"peanut\"},\"jid\":\"a1\",\"s\":{\"a\":1,\"b\":[1,2]}}\n\
+         {\"id\":\"a2\",\"category\":[],\"nl\":null,\"code\":{\"text\":\"dust\"},\"jid\":\"a2\",\"s\":{\"a\":1,\"b\":[1,2]}}\n"
+    );
+}
