@@ -10,18 +10,23 @@ use clap::{Args, ValueEnum};
 
 use flatfhir::{
     dataset::DatasetLocation,
-    query::{AsOf, Dataset},
+    query::{AsOf, Dataset, QueryError},
 };
+use futures::TryStreamExt;
 
 use super::{Outcome, args::StoreArgs, output};
 
+/// Rows the table format shows by default (`--max-rows`): the table is aligned over every row
+/// it shows, so those rows are held in memory; csv and json stream every row.
+pub const DEFAULT_TABLE_ROWS: usize = 1000;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum QueryFormat {
-    /// Aligned text table.
+    /// Aligned text table of the first --max-rows rows.
     Table,
-    /// CSV with a header.
+    /// CSV with a header, every row; lists and structs as JSON text.
     Csv,
-    /// One JSON object per line.
+    /// One JSON object per line, every row.
     Json,
 }
 
@@ -37,9 +42,14 @@ pub struct QueryArgs {
     /// Read the SQL from a file.
     #[arg(long, short, value_name = "FILE", conflicts_with = "sql")]
     file: Option<PathBuf>,
-    /// Output format.
+    /// Output format. csv and json write the rows as they come; table holds the rows it
+    /// shows, to align them.
     #[arg(long, value_enum, default_value = "table")]
     format: QueryFormat,
+    /// Table format: show at most N rows, and say when there are more (0: every row, all held
+    /// in memory).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TABLE_ROWS)]
+    max_rows: usize,
     /// Read the tables as they were right after a run (its id, as in `_runs/` and the `export`
     /// column) or at a time (RFC 3339, e.g. 2026-12-01T00:00:00Z): Delta time travel.
     #[arg(long, value_name = "RUN|TIME", value_parser = parse_as_of)]
@@ -65,6 +75,7 @@ pub struct QueryConfig {
     data: String,
     location: DatasetLocation,
     format: QueryFormat,
+    max_rows: usize,
     as_of: AsOf,
 }
 
@@ -91,6 +102,7 @@ impl QueryArgs {
             data: self.data,
             location,
             format: self.format,
+            max_rows: self.max_rows,
             as_of: self.as_of.unwrap_or_default(),
         })
     }
@@ -104,17 +116,55 @@ pub async fn run(c: QueryConfig) -> Result<Outcome> {
             "the dataset has no committed tables; no tables are registered"
         );
     }
-    let mut last = Vec::new();
-    for stmt in split_statements(&c.sql) {
-        last = ds.sql(stmt).await?;
+    let stmts = split_statements(&c.sql);
+    let Some((last, before)) = stmts.split_last() else {
+        bail!("no SQL statement given (only whitespace or comments)");
+    };
+    for stmt in before {
+        ds.sql(stmt).await?;
     }
-    let mut stdout = std::io::stdout().lock();
+    let mut stream = ds.sql_stream(last).await?;
+    let schema = stream.schema();
+    let mut out = std::io::BufWriter::new(std::io::stdout());
     match c.format {
-        QueryFormat::Table => output::write_table(&mut stdout, &last)?,
-        QueryFormat::Csv => output::write_csv(&mut stdout, &last)?,
-        QueryFormat::Json => output::write_ndjson(&mut stdout, &last)?,
+        QueryFormat::Table => {
+            let (mut shown, mut rows, mut more) = (Vec::new(), 0, false);
+            let max = if c.max_rows == 0 {
+                usize::MAX
+            } else {
+                c.max_rows
+            };
+            while let Some(b) = stream.try_next().await.map_err(QueryError::from)? {
+                if b.num_rows() == 0 {
+                    continue;
+                }
+                if rows == max {
+                    more = true;
+                    break;
+                }
+                let take = b.num_rows().min(max - rows);
+                rows += take;
+                shown.push(b.slice(0, take));
+                if take < b.num_rows() {
+                    more = true;
+                    break;
+                }
+            }
+            output::write_table(&mut out, &shown, more)?;
+        }
+        QueryFormat::Csv => {
+            let mut w = output::CsvWriter::new(&mut out, &schema)?;
+            while let Some(b) = stream.try_next().await.map_err(QueryError::from)? {
+                w.write(&b)?;
+            }
+        }
+        QueryFormat::Json => {
+            while let Some(b) = stream.try_next().await.map_err(QueryError::from)? {
+                output::write_ndjson(&mut out, &[b])?;
+            }
+        }
     }
-    stdout.flush()?;
+    out.flush()?;
     Ok(Outcome::Success)
 }
 

@@ -208,6 +208,16 @@ impl Dataset {
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
         Ok(self.ctx.sql(sql).await?.collect().await?)
     }
+
+    /// Run one SQL statement and stream its result, batch by batch: memory stays bounded
+    /// however many rows it has. An error while streaming is a [`DataFusionError`]; it
+    /// converts into a [`QueryError`] (`?`), whose message is the innermost one.
+    pub async fn sql_stream(
+        &self,
+        sql: &str,
+    ) -> Result<datafusion::execution::SendableRecordBatchStream, QueryError> {
+        Ok(self.ctx.sql(sql).await?.execute_stream().await?)
+    }
 }
 
 /// The dataset's tables as DataFusion's default schema, each loaded on first use (at the
