@@ -1,4 +1,9 @@
 //! `flatfhir query`: SQL over a dataset.
+//!
+//! The result of the last statement is read batch by batch and never collected: csv and json
+//! write each batch as it comes, so a result of any size runs in bounded memory (and `| head`
+//! stops it early); the table, which aligns its columns over the rows it shows, keeps only the
+//! first `--max-rows`.
 
 use std::{
     io::{IsTerminal, Read, Write},
