@@ -87,7 +87,7 @@ pub async fn run(a: DemoArgs, quiet: bool) -> Result<Outcome> {
     let mut stdout = std::io::stdout().lock();
     for (title, sql) in flatfhir::sample::DEMO_QUERIES {
         writeln!(stdout, "\n{title}\n  {sql}")?;
-        output::write_table(&mut stdout, &ds.sql(sql).await?)?;
+        output::write_table(&mut stdout, &ds.sql(sql).await?, false)?;
     }
     writeln!(
         stdout,

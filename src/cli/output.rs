@@ -6,12 +6,13 @@ use anyhow::Result;
 use flatfhir::{
     arrow::{datatypes::SchemaRef, record_batch::RecordBatch, util::pretty::pretty_format_batches},
     dataset::RunManifest,
-    sink::rows::{batch_to_json_rows, decimal_text, write_json_row},
+    sink::rows::{batch_to_json_rows, cell_json, decimal_text, write_json_row},
 };
 
 /// Aligned text table (DataFusion style). Decimals are shown without trailing zeros
-/// (`3.91`, not `3.910000000000000000`).
-pub fn write_table(out: &mut impl Write, batches: &[RecordBatch]) -> Result<()> {
+/// (`3.91`, not `3.910000000000000000`). `more`: the result has rows beyond these, which the
+/// footer says (with how to see them).
+pub fn write_table(out: &mut impl Write, batches: &[RecordBatch], more: bool) -> Result<()> {
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     if batches.is_empty() {
         writeln!(out, "(0 rows)")?;
@@ -22,7 +23,16 @@ pub fn write_table(out: &mut impl Write, batches: &[RecordBatch]) -> Result<()> 
         .map(trim_decimals)
         .collect::<Result<Vec<_>>>()?;
     writeln!(out, "{}", pretty_format_batches(&shown)?)?;
-    writeln!(out, "({rows} row{})", if rows == 1 { "" } else { "s" })?;
+    let s = if rows == 1 { "" } else { "s" };
+    if more {
+        writeln!(
+            out,
+            "(the first {rows} row{s}; there are more: --max-rows 0 shows all, --format csv or \
+             json writes all without holding them)"
+        )?;
+    } else {
+        writeln!(out, "({rows} row{s})")?;
+    }
     Ok(())
 }
 
@@ -62,15 +72,83 @@ fn trim_decimals(batch: &RecordBatch) -> Result<RecordBatch> {
     )?)
 }
 
-/// CSV with a header.
-pub fn write_csv(out: &mut impl Write, batches: &[RecordBatch]) -> Result<()> {
-    let mut w = flatfhir::arrow::csv::WriterBuilder::new()
-        .with_header(true)
-        .build(out);
+/// CSV with a header, written batch by batch.
+pub fn write_csv(out: &mut impl Write, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<()> {
+    let mut w = CsvWriter::new(out, schema)?;
     for b in batches {
         w.write(b)?;
     }
     Ok(())
+}
+
+/// CSV written batch by batch, the header first (also when no row follows). A list, struct or
+/// union cell is its JSON text (`["food","medication"]`); a null cell is empty; decimals are
+/// shown without trailing zeros. Each batch is encoded into a buffer and then written, so that
+/// a closed pipe is an I/O error (the CSV encoder's own errors keep only the text).
+pub struct CsvWriter<'w, W: Write> {
+    out: &'w mut W,
+    buf: Vec<u8>,
+}
+
+impl<'w, W: Write> CsvWriter<'w, W> {
+    /// Write the header of `schema`.
+    pub fn new(out: &'w mut W, schema: &SchemaRef) -> Result<Self> {
+        let mut w = CsvWriter {
+            out,
+            buf: Vec::new(),
+        };
+        w.encode(&RecordBatch::new_empty(schema.clone()), true)?;
+        Ok(w)
+    }
+
+    /// Write the rows of `batch`.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.encode(batch, false)
+    }
+
+    fn encode(&mut self, batch: &RecordBatch, header: bool) -> Result<()> {
+        self.buf.clear();
+        let batch = trim_decimals(&nested_as_json_text(batch)?)?;
+        flatfhir::arrow::csv::WriterBuilder::new()
+            .with_header(header)
+            .build(&mut self.buf)
+            .write(&batch)?;
+        self.out.write_all(&self.buf)?;
+        Ok(())
+    }
+}
+
+/// Nested columns (lists, structs, unions, maps) as Utf8 columns of their cells' JSON text.
+fn nested_as_json_text(batch: &RecordBatch) -> Result<RecordBatch> {
+    use flatfhir::arrow::{
+        array::{Array, ArrayRef, StringArray},
+        datatypes::{DataType, Field, Schema},
+    };
+    let schema = batch.schema();
+    if !schema.fields().iter().any(|f| f.data_type().is_nested()) {
+        return Ok(batch.clone());
+    }
+    let mut fields = Vec::new();
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for (f, c) in schema.fields().iter().zip(batch.columns()) {
+        if f.data_type().is_nested() {
+            let text: StringArray = (0..c.len())
+                .map(|r| match cell_json(f, c.as_ref(), r) {
+                    serde_json::Value::Null => None,
+                    v => Some(v.to_string()),
+                })
+                .collect();
+            fields.push(Field::new(f.name(), DataType::Utf8, true));
+            cols.push(std::sync::Arc::new(text));
+        } else {
+            fields.push(f.as_ref().clone());
+            cols.push(c.clone());
+        }
+    }
+    Ok(RecordBatch::try_new(
+        std::sync::Arc::new(Schema::new(fields)),
+        cols,
+    )?)
 }
 
 /// One JSON object per row.

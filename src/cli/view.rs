@@ -80,7 +80,7 @@ pub async fn run(c: ViewConfig) -> Result<Outcome> {
             };
             match format {
                 ViewFormat::Ndjson => output::write_view_ndjson(&mut w, &out.batches)?,
-                ViewFormat::Csv => output::write_csv(&mut w, &out.batches)?,
+                ViewFormat::Csv => output::write_csv(&mut w, &out.schema, &out.batches)?,
                 ViewFormat::Parquet => unreachable!("checked in validate"),
             }
             w.flush()?;

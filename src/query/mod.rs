@@ -208,6 +208,16 @@ impl Dataset {
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
         Ok(self.ctx.sql(sql).await?.collect().await?)
     }
+
+    /// Run one SQL statement and stream its result, batch by batch: memory stays bounded
+    /// however many rows it has. An error while streaming is a [`DataFusionError`]; it
+    /// converts into a [`QueryError`] (`?`), whose message is the innermost one.
+    pub async fn sql_stream(
+        &self,
+        sql: &str,
+    ) -> Result<datafusion::execution::SendableRecordBatchStream, QueryError> {
+        Ok(self.ctx.sql(sql).await?.execute_stream().await?)
+    }
 }
 
 /// The dataset's tables as DataFusion's default schema, each loaded on first use (at the
@@ -238,17 +248,18 @@ impl LazyTables {
         if let Some(t) = self.cutoff {
             builder = builder.with_timestamp(t);
         }
+        let delta_error = |source| DatasetError::Delta {
+            table: name.to_string(),
+            source: Box::new(source),
+        };
         let table = match builder.load().await {
-            Ok(t) => Some(t),
+            Ok(t) => match self.cutoff {
+                Some(cutoff) => existed_at(t, cutoff).await.map_err(delta_error)?,
+                None => Some(t),
+            },
             // Created after the cutoff: not part of that state.
             Err(_) if self.cutoff.is_some() => None,
-            Err(source) => {
-                return Err(DatasetError::Delta {
-                    table: name.to_string(),
-                    source: Box::new(source),
-                }
-                .into());
-            }
+            Err(source) => return Err(delta_error(source).into()),
         };
         let loaded = match table {
             None => None,
@@ -336,6 +347,43 @@ impl LazyTables {
 
     fn extra(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<dyn TableProvider>>> {
         self.extra.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A table loaded at `cutoff`, or `None` when it was created after it. delta-rs does not fail
+/// for a time before a table's first commit: it loads the oldest version it has. So the
+/// version loaded is checked against the cutoff (by its commit file's time, as delta-rs picks
+/// versions), and a later one means the table did not exist yet, or (not version 0) that the
+/// log of that time has been cleaned up, which is an error rather than a wrong answer.
+async fn existed_at(
+    table: deltalake::DeltaTable,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<deltalake::DeltaTable>, deltalake::DeltaTableError> {
+    use object_store::ObjectStoreExt;
+    let Some(version) = table.version() else {
+        return Ok(None);
+    };
+    let committed = match table.snapshot()?.version_timestamp(version) {
+        Some(ms) => ms,
+        None => {
+            let commit = deltalake::logstore::commit_uri_from_version(Some(version));
+            table
+                .object_store()
+                .head(&commit)
+                .await?
+                .last_modified
+                .timestamp_millis()
+        }
+    };
+    if committed <= cutoff.timestamp_millis() {
+        Ok(Some(table))
+    } else if version == 0 {
+        Ok(None)
+    } else {
+        Err(deltalake::DeltaTableError::Generic(format!(
+            "the log before version {version} has been cleaned up, so the table as of {cutoff} \
+             cannot be read"
+        )))
     }
 }
 

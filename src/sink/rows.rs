@@ -1,13 +1,15 @@
-//! RecordBatch rows as JSON objects: keys in column order, `collection` columns as arrays
-//! (empty list `[]`, never null), decimals as JSON numbers, temporal values in FHIR lexical form.
-//! Used by `flatfhir view --format ndjson`, `query --format json` and the SQL-on-FHIR
-//! conformance runner. A row is a list of `(column, value)` pairs so the order survives
-//! (serde_json's map sorts keys).
+//! RecordBatch rows as JSON objects: keys in column order, `collection` columns as arrays (a
+//! view writes an empty collection as `[]`; a null list, which only SQL makes, stays `null`),
+//! structs as objects, JSON text (`json` FHIR columns, the `arrow.json` extension that
+//! `json_get()` answers with) as the JSON it holds, decimals as JSON numbers, temporal values in
+//! FHIR lexical form. Used by `flatfhir view --format ndjson`, `query --format json`, the JSON
+//! text of nested cells in CSV, and the SQL-on-FHIR conformance runner. A row is a list of
+//! `(column, value)` pairs so the order survives (serde_json's map sorts keys).
 
 use datafusion::arrow::{
     array::{
         Array, AsArray, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int32Array,
-        Int64Array, ListArray, Time64MicrosecondArray, TimestampMicrosecondArray, UInt64Array,
+        Int64Array, Time64MicrosecondArray, TimestampMicrosecondArray, UInt64Array,
     },
     datatypes::{DataType, Field, TimeUnit},
     record_batch::RecordBatch,
@@ -40,24 +42,31 @@ fn number(text: &str) -> Value {
         .unwrap_or_else(|_| Value::String(text.to_string()))
 }
 
-fn cell_json(field: &Field, a: &dyn Array, r: usize) -> Value {
+/// The Arrow extension type of a string holding JSON text.
+const ARROW_JSON_EXTENSION: &str = "arrow.json";
+
+/// Cell `r` of array `a` (of column `field`) as a JSON value; a null cell is `null`.
+pub fn cell_json(field: &Field, a: &dyn Array, r: usize) -> Value {
     if a.is_null(r) {
-        return if matches!(field.data_type(), DataType::List(_)) {
-            Value::Array(vec![])
-        } else {
-            Value::Null
-        };
+        return Value::Null;
     }
     let fhir_type = field.metadata().get(FHIR_TYPE_METADATA).map(String::as_str);
+    let is_json =
+        fhir_type == Some("json") || field.extension_type_name() == Some(ARROW_JSON_EXTENSION);
+    let text = match a.data_type() {
+        DataType::Utf8 => Some(a.as_string::<i32>().value(r)),
+        DataType::LargeUtf8 => Some(a.as_string::<i64>().value(r)),
+        DataType::Utf8View => Some(a.as_string_view().value(r)),
+        _ => None,
+    };
+    if let Some(s) = text {
+        return match fhir_type {
+            Some("decimal") => number(s),
+            _ if is_json => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.into())),
+            _ => Value::String(s.to_string()),
+        };
+    }
     match a.data_type() {
-        DataType::Utf8 => {
-            let s = a.as_string::<i32>().value(r);
-            match fhir_type {
-                Some("decimal") => number(s),
-                Some("json") => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.into())),
-                _ => Value::String(s.to_string()),
-            }
-        }
         DataType::Boolean => Value::Bool(
             a.as_any()
                 .downcast_ref::<BooleanArray>()
@@ -122,21 +131,50 @@ fn cell_json(field: &Field, a: &dyn Array, r: usize) -> Value {
             }
             Value::String(t)
         }
-        DataType::List(item) => {
-            let list = a.as_any().downcast_ref::<ListArray>();
-            list.map_or(Value::Null, |l| {
-                let v = l.value(r);
-                Value::Array(
-                    (0..v.len())
-                        .map(|i| cell_json(item, v.as_ref(), i))
-                        .collect(),
-                )
-            })
+        DataType::List(item) | DataType::LargeList(item) | DataType::FixedSizeList(item, _) => {
+            let v = match a.data_type() {
+                DataType::List(_) => a.as_list::<i32>().value(r),
+                DataType::LargeList(_) => a.as_list::<i64>().value(r),
+                _ => a.as_fixed_size_list().value(r),
+            };
+            Value::Array(
+                (0..v.len())
+                    .map(|i| cell_json(item, v.as_ref(), i))
+                    .collect(),
+            )
         }
-        _ => {
+        DataType::Struct(fields) => {
+            let s = a.as_struct();
+            Value::Object(
+                fields
+                    .iter()
+                    .zip(s.columns())
+                    .map(|(f, c)| (f.name().clone(), cell_json(f, c.as_ref(), r)))
+                    .collect(),
+            )
+        }
+        DataType::Union(fields, _) => {
+            let u = a.as_union();
+            let id = u.type_id(r);
+            fields
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map_or(Value::Null, |(_, f)| {
+                    cell_json(f, u.child(id).as_ref(), u.value_offset(r))
+                })
+        }
+        DataType::Null => Value::Null,
+        dt => {
             let fmt =
                 datafusion::arrow::util::display::ArrayFormatter::try_new(a, &Default::default());
-            fmt.map_or(Value::Null, |f| Value::String(f.value(r).to_string()))
+            fmt.map_or(Value::Null, |f| {
+                let text = f.value(r).to_string();
+                if dt.is_numeric() {
+                    number(&text)
+                } else {
+                    Value::String(text)
+                }
+            })
         }
     }
 }
@@ -181,6 +219,60 @@ pub fn decimal_text(v: i128, scale: i8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_structs_and_json_text_are_json() {
+        use datafusion::arrow::{
+            array::{ArrayRef, Int64Array, ListArray, StringArray, StructArray, UnionArray},
+            buffer::ScalarBuffer,
+            datatypes::{Int64Type, UnionFields},
+        };
+        use std::{collections::HashMap, sync::Arc};
+        let cell = |a: &ArrayRef, r| cell_json(&Field::new("c", a.data_type().clone(), true), a, r);
+
+        let list: ArrayRef = Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>([
+            Some(vec![Some(1), None]),
+            Some(vec![]),
+            None,
+        ]));
+        assert_eq!(cell(&list, 0), serde_json::json!([1, null]));
+        assert_eq!(cell(&list, 1), serde_json::json!([]));
+        assert_eq!(cell(&list, 2), Value::Null, "a null list is null, not []");
+
+        let strukt: ArrayRef = Arc::new(StructArray::from(vec![(
+            Arc::new(Field::new("a", DataType::Int64, true)),
+            Arc::new(Int64Array::from(vec![Some(7)])) as ArrayRef,
+        )]));
+        assert_eq!(cell(&strukt, 0), serde_json::json!({"a": 7}));
+
+        // json_get()'s answer: a union whose `object` member is JSON text (arrow.json).
+        let json = HashMap::from([(
+            "ARROW:extension:name".to_string(),
+            ARROW_JSON_EXTENSION.to_string(),
+        )]);
+        let fields = UnionFields::try_new(
+            [0, 1],
+            [
+                Field::new("str", DataType::Utf8, false),
+                Field::new("object", DataType::Utf8, false).with_metadata(json),
+            ],
+        )
+        .unwrap();
+        let union: ArrayRef = Arc::new(
+            UnionArray::try_new(
+                fields,
+                ScalarBuffer::from(vec![0i8, 1]),
+                None,
+                vec![
+                    Arc::new(StringArray::from(vec!["x", ""])),
+                    Arc::new(StringArray::from(vec!["", r#"{"text":"peanut"}"#])),
+                ],
+            )
+            .unwrap(),
+        );
+        assert_eq!(cell(&union, 0), serde_json::json!("x"));
+        assert_eq!(cell(&union, 1), serde_json::json!({"text": "peanut"}));
+    }
 
     #[test]
     fn decimal_text_is_shortest() {

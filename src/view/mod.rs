@@ -42,6 +42,17 @@ pub enum ViewError {
         /// What is wrong, naming the column or path.
         message: String,
     },
+    /// Two files of one schemas folder define a view of the same name (one would silently
+    /// replace the other; replacing a built-in view by name is allowed).
+    #[error("{first} and {second} both define the view `{name}`: give each view its own name")]
+    DuplicateName {
+        /// The view name.
+        name: String,
+        /// The file read first.
+        first: String,
+        /// The other file.
+        second: String,
+    },
     /// A schemas directory or file could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
@@ -121,7 +132,9 @@ impl ViewRegistry {
         reg
     }
 
-    /// Add every `*.json` file of a directory, replacing views of the same name.
+    /// Add every `*.json` file of a directory, replacing views of the same name added before
+    /// (the built-in defaults); two files of the directory that name the same view are an
+    /// error.
     pub fn add_dir(&mut self, dir: &Path) -> Result<usize, ViewError> {
         let io = |e| ViewError::Io {
             path: dir.display().to_string(),
@@ -133,8 +146,16 @@ impl ViewRegistry {
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
             .collect();
         files.sort();
+        let mut seen: BTreeMap<String, &Path> = BTreeMap::new();
         for f in &files {
-            self.add_file(f)?;
+            let name = self.add_file(f)?.name().to_string();
+            if let Some(first) = seen.insert(name.clone(), f) {
+                return Err(ViewError::DuplicateName {
+                    name,
+                    first: first.display().to_string(),
+                    second: f.display().to_string(),
+                });
+            }
         }
         Ok(files.len())
     }
@@ -401,6 +422,39 @@ pub const R4_RESOURCE_TYPES: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const OBS_EXTRA: &str = r#"{"resourceType":"ViewDefinition","name":"obs_extra",
+        "resource":"Observation","select":[{"column":[{"name":"id","path":"id"}]}]}"#;
+
+    #[test]
+    fn two_files_of_a_folder_naming_one_view_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("obs_lab.json"), OBS_EXTRA).unwrap();
+        std::fs::write(dir.path().join("obs_vitals.json"), OBS_EXTRA).unwrap();
+        let err = ViewRegistry::builtin()
+            .unwrap()
+            .add_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("obs_lab.json") && err.contains("obs_vitals.json"),
+            "{err}"
+        );
+        assert!(err.contains("`obs_extra`"), "{err}");
+    }
+
+    #[test]
+    fn a_folder_view_replaces_a_builtin_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let patient = r#"{"resourceType":"ViewDefinition","name":"patient","resource":"Patient",
+            "select":[{"column":[{"name":"id","path":"id"}]}]}"#;
+        std::fs::write(dir.path().join("patient.json"), patient).unwrap();
+        std::fs::write(dir.path().join("obs.json"), OBS_EXTRA).unwrap();
+        let mut reg = ViewRegistry::builtin().unwrap();
+        assert_eq!(reg.add_dir(dir.path()).unwrap(), 2);
+        let origin = reg.origin("patient").unwrap();
+        assert!(origin.ends_with("patient.json") && !origin.starts_with("<builtin>"));
+    }
 
     #[test]
     fn names() {

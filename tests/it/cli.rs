@@ -403,3 +403,175 @@ fn the_demo_run_twice_gives_the_same_answers() {
     );
     assert_eq!(answers(&run()), answers(&first));
 }
+
+/// A dataset of two AllergyIntolerance resources (`category`, a `List(Utf8)` column of the
+/// built-in view: two items for `a1`, none for `a2`).
+fn allergy_dataset(tmp: &std::path::Path) -> String {
+    let input = tmp.join("ai.ndjson");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"resourceType":"AllergyIntolerance","id":"a1","category":["food","medication"],"code":{"text":"peanut"}}"#,
+            "\n",
+            r#"{"resourceType":"AllergyIntolerance","id":"a2","code":{"text":"dust"}}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let out = tmp.join("ds");
+    let o = flatfhir(&[
+        "convert",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    out.to_str().unwrap().to_string()
+}
+
+/// `query --format csv` writes a list, struct or json_get() cell as its JSON text (it failed
+/// half-way, after the header), a null cell empty, and the header of a result without rows.
+#[test]
+fn query_csv_writes_nested_cells_as_json_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = allergy_dataset(tmp.path());
+    let o = flatfhir(&[
+        "query",
+        "--data",
+        &d,
+        "--format",
+        "csv",
+        "select id, category, arrow_cast(NULL, 'List(Int64)') as nl, \
+         json_get(resource, 'code') as code, named_struct('a', 1) as s \
+         from allergy_intolerance order by id",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "id,category,nl,code,s\n\
+         a1,\"[\"\"food\"\",\"\"medication\"\"]\",,\"{\"\"text\"\":\"\"peanut\"\"}\",\"{\"\"a\"\":1}\"\n\
+         a2,[],,\"{\"\"text\"\":\"\"dust\"\"}\",\"{\"\"a\"\":1}\"\n"
+    );
+    let o = flatfhir(&[
+        "query",
+        "--data",
+        &d,
+        "--format",
+        "csv",
+        "select id, category from allergy_intolerance where id = 'none'",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "id,category\n");
+}
+
+/// `query --format json`: a NULL list is `null` (an empty one `[]`), json_get() and struct
+/// results are JSON, not display strings.
+#[test]
+fn query_json_keeps_null_lists_null_and_writes_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = allergy_dataset(tmp.path());
+    let o = flatfhir(&[
+        "query",
+        "--data",
+        &d,
+        "--format",
+        "json",
+        "select id, category, arrow_cast(NULL, 'List(Int64)') as nl, \
+         json_get(resource, 'code') as code, json_get(resource, 'id') as jid, \
+         named_struct('a', 1, 'b', [1, 2]) as s from allergy_intolerance order by id",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "{\"id\":\"a1\",\"category\":[\"food\",\"medication\"],\"nl\":null,\"code\":{\"text\":\"peanut\"},\"jid\":\"a1\",\"s\":{\"a\":1,\"b\":[1,2]}}\n\
+         {\"id\":\"a2\",\"category\":[],\"nl\":null,\"code\":{\"text\":\"dust\"},\"jid\":\"a2\",\"s\":{\"a\":1,\"b\":[1,2]}}\n"
+    );
+}
+
+/// csv and json write each batch as it comes (rows of the first batches are out before a later
+/// batch fails; the whole result was collected first, with nothing written), and the table
+/// shows at most --max-rows rows and says there are more.
+#[test]
+fn query_streams_csv_and_json_and_bounds_the_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_str().unwrap();
+    // Batches of 8192 rows, in one partition (so in order): the second fails (division by
+    // zero at 10,000).
+    let failing = "set datafusion.execution.target_partitions = 1; \
+                   select value / (case when value = 10000 then 0 else 1 end) as v \
+                   from generate_series(1, 20000)";
+    for (format, first) in [("csv", "v\n1\n2\n"), ("json", "{\"v\":1}\n{\"v\":2}\n")] {
+        let o = flatfhir(&["query", "-q", "--data", d, "--format", format, failing]);
+        assert_eq!(o.status.code(), Some(2), "{format}: {}", stderr(&o));
+        assert!(stderr(&o).contains("zero"), "{}", stderr(&o));
+        assert!(stdout(&o).starts_with(first), "{format}: {}", stdout(&o));
+        assert_eq!(
+            stdout(&o).lines().count(),
+            8192 + (format == "csv") as usize
+        );
+    }
+
+    let series = "select value from generate_series(1, 1001)";
+    let o = flatfhir(&["query", "-q", "--data", d, series]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(s.contains("| 1000  |") && !s.contains("| 1001  |"), "{s}");
+    assert!(s.contains("(the first 1000 rows; there are more"), "{s}");
+    let o = flatfhir(&["query", "-q", "--data", d, "--max-rows", "0", series]);
+    assert!(stdout(&o).contains("| 1001  |\n") && stdout(&o).ends_with("(1001 rows)\n"));
+    let o = flatfhir(&["query", "-q", "--data", d, "--max-rows", "1001", series]);
+    assert!(stdout(&o).ends_with("(1001 rows)\n"), "{}", stdout(&o));
+}
+
+/// `query --format csv | head -1` exits 0 without a word, as json and table do (the CSV
+/// encoder's error hid the broken pipe: `error: Csv error: Broken pipe`, exit 2).
+#[cfg(unix)]
+#[test]
+fn query_csv_into_a_closed_pipe_exits_quietly() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    // The table shows every row (after computing their widths) only with --max-rows 0.
+    for format in ["csv", "json", "table --max-rows 0"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flatfhir"))
+            .args([
+                "query",
+                "-q",
+                "--data",
+                tmp.path().to_str().unwrap(),
+                "--format",
+            ])
+            .args(format.split(' '))
+            .arg("select value from generate_series(1, 300000)")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+        let o = wait_at_most(child, 60);
+        assert_eq!(o.status.code(), Some(0), "{format}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{format}");
+    }
+}
+
+/// A script of only comments (or nothing) is an error, not an empty result.
+#[test]
+fn query_without_a_statement_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for sql in ["", "-- each patient's gender;\n/* ; */"] {
+        let o = flatfhir(&[
+            "query",
+            "-q",
+            "--data",
+            tmp.path().to_str().unwrap(),
+            "--",
+            sql,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{sql:?}: {}", stdout(&o));
+        assert!(stderr(&o).contains("no SQL statement"), "{}", stderr(&o));
+    }
+}

@@ -196,6 +196,70 @@ async fn time_travel_to_a_run_and_compaction_under_a_reader() {
     assert_eq!(counts(&loc).await, before);
 }
 
+/// `--as-of` a point before a table's first commit leaves the table out: delta-rs loads the
+/// table's version 0 for such a time instead of failing, which showed a later run's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_before_a_tables_first_commit_leaves_it_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), false).unwrap();
+    let registry = std::sync::Arc::new(flatfhir::view::ViewRegistry::builtin().unwrap());
+    // Run 1 writes Patient only, run 2 Observation only (which creates `observation`).
+    for file in ["Patient.ndjson.gz", "Observation.ndjson.gz"] {
+        let inputs = flatfhir::run::expand_inputs(&[data("sample").join(file)]).unwrap();
+        flatfhir::run::convert::ConvertBuilder::new(registry.clone(), loc.clone())
+            .with_files(inputs)
+            .run()
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let runs = RunManifest::list(&loc).await.unwrap();
+    assert_eq!(runs.len(), 2);
+
+    let after_run1 = Dataset::open_as_of(&loc, &AsOf::Run(runs[0].run_id.clone()))
+        .await
+        .unwrap();
+    let patients = runs[0].views["patient"] as i64;
+    assert_eq!(
+        one_number(&after_run1, "select count(*) from patient").await,
+        patients
+    );
+    let err = after_run1
+        .sql("select count(*) from observation")
+        .await
+        .expect_err("observation did not exist after run 1");
+    assert!(err.to_string().contains("observation"), "{err}");
+    let tables: Vec<String> = after_run1
+        .tables()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(
+        !tables.iter().any(|t| t.starts_with("observation")),
+        "{tables:?}"
+    );
+
+    let before_any = "2000-01-01T00:00:00Z".parse().unwrap();
+    let before_any = Dataset::open_as_of(&loc, &AsOf::Timestamp(before_any))
+        .await
+        .unwrap();
+    assert!(before_any.tables().await.unwrap().is_empty());
+    assert!(
+        before_any
+            .sql("select count(*) from patient_latest")
+            .await
+            .is_err()
+    );
+
+    let now = Dataset::open(&loc).await.unwrap();
+    assert_eq!(
+        one_number(&now, "select count(*) from observation").await,
+        runs[1].views["observation"] as i64
+    );
+}
+
 /// A dataset of the layout before Delta (plain Parquet + `_runs/`) is refused with the command
 /// that converts it, and `migrate` converts it in place with the counts checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
