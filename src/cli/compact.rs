@@ -69,6 +69,19 @@ impl CompactArgs {
 
 pub async fn run(a: CompactConfig) -> Result<Outcome> {
     let s = compact(&a.location, &a.opts).await?;
+    // A mistyped object-store prefix is an empty listing, not an error: say so rather than
+    // "nothing to compact" (a local folder that does not exist fails earlier).
+    if s.tables.is_empty()
+        && a.opts.views.is_empty()
+        && flatfhir::dataset::RunManifest::list(&a.location)
+            .await?
+            .is_empty()
+    {
+        anyhow::bail!(
+            "no flatfhir dataset at {}: no Delta tables and no run records (is the path right?)",
+            a.data
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     if a.json {
         serde_json::to_writer_pretty(&mut stdout, &s)?;

@@ -575,3 +575,13 @@ fn query_without_a_statement_is_an_error() {
         assert!(stderr(&o).contains("no SQL statement"), "{}", stderr(&o));
     }
 }
+
+/// `compact` of a location that holds no dataset (an empty folder, or a mistyped object-store
+/// prefix, which lists as empty) says so and exits 2, instead of "nothing to compact".
+#[test]
+fn compact_of_a_location_without_a_dataset_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = flatfhir(&["compact", "--data", tmp.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(stderr(&o).contains("no flatfhir dataset"), "{}", stderr(&o));
+}

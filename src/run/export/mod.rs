@@ -283,7 +283,8 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
         }
     };
     let start = _start;
-    let result = async move {
+    // Boxed: the whole run's future is large, and a Group backfill nests runs in one task.
+    let result = Box::pin(async move {
         let job = match resume {
             Some(job) => {
                 if let Some(lease) = job.holder(&location).await? {
@@ -355,7 +356,7 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
         .instrument(span)
         .await
 
-    }
+    })
     .await;
     start.release().await;
     result
