@@ -25,10 +25,26 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            cli::logging::say(tracing::Level::ERROR, &error_chain(&e));
+            let mut text = error_chain(&e);
+            if let Some(hint) = hint_for(&text) {
+                text.push_str(" (");
+                text.push_str(hint);
+                text.push(')');
+            }
+            cli::logging::say(tracing::Level::ERROR, &text);
             ExitCode::from(cli::exit_code_of(&e))
         }
     }
+}
+
+/// What to do about an error whose text alone does not say it.
+fn hint_for(error: &str) -> Option<&'static str> {
+    // object_store fell back to the EC2 instance metadata endpoint: no credentials anywhere.
+    error.contains("169.254.169.254").then_some(
+        "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+         (or --store-option aws_access_key_id=… aws_secret_access_key=…), or run where an \
+         instance role is available",
+    )
 }
 
 /// The error and its causes on one line, each said once: a cause whose text the message so far
@@ -47,4 +63,15 @@ fn error_chain(e: &anyhow::Error) -> String {
         out.push_str(text);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn missing_aws_credentials_get_a_hint() {
+        let e = "accessing x in the object store: Generic S3 error: Error performing PUT \
+                 http://169.254.169.254/latest/api/token in 1ms - 403 Forbidden";
+        assert!(super::hint_for(e).unwrap().contains("AWS_ACCESS_KEY_ID"));
+        assert!(super::hint_for("a local error").is_none());
+    }
 }

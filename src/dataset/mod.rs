@@ -152,7 +152,18 @@ pub enum DatasetError {
 pub async fn check_layout(location: &DatasetLocation) -> Result<(), DatasetError> {
     use futures::StreamExt;
     let mut records = location.store.list(Some(&location.child(RUNS_DIR)));
-    let has_runs = matches!(records.next().await, Some(Ok(_)));
+    // The run's first request to the store: an error here (no credentials, no such bucket)
+    // fails the run before it reads any input, not after its first part is written.
+    let has_runs = match records.next().await {
+        Some(Ok(_)) => true,
+        None | Some(Err(object_store::Error::NotFound { .. })) => false,
+        Some(Err(source)) => {
+            return Err(DatasetError::Store {
+                path: RUNS_DIR.to_string(),
+                source,
+            });
+        }
+    };
     if has_runs && !location.has_delta_tables().await? {
         let runs = RunManifest::list(location).await?;
         if runs
