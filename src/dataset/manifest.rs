@@ -305,8 +305,9 @@ impl RunManifest {
             return self.publish_now(loc).await;
         }
         let (path, lease) = Self::publishing_paths(&self.run_id);
-        loc.put_json(&path, self).await?;
+        // The lease first: whoever sees the record's copy sees it held.
         let guard = super::job::hold_lease(loc, lease).await?;
+        loc.put_json(&path, self).await?;
         let r = self.publish_now(loc).await;
         // A run that failed before any table held it is not finished later: it failed, and
         // leaves nothing visible. One that some table holds is (it is visible already).
@@ -369,11 +370,11 @@ impl RunManifest {
                 loc.delete(&path).await;
                 continue;
             }
-            if !matches!(super::job::live_lease(loc, &lease).await, Ok(None)) {
-                continue; // being published by a process that is still alive (or unknown)
-            }
-            let guard = match super::job::hold_lease(loc, lease).await {
-                Ok(g) => g,
+            // Claimed with a conditional put: of two runs that find it at once, one finishes it;
+            // a live holder (the run itself, still publishing) keeps it.
+            let guard = match super::job::claim_lease(loc, lease, &run.run_id).await {
+                Ok(Ok(g)) => g,
+                Ok(Err(_)) => continue,
                 Err(e) => {
                     tracing::warn!(run = %run.run_id, error = %e, "could not claim an interrupted run");
                     continue;
