@@ -211,12 +211,14 @@ fn interrupted_twice(e: &anyhow::Error) -> bool {
 /// Exit code 1 when a run rejected more lines than `max`.
 fn check_rejects(manifest: &RunManifest, max: Option<u64>) -> Outcome {
     match max {
-        Some(max) if manifest.rejects > max => {
+        Some(max) if manifest.rejects + manifest.view_rejects > max => {
             logging::say(
                 tracing::Level::ERROR,
                 &format!(
-                    "{} lines rejected, more than --max-rejects {max}",
-                    manifest.rejects
+                    "{} rejects ({} lines, {} resources a view failed on), more than --max-rejects {max}",
+                    manifest.rejects + manifest.view_rejects,
+                    manifest.rejects,
+                    manifest.view_rejects
                 ),
             );
             Outcome::RejectsExceeded

@@ -283,5 +283,12 @@ pub fn write_accounting(out: &mut impl Write, m: &RunManifest, location: &str) -
             m.rejects
         )?;
     }
+    if m.view_rejects > 0 {
+        writeln!(
+            out,
+            "{} resources lost their rows in one view that failed on them (their other views have them): see table `_rejects`, reasons starting \"view `…`\"",
+            m.view_rejects
+        )?;
+    }
     Ok(())
 }

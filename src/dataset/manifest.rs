@@ -13,6 +13,10 @@ use crate::{
     view::ViewRegistry,
 };
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A file written by a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WrittenFile {
@@ -145,6 +149,10 @@ pub struct RunManifest {
     pub blank_lines: u64,
     /// Total rejected lines.
     pub rejects: u64,
+    /// Resources that one view (not their type's base view) failed on: that view has no rows
+    /// of them, every other view has; a `_rejects` row names the view.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub view_rejects: u64,
     /// Cells whose valid FHIR value a typed column holds inexactly (a decimal rounded to the
     /// column's scale, a timestamp to the microsecond; null when out of range): the rows are
     /// written, and the exact text stays in the raw `resource` column or a `_text` companion.
@@ -231,6 +239,7 @@ impl RunManifest {
             flatfhir_version: env!("CARGO_PKG_VERSION").into(),
             inputs,
             rejects: stats.rejects(),
+            view_rejects: stats.view_rejects,
             inexact_cells: stats.inexact_cells,
             types: stats.types,
             views: stats.view_rows,

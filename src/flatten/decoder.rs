@@ -375,6 +375,18 @@ impl LineCx<'_> {
         });
     }
 
+    /// Record that one view failed on a resource whose other views keep their rows: a row of
+    /// `_rejects` naming the view, counted apart from rejected lines (see
+    /// [`DecodeStats::view_rejects`]).
+    fn reject_view_rows(&mut self, line: &Line<'_>, resource_type: &str, reason: String) {
+        self.reject(line, Some(resource_type), reason);
+        // `reject` counted a rejected line: this one is not (its resource has its rows).
+        if let Some(t) = self.stats.types.get_mut(resource_type) {
+            t.rejects -= 1;
+        }
+        self.stats.view_rejects += 1;
+    }
+
     /// Reject a line whose resource type is unknown (counted in the invalid-type bucket).
     fn reject_untyped(&mut self, line: &Line<'_>, reason: String) {
         self.stats
@@ -486,6 +498,9 @@ impl LineCx<'_> {
         let (ids, results) = (&mut *self.line_rows, &mut *self.line_views);
         ids.clear();
         results.clear();
+        // Failures of views other than the base view: those views lose the resource's rows,
+        // the others keep them (a user view's mistake does not cost the resource its row).
+        let mut failed: Vec<String> = Vec::new();
         for (view, output, base) in views {
             let start = ids.len();
             match view.evaluate_with(value, ids, &mut bufs) {
@@ -496,6 +511,10 @@ impl LineCx<'_> {
                     rows: start..ids.len(),
                     width: view.columns().len(),
                 }),
+                Err(e) if !*base => {
+                    ids.truncate(start);
+                    failed.push(format!("view `{}`: {e}", view.name()));
+                }
                 Err(e) => {
                     self.scratch.restore(bufs);
                     self.trim_after(text.len());
@@ -505,8 +524,11 @@ impl LineCx<'_> {
                 }
             }
         }
-        // Every view succeeded, so the resource's rows are written: count its inexact cells.
+        // The base view succeeded, so the resource's rows are written: count its inexact cells.
         self.stats.inexact_cells += bufs.inexact_cells();
+        for reason in failed {
+            self.reject_view_rows(&line, rt, reason);
+        }
         let r = self.append_rows(slot, &bufs, text);
         self.scratch.restore(bufs);
         self.trim_after(text.len());
@@ -896,6 +918,57 @@ mod tests {
             !r[0].contains("UTF-16") && !r[0].contains("carriage"),
             "{r:?}"
         );
+    }
+
+    /// A view other than the base view failing on a valid resource (a user view whose
+    /// single-valued column meets two names) costs that view its rows only: the resource keeps
+    /// its `patient` row, `_rejects` names the view, and the line is not a rejected line. A
+    /// failure of the base view still rejects the line.
+    #[test]
+    fn a_view_that_fails_costs_only_its_own_rows() {
+        let mut reg = ViewRegistry::builtin().unwrap();
+        reg.add_json(
+            r#"{"resourceType":"ViewDefinition","name":"patient_family","resource":"Patient",
+                "select":[{"column":[{"name":"family","path":"name.family"}]}]}"#,
+            "t",
+        )
+        .unwrap();
+        let mut d = DecoderBuilder::new(Arc::new(reg), "f").build();
+        d.decode(
+            concat!(
+                r#"{"resourceType":"Patient","id":"two","name":[{"family":"A"},{"family":"B"}]}"#,
+                "
+",
+                r#"{"resourceType":"Patient","id":"one","name":[{"family":"C"}]}"#,
+                "
+",
+                r#"{"resourceType":"Patient","id":"bad","birthDate":"05/06/1970"}"#,
+                "
+"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let batches = d.finish().unwrap();
+        let rows = |view: &str| -> usize {
+            batches
+                .iter()
+                .filter(|b| &*b.view == view)
+                .map(|b| b.batch.num_rows())
+                .sum()
+        };
+        assert_eq!(rows("patient"), 2, "`two` keeps its row; `bad` is rejected");
+        assert_eq!(rows("patient_family"), 1);
+        let rejects = d.take_rejects();
+        assert_eq!(rejects.len(), 2, "{rejects:?}");
+        assert!(
+            rejects[0].reason.starts_with("view `patient_family`:"),
+            "{rejects:?}"
+        );
+        let stats = d.stats();
+        assert_eq!(stats.view_rejects, 1);
+        assert_eq!(stats.types["Patient"].rejects, 1);
+        assert_eq!(stats.types["Patient"].rows, 2);
     }
 
     /// A Windows-1252 line is rejected with its bytes recoverable from `raw` (`\xfc` for the

@@ -140,6 +140,16 @@ pub struct DecodeStats {
     /// rejected; the exact text stays in the raw `resource` column.
     #[serde(default)]
     pub inexact_cells: u64,
+    /// Resources that a view other than their type's base view failed on (a user view whose
+    /// path meets more values than its column holds, a value a child view cannot convert):
+    /// that view has no rows of them and `_rejects` a row naming it; the resources keep their
+    /// rows in every other view, so they count as rows, not as rejected lines.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub view_rejects: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl DecodeStats {
@@ -156,6 +166,7 @@ impl DecodeStats {
             *self.view_rows.entry(k.clone()).or_default() += v;
         }
         self.inexact_cells += o.inexact_cells;
+        self.view_rejects += o.view_rejects;
     }
 
     /// Total rejects.
