@@ -202,7 +202,7 @@ fn interrupted_twice(e: &anyhow::Error) -> bool {
         matches!(
             c.downcast_ref::<flatfhir::Error>(),
             Some(flatfhir::Error::Export(
-                flatfhir::run::export::ExportError::InterruptedTwice
+                flatfhir::run::export::ExportError::InterruptedTwice { .. }
             ))
         )
     })

@@ -263,11 +263,15 @@ pub fn write_accounting(out: &mut impl Write, m: &RunManifest, location: &str) -
     let files = m.files.len();
     writeln!(
         out,
-        "{} input files, {:.1} MB, {} blank lines; {} views, {files} Parquet files written",
+        "{} input file{}, {:.1} MB, {} blank line{}; {} view{}, {files} Parquet file{} written",
         m.inputs.len(),
+        plural(m.inputs.len()),
         bytes as f64 / 1e6,
         m.blank_lines,
-        m.views.len()
+        plural(m.blank_lines as usize),
+        m.views.len(),
+        plural(m.views.len()),
+        plural(files)
     )?;
     if m.inexact_cells > 0 {
         writeln!(
@@ -291,4 +295,9 @@ pub fn write_accounting(out: &mut impl Write, m: &RunManifest, location: &str) -
         )?;
     }
     Ok(())
+}
+
+/// `"s"` unless there is exactly one.
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }

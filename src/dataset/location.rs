@@ -289,6 +289,14 @@ impl DatasetLocation {
         serde_json::from_slice(&bytes).map_err(|source| DatasetError::Manifest { path, source })
     }
 
+    /// The location as a user writes it: a local folder's path, else the URL.
+    pub fn for_humans(&self) -> String {
+        match self.local_dir() {
+            Some(dir) => dir.display().to_string(),
+            None => self.url.to_string(),
+        }
+    }
+
     /// The dataset's directory when it is on the local file system: what a killed process's
     /// unfinished writes (`LocalFileSystem` writes to `<path>#<n>` and renames on completion)
     /// can only be found and removed through, since the store's listings skip them.

@@ -193,7 +193,9 @@ impl ExportBuilder {
         // slow network): a second signal stops at once, as users expect of a command line tool.
         let err = tokio::select! {
             e = clean_up => e,
-            _ = crate::run::stop_signal() => ExportError::InterruptedTwice,
+            _ = crate::run::stop_signal() => ExportError::InterruptedTwice {
+                dataset: location.for_humans(),
+            },
         };
         Err(err.into())
     }
@@ -217,11 +219,18 @@ pub async fn find_unfinished(
 
 /// After Ctrl-C: cancel the server's job (unless kept) and say whether it can be resumed.
 async fn interrupted(client: &BulkClient, location: &DatasetLocation, keep: bool) -> ExportError {
+    let dataset = location.for_humans();
     let Ok(Some(mut job)) = JobRecord::latest_unfinished(location).await else {
-        return ExportError::Interrupted { resumable: false };
+        return ExportError::Interrupted {
+            resumable: false,
+            dataset,
+        };
     };
     if keep {
-        return ExportError::Interrupted { resumable: true };
+        return ExportError::Interrupted {
+            resumable: true,
+            dataset,
+        };
     }
     if let Some(s) = job.status_url.as_deref().and_then(|s| Url::parse(s).ok()) {
         match client.delete(&s).await {
@@ -229,12 +238,18 @@ async fn interrupted(client: &BulkClient, location: &DatasetLocation, keep: bool
                 if let Err(e) = super::abandon(&mut job, location).await {
                     tracing::warn!(error = %e, "could not remove the cancelled job's files");
                 }
-                return ExportError::Interrupted { resumable: false };
+                return ExportError::Interrupted {
+                    resumable: false,
+                    dataset,
+                };
             }
             Err(e) => tracing::warn!(error = %e, "cancelling the server job failed"),
         }
     }
-    ExportError::Interrupted { resumable: true }
+    ExportError::Interrupted {
+        resumable: true,
+        dataset,
+    }
 }
 
 /// What is running, for the timeout's message, and the files' sink threads, for a clean-up

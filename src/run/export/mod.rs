@@ -133,19 +133,24 @@ pub enum ExportError {
     },
     /// Interrupted (Ctrl-C).
     #[error("interrupted; {}", if *resumable {
-        "the server job is kept: continue with `flatfhir export --resume DIR`"
+        format!("the server job is kept: continue with `flatfhir export --resume {dataset}`")
     } else {
-        "the export job was cancelled on the server"
+        "the export job was cancelled on the server".to_string()
     })]
     Interrupted {
         /// Whether the server's job was kept for `--resume`.
         resumable: bool,
+        /// The dataset (a folder or URL), for the command that continues.
+        dataset: String,
     },
     /// Interrupted by a second Ctrl-C during the clean-up after the first.
     #[error(
-        "interrupted twice: stopped without cleaning up; `flatfhir export --resume DIR` continues the job unless its cancellation had begun (`flatfhir compact --retain` removes what an abandoned job left)"
+        "interrupted twice: stopped without cleaning up; `flatfhir export --resume {dataset}` continues the job unless its cancellation had begun (`flatfhir compact --retain` removes what an abandoned job left)"
     )]
-    InterruptedTwice,
+    InterruptedTwice {
+        /// The dataset (a folder or URL).
+        dataset: String,
+    },
 }
 
 /// A snapshot needs a full export: every resource of the exported types that the population
@@ -263,9 +268,11 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
             crate::dataset::job::fnv1a(text.as_bytes())
         )
     };
+    // The new job's ids now, so that the lease names its run.
+    let new_ids = RunIds::new();
     let claimed_for = resume
         .as_ref()
-        .map_or_else(|| "a new job".to_string(), |j| j.run_id.clone());
+        .map_or_else(|| new_ids.run_id.clone(), |j| j.run_id.clone());
     let _start = match crate::dataset::job::claim_lease(&location, export_key, &claimed_for).await?
     {
         Ok(guard) => guard,
@@ -300,7 +307,7 @@ async fn run_export(mut b: ExportBuilder, running: Arc<Running>) -> Result<Expor
                 job
             }
             None => {
-                let mut job = JobRecord::new(RunIds::new(), client.base().as_str(), request);
+                let mut job = JobRecord::new(new_ids, client.base().as_str(), request);
                 job.snapshot = snapshot;
                 job.backfill = backfill;
                 job.save(&location).await?;
