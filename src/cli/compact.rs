@@ -31,8 +31,9 @@ pub struct CompactArgs {
     /// Then VACUUM: delete the files that versions committed within this retention no longer
     /// need (e.g. 7d, 12h, 0s), and the parts of runs that died before committing and started
     /// longer ago than the retention and 24 hours (never those of an export --resume can
-    /// finish). Without it nothing is deleted and time travel reaches every version.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// finish). Without it nothing is deleted and time travel reaches every version. A unit is
+    /// required (a bare `7` would be seven seconds of history).
+    #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
     retain: Option<std::time::Duration>,
     /// Parquet compression: zstd, zstd:LEVEL, snappy or none.
     #[arg(long, default_value = "zstd", value_parser = parse_compression)]
@@ -65,6 +66,21 @@ impl CompactArgs {
             json: self.json,
         })
     }
+}
+
+/// `--retain`: a duration with its unit. A bare number other than 0 is refused: `--retain 7`
+/// meant as days would keep seven seconds of time travel and VACUUM the rest.
+fn parse_retention(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let t = s.trim();
+    if !t.is_empty()
+        && t.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && t.parse::<f64>() != Ok(0.0)
+    {
+        return Err(format!(
+            "give --retain a unit ({t}d, {t}h, {t}m or {t}s): a bare number would be seconds"
+        ));
+    }
+    parse_duration(t)
 }
 
 pub async fn run(a: CompactConfig) -> Result<Outcome> {
@@ -126,4 +142,19 @@ pub async fn run(a: CompactConfig) -> Result<Outcome> {
         }
     }
     Ok(Outcome::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_retention_needs_its_unit() {
+        let e = super::parse_retention("7").unwrap_err();
+        assert!(e.contains("7d"), "{e}");
+        assert_eq!(
+            super::parse_retention("7d").unwrap(),
+            std::time::Duration::from_secs(7 * 86_400)
+        );
+        assert!(super::parse_retention("0").unwrap().is_zero());
+        assert!(super::parse_retention("0s").unwrap().is_zero());
+    }
 }
