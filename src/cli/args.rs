@@ -58,7 +58,8 @@ impl StoreArgs {
 #[derive(Debug, Clone, Args)]
 pub struct MetricsArgs {
     /// Write the run summary in the Prometheus text format to FILE at the end of the run,
-    /// success or failure (replaced atomically; for a node-exporter textfile collector).
+    /// success or failure (replaced atomically; for a node-exporter textfile collector). A run
+    /// that exits 3 (the same export already running elsewhere) leaves the file as it is.
     #[arg(long, value_name = "FILE", env = "FLATFHIR_METRICS_FILE")]
     pub metrics_file: Option<PathBuf>,
 }
@@ -107,11 +108,16 @@ impl MetricsArgs {
                 Ok(outcome)
             }
             Err(e) => {
-                let failed = RunResult::Failed {
-                    duration_seconds: started.elapsed().as_secs_f64(),
-                    http: http(),
-                };
-                self.write(command, dataset, &failed, super::exit_code_of(&e));
+                let code = super::exit_code_of(&e);
+                // Exit 3: the same export is running in another process, which writes the file
+                // when it ends; a "failed" run now would fire the alert for nothing.
+                if code != 3 {
+                    let failed = RunResult::Failed {
+                        duration_seconds: started.elapsed().as_secs_f64(),
+                        http: http(),
+                    };
+                    self.write(command, dataset, &failed, code);
+                }
                 Err(e)
             }
         }

@@ -58,9 +58,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a Bulk Data $export against a FHIR server and stream it into a Parquet dataset.
+    /// Run a Bulk Data $export against a FHIR server and stream it into a dataset of Delta tables.
     Export(Box<export::ExportArgs>),
-    /// Convert ndjson files (or folders of them) into a Parquet dataset, one table per view.
+    /// Convert ndjson files (or folders of them) into a dataset of Delta tables, one per view.
     Convert(convert::ConvertArgs),
     /// Run SQL over a dataset; every view is a table named by its ViewDefinition `name`.
     Query(query::QueryArgs),

@@ -342,9 +342,15 @@ async fn an_overlapping_run_of_the_same_export_steps_aside() {
     // A runs (polling for 4 s); B, the same command, steps aside.
     let a = cmd().spawn().unwrap();
     wait_for_lease();
-    let b = cmd().output().unwrap();
+    let metrics = tmp.path().join("b.prom");
+    let b = cmd().arg("--metrics-file").arg(&metrics).output().unwrap();
     let stderr = String::from_utf8_lossy(&b.stderr);
     assert_eq!(b.status.code(), Some(3), "{stderr}");
+    // The running export writes the metrics when it ends; B's "failure" would fire the alert.
+    assert!(
+        !metrics.exists(),
+        "a busy run leaves the metrics file alone"
+    );
     assert!(
         stderr.contains("being run by another flatfhir process"),
         "{stderr}"
