@@ -38,33 +38,55 @@ pub fn write_table(out: &mut impl Write, batches: &[RecordBatch], more: bool) ->
 
 fn trim_decimals(batch: &RecordBatch) -> Result<RecordBatch> {
     use flatfhir::arrow::{
-        array::{Array, ArrayRef, Decimal128Array, StringArray},
+        array::{Array, Decimal128Array, StringArray},
+        datatypes::DataType,
+    };
+    as_text_where(batch, |f, c| {
+        let (DataType::Decimal128(_, s), Some(d)) =
+            (f.data_type(), c.as_any().downcast_ref::<Decimal128Array>())
+        else {
+            return None;
+        };
+        Some(
+            (0..d.len())
+                .map(|i| d.is_valid(i).then(|| decimal_text(d.value(i), *s)))
+                .collect::<StringArray>(),
+        )
+    })
+}
+
+/// `batch` with the columns for which `text` gives a text rendering replaced by it (Utf8,
+/// nullable); the batch itself when it gives none.
+fn as_text_where(
+    batch: &RecordBatch,
+    text: impl Fn(
+        &flatfhir::arrow::datatypes::Field,
+        &flatfhir::arrow::array::ArrayRef,
+    ) -> Option<flatfhir::arrow::array::StringArray>,
+) -> Result<RecordBatch> {
+    use flatfhir::arrow::{
+        array::ArrayRef,
         datatypes::{DataType, Field, Schema},
     };
     let schema = batch.schema();
-    if !schema
-        .fields()
-        .iter()
-        .any(|f| matches!(f.data_type(), DataType::Decimal128(..)))
-    {
-        return Ok(batch.clone());
-    }
+    let mut changed = false;
     let mut fields = Vec::new();
     let mut cols: Vec<ArrayRef> = Vec::new();
     for (f, c) in schema.fields().iter().zip(batch.columns()) {
-        match (f.data_type(), c.as_any().downcast_ref::<Decimal128Array>()) {
-            (DataType::Decimal128(_, s), Some(d)) => {
-                let text: StringArray = (0..d.len())
-                    .map(|i| d.is_valid(i).then(|| decimal_text(d.value(i), *s)))
-                    .collect();
+        match text(f, c) {
+            Some(t) => {
+                changed = true;
                 fields.push(Field::new(f.name(), DataType::Utf8, true));
-                cols.push(std::sync::Arc::new(text));
+                cols.push(std::sync::Arc::new(t));
             }
-            _ => {
+            None => {
                 fields.push(f.as_ref().clone());
                 cols.push(c.clone());
             }
         }
+    }
+    if !changed {
+        return Ok(batch.clone());
     }
     Ok(RecordBatch::try_new(
         std::sync::Arc::new(Schema::new(fields)),
@@ -120,35 +142,17 @@ impl<'w, W: Write> CsvWriter<'w, W> {
 
 /// Nested columns (lists, structs, unions, maps) as Utf8 columns of their cells' JSON text.
 fn nested_as_json_text(batch: &RecordBatch) -> Result<RecordBatch> {
-    use flatfhir::arrow::{
-        array::{Array, ArrayRef, StringArray},
-        datatypes::{DataType, Field, Schema},
-    };
-    let schema = batch.schema();
-    if !schema.fields().iter().any(|f| f.data_type().is_nested()) {
-        return Ok(batch.clone());
-    }
-    let mut fields = Vec::new();
-    let mut cols: Vec<ArrayRef> = Vec::new();
-    for (f, c) in schema.fields().iter().zip(batch.columns()) {
-        if f.data_type().is_nested() {
-            let text: StringArray = (0..c.len())
+    use flatfhir::arrow::array::StringArray;
+    as_text_where(batch, |f, c| {
+        f.data_type().is_nested().then(|| {
+            (0..c.len())
                 .map(|r| match cell_json(f, c.as_ref(), r) {
                     serde_json::Value::Null => None,
                     v => Some(v.to_string()),
                 })
-                .collect();
-            fields.push(Field::new(f.name(), DataType::Utf8, true));
-            cols.push(std::sync::Arc::new(text));
-        } else {
-            fields.push(f.as_ref().clone());
-            cols.push(c.clone());
-        }
-    }
-    Ok(RecordBatch::try_new(
-        std::sync::Arc::new(Schema::new(fields)),
-        cols,
-    )?)
+                .collect::<StringArray>()
+        })
+    })
 }
 
 /// One JSON object per row.
