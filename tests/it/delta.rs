@@ -312,29 +312,13 @@ async fn the_old_layout_is_refused_then_migrated() {
     assert!(Path::new(&out).join("patient_latest/_delta_log").is_dir());
 }
 
-/// `export --patients` from `base` into `out`, aborted by the fault injection after its third
-/// table commit.
-fn export_aborted_after_three_commits(base: &str, out: &str) {
-    let o = Command::new(env!("CARGO_BIN_EXE_flatfhir"))
-        .args([
-            "export",
-            "--base-url",
-            base,
-            "--patients",
-            "--out",
-            out,
-            "-q",
-        ])
-        .env(flatfhir::dataset::delta::ABORT_AFTER_COMMITS_ENV, "3")
-        .output()
-        .unwrap();
-    assert!(!o.status.success(), "the fault should have aborted the run");
-}
-
-/// A run that crashed between two tables' commits: each table holds the run whole or not at all,
-/// and `export --resume` commits the rest — exact counts, no id twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_between_table_commits_is_finished_by_resume() {
+/// The built-in server on the sample, and `export --patients` from it into `<tmp>/ds`, aborted
+/// by the fault injection after its third table commit.
+async fn export_aborted_after_three_commits() -> (
+    flatfhir::serve::RunningServer,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     use flatfhir::serve::{DataSource, ServerBuilder};
     let srv = ServerBuilder::new(DataSource::Dir(data("sample")))
         .start()
@@ -342,10 +326,30 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ds");
+    let o = Command::new(env!("CARGO_BIN_EXE_flatfhir"))
+        .args([
+            "export",
+            "--base-url",
+            srv.base_url().as_str(),
+            "--patients",
+            "-q",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .env(flatfhir::dataset::delta::ABORT_AFTER_COMMITS_ENV, "3")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the fault should have aborted the run");
+    (srv, tmp, out)
+}
+
+/// A run that crashed between two tables' commits: each table holds the run whole or not at all,
+/// and `export --resume` commits the rest — exact counts, no id twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_table_commits_is_finished_by_resume() {
+    let (srv, _tmp, out) = export_aborted_after_three_commits().await;
     let out_s = out.to_str().unwrap();
-    let base = srv.base_url().to_string();
     let bin = env!("CARGO_BIN_EXE_flatfhir");
-    export_aborted_after_three_commits(&base, out_s);
     let loc = DatasetLocation::resolve(out_s, false).unwrap();
     let expected = srv.counts();
     let ds = Dataset::open(&loc).await.unwrap();
@@ -390,17 +394,9 @@ async fn a_crash_between_table_commits_is_finished_by_resume() {
 /// rows in the history tables with no run record (hunt finding).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_killed_while_it_published_is_finished_without_its_server() {
-    use flatfhir::serve::{DataSource, ServerBuilder};
-    let srv = ServerBuilder::new(DataSource::Dir(data("sample")))
-        .start()
-        .await
-        .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("ds");
+    let (srv, _tmp, out) = export_aborted_after_three_commits().await;
     let out_s = out.to_str().unwrap();
-    let base = srv.base_url().to_string();
     let bin = env!("CARGO_BIN_EXE_flatfhir");
-    export_aborted_after_three_commits(&base, out_s);
     let expected = srv.counts();
     srv.shutdown().await;
     let o = Command::new(bin)
