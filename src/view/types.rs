@@ -37,7 +37,6 @@
 use std::borrow::Cow;
 
 use super::json::{JsonRef, json_ref, number_text, to_json_text};
-use chrono::{NaiveDate, NaiveTime};
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 
 use super::fhirpath::Item;
@@ -360,9 +359,27 @@ pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<Fit<i128>, 
     let shift = exp
         .saturating_sub(frac_part.len() as i64)
         .saturating_add(i64::from(scale));
-    let first_dropped = (n as i64).saturating_add(shift.min(0));
     // Values must stay below 10^precision (precision ≤ 38, so that is an i128).
-    let limit = 10i128.pow(u32::from(precision.min(38)));
+    let limit = POW10[usize::from(precision.min(38))];
+    // The common case — at most 18 digits, none rounded off — in u64 arithmetic: FHIR
+    // quantities are short, and i128 checked arithmetic per digit cost ~5× as much.
+    if n <= 18 && shift >= 0 {
+        let mut v: u64 = 0;
+        for b in int_part.bytes().chain(frac_part.bytes()) {
+            v = v * 10 + u64::from(b - b'0');
+        }
+        let v = i128::from(v);
+        let scaled = match usize::try_from(shift).ok().and_then(|z| POW10.get(z)) {
+            _ if v == 0 => Some(0),
+            Some(p) => v.checked_mul(*p),
+            None => None,
+        };
+        return Ok(match scaled {
+            Some(s) if s < limit => Fit::Exact(if neg { -s } else { s }),
+            _ => Fit::Null,
+        });
+    }
+    let first_dropped = (n as i64).saturating_add(shift.min(0));
     let (mut v, mut rounding_digit, mut rest_nonzero) = (0i128, 0u8, false);
     for (i, b) in int_part.bytes().chain(frac_part.bytes()).enumerate() {
         let d = b - b'0';
@@ -387,10 +404,10 @@ pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<Fit<i128>, 
         }
     }
     if shift > 0 && v != 0 {
-        let scaled = u32::try_from(shift)
+        let scaled = usize::try_from(shift)
             .ok()
-            .and_then(|z| 10i128.checked_pow(z))
-            .and_then(|p| v.checked_mul(p));
+            .and_then(|z| POW10.get(z))
+            .and_then(|p| v.checked_mul(*p));
         match scaled {
             Some(s) if s < limit => v = s,
             _ => return Ok(Fit::Null),
@@ -399,24 +416,41 @@ pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<Fit<i128>, 
     Ok(Fit::new(if neg { -v } else { v }, exact))
 }
 
+/// `10^i` for `i` in `0..=38`.
+const POW10: [i128; 39] = {
+    let mut t = [1i128; 39];
+    let mut i = 1;
+    while i < t.len() {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
+
 /// `[+-]int[.frac][e[+-]exp]` as (negative, int digits, fraction digits, exponent); `None`
 /// when `text` is not a decimal number. The exponent saturates far beyond any column's range,
-/// so that `1e99999999999` (valid FHIR) reads as a huge value rather than failing.
+/// so that `1e99999999999` (valid FHIR) reads as a huge value rather than failing. One pass
+/// over the bytes.
 fn decimal_parts(text: &str) -> Option<(bool, &str, &str, i64)> {
-    let (neg, body) = match text.as_bytes().first() {
-        Some(b'-') => (true, &text[1..]),
-        Some(b'+') => (false, &text[1..]),
-        _ => (false, text),
+    let b = text.as_bytes();
+    let (neg, start) = match b.first() {
+        Some(b'-') => (true, 1),
+        Some(b'+') => (false, 1),
+        _ => (false, 0),
     };
-    // Exponent form (allowed in JSON numbers).
-    let (mantissa, exp) = match body.find(['e', 'E']) {
-        Some(i) => (&body[..i], parse_exponent(&body[i + 1..])?),
-        None => (body, 0),
+    let digits_from = |i: usize| i + b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let int_end = digits_from(start);
+    let (frac_start, frac_end) = match b.get(int_end) {
+        Some(b'.') => (int_end + 1, digits_from(int_end + 1)),
+        _ => (int_end, int_end),
     };
-    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
-    (!(int_part.is_empty() && frac_part.is_empty()) && digits(int_part) && digits(frac_part))
-        .then_some((neg, int_part, frac_part, exp))
+    let exp = match b.get(frac_end) {
+        None => 0,
+        Some(b'e' | b'E') => parse_exponent(&text[frac_end + 1..])?,
+        Some(_) => return None,
+    };
+    (int_end > start || frac_end > frac_start)
+        .then(|| (neg, &text[start..int_end], &text[frac_start..frac_end], exp))
 }
 
 /// Exponents are clamped to ±[`MAX_EXPONENT`]: far past 38 digits plus any line's length.
@@ -454,12 +488,33 @@ fn two(s: &str, at: usize) -> Option<u32> {
 /// [`Fit::Null`].
 pub fn parse_date(text: &str) -> Result<Fit<i32>, ConvertError> {
     let (y, m, d) = date_parts(text).ok_or_else(|| format!("{text:?} is not a FHIR date"))?;
-    Ok(match NaiveDate::from_ymd_opt(y, m, d) {
-        Some(date) => Fit::Exact(
-            (date - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default()).num_days() as i32,
-        ),
+    Ok(match days_since_epoch(y, m, d) {
+        Some(days) => Fit::Exact(days as i32),
         None => Fit::Null,
     })
+}
+
+/// Days from 1970-01-01 to the proleptic Gregorian date `y-m-d` (`m` in 1–12, `d` in 1–31);
+/// `None` when the month has no day `d`. Computed directly (H. Hinnant's `days_from_civil`)
+/// rather than through `chrono`'s date types, which cost several times as much per cell.
+fn days_since_epoch(y: i32, m: u32, d: u32) -> Option<i64> {
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if d > month_days {
+        return None;
+    }
+    let y = i64::from(y) - i64::from(m <= 2);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
 }
 
 /// Year, month and day of a FHIR date or of a dateTime's date part, as far as the lexical form
@@ -469,7 +524,9 @@ fn date_parts(text: &str) -> Option<(i32, u32, u32)> {
     if b.len() < 4 || !b[..4].iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let year: i32 = text[..4].parse().ok()?;
+    let year = b[..4]
+        .iter()
+        .fold(0i32, |y, c| y * 10 + i32::from(c - b'0'));
     let (month, day) = match b.len() {
         4 => (1, 1),
         7 if b[4] == b'-' => (two(text, 5)?, 1),
@@ -492,7 +549,10 @@ pub fn parse_timestamp_micros(text: &str) -> Result<Fit<i64>, ConvertError> {
         None => (0, true),
         Some(time) => {
             // hh:mm(:ss(.fff)?)?(Z|±hh:mm)
-            let tz_at = time.find(['Z', '+', '-']).ok_or_else(bad)?;
+            let tz_at = time
+                .bytes()
+                .position(|b| matches!(b, b'Z' | b'+' | b'-'))
+                .ok_or_else(bad)?;
             let (clock, tz) = time.split_at(tz_at);
             let (micros, exact) = parse_clock(clock).ok_or_else(bad)?;
             let offset_secs: i64 = if tz == "Z" {
@@ -509,11 +569,10 @@ pub fn parse_timestamp_micros(text: &str) -> Result<Fit<i64>, ConvertError> {
             (micros - offset_secs * 1_000_000, exact)
         }
     };
-    let Some(date) = NaiveDate::from_ymd_opt(y, m, d) else {
+    let Some(days) = days_since_epoch(y, m, d) else {
         return Ok(Fit::Null);
     };
-    let midnight = date.and_time(NaiveTime::MIN).and_utc().timestamp_micros();
-    Ok(Fit::new(midnight + micros, exact))
+    Ok(Fit::new(days * 86_400_000_000 + micros, exact))
 }
 
 /// Parse `hh:mm(:ss(.fraction)?)?` to microseconds since midnight, and whether that is exact:
@@ -694,6 +753,36 @@ mod tests {
                             "{text} as DECIMAL({p},{sc}), rounded"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decimal_parts_accept_json_numbers_only() {
+        for bad in [
+            "", ".", "-", "+", "1.2.3", "a1", "1a", "e5", ".e5", "1e", "1e+", "--1", "+-1", "1 ",
+        ] {
+            assert_eq!(decimal_parts(bad), None, "{bad:?}");
+        }
+        assert_eq!(decimal_parts("-1.50e-3"), Some((true, "1", "50", -3)));
+        assert_eq!(decimal_parts("+.5"), Some((false, "", "5", 0)));
+        assert_eq!(decimal_parts("5."), Some((false, "5", "", 0)));
+        assert_eq!(decimal_parts("12E+2"), Some((false, "12", "", 2)));
+    }
+
+    #[test]
+    fn days_since_epoch_matches_the_calendar() {
+        use chrono::NaiveDate;
+        let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap();
+        for y in (0..=9999)
+            .step_by(7)
+            .chain([1900, 2000, 2100, 2400, 1969, 1970, 1972])
+        {
+            for m in 1..=12 {
+                for d in 1..=31 {
+                    let want = NaiveDate::from_ymd_opt(y, m, d).map(|x| (x - epoch).num_days());
+                    assert_eq!(days_since_epoch(y, m, d), want, "{y}-{m}-{d}");
                 }
             }
         }
