@@ -8,8 +8,8 @@ use super::{
     lines::{Line, LineSplitter},
 };
 use crate::view::{
-    CompiledView, EvalBuffers, EvalScratch, RowId, ViewRegistry, is_r4_resource_type,
-    is_valid_resource_type,
+    CompiledView, EvalBuffers, EvalScratch, RowId, SharedColumns, ViewRegistry,
+    is_r4_resource_type, is_valid_resource_type,
     json::{JsonBuffers, JsonDoc, JsonRef, member, to_json_text},
     snake_case,
 };
@@ -55,6 +55,7 @@ pub struct DecoderBuilder {
     only_viewed: bool,
     first_line: u64,
     start_offset: u64,
+    share_cells: bool,
 }
 
 impl DecoderBuilder {
@@ -69,6 +70,7 @@ impl DecoderBuilder {
             only_viewed: false,
             first_line: 1,
             start_offset: 0,
+            share_cells: true,
         }
     }
     /// Where the input starts in its file (default line 1, offset 0): `line` is the 1-based
@@ -105,6 +107,14 @@ impl DecoderBuilder {
         self.max_line_bytes = n.max(1);
         self
     }
+    /// Copy the cells a view shares with its type's base view from the base view's row
+    /// ([`CompiledView::shared_root_columns`]) instead of evaluating them again (default
+    /// `true`). Off only to check that the output is the same either way.
+    #[doc(hidden)]
+    pub fn with_shared_cells(mut self, on: bool) -> Self {
+        self.share_cells = on;
+        self
+    }
     /// Build the decoder.
     pub fn build(self) -> Decoder {
         Decoder {
@@ -119,6 +129,7 @@ impl DecoderBuilder {
             batch_bytes: self.batch_bytes,
             max_line_bytes: self.max_line_bytes,
             only_viewed: self.only_viewed,
+            share_cells: self.share_cells,
             slots: Vec::new(),
             slot_index: HashMap::new(),
             outputs: Vec::new(),
@@ -143,6 +154,7 @@ pub struct Decoder {
     batch_bytes: usize,
     max_line_bytes: usize,
     only_viewed: bool,
+    share_cells: bool,
     /// One per resource type seen that is R4 or read by a view, resolved on its first line
     /// (see [`TypeSlot`]); other names get none, so their number costs no memory.
     slots: Vec<TypeSlot>,
@@ -183,10 +195,21 @@ struct ViewRows {
 struct TypeSlot {
     resource_type: String,
     kind: SlotKind,
-    /// `(view, output index, is the base view)`, registry views in name order, then the
-    /// generic base view when the type has none.
-    views: Vec<(Arc<CompiledView>, usize, bool)>,
+    /// The base view first (evaluated first, so that the others can copy its cells), then
+    /// the other registry views in name order, or the generic base view when the type has none.
+    views: Vec<SlotView>,
     counts: TypeCounts,
+}
+
+/// One view of a [`TypeSlot`].
+struct SlotView {
+    view: Arc<CompiledView>,
+    /// Index into [`Decoder::outputs`].
+    output: usize,
+    /// The type's base view.
+    base: bool,
+    /// Columns copied from the base view's row ([`CompiledView::shared_root_columns`]).
+    shared: SharedColumns,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -213,6 +236,7 @@ struct LineCx<'d> {
     batch_bytes: usize,
     max_line_bytes: usize,
     only_viewed: bool,
+    share_cells: bool,
     slots: &'d mut Vec<TypeSlot>,
     slot_index: &'d mut HashMap<String, usize>,
     outputs: &'d mut Vec<Output>,
@@ -307,6 +331,7 @@ impl Decoder {
             batch_bytes: self.batch_bytes,
             max_line_bytes: self.max_line_bytes,
             only_viewed: self.only_viewed,
+            share_cells: self.share_cells,
             slots: &mut self.slots,
             slot_index: &mut self.slot_index,
             outputs: &mut self.outputs,
@@ -501,16 +526,33 @@ impl LineCx<'_> {
         // Failures of views other than the base view: those views lose the resource's rows,
         // the others keep them (a user view's mistake does not cost the resource its row).
         let mut failed: Vec<String> = Vec::new();
-        for (view, output, base) in views {
+        // The base view's row, whose cells the other views may copy.
+        let mut base_row = None;
+        for SlotView {
+            view,
+            output,
+            base,
+            shared,
+        } in views
+        {
             let start = ids.len();
-            match view.evaluate_with(value, ids, &mut bufs) {
-                Ok(included) => results.push(ViewRows {
-                    output: *output,
-                    base: *base,
-                    included,
-                    rows: start..ids.len(),
-                    width: view.columns().len(),
-                }),
+            let given = match base_row {
+                Some(row) if self.share_cells && !shared.is_empty() => Some(shared.given(row)),
+                _ => None,
+            };
+            match view.evaluate_given(value, ids, &mut bufs, given) {
+                Ok(included) => {
+                    if *base && ids.len() == start + 1 {
+                        base_row = Some(ids[start]);
+                    }
+                    results.push(ViewRows {
+                        output: *output,
+                        base: *base,
+                        included,
+                        rows: start..ids.len(),
+                        width: view.columns().len(),
+                    })
+                }
                 Err(e) if !*base => {
                     ids.truncate(start);
                     failed.push(format!("view `{}`: {e}", view.name()));
@@ -635,7 +677,21 @@ impl LineCx<'_> {
                 let base = v.name() == base_name;
                 (v, output, base)
             })
+            .collect::<Vec<_>>();
+        let base_view = views.iter().find(|(_, _, b)| *b).map(|(v, ..)| v.clone());
+        let mut views: Vec<SlotView> = views
+            .into_iter()
+            .map(|(view, output, base)| SlotView {
+                shared: match &base_view {
+                    Some(b) if !base => view.shared_root_columns(b),
+                    _ => SharedColumns::default(),
+                },
+                view,
+                output,
+                base,
+            })
             .collect();
+        views.sort_by_key(|v| !v.base);
         self.slots.push(TypeSlot {
             resource_type: rt.to_string(),
             kind,

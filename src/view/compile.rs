@@ -112,6 +112,9 @@ struct TrieNode {
     /// columns, whose cells stay null: the subtree is skipped (most optional elements are
     /// absent, and the chains below them would each be walked to set a null).
     skip_when_empty: bool,
+    /// [`column_bit`]s of every column of this node and below: the subtree is skipped when
+    /// all of them are given ([`Given`]).
+    mask: u64,
 }
 
 impl TrieNode {
@@ -128,6 +131,7 @@ impl TrieNode {
                     children: Vec::new(),
                     dispatch: None,
                     skip_when_empty: false,
+                    mask: 0,
                 });
                 nodes.len() - 1
             }
@@ -410,6 +414,9 @@ struct RowMut<'r, 'a> {
     cells: &'r mut [ManuallyDrop<Cell<'a>>],
     owned: &'r mut bool,
     inexact: &'r mut u64,
+    /// [`column_bit`]s of the columns not to evaluate: their cells are copied in afterwards
+    /// ([`Given`]).
+    skip: u64,
 }
 
 impl<'a> RowMut<'_, 'a> {
@@ -423,6 +430,45 @@ impl<'a> RowMut<'_, 'a> {
         *self.inexact += u64::from(inexact);
         self.cells[c] = ManuallyDrop::new(cell);
     }
+}
+
+/// The bit of column `c` in a skip mask: columns from 63 on share the last bit, and are never
+/// given (so a subtree holding one is never skipped).
+#[inline]
+fn column_bit(c: usize) -> u64 {
+    1 << c.min(63)
+}
+
+/// The columns of a view that the base view of its type computes the same way at the resource
+/// root (`getResourceKey()`, `subject.getReferenceKey(Patient)`, … which every child view of
+/// the defaults repeats): with the base view's row of a resource at hand, their cells are
+/// copied from it instead of being evaluated once per view ([`CompiledView::shared_root_columns`]).
+#[derive(Debug, Clone, Default)]
+pub struct SharedColumns {
+    /// `(column of this view, column of the base view)`.
+    copies: Vec<(usize, usize)>,
+    /// [`column_bit`]s of the copied columns.
+    mask: u64,
+}
+
+impl SharedColumns {
+    /// Whether no column is shared.
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+
+    /// The shared cells of the base view's row `row`.
+    pub fn given(&self, row: RowId) -> Given<'_> {
+        Given { shared: self, row }
+    }
+}
+
+/// Cells a view's root row takes from another row of the same resource
+/// ([`CompiledView::evaluate_given`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Given<'s> {
+    shared: &'s SharedColumns,
+    row: RowId,
 }
 
 /// Why one resource could not be evaluated (the resource is rejected, the run goes on).
@@ -511,7 +557,8 @@ impl CompiledView {
             .iter()
             .map(|w| cx.expr(&w.path, "where"))
             .collect::<Result<Vec<_>, _>>()?;
-        let root = cx.select_list(&def.select, "")?;
+        let mut root = cx.select_list(&def.select, "")?;
+        root.set_masks();
         if cx.columns.is_empty() {
             return Err(err("the view defines no columns".into()));
         }
@@ -530,6 +577,44 @@ impl CompiledView {
             raw_column: false,
             member_dispatch: true,
         })
+    }
+
+    /// The columns of this view that `base` (the base view of the same resource type) computes
+    /// identically on the same focus, the resource: a single-valued string column at the root
+    /// (or in a nested select without iteration) whose path, free of `%` variables, is the same
+    /// text as such a column of `base`. A string conversion is always exact and a path the base
+    /// view evaluated without error gives the same cell again, so copying it changes nothing.
+    /// Empty when `base` may not yield exactly one row per resource (iteration or `unionAll`
+    /// at its root).
+    pub fn shared_root_columns(&self, base: &CompiledView) -> SharedColumns {
+        let mut shared = SharedColumns::default();
+        if self.resource != base.resource || !base.root.simple || std::ptr::eq(self, base) {
+            return shared;
+        }
+        let shareable = |v: &CompiledView| -> Vec<usize> {
+            let mut cols = Vec::new();
+            v.root.root_focus_columns(&mut cols);
+            cols.retain(|&c| {
+                let spec = &v.columns[c];
+                spec.column_type == ColumnType::Utf8
+                    && !spec.collection
+                    && !spec.path.contains('%')
+                    && c < 63
+            });
+            cols
+        };
+        let theirs = shareable(base);
+        for c in shareable(self) {
+            let path = self.columns[c].path.trim();
+            if let Some(&from) = theirs
+                .iter()
+                .find(|&&b| base.columns[b].path.trim() == path)
+            {
+                shared.copies.push((c, from));
+                shared.mask |= column_bit(c);
+            }
+        }
+        shared
     }
 
     /// Parse and compile ViewDefinition JSON text.
@@ -615,6 +700,18 @@ impl CompiledView {
         out: &mut Vec<RowId>,
         bufs: &mut EvalBuffers<'a>,
     ) -> Result<bool, EvalError> {
+        self.evaluate_given(resource, out, bufs, None)
+    }
+
+    /// [`CompiledView::evaluate_with`] where the cells `given` names are copied from a row
+    /// already evaluated (another view's, in `bufs`) instead of being computed again.
+    pub fn evaluate_given<'a>(
+        &self,
+        resource: Json<'a>,
+        out: &mut Vec<RowId>,
+        bufs: &mut EvalBuffers<'a>,
+        given: Option<Given<'_>>,
+    ) -> Result<bool, EvalError> {
         let env = Env {
             resource,
             row_index: 0,
@@ -634,7 +731,18 @@ impl CompiledView {
             }
         }
         let start = out.len();
-        let r = self.process(&self.root, &focus[0], 0, resource, out, bufs);
+        let mut computed = bufs.pool.pop();
+        let r = self.process_foci(
+            &self.root,
+            &focus,
+            &mut computed,
+            0,
+            resource,
+            out,
+            bufs,
+            given,
+        );
+        bufs.pool.push(computed);
         if r.is_err() {
             // The rows stay in the arena until it is cleared, unreferenced.
             out.truncate(start);
@@ -661,12 +769,22 @@ impl CompiledView {
     ) -> Result<(), EvalError> {
         let one = std::slice::from_ref(focus);
         let mut computed = bufs.pool.pop();
-        let r = self.process_foci(node, one, &mut computed, parent_index, resource, out, bufs);
+        let r = self.process_foci(
+            node,
+            one,
+            &mut computed,
+            parent_index,
+            resource,
+            out,
+            bufs,
+            None,
+        );
         bufs.pool.push(computed);
         r
     }
 
-    /// [`CompiledView::process`] with `computed` as the buffer for the node's foci.
+    /// [`CompiledView::process`] with `computed` as the buffer for the node's foci, and the
+    /// cells `given` (the root's only) copied rather than evaluated.
     #[allow(clippy::too_many_arguments)]
     fn process_foci<'a>(
         &self,
@@ -677,6 +795,7 @@ impl CompiledView {
         resource: Json<'a>,
         out: &mut Vec<RowId>,
         bufs: &mut EvalBuffers<'a>,
+        given: Option<Given<'_>>,
     ) -> Result<(), EvalError> {
         let width = self.columns.len();
         let env = Env {
@@ -737,11 +856,19 @@ impl CompiledView {
                 cells: &mut bufs.cells[base..base + width],
                 owned: &mut bufs.owned,
                 inexact: &mut bufs.inexact,
+                skip: given.map_or(0, |g| g.shared.mask),
             };
             self.fill_cells(node, f, &env, &mut row, &mut bufs.pool, &mut first_error);
             if let Some((_, e)) = first_error {
                 bufs.drop_parts(parts);
                 return Err(e);
+            }
+            if let Some(g) = given {
+                for &(c, from) in &g.shared.copies {
+                    let cell = (*bufs.cells[g.row + from]).clone();
+                    bufs.owned |= cell.owns_memory();
+                    bufs.cells[base + c] = ManuallyDrop::new(cell);
+                }
             }
             if !nested_rows {
                 out.push(base);
@@ -823,6 +950,9 @@ impl CompiledView {
         let dispatch = node.planned_dispatch.as_ref();
         self.walk(&node.planned, dispatch, one, env, row, pool, first_error);
         for (c, expr) in &node.columns {
+            if row.skip & column_bit(*c) != 0 {
+                continue;
+            }
             let mut items = pool.pop();
             let mut tmp = pool.pop();
             let cell = expr
@@ -862,6 +992,9 @@ impl CompiledView {
             pool.found.resize(start + d.len(), None);
             let scan = d.scan(object, &mut pool.found[start..]);
             for (i, n) in nodes.iter().enumerate() {
+                if n.mask & !row.skip == 0 {
+                    continue;
+                }
                 let (v, ty) = match d.resolve(i, scan, &pool.found[start..]) {
                     Resolved::Navigate => {
                         self.step(n, input, env, row, pool, first_error);
@@ -892,7 +1025,7 @@ impl CompiledView {
             return;
         }
         for n in nodes {
-            if input.is_empty() && n.skip_when_empty {
+            if (input.is_empty() && n.skip_when_empty) || n.mask & !row.skip == 0 {
                 continue;
             }
             self.step(n, input, env, row, pool, first_error);
@@ -935,6 +1068,9 @@ impl CompiledView {
         first_error: &mut Option<(usize, EvalError)>,
     ) {
         for &c in &n.columns {
+            if row.skip & column_bit(c) != 0 {
+                continue;
+            }
             match self.cell(c, items) {
                 Ok(cell) => row.set(c, cell),
                 Err(e) => note_error(first_error, c, e),
@@ -1333,6 +1469,41 @@ fn join_locus(parent: &str, child: &str) -> String {
 }
 
 impl SelectNode {
+    /// The columns evaluated on this node's own focus: its own and those of its nested
+    /// selects without iteration (their cells go into its row).
+    fn root_focus_columns(&self, out: &mut Vec<usize>) {
+        fn trie(nodes: &[TrieNode], out: &mut Vec<usize>) {
+            for n in nodes {
+                out.extend_from_slice(&n.columns);
+                trie(&n.children, out);
+            }
+        }
+        trie(&self.planned, out);
+        out.extend(self.columns.iter().map(|(c, _)| *c));
+        for s in self.selects.iter().filter(|s| s.simple) {
+            s.root_focus_columns(out);
+        }
+    }
+
+    /// Set every trie node's [`TrieNode::mask`] (once column indices are final).
+    fn set_masks(&mut self) {
+        fn trie(nodes: &mut [TrieNode]) -> u64 {
+            let mut all = 0;
+            for n in nodes {
+                n.mask = n
+                    .columns
+                    .iter()
+                    .fold(trie(&mut n.children), |m, &c| m | column_bit(c));
+                all |= n.mask;
+            }
+            all
+        }
+        trie(&mut self.planned);
+        for n in self.selects.iter_mut().chain(self.union_all.iter_mut()) {
+            n.set_masks();
+        }
+    }
+
     /// Re-base column indices by `by` (used for unionAll branches compiled separately).
     fn shift(&mut self, by: usize) {
         for (c, _) in &mut self.columns {

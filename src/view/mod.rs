@@ -25,7 +25,9 @@ pub mod types;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-pub use compile::{ColumnSpec, CompiledView, EvalBuffers, EvalError, EvalScratch, Row, RowId};
+pub use compile::{
+    ColumnSpec, CompiledView, EvalBuffers, EvalError, EvalScratch, Given, Row, RowId, SharedColumns,
+};
 pub use types::{Cell, ColumnType};
 
 use crate::embedded::DEFAULT_VIEWS;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use flatfhir::{flatten::DEFAULT_BATCH_SIZE, view::ViewRegistry};
 
-use crate::support::{assert_golden, data, decode_chunked, pretty};
+use crate::support::{assert_golden, data, decode_chunked, decode_chunked_with, pretty};
 
 fn registry() -> Arc<ViewRegistry> {
     Arc::new(ViewRegistry::builtin().unwrap().with_raw(false))
@@ -94,13 +94,9 @@ fn every_line_is_a_row_or_a_reject() {
     }
 }
 
-/// Finding every member a trie node reads in one scan of the object gives the same tables and
-/// rejects as navigating member by member, on every fixture (hostile ones included), the
-/// bundled sample and, when `../shared` is there, synthea-100.
-#[test]
-fn one_scan_per_object_equals_member_by_member_navigation() {
-    let scan = Arc::new(ViewRegistry::builtin().unwrap());
-    let navigate = Arc::new(ViewRegistry::builtin().unwrap().with_member_dispatch(false));
+/// Every fixture (hostile ones included), the bundled sample and, when `../shared` is there,
+/// synthea-100: `(name, bytes)`.
+fn every_input() -> Vec<(String, Vec<u8>)> {
     let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
     for dir in ["ndjson", "bad", "valid_fhir", "dispatch"] {
         for e in std::fs::read_dir(data(dir)).unwrap() {
@@ -123,6 +119,72 @@ fn one_scan_per_object_equals_member_by_member_navigation() {
             inputs.push((p.display().to_string(), std::fs::read(&p).unwrap()));
         }
     }
+    inputs
+}
+
+/// Views copying the cells they share with their type's base view (`getResourceKey()`,
+/// `subject.getReferenceKey(Patient)`, …) from its row give the same tables, rejects and counts
+/// as evaluating every view on its own, on every input and with user views that share some
+/// columns, fail on others, or meet a base view whose `where` leaves the resource out.
+#[test]
+fn copying_shared_cells_equals_evaluating_every_view_alone() {
+    let mut with_user_views = ViewRegistry::builtin().unwrap();
+    for v in [
+        // Shares `id`-like and reference columns, fails (two names) on some Patients.
+        r#"{"resourceType":"ViewDefinition","name":"patient_user","resource":"Patient",
+            "select":[{"column":[{"name":"pid","path":"getResourceKey()"},
+              {"name":"g","path":"gender"},{"name":"family","path":"name.family"},
+              {"name":"org","path":"managingOrganization.getReferenceKey(Organization)"}]},
+              {"forEachOrNull":"telecom","column":[{"name":"v","path":"value"}]}]}"#,
+        // A base view that leaves some resources out: its children evaluate them alone.
+        r#"{"resourceType":"ViewDefinition","name":"condition","resource":"Condition",
+            "where":[{"path":"clinicalStatus.exists()"}],
+            "select":[{"column":[{"name":"id","path":"getResourceKey()"},
+              {"name":"patient_id","path":"subject.getReferenceKey(Patient)"}]}]}"#,
+        r#"{"resourceType":"ViewDefinition","name":"condition_user","resource":"Condition",
+            "select":[{"column":[{"name":"cid","path":"getResourceKey()"},
+              {"name":"patient_id","path":"subject.getReferenceKey(Patient)"}]},
+              {"forEach":"code.coding","column":[{"name":"code","path":"code"}]}]}"#,
+    ] {
+        with_user_views.add_json(v, "test").unwrap();
+    }
+    let registries = [
+        Arc::new(ViewRegistry::builtin().unwrap()),
+        Arc::new(with_user_views),
+    ];
+    let inputs = every_input();
+    assert!(inputs.len() > 40);
+    for (i, reg) in registries.iter().enumerate() {
+        // synthea-100 (49 MB) once, with the defaults.
+        for (name, input) in inputs
+            .iter()
+            .filter(|(n, _)| i == 0 || !n.contains("synthea"))
+        {
+            let alone = decode_chunked_with(reg, input, 1 << 20, DEFAULT_BATCH_SIZE, false);
+            let shared = decode_chunked_with(reg, input, 1 << 20, DEFAULT_BATCH_SIZE, true);
+            assert_eq!(shared.0, alone.0, "{name}");
+            assert_eq!(shared.1, alone.1, "{name}");
+            assert_eq!(shared.2, alone.2, "{name}");
+        }
+    }
+    // The defaults do share: every child view of a Patient copies its key.
+    let reg = &registries[0];
+    let patient = reg.base_view("Patient").unwrap();
+    let name = reg
+        .views_for("Patient")
+        .find(|v| v.name() == "patient_name")
+        .unwrap();
+    assert!(!name.shared_root_columns(patient).is_empty());
+}
+
+/// Finding every member a trie node reads in one scan of the object gives the same tables and
+/// rejects as navigating member by member, on every fixture (hostile ones included), the
+/// bundled sample and, when `../shared` is there, synthea-100.
+#[test]
+fn one_scan_per_object_equals_member_by_member_navigation() {
+    let scan = Arc::new(ViewRegistry::builtin().unwrap());
+    let navigate = Arc::new(ViewRegistry::builtin().unwrap().with_member_dispatch(false));
+    let inputs = every_input();
     assert!(inputs.len() > 40);
     for (name, input) in &inputs {
         let (want, want_rejects) = decode_chunked(&navigate, input, 1 << 20, DEFAULT_BATCH_SIZE);

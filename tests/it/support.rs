@@ -6,7 +6,7 @@ use flatfhir::{
     arrow::{
         compute::concat_batches, record_batch::RecordBatch, util::pretty::pretty_format_batches,
     },
-    flatten::{DecoderBuilder, Reject},
+    flatten::{DecodeStats, DecoderBuilder, Reject},
     view::ViewRegistry,
 };
 
@@ -25,8 +25,22 @@ pub fn decode_chunked(
     chunk: usize,
     batch_size: usize,
 ) -> (BTreeMap<String, RecordBatch>, Vec<Reject>) {
+    let (out, rejects, _) = decode_chunked_with(reg, input, chunk, batch_size, true);
+    (out, rejects)
+}
+
+/// [`decode_chunked`], choosing whether views copy the cells they share with the base view
+/// (`DecoderBuilder::with_shared_cells`), and with the decoder's stats.
+pub fn decode_chunked_with(
+    reg: &Arc<ViewRegistry>,
+    input: &[u8],
+    chunk: usize,
+    batch_size: usize,
+    shared_cells: bool,
+) -> (BTreeMap<String, RecordBatch>, Vec<Reject>, DecodeStats) {
     let mut d = DecoderBuilder::new(reg.clone(), "fixture.ndjson")
         .with_batch_size(batch_size)
+        .with_shared_cells(shared_cells)
         .build();
     let mut batches = Vec::new();
     for c in input.chunks(chunk.max(1)) {
@@ -35,6 +49,7 @@ pub fn decode_chunked(
     }
     batches.extend(d.finish().unwrap());
     let rejects = d.take_rejects();
+    let stats = d.stats().clone();
     let mut by_view: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     for b in batches {
         by_view.entry(b.view.to_string()).or_default().push(b.batch);
@@ -46,7 +61,7 @@ pub fn decode_chunked(
             (v, concat_batches(&schema, &bs).unwrap())
         })
         .collect();
-    (out, rejects)
+    (out, rejects, stats)
 }
 
 /// Pretty text of batches.
