@@ -3,6 +3,11 @@
 # unlike seconds, repeats exactly for the same binary and input whatever else the machine does.
 # Prints the total, the bytes and the instructions per byte, and leaves the profile for
 # `callgrind_annotate` (path printed). Issue 21's target is half of today's figure.
+# Mind how callgrind counts copies: under it glibc copies 16 KiB to ~2 MiB with `rep movsb`,
+# which callgrind counts at one instruction per byte, ten times its count for a smaller or
+# bigger copy, though the CPU is about as fast at all three; so `memcpy` (and `realloc`, which copies)
+# weigh more in the total than in seconds, and a change that only moves copies across those
+# sizes moves the figure without saving time (see `props_for` in src/sink/writer.rs).
 #   usage: [FLATFHIR_BIN=path] benches/instructions.sh [NDJSON_DIR (default ../shared/data/synthea-100)] [-- CONVERT_ARGS ...]
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"

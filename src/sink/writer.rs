@@ -30,6 +30,13 @@ const MAX_IN_PROGRESS_BYTES: usize = 64 << 20;
 /// Memory of all open row groups together (every view of a run has one open) before the largest
 /// is flushed early: the per-view bound alone lets 40 views hold 40 × 64 MiB.
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 << 20;
+/// Measurement only (`benches/raw_column.sh`): the codec of JSON text columns, in parquet's
+/// spelling (`zstd(2)`, `lz4_raw`, `snappy`, `uncompressed`), whatever the files' codec (see
+/// [`props_for`] for why they keep the files' own).
+pub const JSON_COMPRESSION_ENV: &str = "FLATFHIR_BENCH_JSON_COMPRESSION";
+/// Measurement only (`benches/raw_column.sh`): the data page size limit of JSON text columns,
+/// in bytes (parquet's default, 1 MiB, otherwise).
+pub const JSON_PAGE_BYTES_ENV: &str = "FLATFHIR_BENCH_JSON_PAGE_BYTES";
 
 /// Configures a [`DatasetWriter`].
 #[derive(Debug, Clone)]
@@ -42,6 +49,48 @@ pub struct DatasetWriterBuilder {
     max_rows_per_file: usize,
     staged: bool,
     max_buffered_bytes: usize,
+    json: JsonColumns,
+}
+
+/// How JSON text columns (the raw `resource` column) are written: see [`props_for`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct JsonColumns {
+    /// Codec, when not the one [`props_for`] picks.
+    compression: Option<Compression>,
+    /// Data page size limit, when not parquet's default.
+    page_bytes: Option<usize>,
+}
+
+impl JsonColumns {
+    /// The measurement overrides ([`JSON_COMPRESSION_ENV`], [`JSON_PAGE_BYTES_ENV`]).
+    fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// The overrides from variables looked up with `var`; a value that does not parse is
+    /// ignored with a warning.
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        fn parsed<T>(
+            name: &str,
+            value: Option<String>,
+            parse: impl FnOnce(&str) -> Option<T>,
+        ) -> Option<T> {
+            let v = value?;
+            let parsed = parse(&v);
+            if parsed.is_none() {
+                tracing::warn!(value = %v, "ignoring {name}: not a valid value");
+            }
+            parsed
+        }
+        JsonColumns {
+            compression: parsed(JSON_COMPRESSION_ENV, var(JSON_COMPRESSION_ENV), |v| {
+                v.parse().ok()
+            }),
+            page_bytes: parsed(JSON_PAGE_BYTES_ENV, var(JSON_PAGE_BYTES_ENV), |v| {
+                v.parse().ok().filter(|&n| n > 0)
+            }),
+        }
+    }
 }
 
 impl DatasetWriterBuilder {
@@ -62,6 +111,7 @@ impl DatasetWriterBuilder {
             max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
             staged: false,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            json: JsonColumns::from_env(),
         }
     }
     /// Write files under a staged name (`<path>.staged`, invisible to readers); the caller makes
@@ -244,7 +294,7 @@ impl DatasetWriter {
             path.clone()
         };
         let obj = Upload::new(&self.cfg.location, &target);
-        let props = props_for(&self.props, first);
+        let props = props_for(&self.props, self.cfg.json, first);
         let writer =
             AsyncArrowWriter::try_new(obj, first.schema(), Some(props)).map_err(|source| {
                 DatasetError::Parquet {
@@ -325,6 +375,34 @@ impl DatasetWriter {
 ///   document, so a dictionary is built only to be abandoned, and min/max statistics cost a
 ///   string comparison per value but prune nothing. Together they were ~4% of a `convert`
 ///   run's CPU.
+///
+///   They keep the files' codec (zstd level 1 by default) and parquet's page size (1 MiB),
+///   chosen by `benches/raw_column.sh` on synthea-100 (49.2 MB of ndjson; instructions of the
+///   whole `convert --threads 1` under callgrind, bytes of the Parquet files it wrote; runs of
+///   one binary differ by ~0.2%):
+///
+///   | raw column             | instructions | Parquet |
+///   |------------------------|--------------|---------|
+///   | zstd(1), 1 MiB pages   | 4.98 G       | 7.56 MB |
+///   | zstd(2)                | +0.1%        | +0.9%   |
+///   | zstd(3)                | +2.6%        | +3.0%   |
+///   | LZ4_RAW                | −1.5%        | +35%    |
+///   | Snappy                 | −1.4%        | +61%    |
+///   | uncompressed           | −4.7%        | +617%   |
+///   | zstd(1), 256 KiB pages | +0.0%        | +2.1%   |
+///   | zstd(1), 2 MiB pages   | −1.2%        | −0.3%   |
+///   | zstd(1), 4 MiB pages   | −1.6%        | −0.5%   |
+///
+///   Level 1 is zstd's fastest level that parquet accepts (`ZstdLevel` takes 1 to 22, no
+///   negative levels), and the raw JSON compresses ~18× at it. LZ4_RAW or Snappy would save
+///   1.5% of the instructions for a third to three fifths more bytes, stored for years; higher
+///   levels cost more and, on these pages, write more. Bigger pages look cheaper only to
+///   callgrind: all of their saving is in copies (the page buffer regrowing, the compressor's
+///   output buffer growing to its bound), and callgrind counts a glibc copy of 16 KiB to ~2 MiB
+///   (`rep movsb`) at one instruction per byte, ten times a bigger copy's count, though the
+///   CPU copies both about as fast. The zstd work itself is the same, and every open base view
+///   would buffer twice the page against [`DEFAULT_MAX_BUFFERED_BYTES`], so runs with many
+///   views would flush smaller row groups.
 /// - for text columns whose values are mostly distinct in the file's first batch (the `id`
 ///   of a base view, the parent key of a child view such as `observation_coding`'s
 ///   `observation_id`, one-to-one references such as `explanation_of_benefit`'s `claim_id`),
@@ -345,7 +423,11 @@ impl DatasetWriter {
 ///
 /// The first batch is a sample, so all of this only tunes the encoding: any choice reads back
 /// the same.
-fn props_for(base: &WriterProperties, first: &RecordBatch) -> WriterProperties {
+fn props_for(
+    base: &WriterProperties,
+    json_cols: JsonColumns,
+    first: &RecordBatch,
+) -> WriterProperties {
     let schema = first.schema();
     let mut b = base.clone().into_builder();
     let zstd = matches!(
@@ -362,6 +444,12 @@ fn props_for(base: &WriterProperties, first: &RecordBatch) -> WriterProperties {
             continue;
         }
         if json {
+            if let Some(c) = json_cols.compression {
+                b = b.set_column_compression(path.clone(), c);
+            }
+            if let Some(n) = json_cols.page_bytes {
+                b = b.set_column_data_page_size_limit(path.clone(), n);
+            }
             b = b
                 .set_column_dictionary_enabled(path.clone(), false)
                 .set_column_statistics_enabled(path, EnabledStatistics::None);
@@ -473,6 +561,19 @@ mod tests {
             .num_row_groups()
     }
 
+    fn col(name: &str) -> ColumnPath {
+        ColumnPath::from(name)
+    }
+
+    /// The default codec, and writer properties that use it.
+    fn zstd_base() -> (Compression, WriterProperties) {
+        let zstd = Compression::ZSTD(ZstdLevel::default());
+        (
+            zstd,
+            WriterProperties::builder().set_compression(zstd).build(),
+        )
+    }
+
     #[test]
     fn no_dictionary_for_distinct_text_and_json() {
         let json = HashMap::from([(FHIR_TYPE_METADATA.to_string(), "json".to_string())]);
@@ -498,8 +599,7 @@ mod tests {
             .unwrap()
         };
         let base = WriterProperties::builder().build();
-        let col = |n: &str| ColumnPath::from(n);
-        let p = props_for(&base, &batch(1000));
+        let p = props_for(&base, JsonColumns::default(), &batch(1000));
         assert!(!p.dictionary_enabled(&col("id")));
         assert!(p.dictionary_enabled(&col("code")));
         assert!(!p.dictionary_enabled(&col("parent_id")));
@@ -510,7 +610,7 @@ mod tests {
         );
         assert_ne!(p.statistics_enabled(&col("id")), EnabledStatistics::None);
         // Too few rows to judge: only `id` goes without.
-        let p = props_for(&base, &batch(3));
+        let p = props_for(&base, JsonColumns::default(), &batch(3));
         assert!(!p.dictionary_enabled(&col("id")));
         assert!(p.dictionary_enabled(&col("parent_id")));
     }
@@ -552,10 +652,8 @@ mod tests {
             ],
         )
         .unwrap();
-        let col = |n: &str| ColumnPath::from(n);
-        let zstd = Compression::ZSTD(ZstdLevel::default());
-        let base = WriterProperties::builder().set_compression(zstd).build();
-        let p = props_for(&base, &batch);
+        let (zstd, base) = zstd_base();
+        let p = props_for(&base, JsonColumns::default(), &batch);
         assert_eq!(p.compression(&col("dense")), zstd);
         assert_eq!(p.compression(&col("sparse")), Compression::SNAPPY);
         assert_eq!(p.compression(&col("empty")), Compression::SNAPPY);
@@ -565,8 +663,64 @@ mod tests {
         let base = WriterProperties::builder()
             .set_compression(Compression::UNCOMPRESSED)
             .build();
-        let p = props_for(&base, &batch);
+        let p = props_for(&base, JsonColumns::default(), &batch);
         assert_eq!(p.compression(&col("sparse")), Compression::UNCOMPRESSED);
+    }
+
+    #[test]
+    fn json_columns_keep_the_file_codec_and_page_size() {
+        let json = HashMap::from([(FHIR_TYPE_METADATA.to_string(), "json".to_string())]);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("status", DataType::Utf8, true),
+            Field::new("resource", DataType::Utf8, true).with_metadata(json),
+        ]));
+        let status = StringArray::from_iter_values((0..100).map(|i| ["final", "amended"][i % 2]));
+        // Mostly null in the first batch, yet not Snappy.
+        let resource: StringArray = (0..100).map(|i| (i == 0).then_some("{}")).collect();
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(status), Arc::new(resource)]).unwrap();
+        let (zstd, base) = zstd_base();
+        let p = props_for(&base, JsonColumns::default(), &batch);
+        assert_eq!(p.compression(&col("resource")), zstd);
+        assert_eq!(
+            p.column_data_page_size_limit(&col("resource")),
+            parquet::file::properties::DEFAULT_PAGE_SIZE
+        );
+        assert!(!p.dictionary_enabled(&col("resource")));
+        assert_eq!(
+            p.statistics_enabled(&col("resource")),
+            EnabledStatistics::None
+        );
+        assert_eq!(p.compression(&col("status")), Compression::SNAPPY);
+        // The measurement overrides reach the JSON columns only.
+        let vars = HashMap::from([
+            (JSON_COMPRESSION_ENV, "lz4_raw"),
+            (JSON_PAGE_BYTES_ENV, "4194304"),
+        ]);
+        let over = JsonColumns::from_vars(|n| vars.get(n).map(|v| v.to_string()));
+        assert_eq!(
+            over,
+            JsonColumns {
+                compression: Some(Compression::LZ4_RAW),
+                page_bytes: Some(4 << 20),
+            }
+        );
+        let p = props_for(&base, over, &batch);
+        assert_eq!(p.compression(&col("resource")), Compression::LZ4_RAW);
+        assert_eq!(p.column_data_page_size_limit(&col("resource")), 4 << 20);
+        assert_eq!(p.compression(&col("status")), Compression::SNAPPY);
+        assert_eq!(
+            p.column_data_page_size_limit(&col("status")),
+            parquet::file::properties::DEFAULT_PAGE_SIZE
+        );
+        // Values that do not parse (negative zstd levels among them) are ignored.
+        let vars = HashMap::from([
+            (JSON_COMPRESSION_ENV, "zstd(-1)"),
+            (JSON_PAGE_BYTES_ENV, "0"),
+        ]);
+        let none = JsonColumns::from_vars(|n| vars.get(n).map(|v| v.to_string()));
+        assert_eq!(none, JsonColumns::default());
+        assert_eq!(JsonColumns::from_vars(|_| None), JsonColumns::default());
     }
 
     /// The shared budget flushes row groups early; the default one holds all 8 MiB.
