@@ -56,8 +56,9 @@ use crate::sink::Upload;
 use super::{
     DELETED_TABLE, DatasetError, DatasetLocation, RunIds, RunManifest, ViewKey,
     delta::{
-        COMMIT_RUN_KEY, MAX_COMMIT_ATTEMPTS, commit_holds, commit_info, create_table_holding,
-        create_table_with, evolve_to, is_conflict, reconcile_schema, verify_commit,
+        COMMIT_RUN_KEY, Created, MAX_COMMIT_ATTEMPTS, NewTables, commit_holds, commit_info,
+        create_table_holding, create_table_with, evolve_to, is_conflict, reconcile_schema,
+        verify_commit,
     },
 };
 
@@ -137,12 +138,14 @@ const TYPES_IN_FLIGHT: usize = 8;
 
 /// Bring the current tables of every resource type `run` wrote or deleted (or, for a snapshot,
 /// covers) up to date. Returns the current tables merged and, per type, the keys a snapshot
-/// removed.
+/// removed. `created` are the history tables that the run's commits created (the run's files
+/// are all they hold, known without loading them).
 pub async fn update_current(
     location: &DatasetLocation,
     run: &RunManifest,
     keys: &BTreeMap<String, ViewKey>,
     snapshot: Option<&SnapshotScope>,
+    created: &NewTables,
 ) -> Result<(Vec<String>, BTreeMap<String, u64>), DatasetError> {
     use futures::{StreamExt, TryStreamExt};
     let written: std::collections::BTreeSet<&str> =
@@ -161,7 +164,8 @@ pub async fn update_current(
     let merged: Vec<(Vec<String>, String, u64)> = futures::stream::iter(types)
         .map(|tv| async move {
             let scope = snapshot.filter(|_| covered(&tv));
-            let (tables, removed) = update_type_retrying(location, run, &tv, scope).await?;
+            let (tables, removed) =
+                update_type_retrying(location, run, &tv, scope, created).await?;
             Ok::<_, DatasetError>((tables, tv.resource.clone(), removed))
         })
         .buffer_unordered(parallel)
@@ -185,11 +189,12 @@ async fn update_type_retrying(
     run: &RunManifest,
     tv: &TypeViews,
     snapshot: Option<&SnapshotScope>,
+    created: &NewTables,
 ) -> Result<(Vec<String>, u64), DatasetError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match update_type(location, run, tv, snapshot).await {
+        match update_type(location, run, tv, snapshot, created).await {
             Ok(tables) => return Ok(tables),
             Err(DatasetError::Delta { source, table })
                 if is_conflict(&source) && attempt < MAX_COMMIT_ATTEMPTS =>
@@ -309,6 +314,7 @@ async fn update_type(
     run: &RunManifest,
     tv: &TypeViews,
     snapshot: Option<&SnapshotScope>,
+    created: &NewTables,
 ) -> Result<(Vec<String>, u64), DatasetError> {
     let e = string_lit(&run.export);
     let (base, base_key) = (&tv.base.0, &tv.base.1);
@@ -320,8 +326,13 @@ async fn update_type(
     );
     let ctx = session();
     let err = df_err(base);
-    let Some(hist_b) = location.open_table(base).await? else {
-        return Ok((Vec::new(), 0));
+    // A history table the run created is loaded only if the merge needs more than its files.
+    let hist_b = match created.contains_key(base.as_str()) {
+        true => None,
+        false => match location.open_table(base).await? {
+            Some(t) => Some(t),
+            None => return Ok((Vec::new(), 0)),
+        },
     };
     let has_tombs = location.has_table(DELETED_TABLE).await?;
     let latest_b = format!("{base}{LATEST_SUFFIX}");
@@ -333,8 +344,15 @@ async fn update_type(
         None => true,
     };
     if !has_tombs && empty {
-        return Ok((first_run(location, run, tv, hist_b, cur_b).await?, 0));
+        return Ok((
+            first_run(location, run, tv, created, hist_b, cur_b).await?,
+            0,
+        ));
     }
+    let hist_b = match hist_b {
+        Some(t) => t,
+        None => load_history(location, base).await?,
+    };
     register_loaded(&ctx, &hist_b, base, "hist_b").await?;
     if has_tombs {
         register(&ctx, location, DELETED_TABLE, "tomb").await?;
@@ -516,7 +534,8 @@ async fn first_run(
     location: &DatasetLocation,
     run: &RunManifest,
     tv: &TypeViews,
-    hist_b: DeltaTable,
+    created: &NewTables,
+    hist_b: Option<DeltaTable>,
     cur_b: Option<DeltaTable>,
 ) -> Result<Vec<String>, DatasetError> {
     let none = HashSet::new();
@@ -526,18 +545,38 @@ async fn first_run(
     targets.extend(tv.others.iter().map(|(v, k)| (v.clone(), k.clone(), None)));
     for (view, key, loaded) in targets {
         let latest = format!("{view}{LATEST_SUFFIX}");
+        let new = created.get(&view);
         let (hist, target) = match loaded {
             Some(pair) => pair,
             None => {
-                let Some(hist) = location.open_table(&view).await? else {
-                    continue;
+                let hist = match new {
+                    Some(_) => None,
+                    None => match location.open_table(&view).await? {
+                        Some(t) => Some(t),
+                        None => continue,
+                    },
                 };
                 (hist, location.open_table(&latest).await?)
             }
         };
         let Some(target) = target else {
             // No current table yet: created holding the run's files, in one commit.
-            create_latest_holding(location, &hist, &view, &latest, run).await?;
+            let (schema, files) = match (&hist, new) {
+                (Some(hist), _) => (
+                    hist.snapshot()
+                        .map_err(|source| DatasetError::Delta {
+                            table: view.clone(),
+                            source: Box::new(source),
+                        })?
+                        .schema()
+                        .as_ref()
+                        .clone(),
+                    run_files(hist, &view, run)?,
+                ),
+                (None, Some(new)) => (new.schema.clone(), new.adds.clone()),
+                (None, None) => unreachable!("a created table is not loaded"),
+            };
+            create_latest_holding(location, schema, files, &view, &latest, run).await?;
             merged.push(latest);
             continue;
         };
@@ -553,6 +592,10 @@ async fn first_run(
             .id_column
             .as_deref()
             .expect("views with an id column only");
+        let hist = match hist {
+            Some(t) => t,
+            None => load_history(location, &view).await?,
+        };
         apply(
             location, target, &latest, id, &hist, &view, &none, &whole, run,
         )
@@ -772,7 +815,7 @@ async fn apply(
                 None if active.contains(f.path.as_str()) => {
                     actions.retain(|a| !matches!(a, Action::Remove(r) if r.path == f.path))
                 }
-                None => actions.push(Action::Add(copy(location, hist_name, table, &f).await?)),
+                None => actions.push(Action::Add(copy(location, hist_name, table, &f.add).await?)),
                 Some(keys) => {
                     let keep = |k: &str| keys.contains(k);
                     if let Some(add) = rewrite(
@@ -828,12 +871,13 @@ async fn apply(
     Ok(())
 }
 
-/// Copy a history file into current table `table`, byte for byte (same partition, same stats).
+/// Copy a history file (its `add` action) into current table `table`, byte for byte (same
+/// partition, same stats).
 async fn copy(
     location: &DatasetLocation,
     hist_name: &str,
     table: &str,
-    f: &LiveFile,
+    f: &deltalake::kernel::Add,
 ) -> Result<deltalake::kernel::Add, DatasetError> {
     use object_store::ObjectStoreExt;
     let from = location.child(&format!("{hist_name}/{}", f.path));
@@ -847,7 +891,7 @@ async fn copy(
             path: format!("{table}/{to_rel}"),
             source,
         })?;
-    let mut add = f.add.clone();
+    let mut add = f.clone();
     add.path = to_rel;
     add.modification_time = chrono::Utc::now().timestamp_millis();
     add.data_change = true;
@@ -958,12 +1002,38 @@ async fn rewrite(
     }))
 }
 
-/// Create the current table of `view` (see [`create_latest`]) holding the history files of `run`,
-/// copied whole, in its first commit. Another writer that created it first wins: this one then
-/// fails as a conflict, and the type is recomputed from the winner's state.
+/// The history files of `run` in a loaded history table (`add` actions).
+fn run_files(
+    hist: &DeltaTable,
+    view: &str,
+    run: &RunManifest,
+) -> Result<Vec<deltalake::kernel::Add>, DatasetError> {
+    Ok(live_files(hist, view)?
+        .into_iter()
+        .filter(|f| f.export.as_deref() == Some(run.export.as_str()))
+        .map(|f| f.add)
+        .collect())
+}
+
+/// A history table that must exist (its run's commit created it).
+async fn load_history(location: &DatasetLocation, view: &str) -> Result<DeltaTable, DatasetError> {
+    location
+        .open_table(view)
+        .await?
+        .ok_or_else(|| DatasetError::Location {
+            location: location.table_url(view).to_string(),
+            message: "the history table is missing".into(),
+        })
+}
+
+/// Create the current table of `view` (see [`create_latest`]) with the history table's `schema`
+/// holding `files`, the history files of `run`, copied whole, in its first commit. Another
+/// writer that created it first wins: this one then fails as a conflict, and the type is
+/// recomputed from the winner's state.
 async fn create_latest_holding(
     location: &DatasetLocation,
-    hist: &DeltaTable,
+    schema: deltalake::kernel::StructType,
+    files: Vec<deltalake::kernel::Add>,
     view: &str,
     latest: &str,
     run: &RunManifest,
@@ -973,20 +1043,19 @@ async fn create_latest_holding(
         source: Box::new(source),
     };
     let mut actions = Vec::new();
-    for f in live_files(hist, view)?
-        .into_iter()
-        .filter(|f| f.export.as_deref() == Some(run.export.as_str()))
-    {
-        actions.push(Action::Add(copy(location, view, latest, &f).await?));
+    for f in &files {
+        actions.push(Action::Add(copy(location, view, latest, f).await?));
     }
-    let schema = hist.snapshot().map_err(derr)?.schema();
     let props = CommitProperties::default()
         .with_metadata(commit_info(run))
         .with_application_transaction(Transaction::new(CURRENT_APP_ID, 0));
-    let t = create_table_holding(location, latest, &schema, true, actions, Some(props)).await?;
+    let created =
+        create_table_holding(location, latest, &schema, true, actions, Some(props)).await?;
     let needle = format!("\"{COMMIT_RUN_KEY}\":{}", serde_json::json!(run.run_id));
     // Another writer's table (or an overwritten commit, see `verify_commit`): a lost race.
-    if t.version() != Some(0) || !commit_holds(location, latest, 0, &needle).await? {
+    if matches!(created, Created::Existing(_))
+        || !commit_holds(location, latest, 0, &needle).await?
+    {
         tracing::debug!(
             table = latest,
             "another writer created the current table first"
@@ -1002,13 +1071,7 @@ async fn create_latest(
     view: &str,
     latest: &str,
 ) -> Result<DeltaTable, DatasetError> {
-    let hist = location
-        .open_table(view)
-        .await?
-        .ok_or_else(|| DatasetError::Location {
-            location: location.table_url(view).to_string(),
-            message: "the history table is missing".into(),
-        })?;
+    let hist = load_history(location, view).await?;
     let snapshot = hist.snapshot().map_err(|source| DatasetError::Delta {
         table: view.to_string(),
         source: Box::new(source),

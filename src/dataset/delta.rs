@@ -419,7 +419,25 @@ pub async fn create_table_with(
     if let Some(t) = location.open_table(table).await? {
         return Ok(t);
     }
-    create_table_holding(location, table, schema, partitioned, Vec::new(), None).await
+    match create_table_holding(location, table, schema, partitioned, Vec::new(), None).await? {
+        Created::Existing(t) => Ok(t),
+        Created::New => location
+            .open_table(table)
+            .await?
+            .ok_or_else(|| DatasetError::Location {
+                location: location.table_url(table).to_string(),
+                message: "the table just created has no Delta log".into(),
+            }),
+    }
+}
+
+/// What [`create_table_holding`] found.
+pub enum Created {
+    /// This call committed version 0 (not loaded: the caller knows what it holds, and reads the
+    /// commit back where it must be sure, see [`verify_commit`]).
+    New,
+    /// Another writer created the table first: its table, loaded at its latest version.
+    Existing(DeltaTable),
 }
 
 /// Create table `table` whose first commit (version 0) also holds `actions` (a run's files and
@@ -433,6 +451,13 @@ pub async fn create_table_with(
 /// as a second `CREATE TABLE` — a new table id and schema over the winner's, and `actions`
 /// (rows a current-state table must not hold twice) committed behind the caller's back. So the
 /// create is made with no retries.
+///
+/// The commit is the one delta-rs's `CreateBuilder` makes (the same protocol, metadata and
+/// `commitInfo`; a test compares them), but the new table is not loaded: `CreateBuilder` loads
+/// it twice (after the commit, then at the version committed), which replays its log and lists
+/// its files each time, and a run creates two tables per view on a new dataset. Schemas whose
+/// columns carry Delta invariants or generation expressions (which no view makes) still go
+/// through `CreateBuilder`.
 pub async fn create_table_holding(
     location: &DatasetLocation,
     table: &str,
@@ -440,45 +465,173 @@ pub async fn create_table_holding(
     partitioned: bool,
     actions: Vec<Action>,
     props: Option<CommitProperties>,
-) -> Result<DeltaTable, DatasetError> {
+) -> Result<Created, DatasetError> {
     let err = delta_err(table);
     let log_store = location
         .table_builder(table)?
         .build_storage()
         .map_err(&err)?;
+    let props = props.unwrap_or_default().with_max_retries(0);
+    let Some((protocol, metadata)) = first_commit(table, schema, partitioned).map_err(&err)? else {
+        return create_with_builder(
+            location,
+            table,
+            log_store,
+            schema,
+            partitioned,
+            actions,
+            props,
+        )
+        .await;
+    };
+    let op = DeltaOperation::Create {
+        mode: SaveMode::Ignore,
+        location: deltalake::table::normalize_table_url(log_store.root_url()),
+        protocol: protocol.clone(),
+        metadata: metadata.clone(),
+    };
+    let mut all = vec![Action::Protocol(protocol), Action::Metadata(metadata)];
+    all.extend(actions);
+    // Awaited up to the commit only: its post-commit step (which, for a table's first commit,
+    // does nothing but load the table) is left out.
+    let committed = async {
+        CommitBuilder::from(props)
+            .with_actions(all)
+            .build(None, log_store.clone(), op)
+            .into_prepared_commit_future()
+            .await?
+            .await
+    }
+    .await;
+    match committed {
+        Ok(_) => Ok(Created::New),
+        Err(e) if is_conflict(&e) => match location.open_table(table).await? {
+            Some(t) => Ok(Created::Existing(t)),
+            None => Err(err(e)),
+        },
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// [`create_table_holding`] through delta-rs's `CreateBuilder` (for schemas whose first commit
+/// [`first_commit`] does not make).
+async fn create_with_builder(
+    location: &DatasetLocation,
+    table: &str,
+    log_store: deltalake::logstore::LogStoreRef,
+    schema: &StructType,
+    partitioned: bool,
+    actions: Vec<Action>,
+    props: CommitProperties,
+) -> Result<Created, DatasetError> {
+    let err = delta_err(table);
     let mut create = CreateBuilder::new()
         .with_log_store(log_store)
         .with_table_name(table)
-        .with_save_mode(SaveMode::Ignore)
+        .with_save_mode(SaveMode::ErrorIfExists)
         .with_configuration_property(
             deltalake::TableProperty::CheckpointInterval,
             Some(CHECKPOINT_INTERVAL.to_string()),
         )
-        .with_columns(schema.fields().cloned());
+        .with_columns(schema.fields().cloned())
+        .with_commit_properties(props);
     if partitioned {
         create = create.with_partition_columns([PARTITION_COLUMN]);
     }
-    create = create.with_commit_properties(props.unwrap_or_default().with_max_retries(0));
     if !actions.is_empty() {
         create = create.with_actions(actions);
     }
     match create.await {
-        Ok(t) => Ok(t),
-        Err(e) if is_conflict(&e) => location.open_table(table).await?.ok_or_else(|| err(e)),
-        Err(e) => Err(err(e)),
+        Ok(_) => Ok(Created::New),
+        // Another writer's table (the create found it, or lost the race for version 0).
+        Err(e) => match location.open_table(table).await? {
+            Some(t) => Ok(Created::Existing(t)),
+            None => Err(err(e)),
+        },
     }
+}
+
+/// The protocol and metadata of a new table's first commit, as delta-rs's `CreateBuilder`
+/// makes them for our tables (protocol 1/2, or 3/7 with the `timestampNtz` feature for a
+/// `TIMESTAMP` column; the checkpoint interval; partitioned by `export`); `None` for a schema
+/// that needs more (Delta invariants or generated columns, set in column metadata).
+fn first_commit(
+    table: &str,
+    schema: &StructType,
+    partitioned: bool,
+) -> Result<Option<(deltalake::kernel::Protocol, deltalake::kernel::Metadata)>, DeltaTableError> {
+    use deltalake::kernel::StructTypeExt;
+    if !schema.get_invariants()?.is_empty() || !schema.get_generated_columns()?.is_empty() {
+        return Ok(None);
+    }
+    let mut protocol: deltalake::kernel::Protocol =
+        serde_json::from_value(json!({"minReaderVersion": 1, "minWriterVersion": 2}))?;
+    if deltalake::kernel::contains_timestampntz(schema.fields())
+        && let Some(p) =
+            with_feature(&protocol, TIMESTAMP_NTZ_FEATURE).map_err(DeltaTableError::Generic)?
+    {
+        protocol = p;
+    }
+    let partitions: &[&str] = if partitioned {
+        &[PARTITION_COLUMN]
+    } else {
+        &[]
+    };
+    let checkpoints = deltalake::TableProperty::CheckpointInterval.as_ref();
+    // As `new_metadata(…).with_name(…)` makes it, without the round trip of the schema through
+    // its JSON text that `with_name` makes.
+    let metadata = serde_json::from_value(json!({
+        "id": table_id(rand::random()),
+        "name": table,
+        "description": None::<String>,
+        "format": { "provider": "parquet", "options": {} },
+        "schemaString": serde_json::to_string(schema)?,
+        "partitionColumns": partitions,
+        "configuration": { checkpoints: CHECKPOINT_INTERVAL.to_string() },
+        "createdTime": chrono::Utc::now().timestamp_millis(),
+    }))?;
+    Ok(Some((protocol, metadata)))
+}
+
+/// A table id: a random (version 4) UUID from 128 random bits, as text.
+fn table_id(bits: u128) -> String {
+    let mut b = bits.to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// What a run committed, per table: the table version that holds its rows.
 pub type Committed = BTreeMap<String, u64>;
 
+/// A table that a run's commit created: version 0 holds the run's files and nothing else. What
+/// the current-state merge needs of it (its schema, the run's files), known without loading it.
+#[derive(Debug, Clone)]
+pub struct NewTable {
+    /// The table's schema.
+    pub schema: StructType,
+    /// The `add` actions of the run's files.
+    pub adds: Vec<Add>,
+}
+
+/// The tables a run's commit created, by name.
+pub type NewTables = BTreeMap<String, NewTable>;
+
 /// Commit a run's files: one commit per table (created on first use), each carrying the run's
 /// `txn` (app id = run id), so a table that already holds the run is skipped. Returns the version
-/// of each table that holds the run.
+/// of each table that holds the run, and the tables the commits created.
 pub async fn commit_run(
     location: &DatasetLocation,
     run: &RunManifest,
-) -> Result<Committed, DatasetError> {
+) -> Result<(Committed, NewTables), DatasetError> {
     let mut by_table: BTreeMap<&str, Vec<&WrittenFile>> = BTreeMap::new();
     for f in &run.files {
         by_table.entry(f.view.as_str()).or_default().push(f);
@@ -500,23 +653,32 @@ pub async fn commit_run(
             .try_collect()
             .await?;
     let done = std::sync::atomic::AtomicUsize::new(0);
+    let mut created = NewTables::new();
     let committed: Committed = futures::stream::iter(checked)
         .map(|(table, files, loaded)| {
             let done = &done;
             async move {
-                let version = commit_files(location, table, run, &files, loaded).await?;
+                let (version, new) = commit_files(location, table, run, &files, loaded).await?;
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 if abort_after == Some(n) {
                     eprintln!("{ABORT_AFTER_COMMITS_ENV}: aborting after {n} commits");
                     std::process::abort();
                 }
-                Ok::<_, DatasetError>((table.to_string(), version))
+                Ok::<_, DatasetError>((table.to_string(), version, new))
             }
         })
         .buffer_unordered(COMMIT_CONCURRENCY)
-        .try_collect()
-        .await?;
-    Ok(committed)
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .map(|(table, version, new)| {
+            if let Some(n) = new {
+                created.insert(table.clone(), n);
+            }
+            (table, version)
+        })
+        .collect();
+    Ok((committed, created))
 }
 
 /// The `commitInfo` entries of a run's commits.
@@ -683,10 +845,10 @@ async fn commit_files(
     run: &RunManifest,
     files: &[&WrittenFile],
     mut loaded: Option<DeltaTable>,
-) -> Result<u64, DatasetError> {
+) -> Result<(u64, Option<NewTable>), DatasetError> {
     let err = delta_err(table);
     let Some(first) = files.first() else {
-        return Ok(0);
+        return Ok((0, None));
     };
     let ours = delta_schema(&*file_schema(location, &first.path).await?, true).map_err(&err)?;
     let mut adds = Vec::with_capacity(files.len());
@@ -702,7 +864,6 @@ async fn commit_files(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut created = false;
         let opened = match loaded.take() {
             Some(t) => Some(t),
             None => location.open_table(table).await?,
@@ -710,13 +871,29 @@ async fn commit_files(
         let t = match opened {
             Some(t) => t,
             None => {
-                created = true;
                 // The table's first run: created with the run's files in one commit.
                 let created =
                     create_table_holding(location, table, &ours, true, adds.clone(), Some(props()))
                         .await;
                 match created {
-                    Ok(t) => t,
+                    // Ours only if its first commit says so (read back, see `verify_commit`).
+                    Ok(Created::New) => {
+                        if verify_commit(location, table, 0, &needle).await? {
+                            let adds = adds
+                                .into_iter()
+                                .filter_map(|a| match a {
+                                    Action::Add(a) => Some(a),
+                                    _ => None,
+                                })
+                                .collect();
+                            return Ok((0, Some(NewTable { schema: ours, adds })));
+                        }
+                        if attempt >= MAX_COMMIT_ATTEMPTS {
+                            return Err(err(DeltaTableError::VersionAlreadyExists(0)));
+                        }
+                        continue;
+                    }
+                    Ok(Created::Existing(t)) => t,
                     Err(DatasetError::Delta { source, .. })
                         if is_conflict(&source) && attempt < MAX_COMMIT_ATTEMPTS =>
                     {
@@ -727,17 +904,9 @@ async fn commit_files(
                 }
             }
         };
+        // The run was committed before (a resumed run).
         if holds_run(&t, &run.run_id).await.map_err(&err)? {
-            let version = t.version().unwrap_or_default();
-            // A table this attempt created is ours only if its first commit says so (read back,
-            // see `verify_commit`); otherwise the run was committed before (a resumed run).
-            if !created || verify_commit(location, table, version, &needle).await? {
-                return Ok(version);
-            }
-            if attempt >= MAX_COMMIT_ATTEMPTS {
-                return Err(err(DeltaTableError::VersionAlreadyExists(version)));
-            }
-            continue;
+            return Ok((t.version().unwrap_or_default(), None));
         }
         let snapshot = t.snapshot().map_err(&err)?.clone();
         // Again: another writer may have created or evolved the table meanwhile.
@@ -757,7 +926,7 @@ async fn commit_files(
         match result {
             Ok(done) => {
                 if verify_commit(location, table, done.version(), &needle).await? {
-                    return Ok(done.version());
+                    return Ok((done.version(), None));
                 }
                 if attempt >= MAX_COMMIT_ATTEMPTS {
                     return Err(err(DeltaTableError::VersionAlreadyExists(done.version())));
@@ -933,6 +1102,98 @@ mod tests {
         // A truncated bound is left out, its null count kept.
         assert!(stats["maxValues"].get("long").is_none());
         assert_eq!(stats["nullCount"]["long"], json!(0));
+    }
+
+    /// Our first commit of a table is the one delta-rs's `CreateBuilder` makes: the same
+    /// protocol (with `timestampNtz` for a `TIMESTAMP` column), metadata and `commitInfo`
+    /// operation, all but the table id and the times.
+    #[tokio::test]
+    async fn a_created_table_has_the_first_commit_create_builder_makes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+        let ntz = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        for (i, columns) in [vec![("id", DataType::Utf8), ("t", utc)], vec![("t", ntz)]]
+            .into_iter()
+            .enumerate()
+        {
+            let fields: Vec<Field> = columns
+                .into_iter()
+                .map(|(n, t)| Field::new(n, t, true))
+                .collect();
+            let schema = delta_schema(&Schema::new(fields), true).unwrap();
+            let (ours, theirs) = (format!("ours{i}"), format!("theirs{i}"));
+            let created = create_table_holding(&loc, &ours, &schema, true, Vec::new(), None)
+                .await
+                .unwrap();
+            assert!(matches!(created, Created::New));
+            let id = table_id(0);
+            assert_eq!(id, "00000000-0000-4000-8000-000000000000");
+            let id = table_id(u128::MAX);
+            assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+            // A second create finds the first.
+            let again = create_table_holding(&loc, &ours, &schema, true, Vec::new(), None)
+                .await
+                .unwrap();
+            assert!(matches!(again, Created::Existing(t) if t.version() == Some(0)));
+            // As flatfhir created tables before (and still does those `first_commit` refuses).
+            CreateBuilder::new()
+                .with_log_store(loc.table_builder(&theirs).unwrap().build_storage().unwrap())
+                .with_table_name(&theirs)
+                .with_save_mode(SaveMode::Ignore)
+                .with_configuration_property(
+                    deltalake::TableProperty::CheckpointInterval,
+                    Some(CHECKPOINT_INTERVAL.to_string()),
+                )
+                .with_columns(schema.fields().cloned())
+                .with_partition_columns([PARTITION_COLUMN])
+                .with_commit_properties(CommitProperties::default().with_max_retries(0))
+                .await
+                .unwrap();
+            let first = |table: &str| -> Vec<Value> {
+                let log = tmp
+                    .path()
+                    .join(table)
+                    .join("_delta_log/00000000000000000000.json");
+                std::fs::read_to_string(log)
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        let mut v: Value = serde_json::from_str(l).unwrap();
+                        for (action, keys) in [
+                            ("metaData", &["id", "createdTime", "name"][..]),
+                            ("commitInfo", &["timestamp"][..]),
+                        ] {
+                            if let Some(a) = v.get_mut(action).and_then(Value::as_object_mut) {
+                                for k in keys {
+                                    assert!(a.remove(*k).is_some(), "{action}.{k}");
+                                }
+                            }
+                        }
+                        // The table's own metadata (id, time, name) and location.
+                        if let Some(p) = v.pointer_mut("/commitInfo/operationParameters") {
+                            let p = p.as_object_mut().unwrap();
+                            assert!(
+                                p.remove("metadata").is_some() && p.remove("location").is_some()
+                            );
+                        }
+                        v
+                    })
+                    .collect()
+            };
+            assert_eq!(first(&ours), first(&theirs));
+            let t = loc.open_table(&ours).await.unwrap().unwrap();
+            let snapshot = t.snapshot().unwrap();
+            assert_eq!(snapshot.metadata().name(), Some(ours.as_str()));
+            let id = snapshot.metadata().id();
+            assert!(id.len() == 36 && id.as_bytes()[14] == b'4', "{id}");
+            assert_eq!(snapshot.metadata().partition_columns(), &[PARTITION_COLUMN]);
+            assert_eq!(
+                snapshot.protocol().min_reader_version() == 3,
+                i == 1,
+                "timestampNtz only with a TIMESTAMP column"
+            );
+        }
     }
 
     #[test]

@@ -408,7 +408,8 @@ impl RunManifest {
     /// [`Self::publish`] without the bookkeeping of interrupted runs.
     async fn publish_now(&mut self, loc: &DatasetLocation) -> Result<(), DatasetError> {
         let t0 = std::time::Instant::now();
-        self.committed = super::delta::commit_run(loc, self).await?;
+        let (committed, created) = super::delta::commit_run(loc, self).await?;
+        self.committed = committed;
         self.metrics.phases.commit = t0.elapsed().as_secs_f64();
         tracing::info!(
             run = %self.run_id,
@@ -431,7 +432,7 @@ impl RunManifest {
         }
         keys.extend(self.view_keys.clone());
         let (current, removed) =
-            super::current::update_current(loc, self, &keys, snapshot.as_ref()).await?;
+            super::current::update_current(loc, self, &keys, snapshot.as_ref(), &created).await?;
         self.current = current;
         self.snapshot_removed = removed;
         self.metrics.phases.current_state = t1.elapsed().as_secs_f64();
