@@ -429,22 +429,24 @@ fn allergy_dataset(tmp: &std::path::Path) -> String {
     out.to_str().unwrap().to_string()
 }
 
+/// `flatfhir query --data DATA --format FORMAT SQL`.
+fn query_as(data: &str, format: &str, sql: &str) -> std::process::Output {
+    flatfhir(&["query", "--data", data, "--format", format, sql])
+}
+
 /// `query --format csv` writes a list, struct or json_get() cell as its JSON text (it failed
 /// half-way, after the header), a null cell empty, and the header of a result without rows.
 #[test]
 fn query_csv_writes_nested_cells_as_json_text() {
     let tmp = tempfile::tempdir().unwrap();
     let d = allergy_dataset(tmp.path());
-    let o = flatfhir(&[
-        "query",
-        "--data",
+    let o = query_as(
         &d,
-        "--format",
         "csv",
         "select id, category, arrow_cast(NULL, 'List(Int64)') as nl, \
          json_get(resource, 'code') as code, named_struct('a', 1) as s \
          from allergy_intolerance order by id",
-    ]);
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         stdout(&o),
@@ -452,14 +454,11 @@ fn query_csv_writes_nested_cells_as_json_text() {
          a1,\"[\"\"food\"\",\"\"medication\"\"]\",,\"{\"\"text\"\":\"\"peanut\"\"}\",\"{\"\"a\"\":1}\"\n\
          a2,[],,\"{\"\"text\"\":\"\"dust\"\"}\",\"{\"\"a\"\":1}\"\n"
     );
-    let o = flatfhir(&[
-        "query",
-        "--data",
+    let o = query_as(
         &d,
-        "--format",
         "csv",
         "select id, category from allergy_intolerance where id = 'none'",
-    ]);
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "id,category\n");
 }
@@ -470,16 +469,13 @@ fn query_csv_writes_nested_cells_as_json_text() {
 fn query_json_keeps_null_lists_null_and_writes_json() {
     let tmp = tempfile::tempdir().unwrap();
     let d = allergy_dataset(tmp.path());
-    let o = flatfhir(&[
-        "query",
-        "--data",
+    let o = query_as(
         &d,
-        "--format",
         "json",
         "select id, category, arrow_cast(NULL, 'List(Int64)') as nl, \
          json_get(resource, 'code') as code, json_get(resource, 'id') as jid, \
          named_struct('a', 1, 'b', [1, 2]) as s from allergy_intolerance order by id",
-    ]);
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         stdout(&o),
