@@ -376,9 +376,14 @@ impl JobRecord {
     /// Delete the per-file records of a finished job (best effort: they are only needed to
     /// resume).
     pub async fn prune_files(&self, loc: &DatasetLocation) {
-        let dir = loc.child(&format!("{JOBS_DIR}/{}", self.run_id));
-        let paths = loc.store.list(Some(&dir)).map_ok(|m| m.location).boxed();
+        let rel = format!("{JOBS_DIR}/{}", self.run_id);
+        let paths = loc
+            .store
+            .list(Some(&loc.child(&rel)))
+            .map_ok(|m| m.location)
+            .boxed();
         let _ = loc.store.delete_stream(paths).try_collect::<Vec<_>>().await;
+        loc.remove_empty_dir(&rel).await;
     }
 }
 

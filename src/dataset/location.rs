@@ -212,6 +212,18 @@ impl DatasetLocation {
         }
     }
 
+    /// Remove the directory `rel` of a dataset on the local file system if it is empty, best
+    /// effort. A local store creates the directories of the objects it writes but leaves them
+    /// when their last object is deleted, so bookkeeping directories (`_publishing/`,
+    /// `_jobs/<run id>/`) would stay behind empty after every run. Only an empty directory
+    /// goes: a writer putting an object there meanwhile keeps it (its staged file is in it) or,
+    /// finding it gone, creates it again. Object stores have no directories: nothing to do.
+    pub async fn remove_empty_dir(&self, rel: &str) {
+        if let Some(root) = self.local_dir() {
+            let _ = tokio::fs::remove_dir(root.join(rel)).await;
+        }
+    }
+
     /// Read every `*.json` document under the directory `rel` (none when it does not exist).
     pub async fn list_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Vec<T>, DatasetError> {
         let metas: Vec<_> = self

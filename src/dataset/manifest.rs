@@ -325,6 +325,7 @@ impl RunManifest {
             loc.delete(&path).await;
         }
         guard.release().await;
+        loc.remove_empty_dir(PUBLISHING_DIR).await;
         r
     }
 
@@ -403,6 +404,7 @@ impl RunManifest {
             }
             guard.release().await;
         }
+        loc.remove_empty_dir(PUBLISHING_DIR).await;
     }
 
     /// [`Self::publish`] without the bookkeeping of interrupted runs.

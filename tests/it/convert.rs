@@ -58,6 +58,8 @@ async fn sample_and_bad_lines_reconcile_and_query() {
     assert_eq!(m.types["Observation"].rows, 1728);
     assert_eq!(m.rejects, 6);
     assert_eq!(m.blank_lines, 1);
+    // A published run leaves no bookkeeping behind, not even an empty `_publishing/`.
+    assert!(!tmp.path().join(flatfhir::dataset::PUBLISHING_DIR).exists());
     let total_lines: u64 = m.inputs.iter().map(|i| i.lines).sum();
     let typed: u64 = m.types.values().map(|c| c.lines).sum();
     assert_eq!(total_lines, typed + m.blank_lines);

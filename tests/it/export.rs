@@ -132,6 +132,18 @@ async fn patient_export_equals_the_data() {
     }
     assert_exact(&tmp.path().join("ds"), &expected).await;
     assert!(s.manifest.transaction_time.is_some());
+    // The finished job keeps its record but leaves no per-file records, nor their directory.
+    let jobs: Vec<_> = std::fs::read_dir(tmp.path().join("ds/_jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(jobs.iter().all(|p| p.is_file()), "{jobs:?}");
+    assert!(
+        !tmp.path()
+            .join("ds")
+            .join(flatfhir::dataset::PUBLISHING_DIR)
+            .exists()
+    );
     // The finished job was deleted on the server (best effort) and the status URL is gone.
     let log = srv.log();
     assert!(log.iter().any(|r| r.method == "DELETE"));
