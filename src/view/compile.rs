@@ -430,6 +430,14 @@ impl<'a> RowMut<'_, 'a> {
         *self.inexact += u64::from(inexact);
         self.cells[c] = ManuallyDrop::new(cell);
     }
+
+    /// [`RowMut::set`] for a [`plain_cell`]: exact, and owning no memory.
+    #[inline]
+    fn set_plain(&mut self, c: usize, cell: Cell<'a>) {
+        debug_assert!(matches!(*self.cells[c], Cell::Null), "cell {c} set twice");
+        debug_assert!(!cell.owns_memory());
+        self.cells[c] = ManuallyDrop::new(cell);
+    }
 }
 
 /// The bit of column `c` in a skip mask: columns from 63 on share the last bit, and are never
@@ -958,7 +966,10 @@ impl CompiledView {
             let cell = expr
                 .evaluate_into(one, env, &mut items, &mut tmp)
                 .map_err(|m| self.error(&format!("column `{}`", self.columns[*c].name), m))
-                .and_then(|()| self.cell(*c, &items));
+                .and_then(|()| match plain_cell(&self.columns[*c], &items) {
+                    Some(cell) => Ok((cell, 0)),
+                    None => self.cell(*c, &items),
+                });
             pool.push(items);
             pool.push(tmp);
             match cell {
@@ -1071,6 +1082,11 @@ impl CompiledView {
             if row.skip & column_bit(c) != 0 {
                 continue;
             }
+            let spec = &self.columns[c];
+            if let Some(cell) = plain_cell(spec, items) {
+                row.set_plain(c, cell);
+                continue;
+            }
             match self.cell(c, items) {
                 Ok(cell) => row.set(c, cell),
                 Err(e) => note_error(first_error, c, e),
@@ -1106,7 +1122,7 @@ impl CompiledView {
     }
 
     /// The cell of column `c` for the items its path returned, and how many of its values
-    /// were converted inexactly.
+    /// were converted inexactly. [`plain_cell`] gives the same for the common cases.
     fn cell<'a>(&self, c: usize, items: &[Item<'a>]) -> Result<(Cell<'a>, u32), EvalError> {
         let spec = &self.columns[c];
         let locus = || format!("column `{}`", spec.name);
@@ -1138,6 +1154,30 @@ impl CompiledView {
                 ),
             )),
         }
+    }
+}
+
+/// The cell [`CompiledView::cell`] gives for the most common values, without going through
+/// [`convert`] and its `Result`s: no value in a single-valued column (null), and a JSON string
+/// or a borrowed string (a reference key) in a single-valued string column (the string, which
+/// is always exact). `None` for anything else, errors included (several values in a
+/// single-valued column), which the caller hands to [`CompiledView::cell`].
+#[inline]
+fn plain_cell<'a>(spec: &ColumnSpec, items: &[Item<'a>]) -> Option<Cell<'a>> {
+    if spec.collection {
+        return None;
+    }
+    match items {
+        [] => Some(Cell::Null),
+        [one] if matches!(spec.column_type, ColumnType::Utf8) => match one {
+            Item::Json { value, .. } => match json_ref(value) {
+                JsonRef::String(s) => Some(Cell::Str(Cow::Borrowed(s))),
+                _ => None,
+            },
+            Item::String(Cow::Borrowed(s)) => Some(Cell::Str(Cow::Borrowed(s))),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -1807,6 +1847,138 @@ mod tests {
             rows(view, p).unwrap(),
             vec![vec![Cell::List(vec![s("A"), s("B")])]]
         );
+    }
+
+    /// [`plain_cell`] gives exactly what [`CompiledView::cell`] gives wherever it gives a cell:
+    /// over JSON strings, numbers, booleans, objects and arrays, computed items, one or several
+    /// values, single-valued and collection columns of several types.
+    #[test]
+    fn plain_cells_equal_converted_cells() {
+        let view = CompiledView::from_json(
+            &json!({"resource": "Patient", "select": [{"column": [
+                {"name": "s", "path": "a"},
+                {"name": "l", "path": "a", "collection": true},
+                {"name": "b", "path": "a", "type": "boolean"},
+                {"name": "i", "path": "a", "type": "integer"},
+                {"name": "t", "path": "a", "type": "dateTime"}
+            ]}]})
+            .to_string(),
+            "test",
+        )
+        .unwrap();
+        let doc = super::super::json::leak_json(
+            r#"{"s":"x\ny","e":"","n":1.50,"t":true,"o":{"k":"v"},"a":["p","q"],"d":"2020-01-02"}"#,
+        )
+        .unwrap();
+        let JsonRef::Object(o) = json_ref(doc) else {
+            unreachable!()
+        };
+        let mut items: Vec<Item<'static>> = o
+            .iter()
+            .map(|(_, value)| Item::Json {
+                value,
+                fhir_type: None,
+            })
+            .collect();
+        items.push(Item::Json {
+            value: o.get("s").unwrap(),
+            fhir_type: Some("code"),
+        });
+        items.extend([
+            Item::String(Cow::Borrowed("k1")),
+            Item::String(Cow::Owned("k2".into())),
+            Item::Integer(7),
+            Item::Boolean(false),
+            Item::Decimal(Cow::Borrowed("1.0")),
+            Item::DateTime(Cow::Borrowed("2020-01-02T03:04:05Z")),
+        ]);
+        let mut lists: Vec<Vec<Item<'static>>> = vec![Vec::new()];
+        lists.extend(items.iter().map(|i| vec![i.clone()]));
+        lists.extend(items.windows(2).map(<[_]>::to_vec));
+        let mut plain = 0;
+        for (c, spec) in view.columns().iter().enumerate() {
+            for list in &lists {
+                if let Some(cell) = plain_cell(spec, list) {
+                    plain += 1;
+                    assert!(!cell.owns_memory());
+                    assert_eq!(view.cell(c, list), Ok((cell, 0)), "{} {list:?}", spec.name);
+                }
+            }
+        }
+        // Null for each single-valued column, and the strings (`s`, `e`, `d`, the typed `s`,
+        // `k1`) in the string columns (`t`, a dateTime without an `ansi/type` tag, is one);
+        // not the owned string, nor several values.
+        assert_eq!(view.columns()[4].column_type, ColumnType::Utf8);
+        assert_eq!(plain, 4 + 5 * 2);
+        // A collection into a single-valued string column is still an error.
+        let many = &lists[lists.len() - 1];
+        assert!(plain_cell(&view.columns()[0], many).is_none());
+        assert!(view.cell(0, many).is_err());
+    }
+
+    /// The same cells through whole views: strings, nulls, arrays into single-valued columns,
+    /// choice types, and primitives that carry only an extension (`_name`).
+    #[test]
+    fn plain_cells_in_views() {
+        let view = json!({"resource": "Observation", "select": [{"column": [
+            {"name": "status", "path": "status"},
+            {"name": "vs", "path": "value.ofType(string)"},
+            {"name": "vq", "path": "value.ofType(Quantity).unit"},
+            {"name": "issued", "path": "issued"},
+            {"name": "subject", "path": "subject.getReferenceKey(Patient)"},
+            {"name": "n", "path": "value.ofType(Quantity).value"}
+        ]}]});
+        assert_eq!(
+            rows(
+                view.clone(),
+                json!({"resourceType": "Observation", "status": "final",
+                "valueString": "v", "subject": {"reference": "Patient/p1"},
+                "_issued": {"extension": [{"url": "u"}]}})
+            )
+            .unwrap(),
+            vec![vec![
+                s("final"),
+                s("v"),
+                Cell::Null,
+                Cell::Null,
+                s("p1"),
+                Cell::Null
+            ]]
+        );
+        assert_eq!(
+            rows(
+                view.clone(),
+                json!({"resourceType": "Observation", "status": null,
+                "_status": {"id": "x"}, "valueQuantity": {"unit": "kg", "value": 2},
+                "subject": {"reference": "Group/g"}})
+            )
+            .unwrap(),
+            vec![vec![
+                Cell::Null,
+                Cell::Null,
+                s("kg"),
+                Cell::Null,
+                Cell::Null,
+                s("2")
+            ]]
+        );
+        let e = rows(
+            view.clone(),
+            json!({"resourceType": "Observation",
+            "status": ["a", "b"]}),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("column `status`") && e.contains("2 values"),
+            "{e}"
+        );
+        let e = rows(
+            view,
+            json!({"resourceType": "Observation",
+            "valueQuantity": {"unit": ["a", "b"]}}),
+        )
+        .unwrap_err();
+        assert!(e.contains("column `vq`") && e.contains("2 values"), "{e}");
     }
 
     #[test]
