@@ -59,8 +59,16 @@ fn concrete(ty: ColumnType, b: Box<dyn ArrayBuilder>) -> Column {
     }
 }
 
+/// Most bytes a raw `resource` column is first sized for (a larger batch-bytes setting grows
+/// it by doubling, as before).
+const MAX_PRESIZED_RAW_BYTES: usize = 64 << 20;
+
 impl ViewBuilders {
-    pub fn new(view: Arc<CompiledView>, capacity: usize) -> Self {
+    /// Builders with room for `capacity` rows; the raw `resource` column (only when the view
+    /// has one) also gets room for `raw_bytes` of JSON plus an eighth, as
+    /// [`finish_presized`] gives later batches: starting it small, it would grow by doubling,
+    /// each growth a copy of megabytes. Capacity never touched costs no memory.
+    pub fn new(view: Arc<CompiledView>, capacity: usize, raw_bytes: usize) -> Self {
         let columns = view
             .columns()
             .iter()
@@ -74,9 +82,12 @@ impl ViewBuilders {
                 }
             })
             .collect();
-        let raw = view
-            .raw_column()
-            .then(|| StringBuilder::with_capacity(capacity, capacity * 512));
+        let raw = view.raw_column().then(|| {
+            let bytes = raw_bytes
+                .min(MAX_PRESIZED_RAW_BYTES)
+                .max(capacity.saturating_mul(512));
+            StringBuilder::with_capacity(capacity, bytes.saturating_add(bytes / 8))
+        });
         ViewBuilders {
             view,
             columns,

@@ -611,10 +611,10 @@ impl LineCx<'_> {
             }
             let o = &mut self.outputs[v.output];
             o.rows += rows.len() as u64;
-            let batch_size = self.batch_size;
+            let (batch_size, batch_bytes) = (self.batch_size, self.batch_bytes);
             let out = o
                 .builders
-                .get_or_insert_with(|| ViewBuilders::new(o.view.clone(), batch_size));
+                .get_or_insert_with(|| ViewBuilders::new(o.view.clone(), batch_size, batch_bytes));
             for &row in rows {
                 out.append(bufs.row(row, v.width), text);
                 if out.rows >= batch_size || out.raw_bytes() >= self.batch_bytes {

@@ -153,7 +153,12 @@ impl TrieNode {
                 && n.columns.iter().all(|&c| !columns[c].collection)
                 && n.children.iter().all(|c| c.skip_when_empty);
         }
-        MemberDispatch::new(nodes.iter().map(|n| &n.step))
+        let keep = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.skip_when_empty)
+            .fold(0u64, |m, (i, _)| m | 1 << (i % 64));
+        MemberDispatch::new(nodes.iter().map(|n| &n.step)).map(|d| d.keep(keep))
     }
 }
 
@@ -1002,7 +1007,15 @@ impl CompiledView {
             let start = pool.found.len();
             pool.found.resize(start + d.len(), None);
             let scan = d.scan(object, &mut pool.found[start..]);
-            for (i, n) in nodes.iter().enumerate() {
+            // Only the children that may set a cell: absent members that stay null are
+            // skipped without a look at each.
+            let mut todo = d.visits(scan);
+            while todo != 0 {
+                let i = todo.trailing_zeros() as usize;
+                todo &= todo - 1;
+                let Some(n) = nodes.get(i) else {
+                    break;
+                };
                 if n.mask & !row.skip == 0 {
                     continue;
                 }

@@ -75,6 +75,9 @@ pub(crate) struct MemberDispatch {
     shift: u32,
     /// Bit `n` set when some base name has `n` bytes: the prefixes of a key worth looking up.
     base_lens: u64,
+    /// Children that may need a visit whatever the scan finds: those that navigate on their
+    /// own ([`Role::Navigate`]) and those whose caller said so ([`MemberDispatch::keep`]).
+    always: u64,
 }
 
 const EMPTY: u16 = u16::MAX;
@@ -160,6 +163,11 @@ impl MemberDispatch {
             .iter()
             .filter(|n| (n.base_of != 0 || !n.special_of.is_empty()) && n.bytes.len() < 64)
             .fold(0u64, |m, n| m | 1 << n.bytes.len());
+        let always = roles
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| **r == Role::Navigate)
+            .fold(0u64, |m, (i, _)| m | 1 << i);
         let mut bits = (names.len() * 2)
             .next_power_of_two()
             .trailing_zeros()
@@ -182,6 +190,7 @@ impl MemberDispatch {
                         seed,
                         shift,
                         base_lens,
+                        always,
                     });
                 }
             }
@@ -273,6 +282,21 @@ impl MemberDispatch {
         }
     }
 
+    /// Also visit the children of `bits` when [`Resolved::Absent`] (the others are skipped then:
+    /// see [`MemberDispatch::visits`]).
+    pub(crate) fn keep(mut self, bits: u64) -> Self {
+        self.always |= bits;
+        self
+    }
+
+    /// The children to resolve after `scan`, a bit each: every child except the
+    /// [`Resolved::Absent`] ones not [kept](MemberDispatch::keep), so that a walk over the
+    /// children costs nothing for the many optional members a resource lacks.
+    #[inline]
+    pub(crate) fn visits(&self, scan: Scan) -> u64 {
+        self.always | scan.present | scan.navigate
+    }
+
     /// Number of children the dispatch was compiled for.
     pub(crate) fn len(&self) -> usize {
         self.roles.len()
@@ -351,7 +375,10 @@ mod tests {
             typed("value", "CodeableConcept"),
             typed("effective", "dateTime"),
         ];
-        let d = MemberDispatch::new(steps.iter()).expect("a dispatch");
+        let kept = 1 << 3 | 1 << 9;
+        let d = MemberDispatch::new(steps.iter())
+            .expect("a dispatch")
+            .keep(kept);
         let docs = [
             r#"{"status":"final","code":{"text":"x"},"valueQuantity":{"value":1}}"#,
             r#"{"value":3,"valueQuantity":{"value":1},"valueString":"s"}"#,
@@ -383,6 +410,22 @@ mod tests {
                 value: root,
                 fhir_type: None,
             };
+            // The walk resolves only the children `visits` names: every other one is absent,
+            // and the kept ones and those that navigate on their own are always named.
+            let visits = d.visits(scan);
+            assert_eq!(visits & kept, kept, "{text}");
+            for (i, step) in steps.iter().enumerate() {
+                if visits & 1 << i == 0 {
+                    assert!(
+                        matches!(d.resolve(i, scan, &found), Resolved::Absent),
+                        "{text} {i}"
+                    );
+                } else if let Step::First | Step::Member(_) = step
+                    && matches!(d.roles[i], Role::Navigate)
+                {
+                    assert!(matches!(d.resolve(i, scan, &found), Resolved::Navigate));
+                }
+            }
             for (i, step) in steps.iter().enumerate() {
                 let mut want = Vec::new();
                 match step {

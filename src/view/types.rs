@@ -542,6 +542,14 @@ fn date_parts(text: &str) -> Option<(i32, u32, u32)> {
 /// microsecond, a leap second as the next minute's second 0 (both [`Fit::Nearest`]), and
 /// [`Fit::Null`] for a date the calendar lacks.
 pub fn parse_timestamp_micros(text: &str) -> Result<Fit<i64>, ConvertError> {
+    match common_timestamp_micros(text.as_bytes()) {
+        Some(micros) => Ok(Fit::Exact(micros)),
+        None => any_timestamp_micros(text),
+    }
+}
+
+/// [`parse_timestamp_micros`] of any form.
+fn any_timestamp_micros(text: &str) -> Result<Fit<i64>, ConvertError> {
     let bad = || format!("{text:?} is not a FHIR dateTime");
     let (y, m, d) = date_parts(text).ok_or_else(bad)?;
     // Micros since midnight UTC, checked before the calendar so that a bad time is an error.
@@ -573,6 +581,73 @@ pub fn parse_timestamp_micros(text: &str) -> Result<Fit<i64>, ConvertError> {
         return Ok(Fit::Null);
     };
     Ok(Fit::new(days * 86_400_000_000 + micros, exact))
+}
+
+/// [`parse_timestamp_micros`] of the forms nearly every export uses,
+/// `YYYY-MM-DDThh:mm:ss(.fff)?(Z|±hh:mm)`, read at fixed offsets: `None` for anything else and
+/// for what is not an exact, valid instant of those forms (a leap second, a day the month
+/// lacks, an error), which the general path then reads.
+fn common_timestamp_micros(b: &[u8]) -> Option<i64> {
+    let (frac, tz_at) = match b.len() {
+        20 | 25 => (false, 19),
+        24 | 29 => (true, 23),
+        _ => return None,
+    };
+    let head: &[u8; 20] = b.get(..20)?.try_into().ok()?;
+    const DIGITS: [usize; 14] = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+    if DIGITS.iter().any(|&i| !head[i].is_ascii_digit())
+        || head[4] != b'-'
+        || head[7] != b'-'
+        || head[10] != b'T'
+        || head[13] != b':'
+        || head[16] != b':'
+    {
+        return None;
+    }
+    // Two digits already checked.
+    let two = |i: usize| i64::from(head[i] - b'0') * 10 + i64::from(head[i + 1] - b'0');
+    let (year, month, day) = (two(0) * 100 + two(2), two(5), two(8));
+    let (h, m, s) = (two(11), two(14), two(17));
+    let us = match (frac, &b[19..]) {
+        (false, _) => 0,
+        (
+            true,
+            [
+                b'.',
+                f @ (b'0'..=b'9'),
+                g @ (b'0'..=b'9'),
+                k @ (b'0'..=b'9'),
+                ..,
+            ],
+        ) => (i64::from(f - b'0') * 100 + i64::from(g - b'0') * 10 + i64::from(k - b'0')) * 1000,
+        _ => return None,
+    };
+    let offset_secs = match &b[tz_at..] {
+        [b'Z'] => 0,
+        [
+            sign @ (b'+' | b'-'),
+            oh1 @ (b'0'..=b'9'),
+            oh2 @ (b'0'..=b'9'),
+            b':',
+            om1 @ (b'0'..=b'9'),
+            om2 @ (b'0'..=b'9'),
+        ] => {
+            let oh = i64::from(oh1 - b'0') * 10 + i64::from(oh2 - b'0');
+            let om = i64::from(om1 - b'0') * 10 + i64::from(om2 - b'0');
+            if oh > 14 || om > 59 {
+                return None;
+            }
+            let secs = oh * 3600 + om * 60;
+            if *sign == b'-' { -secs } else { secs }
+        }
+        _ => return None,
+    };
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 59 {
+        return None;
+    }
+    let days = days_since_epoch(year as i32, month as u32, day as u32)?;
+    let micros = ((h * 60 + m) * 60 + s) * 1_000_000 + us;
+    Some(days * 86_400_000_000 + (micros - offset_secs * 1_000_000))
 }
 
 /// Parse `hh:mm(:ss(.fraction)?)?` to microseconds since midnight, and whether that is exact:
@@ -871,6 +946,52 @@ mod tests {
         assert!(parse_date("1970-00").is_err());
         assert!(parse_date("70-01-01").is_err());
         assert!(parse_date("05/06/1970").is_err());
+    }
+
+    /// The fixed-offset reading of the common forms gives what the general path gives, and
+    /// leaves it everything else: each byte of several templates replaced in turn.
+    #[test]
+    fn common_timestamps_match_the_general_path() {
+        let templates = [
+            "2010-09-06T15:38:27-04:00",
+            "2010-09-06T15:38:27+14:00",
+            "2010-09-06T15:38:27.139-04:00",
+            "2010-09-06T15:38:27.139+05:30",
+            "2010-09-06T15:38:27Z",
+            "2010-09-06T15:38:27.139Z",
+            "2024-02-29T23:59:59.999Z",
+            "2023-02-29T00:00:00Z",
+            "1900-12-31T23:59:60-00:00",
+            "0001-01-01T00:00:00+00:00",
+            "9999-12-31T23:59:59.999-14:00",
+        ];
+        let bytes = b"0123456789-+:.TZz /x\xc3";
+        let mut checked = 0;
+        for t in templates {
+            let mut cases = vec![t.to_string()];
+            for i in 0..t.len() {
+                for &c in bytes {
+                    let mut v = t.as_bytes().to_vec();
+                    v[i] = c;
+                    if let Ok(s) = String::from_utf8(v) {
+                        cases.push(s);
+                    }
+                }
+            }
+            for c in cases {
+                let general = any_timestamp_micros(&c);
+                if let Some(v) = common_timestamp_micros(c.as_bytes()) {
+                    checked += 1;
+                    assert_eq!(general, Ok(Fit::Exact(v)), "{c}");
+                }
+                assert_eq!(parse_timestamp_micros(&c), general, "{c}");
+            }
+        }
+        assert!(checked > 100, "{checked}");
+        assert_eq!(
+            parse_timestamp_micros("2010-09-06T15:38:27.139-04:00"),
+            Ok(Fit::Exact(1_283_801_907_139_000))
+        );
     }
 
     #[test]

@@ -914,7 +914,7 @@ pub(crate) fn parse_reference<'a>(item: &Item<'a>) -> Option<ParsedReference<'a>
         .is_some_and(|p| p.eq_ignore_ascii_case(URN_UUID))
     {
         let id = reference.get(URN_UUID.len()..)?;
-        let valid = (1..=64).contains(&id.len()) && id.bytes().all(is_id_byte);
+        let valid = (1..=64).contains(&id.len()) && all_id_bytes(id.as_bytes());
         return valid.then_some(ParsedReference { rtype: None, id });
     }
     if reference.starts_with("urn:") {
@@ -931,7 +931,7 @@ pub(crate) fn parse_reference<'a>(item: &Item<'a>) -> Option<ParsedReference<'a>
             let valid = bytes[type_start..slash]
                 .iter()
                 .all(u8::is_ascii_alphanumeric)
-                && bytes[slash + 1..end].iter().copied().all(is_id_byte);
+                && all_id_bytes(&bytes[slash + 1..end]);
             if !valid {
                 return None;
             }
@@ -953,9 +953,31 @@ pub(crate) fn parse_reference<'a>(item: &Item<'a>) -> Option<ParsedReference<'a>
     })
 }
 
-/// A byte of a FHIR id (`[A-Za-z0-9\-\.]`).
+/// A byte of a FHIR id (`[A-Za-z0-9\-\.]`): the oracle of [`all_id_bytes`].
+#[cfg(test)]
 fn is_id_byte(b: u8) -> bool {
     BYTE_CLASS[b as usize] & ID_BYTE != 0
+}
+
+/// Whether every byte of `bytes` is [`is_id_byte`]: the classes of eight bytes at a time are
+/// and-ed without a branch per byte (ids are short; a uuid is 36 bytes).
+fn all_id_bytes(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut acc = ID_BYTE;
+    for c in &mut chunks {
+        let mut k = ID_BYTE;
+        for &b in c {
+            k &= BYTE_CLASS[b as usize];
+        }
+        acc &= k;
+        if acc == 0 {
+            return false;
+        }
+    }
+    for &b in chunks.remainder() {
+        acc &= BYTE_CLASS[b as usize];
+    }
+    acc & ID_BYTE != 0
 }
 
 /// A byte of a resource type name (`[A-Za-z0-9]`).
@@ -987,11 +1009,12 @@ static BYTE_CLASS: [u8; 256] = {
 /// over the id's and the type's bytes (which it checks): `None` when the last segment has a
 /// byte no id has, or the one before it a non-alphanumeric byte.
 fn last_two_segments(bytes: &[u8]) -> Option<(usize, usize)> {
-    let mut i = bytes.len();
-    while i > 0 && is_id_byte(bytes[i - 1]) {
-        i -= 1;
+    // The last `/` (found a word at a time), then every byte after it an id byte: the same as
+    // walking back over id bytes to a `/`, since `/` is not one.
+    let slash = memchr::memrchr(b'/', bytes)?;
+    if !all_id_bytes(&bytes[slash + 1..]) {
+        return None;
     }
-    let slash = i.checked_sub(1).filter(|&s| bytes[s] == b'/')?;
     let mut t = slash;
     while t > 0 && is_type_byte(bytes[t - 1]) {
         t -= 1;
@@ -1039,6 +1062,49 @@ mod tests {
                     reference_key_oracle(&r, ty),
                     "{} {:?}", r, ty
                 );
+            }
+        }
+    }
+
+    /// The word-at-a-time id check agrees with the byte-by-byte one at every length and
+    /// position of a bad byte (the chunks and the remainder), and so do long references.
+    #[test]
+    fn all_id_bytes_matches_bytewise() {
+        let bad = [b'/', b'_', b' ', b':', b'#', b'+', 0x80, 0xff, 0, b'{'];
+        for len in 0..=72usize {
+            let good: Vec<u8> = (0..len)
+                .map(|i| b"0123456789abcdefABCXYZxyz-."[i % 27])
+                .collect();
+            assert!(all_id_bytes(&good), "{len}");
+            for at in 0..len {
+                for &b in &bad {
+                    let mut v = good.clone();
+                    v[at] = b;
+                    assert_eq!(all_id_bytes(&v), v.iter().all(|&b| is_id_byte(b)));
+                    assert!(!all_id_bytes(&v), "{len} {at} {b}");
+                }
+            }
+            if let Ok(id) = std::str::from_utf8(&good) {
+                for r in [
+                    format!("Patient/{id}"),
+                    format!("http://x/fhir/Patient/{id}"),
+                    format!("Patient/{id}/_history/2"),
+                    format!("urn:uuid:{id}"),
+                    format!("Pat_ient/{id}"),
+                    format!("Patient/{id}_"),
+                    format!("Patient/{id}/"),
+                    format!("Patient/{id}:x"),
+                    format!("Patient/{id}é"),
+                ] {
+                    let v = crate::view::json::json_doc!({ "reference": r });
+                    for ty in [None, Some("Patient"), Some("Group")] {
+                        assert_eq!(
+                            reference_key(&Item::json(v), ty),
+                            reference_key_oracle(&r, ty),
+                            "{r} {ty:?}"
+                        );
+                    }
+                }
             }
         }
     }
