@@ -8,7 +8,7 @@ use super::{
     lines::{Line, LineSplitter},
 };
 use crate::view::{
-    CompiledView, EvalBuffers, EvalScratch, RowId, SharedColumns, ViewRegistry,
+    CompiledView, EvalBuffers, EvalScratch, RootScan, RowId, SharedColumns, ViewRegistry,
     is_r4_resource_type, is_valid_resource_type,
     json::{JsonBuffers, JsonDoc, JsonRef, member, to_json_text},
     snake_case,
@@ -56,6 +56,7 @@ pub struct DecoderBuilder {
     first_line: u64,
     start_offset: u64,
     share_cells: bool,
+    share_scan: bool,
 }
 
 impl DecoderBuilder {
@@ -71,6 +72,7 @@ impl DecoderBuilder {
             first_line: 1,
             start_offset: 0,
             share_cells: true,
+            share_scan: true,
         }
     }
     /// Where the input starts in its file (default line 1, offset 0): `line` is the 1-based
@@ -115,6 +117,14 @@ impl DecoderBuilder {
         self.share_cells = on;
         self
     }
+    /// Scan each resource's root object once for all the views of its type ([`RootScan`])
+    /// instead of once per view (default `true`). Off only to check that the output is the
+    /// same either way.
+    #[doc(hidden)]
+    pub fn with_shared_scan(mut self, on: bool) -> Self {
+        self.share_scan = on;
+        self
+    }
     /// Build the decoder.
     pub fn build(self) -> Decoder {
         Decoder {
@@ -130,6 +140,7 @@ impl DecoderBuilder {
             max_line_bytes: self.max_line_bytes,
             only_viewed: self.only_viewed,
             share_cells: self.share_cells,
+            share_scan: self.share_scan,
             slots: Vec::new(),
             slot_index: HashMap::new(),
             outputs: Vec::new(),
@@ -155,6 +166,7 @@ pub struct Decoder {
     max_line_bytes: usize,
     only_viewed: bool,
     share_cells: bool,
+    share_scan: bool,
     /// One per resource type seen that is R4 or read by a view, resolved on its first line
     /// (see [`TypeSlot`]); other names get none, so their number costs no memory.
     slots: Vec<TypeSlot>,
@@ -198,6 +210,8 @@ struct TypeSlot {
     /// The base view first (evaluated first, so that the others can copy its cells), then
     /// the other registry views in name order, or the generic base view when the type has none.
     views: Vec<SlotView>,
+    /// The scan of a resource's root for all of `views`, when one serves them.
+    root_scan: Option<RootScan>,
     counts: TypeCounts,
 }
 
@@ -237,6 +251,7 @@ struct LineCx<'d> {
     max_line_bytes: usize,
     only_viewed: bool,
     share_cells: bool,
+    share_scan: bool,
     slots: &'d mut Vec<TypeSlot>,
     slot_index: &'d mut HashMap<String, usize>,
     outputs: &'d mut Vec<Output>,
@@ -332,6 +347,7 @@ impl Decoder {
             max_line_bytes: self.max_line_bytes,
             only_viewed: self.only_viewed,
             share_cells: self.share_cells,
+            share_scan: self.share_scan,
             slots: &mut self.slots,
             slot_index: &mut self.slot_index,
             outputs: &mut self.outputs,
@@ -520,6 +536,10 @@ impl LineCx<'_> {
         // live in one arena (`bufs`); `ids` holds each view's row ids, `results` their ranges.
         let views = &self.slots[slot].views;
         let mut bufs = self.scratch.lend();
+        let root = self.slots[slot]
+            .root_scan
+            .as_ref()
+            .and_then(|r| bufs.scan_root(r, value));
         let (ids, results) = (&mut *self.line_rows, &mut *self.line_views);
         ids.clear();
         results.clear();
@@ -528,19 +548,23 @@ impl LineCx<'_> {
         let mut failed: Vec<String> = Vec::new();
         // The base view's row, whose cells the other views may copy.
         let mut base_row = None;
-        for SlotView {
-            view,
-            output,
-            base,
-            shared,
-        } in views
+        for (
+            k,
+            SlotView {
+                view,
+                output,
+                base,
+                shared,
+            },
+        ) in views.iter().enumerate()
         {
             let start = ids.len();
             let given = match base_row {
                 Some(row) if self.share_cells && !shared.is_empty() => Some(shared.given(row)),
                 _ => None,
             };
-            match view.evaluate_given(value, ids, &mut bufs, given) {
+            let sites = root.map(|r| r.view(k));
+            match view.evaluate_given(value, ids, &mut bufs, given, sites) {
                 Ok(included) => {
                     if *base && ids.len() == start + 1 {
                         base_row = Some(ids[start]);
@@ -692,10 +716,16 @@ impl LineCx<'_> {
             })
             .collect();
         views.sort_by_key(|v| !v.base);
+        let root_scan = if self.share_scan {
+            RootScan::new(views.iter().map(|v| &*v.view))
+        } else {
+            None
+        };
         self.slots.push(TypeSlot {
             resource_type: rt.to_string(),
             kind,
             views,
+            root_scan,
             counts: TypeCounts::default(),
         });
         self.slot_index.insert(rt.to_string(), self.slots.len() - 1);
@@ -757,6 +787,51 @@ pub fn generic_view(resource_type: &str, raw: bool) -> CompiledView {
 mod tests {
     use super::*;
     use crate::view::json::{JsonDoc, MAX_DEPTH, to_json_text};
+
+    /// Scanning each resource's root once for all the views of its type gives the same
+    /// batches, rejects and counts as every view scanning on its own, on the fixtures (the
+    /// hostile ones too).
+    #[test]
+    fn one_root_scan_per_resource_equals_one_per_view() {
+        let reg = Arc::new(ViewRegistry::builtin().unwrap());
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let mut files = 0;
+        for dir in ["ndjson", "bad", "valid_fhir", "dispatch"] {
+            for e in std::fs::read_dir(data.join(dir)).unwrap() {
+                let p = e.unwrap().path();
+                if !p.extension().is_some_and(|x| x == "ndjson") {
+                    continue;
+                }
+                let input = std::fs::read(&p).unwrap();
+                let run = |shared: bool| {
+                    let mut d = DecoderBuilder::new(reg.clone(), "f")
+                        .with_shared_scan(shared)
+                        .with_batch_size(7)
+                        .build();
+                    d.decode(&input).unwrap();
+                    let mut batches = d.take_batches();
+                    batches.extend(d.finish().unwrap());
+                    let batches: Vec<_> = batches
+                        .into_iter()
+                        .map(|b| (b.view.to_string(), b.batch))
+                        .collect();
+                    let scans = d.slots.iter().filter(|s| s.root_scan.is_some()).count();
+                    let rejects = format!("{:?}", d.take_rejects());
+                    (batches, rejects, format!("{:?}", d.stats()), scans)
+                };
+                let (shared, alone) = (run(true), run(false));
+                assert_eq!(shared.0, alone.0, "{}", p.display());
+                assert_eq!(shared.1, alone.1, "{}", p.display());
+                assert_eq!(shared.2, alone.2, "{}", p.display());
+                assert_eq!(alone.3, 0);
+                if p.ends_with("ndjson/Observation.ndjson") {
+                    assert_eq!(shared.3, 1, "the Observation views share a scan");
+                }
+                files += 1;
+            }
+        }
+        assert!(files > 20, "{files}");
+    }
 
     /// Distinct made-up resource type names keep no state each (regression: hunt finding 7:
     /// 2 M names grew memory by ~400 MB); they are still rejected and counted as invalid.

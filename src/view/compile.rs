@@ -14,6 +14,11 @@
 //! cells into the parent's row, since a product with one row changes nothing; and the product
 //! of one parent row with a `forEach`'s rows fills the parent's cells into those rows rather
 //! than copying both into new ones.
+//!
+//! Across the views of a resource type, the members they read from the resource's root (their
+//! root-level columns, and the first member of each root-level `forEach` path) can be taken
+//! from one scan of it for all of them (`root_scan.rs`, [`CompiledView::evaluate_given`]),
+//! and a view skips the columns it is given from the base view's row without scanning for them.
 
 use std::{borrow::Cow, collections::HashMap, mem::ManuallyDrop, sync::Arc};
 
@@ -24,11 +29,12 @@ use super::json::{Json, JsonRef, json_ref};
 use super::{
     ViewError,
     definition::{ColumnDef, Select, ViewDefinition},
-    dispatch::{MemberDispatch, Resolved},
+    dispatch::{MemberDispatch, Resolved, scanned},
     fhirpath::{
         Constants, Env, Expression, Item, Literal, ParsedReference, Step, parse_reference,
         push_flat,
     },
+    root_scan::{RootScan, RootSites, ScannedRoot},
     types::{Cell, ColumnType, Converted, convert},
 };
 
@@ -84,6 +90,10 @@ struct SelectNode {
     planned: Vec<TrieNode>,
     /// The members `planned` reads from the focus, found in one scan of it.
     planned_dispatch: Option<MemberDispatch>,
+    /// [`column_bit`]s of every column of `planned`: when all of them are given ([`Given`]),
+    /// the trie is not walked, nor the focus scanned (a child view's root columns are
+    /// usually all copied from the base view's row).
+    planned_mask: u64,
     /// The other columns, evaluated one by one.
     columns: Vec<(usize, Expression)>,
     /// No iteration, no `unionAll`, and every nested select simple too: the node yields exactly
@@ -95,6 +105,19 @@ struct SelectNode {
     subtree: Vec<usize>,
     /// Columns whose path is `%rowIndex` (they are 0 in a forEachOrNull null row).
     row_index_cols: Vec<usize>,
+    /// Its number among the view's root sites ([`CompiledView::root_sites`]), when its focus
+    /// is the resource and it reads members of it: those of its trie's first level (no
+    /// iteration), or the first member of its `forEach` path.
+    site: Option<usize>,
+}
+
+/// A place where a view reads members of the resource's root object, which a [`RootScan`]
+/// may serve: the first level of a member-chain trie evaluated on the resource (its steps, in
+/// child order), or the first step of a `forEach`/`forEachOrNull` path over it.
+#[derive(Debug)]
+pub(crate) enum RootSite<'s> {
+    Trie(Vec<&'s Step>),
+    First(&'s Step),
 }
 
 /// One step of a trie of member-chain columns (`code.coding.first().system` and
@@ -194,6 +217,7 @@ pub struct EvalScratch {
     items: Vec<Vec<Item<'static>>>,
     refs: Vec<RefMemo<'static>>,
     found: Vec<Option<Json<'static>>>,
+    root: Vec<Option<Json<'static>>>,
     cells: Vec<ManuallyDrop<Cell<'static>>>,
     lists: Vec<Vec<RowId>>,
     parts: Vec<Vec<RowId>>,
@@ -237,6 +261,7 @@ impl EvalScratch {
                 items: std::mem::take(&mut self.items),
                 refs: std::mem::take(&mut self.refs),
                 found: std::mem::take(&mut self.found),
+                root: std::mem::take(&mut self.root),
             },
             cells: std::mem::take(&mut self.cells),
             owned: false,
@@ -252,6 +277,7 @@ impl EvalScratch {
         refs.clear();
         self.refs = emptied(refs);
         self.found = emptied(std::mem::take(&mut b.pool.found));
+        self.root = emptied(std::mem::take(&mut b.pool.root));
         self.items = std::mem::take(&mut b.pool.items)
             .into_iter()
             .take(SPARE_ITEM_BUFFERS)
@@ -311,6 +337,24 @@ impl<'a> EvalBuffers<'a> {
         self.inexact
     }
 
+    /// Scan `resource`'s root once for every view of its type (see [`RootScan`]): pass
+    /// [`ScannedRoot::view`] to each view's [`CompiledView::evaluate_given`] with these
+    /// buffers. `None` when the resource is not an object.
+    pub fn scan_root<'s>(
+        &mut self,
+        root: &'s RootScan,
+        resource: Json<'a>,
+    ) -> Option<ScannedRoot<'s>> {
+        let JsonRef::Object(object) = json_ref(resource) else {
+            return None;
+        };
+        let found = &mut self.pool.root;
+        found.clear();
+        found.resize(root.len(), None);
+        let scan = root.dispatch.scan(object, found);
+        Some(ScannedRoot { root, scan })
+    }
+
     /// The `width` cells of row `id`.
     pub fn row(&self, id: RowId, width: usize) -> impl Iterator<Item = &Cell<'a>> + '_ {
         self.cells[id..id + width].iter().map(|c| &**c)
@@ -365,6 +409,8 @@ struct Pool<'a> {
     /// The members [`MemberDispatch::scan`]s found, one slot per trie child, a stack with the
     /// innermost node's slots last.
     found: Vec<Option<Json<'a>>>,
+    /// The members the last [`EvalBuffers::scan_root`] found, one slot per union child.
+    root: Vec<Option<Json<'a>>>,
 }
 
 /// References remembered per resource. A `forEach` over many references (a Group's members)
@@ -572,6 +618,7 @@ impl CompiledView {
             .collect::<Result<Vec<_>, _>>()?;
         let mut root = cx.select_list(&def.select, "")?;
         root.set_masks();
+        root.number_root_sites(&mut 0);
         if cx.columns.is_empty() {
             return Err(err("the view defines no columns".into()));
         }
@@ -657,6 +704,14 @@ impl CompiledView {
         }
     }
 
+    /// The places where the view reads members of the resource's root object, by the number
+    /// its select nodes know them by: what a [`RootScan`] of the view's type serves.
+    pub(crate) fn root_sites(&self) -> Vec<RootSite<'_>> {
+        let mut out = Vec::new();
+        self.root.root_sites(&mut out);
+        out
+    }
+
     /// Find the members a trie node reads with one scan of each object (default) rather than
     /// one scan per member. The results are the same; the switch exists so that tests can
     /// compare the two.
@@ -713,17 +768,20 @@ impl CompiledView {
         out: &mut Vec<RowId>,
         bufs: &mut EvalBuffers<'a>,
     ) -> Result<bool, EvalError> {
-        self.evaluate_given(resource, out, bufs, None)
+        self.evaluate_given(resource, out, bufs, None, None)
     }
 
     /// [`CompiledView::evaluate_with`] where the cells `given` names are copied from a row
-    /// already evaluated (another view's, in `bufs`) instead of being computed again.
+    /// already evaluated (another view's, in `bufs`) instead of being computed again, and the
+    /// members of the resource's root that `root` names are taken from a [`RootScan`] of it
+    /// (done with `bufs`, for this view among others) instead of being looked up again.
     pub fn evaluate_given<'a>(
         &self,
         resource: Json<'a>,
         out: &mut Vec<RowId>,
         bufs: &mut EvalBuffers<'a>,
         given: Option<Given<'_>>,
+        root: Option<RootSites<'_>>,
     ) -> Result<bool, EvalError> {
         let env = Env {
             resource,
@@ -754,6 +812,7 @@ impl CompiledView {
             out,
             bufs,
             given,
+            root,
         );
         bufs.pool.push(computed);
         if r.is_err() {
@@ -771,6 +830,7 @@ impl CompiledView {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn process<'a>(
         &self,
         node: &SelectNode,
@@ -779,6 +839,7 @@ impl CompiledView {
         resource: Json<'a>,
         out: &mut Vec<RowId>,
         bufs: &mut EvalBuffers<'a>,
+        root: Option<RootSites<'_>>,
     ) -> Result<(), EvalError> {
         let one = std::slice::from_ref(focus);
         let mut computed = bufs.pool.pop();
@@ -791,13 +852,15 @@ impl CompiledView {
             out,
             bufs,
             None,
+            root,
         );
         bufs.pool.push(computed);
         r
     }
 
-    /// [`CompiledView::process`] with `computed` as the buffer for the node's foci, and the
-    /// cells `given` (the root's only) copied rather than evaluated.
+    /// [`CompiledView::process`] with `computed` as the buffer for the node's foci, the
+    /// cells `given` (the root's only) copied rather than evaluated, and the members of the
+    /// resource that `root` holds (when `one` is the resource) taken from it.
     #[allow(clippy::too_many_arguments)]
     fn process_foci<'a>(
         &self,
@@ -809,6 +872,7 @@ impl CompiledView {
         out: &mut Vec<RowId>,
         bufs: &mut EvalBuffers<'a>,
         given: Option<Given<'_>>,
+        root: Option<RootSites<'_>>,
     ) -> Result<(), EvalError> {
         let width = self.columns.len();
         let env = Env {
@@ -819,7 +883,25 @@ impl CompiledView {
             Iteration::Once => (one, false),
             Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => {
                 let mut tmp = bufs.pool.pop();
-                let r = e.evaluate_into(one, &env, computed, &mut tmp);
+                let first = match (root, node.site, e.plan()) {
+                    (Some(r), Some(site), Some(plan)) if self.member_dispatch => {
+                        r.first(site, &bufs.pool.root).map(|first| (first, plan))
+                    }
+                    _ => None,
+                };
+                let r = match first {
+                    // The first member from the root scan, the rest of the path as usual.
+                    Some((first, plan)) => {
+                        match first {
+                            Resolved::Found(v, ty) => push_flat(v, ty, computed),
+                            Resolved::Absent => {}
+                            Resolved::Navigate => plan.steps()[0].apply(one, &env, computed),
+                        }
+                        plan.evaluate_after_first(&env, computed, &mut tmp);
+                        Ok(())
+                    }
+                    None => e.evaluate_into(one, &env, computed, &mut tmp),
+                };
                 bufs.pool.push(tmp);
                 r.map_err(|m| self.error("forEach", m))?;
                 (computed.as_slice(), true)
@@ -840,6 +922,9 @@ impl CompiledView {
             return Ok(());
         }
         let nested_rows = node.selects.iter().any(|s| !s.simple) || !node.union_all.is_empty();
+        // The nested selects of a node without iteration have its focus: the resource, when
+        // the node's is.
+        let root = root.filter(|_| matches!(node.iteration, Iteration::Once));
         for (i, f) in foci.iter().enumerate() {
             let index = if iterating { i as i64 } else { parent_index };
             let env = Env {
@@ -851,7 +936,7 @@ impl CompiledView {
             // yet `observation_component` would read every one's id and subject).
             let parts = bufs.parts.len();
             if nested_rows {
-                match self.nested_parts(node, f, index, resource, bufs) {
+                match self.nested_parts(node, f, index, resource, bufs, root) {
                     Ok(true) => {}
                     Ok(false) => {
                         bufs.drop_parts(parts);
@@ -871,7 +956,15 @@ impl CompiledView {
                 inexact: &mut bufs.inexact,
                 skip: given.map_or(0, |g| g.shared.mask),
             };
-            self.fill_cells(node, f, &env, &mut row, &mut bufs.pool, &mut first_error);
+            self.fill_cells(
+                node,
+                f,
+                &env,
+                &mut row,
+                &mut bufs.pool,
+                &mut first_error,
+                root,
+            );
             if let Some((_, e)) = first_error {
                 bufs.drop_parts(parts);
                 return Err(e);
@@ -917,10 +1010,11 @@ impl CompiledView {
         index: i64,
         resource: Json<'a>,
         bufs: &mut EvalBuffers<'a>,
+        root: Option<RootSites<'_>>,
     ) -> Result<bool, EvalError> {
         for s in node.selects.iter().filter(|s| !s.simple) {
             let mut part = bufs.list();
-            let r = self.process(s, focus, index, resource, &mut part, bufs);
+            let r = self.process(s, focus, index, resource, &mut part, bufs, root);
             let empty = part.is_empty();
             bufs.parts.push(part);
             r?;
@@ -932,7 +1026,7 @@ impl CompiledView {
             let mut part = bufs.list();
             let mut r = Ok(());
             for u in &node.union_all {
-                r = self.process(u, focus, index, resource, &mut part, bufs);
+                r = self.process(u, focus, index, resource, &mut part, bufs, root);
                 if r.is_err() {
                     break;
                 }
@@ -949,7 +1043,9 @@ impl CompiledView {
 
     /// Write the cells of `node`'s own columns and of its simple nested selects (which yield
     /// exactly one row each, so a product with them changes nothing) into `row`. Failures are
-    /// noted in `first_error`, which keeps the first column in view order.
+    /// noted in `first_error`, which keeps the first column in view order. `root` holds the
+    /// members of the resource when `focus` is the resource.
+    #[allow(clippy::too_many_arguments)]
     fn fill_cells<'a>(
         &self,
         node: &SelectNode,
@@ -958,10 +1054,23 @@ impl CompiledView {
         row: &mut RowMut<'_, 'a>,
         pool: &mut Pool<'a>,
         first_error: &mut Option<(usize, EvalError)>,
+        root: Option<RootSites<'_>>,
     ) {
         let one = std::slice::from_ref(focus);
-        let dispatch = node.planned_dispatch.as_ref();
-        self.walk(&node.planned, dispatch, one, env, row, pool, first_error);
+        if node.planned_mask & !row.skip != 0 {
+            let dispatch = node.planned_dispatch.as_ref();
+            let site = root.zip(node.site);
+            self.walk(
+                &node.planned,
+                dispatch,
+                site,
+                one,
+                env,
+                row,
+                pool,
+                first_error,
+            );
+        }
         for (c, expr) in &node.columns {
             if row.skip & column_bit(*c) != 0 {
                 continue;
@@ -983,17 +1092,19 @@ impl CompiledView {
             }
         }
         for s in node.selects.iter().filter(|s| s.simple) {
-            self.fill_cells(s, focus, env, row, pool, first_error);
+            self.fill_cells(s, focus, env, row, pool, first_error, root);
         }
     }
 
     /// Evaluate a trie of member-chain columns over `input`, each shared prefix once. Over
-    /// one object, the members the nodes read are found in one scan of it (`dispatch`).
+    /// one object, the members the nodes read are found in one scan of it (`dispatch`), or
+    /// taken from the [`RootScan`] of it, root site `site`, when that is given.
     #[allow(clippy::too_many_arguments)]
     fn walk<'a>(
         &self,
         nodes: &[TrieNode],
         dispatch: Option<&MemberDispatch>,
+        site: Option<(RootSites<'_>, usize)>,
         input: &[Item<'a>],
         env: &Env<'a>,
         row: &mut RowMut<'_, 'a>,
@@ -1006,7 +1117,11 @@ impl CompiledView {
         {
             let start = pool.found.len();
             pool.found.resize(start + d.len(), None);
-            let scan = d.scan(object, &mut pool.found[start..]);
+            let taken = site.and_then(|(r, s)| r.take(s, &pool.root, &mut pool.found[start..]));
+            let scan = match taken {
+                Some(scan) => scan,
+                None => d.scan(object, &mut pool.found[start..]),
+            };
             // Only the children that may set a cell: absent members that stay null are
             // skipped without a look at each.
             let mut todo = d.visits(scan);
@@ -1107,7 +1222,16 @@ impl CompiledView {
         }
         if !n.children.is_empty() {
             let dispatch = n.dispatch.as_ref();
-            self.walk(&n.children, dispatch, items, env, row, pool, first_error);
+            self.walk(
+                &n.children,
+                dispatch,
+                None,
+                items,
+                env,
+                row,
+                pool,
+                first_error,
+            );
         }
     }
 
@@ -1463,12 +1587,14 @@ impl Compiler<'_> {
             iteration,
             planned,
             planned_dispatch,
+            planned_mask: 0,
             columns,
             simple,
             selects,
             union_all,
             subtree,
             row_index_cols,
+            site: None,
         })
     }
 
@@ -1538,7 +1664,58 @@ impl SelectNode {
         }
     }
 
-    /// Set every trie node's [`TrieNode::mask`] (once column indices are final).
+    /// Number the root sites of this node, whose focus is the resource, and of the nodes below
+    /// with that focus, in pre-order from `next` (see [`SelectNode::site`]).
+    fn number_root_sites(&mut self, next: &mut usize) {
+        match &self.iteration {
+            Iteration::Once => {
+                if self.planned_dispatch.is_some() {
+                    self.site = Some(*next);
+                    *next += 1;
+                }
+                for n in self.selects.iter_mut().chain(self.union_all.iter_mut()) {
+                    n.number_root_sites(next);
+                }
+            }
+            Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => {
+                if e.plan()
+                    .and_then(|p| p.steps().first())
+                    .is_some_and(scanned)
+                {
+                    self.site = Some(*next);
+                    *next += 1;
+                }
+            }
+            Iteration::Repeat(_) => {}
+        }
+    }
+
+    /// The root sites numbered by [`SelectNode::number_root_sites`], appended in number order.
+    fn root_sites<'s>(&'s self, out: &mut Vec<RootSite<'s>>) {
+        match (&self.iteration, self.site) {
+            (Iteration::Once, site) => {
+                if site.is_some() {
+                    debug_assert_eq!(site, Some(out.len()));
+                    out.push(RootSite::Trie(
+                        self.planned.iter().map(|n| &n.step).collect(),
+                    ));
+                }
+                for n in self.selects.iter().chain(self.union_all.iter()) {
+                    n.root_sites(out);
+                }
+            }
+            (Iteration::ForEach(e) | Iteration::ForEachOrNull(e), Some(site)) => {
+                if let Some(first) = e.plan().and_then(|p| p.steps().first()) {
+                    debug_assert_eq!(site, out.len());
+                    out.push(RootSite::First(first));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Set every trie node's [`TrieNode::mask`] and the [`SelectNode::planned_mask`]s (once
+    /// column indices are final).
     fn set_masks(&mut self) {
         fn trie(nodes: &mut [TrieNode]) -> u64 {
             let mut all = 0;
@@ -1551,7 +1728,7 @@ impl SelectNode {
             }
             all
         }
-        trie(&mut self.planned);
+        self.planned_mask = trie(&mut self.planned);
         for n in self.selects.iter_mut().chain(self.union_all.iter_mut()) {
             n.set_masks();
         }
@@ -1789,6 +1966,22 @@ mod tests {
                 s("p1"),
             ]]
         );
+    }
+
+    /// Two columns reading one choice element under two spellings of its type both get it
+    /// (regression: the scan of the root found `valueQuantity` for only one of them).
+    #[test]
+    fn two_spellings_of_a_type_read_one_choice_element() {
+        let view = json!({"resource": "Observation", "select": [{"column": [
+            {"name": "v", "path": "value.ofType(Quantity).value", "type": "string"},
+            {"name": "u", "path": "value.ofType(FHIR.Quantity).unit"},
+            {"name": "st", "path": "status"}
+        ]}]});
+        let r = rows(
+            view,
+            json!({"valueQuantity": {"value": "1", "unit": "mg"}, "status": "f"}),
+        );
+        assert_eq!(r.unwrap(), vec![vec![s("1"), s("mg"), s("f")]]);
     }
 
     #[test]

@@ -86,9 +86,9 @@ const EMPTY: u16 = u16::MAX;
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Scan {
     /// Children whose member was found (its value is in the scan's slot for the child).
-    present: u64,
+    pub(super) present: u64,
     /// Children that must navigate on their own.
-    navigate: u64,
+    pub(super) navigate: u64,
 }
 
 /// How one child gets its values after a [`MemberDispatch::scan`].
@@ -140,6 +140,11 @@ impl MemberDispatch {
                         key.push(f.as_bytes()[0].to_ascii_uppercase());
                         key.extend_from_slice(&f.as_bytes()[1..]);
                         let k = name_at(&mut names, &key);
+                        if names[k].typed.is_some() {
+                            // Two children read one choice element (`value.ofType(Quantity)`
+                            // and `value.ofType(FHIR.Quantity)`): a name serves one of them.
+                            return None;
+                        }
                         names[k].typed = Some(i as u8);
                         let b = name_at(&mut names, name.as_bytes());
                         if has_specialisations(f) {
@@ -300,6 +305,16 @@ impl MemberDispatch {
     /// Number of children the dispatch was compiled for.
     pub(crate) fn len(&self) -> usize {
         self.roles.len()
+    }
+}
+
+/// Whether a [`MemberDispatch`] finds what `step` reads in its scan (a member, or a choice
+/// element); the other steps navigate on their own.
+pub(crate) fn scanned(step: &Step) -> bool {
+    match step {
+        Step::Member(name) => starts_lower(name),
+        Step::TypedMember(name, ty) => starts_lower(name) && ty.fhir.is_some_and(|f| !f.is_empty()),
+        _ => false,
     }
 }
 

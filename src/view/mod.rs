@@ -21,6 +21,7 @@ pub mod definition;
 mod dispatch;
 pub mod fhirpath;
 pub mod json;
+mod root_scan;
 pub mod types;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
@@ -28,6 +29,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 pub use compile::{
     ColumnSpec, CompiledView, EvalBuffers, EvalError, EvalScratch, Given, Row, RowId, SharedColumns,
 };
+pub use root_scan::{RootScan, RootSites, ScannedRoot};
 pub use types::{Cell, ColumnType};
 
 use crate::embedded::DEFAULT_VIEWS;

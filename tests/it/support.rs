@@ -38,9 +38,23 @@ pub fn decode_chunked_with(
     batch_size: usize,
     shared_cells: bool,
 ) -> (BTreeMap<String, RecordBatch>, Vec<Reject>, DecodeStats) {
+    decode_chunked_opts(reg, input, chunk, batch_size, shared_cells, true)
+}
+
+/// [`decode_chunked_with`], also choosing whether the views of a type take the members of a
+/// resource's root from one scan of it (`DecoderBuilder::with_shared_scan`).
+pub fn decode_chunked_opts(
+    reg: &Arc<ViewRegistry>,
+    input: &[u8],
+    chunk: usize,
+    batch_size: usize,
+    shared_cells: bool,
+    shared_scan: bool,
+) -> (BTreeMap<String, RecordBatch>, Vec<Reject>, DecodeStats) {
     let mut d = DecoderBuilder::new(reg.clone(), "fixture.ndjson")
         .with_batch_size(batch_size)
         .with_shared_cells(shared_cells)
+        .with_shared_scan(shared_scan)
         .build();
     let mut batches = Vec::new();
     for c in input.chunks(chunk.max(1)) {

@@ -95,6 +95,30 @@ impl PathPlan {
         *out = cur;
         *tmp = next;
     }
+
+    /// [`PathPlan::evaluate_into`] from the second step on, with `out` holding the values of
+    /// the first (found some other way: a scan of the object the first step reads).
+    pub(crate) fn evaluate_after_first<'a>(
+        &self,
+        env: &Env<'a>,
+        out: &mut Vec<Item<'a>>,
+        tmp: &mut Vec<Item<'a>>,
+    ) {
+        let mut cur = std::mem::take(out);
+        let mut next = std::mem::take(tmp);
+        for step in self.steps.iter().skip(1) {
+            if let Step::First = step {
+                cur.truncate(1);
+                continue;
+            }
+            next.clear();
+            step.apply(&cur, env, &mut next);
+            std::mem::swap(&mut cur, &mut next);
+        }
+        next.clear();
+        *out = cur;
+        *tmp = next;
+    }
 }
 
 impl Step {
