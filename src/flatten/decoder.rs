@@ -799,7 +799,7 @@ mod tests {
         for dir in ["ndjson", "bad", "valid_fhir", "dispatch"] {
             for e in std::fs::read_dir(data.join(dir)).unwrap() {
                 let p = e.unwrap().path();
-                if !p.extension().is_some_and(|x| x == "ndjson") {
+                if p.extension().is_none_or(|x| x != "ndjson") {
                     continue;
                 }
                 let input = std::fs::read(&p).unwrap();

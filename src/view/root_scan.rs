@@ -22,7 +22,9 @@ use super::json::Json;
 /// A site child that the union does not serve (its step navigates on its own).
 const NONE: u8 = u8::MAX;
 
-/// The scan of a resource's root for all the views of its type; see the [module docs](self).
+/// The scan of a resource's root for all the views of its type: one scan of its keys for the
+/// union of the steps every view reads there, handed to each view as if it had scanned itself
+/// (see the docs of `src/view/root_scan.rs` for when there is none).
 #[derive(Debug)]
 pub struct RootScan {
     /// The dispatch of the distinct steps read from the root, by every view.
