@@ -9,6 +9,7 @@
 //! [`rows`] turns batches back into JSON rows (the `view` command, conformance tests).
 
 mod concat;
+mod json_pages;
 pub mod rows;
 mod sharded;
 mod upload;
