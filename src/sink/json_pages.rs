@@ -574,7 +574,6 @@ mod tests {
     use parquet::{
         arrow::arrow_reader::ParquetRecordBatchReaderBuilder,
         basic::ZstdLevel,
-        column::page::PageReader,
         file::{
             page_index::offset_index::OffsetIndexMetaData,
             reader::{FileReader, SerializedFileReader},
@@ -698,6 +697,9 @@ mod tests {
                     .get_column_page_reader(col)
                     .unwrap();
                 while let Some(page) = pr.get_next_page().unwrap() {
+                    if matches!(page, Page::DictionaryPage { .. }) {
+                        continue;
+                    }
                     let Page::DataPage {
                         buf,
                         num_values,
@@ -709,7 +711,7 @@ mod tests {
                     else {
                         panic!("not a v1 data page");
                     };
-                    assert!(statistics.is_none());
+                    assert!(col != 2 || statistics.is_none());
                     pages.push((num_values, encoding, def_level_encoding, buf.len()));
                 }
                 let meta = reader.metadata().row_group(rg).column(col).clone();
