@@ -12,10 +12,10 @@ use crate::{
     view::compile::FHIR_TYPE_METADATA,
 };
 use datafusion::arrow::{
-    array::{Array, ArrayRef, AsArray},
+    array::{Array, ArrayRef, AsArray, make_comparator},
+    compute::SortOptions,
     datatypes::DataType,
     record_batch::RecordBatch,
-    row::{RowConverter, SortField},
 };
 use parquet::{
     basic::{Compression, ZstdLevel},
@@ -492,25 +492,40 @@ const FEW_DISTINCT: usize = 8;
 
 /// Whether the first (up to 256, at least 64) non-null values among the first 1024 rows of a
 /// flat column hold at most [`FEW_DISTINCT`] distinct values.
+///
+/// Each value is compared with the distinct ones found so far, and the search stops at the
+/// first value past [`FEW_DISTINCT`]: most columns stop within a few dozen values. (Converting
+/// the 1024 rows to arrow's row format and sorting the sample, as before, cost ~3 million
+/// instructions per file: 3.4% of a `convert` of synthea-100, whose 41 files are small.)
 fn few_distinct(col: &ArrayRef) -> bool {
     let col = col.slice(0, col.len().min(1024));
     if col.len() - col.null_count() < DISTINCT_SAMPLE.0 {
         return false;
     }
-    let Ok(converter) = RowConverter::new(vec![SortField::new(col.data_type().clone())]) else {
+    let Ok(cmp) = make_comparator(&col, &col, SortOptions::default()) else {
         return false;
     };
-    let Ok(rows) = converter.convert_columns(std::slice::from_ref(&col)) else {
-        return false;
-    };
-    let mut sample: Vec<&[u8]> = (0..rows.num_rows())
+    // Rows of the distinct values so far; `last`, the one the previous value equalled, is
+    // tried first (such columns mostly repeat their value).
+    let mut distinct: Vec<usize> = Vec::with_capacity(FEW_DISTINCT);
+    let mut last = usize::MAX;
+    for i in (0..col.len())
         .filter(|&i| col.is_valid(i))
         .take(DISTINCT_SAMPLE.1)
-        .map(|i| rows.row(i).data())
-        .collect();
-    sample.sort_unstable();
-    sample.dedup();
-    sample.len() <= FEW_DISTINCT
+    {
+        if last != usize::MAX && cmp(i, last).is_eq() {
+            continue;
+        }
+        match distinct.iter().find(|&&j| cmp(i, j).is_eq()) {
+            Some(&j) => last = j,
+            None if distinct.len() == FEW_DISTINCT => return false,
+            None => {
+                distinct.push(i);
+                last = i;
+            }
+        }
+    }
+    true
 }
 
 /// Values of a first batch [`mostly_distinct`] looks at: at least the first, at most the second.
@@ -694,6 +709,40 @@ mod tests {
             .build();
         let p = props_for(&base, JsonColumns::default(), &batch);
         assert_eq!(p.compression(&col("sparse")), Compression::UNCOMPRESSED);
+    }
+
+    #[test]
+    fn few_distinct_is_at_most_eight_values_in_the_sample() {
+        // `k` distinct values, cycled or in runs, with nulls between.
+        let col = |k: usize, runs: bool| -> ArrayRef {
+            Arc::new(
+                (0..400)
+                    .map(|i| {
+                        let v = if runs { i / 20 % k } else { i % k };
+                        (i % 7 != 0).then(|| v as i64)
+                    })
+                    .collect::<Int64Array>(),
+            )
+        };
+        for runs in [false, true] {
+            assert!(few_distinct(&col(1, runs)));
+            assert!(few_distinct(&col(8, runs)), "8 values, runs: {runs}");
+            assert!(!few_distinct(&col(9, runs)), "9 values, runs: {runs}");
+        }
+        let text: ArrayRef = Arc::new(
+            (0..300)
+                .map(|i| Some(["a", "b", "c", "d", "e", "f", "g", "h", "i"][i % 9]))
+                .collect::<StringArray>(),
+        );
+        assert!(!few_distinct(&text));
+        let eight: ArrayRef = Arc::new(
+            (0..300)
+                .map(|i| Some(["a", "b", "c", "d", "e", "f", "g", "h"][i * 7 % 8]))
+                .collect::<StringArray>(),
+        );
+        assert!(few_distinct(&eight));
+        // Fewer than 64 values say nothing.
+        assert!(!few_distinct(&col(1, false).slice(0, 70)));
     }
 
     #[test]
