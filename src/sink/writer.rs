@@ -719,7 +719,7 @@ mod tests {
                 (0..400)
                     .map(|i| {
                         let v = if runs { i / 20 % k } else { i % k };
-                        (i % 7 != 0).then(|| v as i64)
+                        (i % 7 != 0).then_some(v as i64)
                     })
                     .collect::<Int64Array>(),
             )
