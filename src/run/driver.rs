@@ -12,13 +12,13 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{DEFAULT_CHUNK_BYTES, Input, Progress};
+use super::{DEFAULT_CHUNK_BYTES, Input, Progress, input::RangeLines};
 use crate::{
     Error, Result,
     dataset::InputRecord,
     flatten::{
         DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LINE_BYTES, DecodeStats,
-        DecoderBuilder, FlattenError, RejectBuffer, ViewBatch,
+        DecoderBuilder, FlattenError, Reject, RejectBuffer, ViewBatch,
     },
     sink::DatasetWriter,
     view::ViewRegistry,
@@ -396,6 +396,39 @@ fn spawn_sink<S: BatchSink>(
     })
 }
 
+/// Shift `rejects` numbered from 1 within a range of a split file to the file's own line
+/// numbers: `shift` is learned from `range` at the first reject, then kept.
+fn renumber(
+    mut rejects: Vec<Reject>,
+    range: &Option<RangeLines>,
+    shift: &mut Option<u64>,
+    label: &str,
+) -> Result<Vec<Reject>, FlattenError> {
+    if rejects.is_empty() {
+        return Ok(rejects);
+    }
+    let by = match *shift {
+        Some(by) => by,
+        None => {
+            let first = range
+                .as_ref()
+                .map_or(Ok(1), RangeLines::first_line)
+                .map_err(|source| FlattenError::Read {
+                    file: label.to_string(),
+                    source,
+                })?;
+            *shift = Some(first - 1);
+            first - 1
+        }
+    };
+    if by > 0 {
+        for r in &mut rejects {
+            r.line += by;
+        }
+    }
+    Ok(rejects)
+}
+
 /// Decode one input on the calling (blocking) thread, sending its batches and bounded reject
 /// batches to `tx`. `Ok(None)`: the receiver is gone (the sink failed; its error is reported
 /// there).
@@ -407,15 +440,18 @@ fn decode_input(
 ) -> Result<Option<InputOutcome>, FlattenError> {
     let progress = &cfg.progress;
     let label = input.label.clone();
-    let (first_line, offset) = input.start();
+    let (offset, range) = input.start();
     let parts_left = input.parts_left.clone();
     let mut reader = input.open(progress.clone())?;
+    // A range of a split file numbers its lines from 1 until a reject needs the file's own
+    // numbers: then its first line is learned once and every reject is shifted by it.
+    let mut shift = if range.is_none() { Some(0) } else { None };
     let mut decoder = DecoderBuilder::new(cfg.registry.clone(), label.clone())
         .with_batch_size(cfg.batch_size)
         .with_batch_bytes(cfg.batch_bytes)
         .with_max_line_bytes(cfg.max_line_bytes)
         .with_only_viewed_types(cfg.only_viewed)
-        .with_start(first_line, offset)
+        .with_start(1, offset)
         .build();
     let mut rejects = RejectBuffer::default();
     let mut buf = vec![0u8; DEFAULT_CHUNK_BYTES];
@@ -446,7 +482,12 @@ fn decode_input(
                 return Ok(None);
             }
         }
-        for b in rejects.push(decoder.take_rejects()) {
+        for b in rejects.push(renumber(
+            decoder.take_rejects(),
+            &range,
+            &mut shift,
+            &label,
+        )?) {
             if !send(b) {
                 return Ok(None);
             }
@@ -454,7 +495,15 @@ fn decode_input(
     }
     let batches = decoder.finish()?;
     count(progress, decoder.stats(), &mut lines, &mut rejected);
-    let last_rejects = rejects.push(decoder.take_rejects());
+    let last_rejects = rejects.push(renumber(
+        decoder.take_rejects(),
+        &range,
+        &mut shift,
+        &label,
+    )?);
+    if let Some(r) = &range {
+        r.record(decoder.stats().lines);
+    }
     for b in batches
         .into_iter()
         .chain(last_rejects)

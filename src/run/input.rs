@@ -5,9 +5,10 @@
 //! at most [`DEFAULT_CHUNK_BYTES`].
 //!
 //! Big uncompressed files are cut into byte ranges ([`split_file`]) that several decode threads
-//! read at once; each range knows the line number it starts at, so rejects stay exact. Only
-//! regular files are: a pipe or FIFO can be read once only, so it is opened once, by its decode
-//! thread, which peeks at its first bytes to sniff gzip.
+//! read at once. A range's first line number is learned only when it is needed, for its first
+//! reject (`RangeLines`), so rejects stay exact without a pass over the whole file before
+//! decoding starts. Only regular files are split: a pipe or FIFO can be read once only, so it is
+//! opened once, by its decode thread, which peeks at its first bytes to sniff gzip.
 //!
 //! Paths are not files: [`expand_inputs`] reads a file once however many paths name it, and
 //! walks a folder once however many links reach it (so symlink loops end).
@@ -51,7 +52,8 @@ pub struct Input {
 
 enum Source {
     File(PathBuf),
-    Range(PathBuf, FileRange),
+    /// Range `.1` of a split file.
+    Range(Arc<SplitFile>, usize),
     Body {
         chunks: mpsc::Receiver<std::io::Result<Bytes>>,
         archive: Option<PathBuf>,
@@ -62,7 +64,7 @@ impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Source::File(p) => write!(f, "File({})", p.display()),
-            Source::Range(p, r) => write!(f, "Range({}, {r:?})", p.display()),
+            Source::Range(file, i) => write!(f, "Range({}, {i})", file.path.display()),
             Source::Body { .. } => f.write_str("Body"),
         }
     }
@@ -103,11 +105,18 @@ impl Input {
         (input, tx)
     }
 
-    /// Where the input starts in its file: `(first line, byte offset)`.
-    pub(super) fn start(&self) -> (u64, u64) {
+    /// The byte offset the input starts at in its file, and for a range of a split file, how
+    /// to learn its first line number.
+    pub(super) fn start(&self) -> (u64, Option<RangeLines>) {
         match &self.source {
-            Source::Range(_, r) => (r.first_line, r.start),
-            _ => (1, 0),
+            Source::Range(file, i) => (
+                file.bounds[*i],
+                Some(RangeLines {
+                    file: file.clone(),
+                    index: *i,
+                }),
+            ),
+            _ => (0, None),
         }
     }
 
@@ -123,12 +132,13 @@ impl Input {
             source,
         };
         match self.source {
-            Source::Range(path, r) => {
-                let mut f = std::fs::File::open(&path).map_err(read_err)?;
-                f.seek(SeekFrom::Start(r.start)).map_err(read_err)?;
+            Source::Range(file, i) => {
+                let (start, end) = (file.bounds[i], file.bounds[i + 1]);
+                let mut f = std::fs::File::open(&file.path).map_err(read_err)?;
+                f.seek(SeekFrom::Start(start)).map_err(read_err)?;
                 // Reads go straight into the decoder's buffer: no BufReader needed.
                 Ok(Box::new(Counting {
-                    inner: f.take(r.end - r.start),
+                    inner: f.take(end - start),
                     progress,
                 }))
             }
@@ -409,15 +419,78 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, FlattenError> {
         .collect())
 }
 
-/// A byte range of an input file that starts at the beginning of a line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileRange {
-    /// Absolute offset of the first byte.
-    pub start: u64,
-    /// Offset just past the last byte (just after a `\n`, or the end of the file).
-    pub end: u64,
-    /// 1-based number of the range's first line in the file.
-    pub first_line: u64,
+/// A big uncompressed file decoded in ranges, each starting at the beginning of a line, and
+/// what is known so far of the ranges' line numbers.
+#[derive(Debug)]
+pub(super) struct SplitFile {
+    path: PathBuf,
+    /// Range `i` is `bounds[i]..bounds[i + 1]` ([`split_bounds`]).
+    bounds: Vec<u64>,
+    /// Newlines in each range, once known: a range's decoder records its count when it has
+    /// read the whole range ([`RangeLines::record`]).
+    newlines: Mutex<Vec<Option<u64>>>,
+}
+
+/// How one range of a [`SplitFile`] learns the number of its first line.
+///
+/// Rejects name the file's own line numbers, and a range's first line is one more than the
+/// newlines before it. Counting those for every range before decoding (a `memchr` pass over the
+/// whole file, as before) delayed every decoder by a read of the file — ~0.4 s of one core at
+/// synthea ×100 from the page cache, a whole extra read of the disk for a file that is not in
+/// it — for numbers that only rejects need. Now each range's decoder records its line count
+/// when it finishes the range; a range that needs its first line (for its first reject) sums
+/// the counts before it and counts only the ranges not finished yet itself, so a file without
+/// rejects is read once.
+#[derive(Debug, Clone)]
+pub(super) struct RangeLines {
+    file: Arc<SplitFile>,
+    index: usize,
+}
+
+impl RangeLines {
+    /// The 1-based number of the range's first line in the file. Blocking: may read the
+    /// ranges before this one whose counts are not recorded yet.
+    pub(super) fn first_line(&self) -> std::io::Result<u64> {
+        let file = &*self.file;
+        let mut line = 1;
+        let mut next = 0;
+        {
+            let known = file.newlines.lock().unwrap_or_else(|e| e.into_inner());
+            while next < self.index
+                && let Some(n) = known[next]
+            {
+                line += n;
+                next += 1;
+            }
+        }
+        if next == self.index {
+            return Ok(line);
+        }
+        let mut f = std::fs::File::open(&file.path)?;
+        f.seek(SeekFrom::Start(file.bounds[next]))?;
+        let mut f = f.take(file.bounds[self.index] - file.bounds[next]);
+        let mut buf = vec![0u8; DEFAULT_CHUNK_BYTES];
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            line += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+        }
+        if f.limit() > 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line)
+    }
+
+    /// Record that the range holds `newlines` lines (all of them end in a newline but maybe
+    /// the last range's last one, whose count no range needs).
+    pub(super) fn record(&self, newlines: u64) {
+        let mut known = self.file.newlines.lock().unwrap_or_else(|e| e.into_inner());
+        known[self.index] = Some(newlines);
+    }
 }
 
 /// The offset just after the first `\n` at or after `cut`, or `None` when there is none.
@@ -441,20 +514,13 @@ pub fn find_line_boundary<R: Read + Seek>(r: &mut R, cut: u64) -> std::io::Resul
 }
 
 /// Cut `len` bytes of uncompressed ndjson read from `r` into ranges of at least `split_bytes`
-/// (the last may be shorter), each ending just after a `\n`, with the line number each starts
-/// at. One range when `split_bytes` is 0 or at least `len`.
-///
-/// The first line number of a range is exact: the newlines before it are counted in a
-/// sequential pre-pass over every range but the last. That pass is a `memchr` scan in
-/// [`DEFAULT_CHUNK_BYTES`] blocks; it runs at memory (or disk) bandwidth, two orders of magnitude
-/// faster than JSON decoding, so it costs a few percent of one file's decode time and lets
-/// every range decoder number its lines and rejects as in the whole file from the start,
-/// without buffering rejects until earlier ranges finish.
-pub fn split_ranges<R: Read + Seek>(
+/// (the last may be shorter), each ending just after a `\n`: the ranges' bounds, from 0 to
+/// `len`. One range when `split_bytes` is 0 or at least `len`. Reads only around each cut.
+pub fn split_bounds<R: Read + Seek>(
     r: &mut R,
     len: u64,
     split_bytes: usize,
-) -> std::io::Result<Vec<FileRange>> {
+) -> std::io::Result<Vec<u64>> {
     let mut bounds = vec![0u64];
     if split_bytes > 0 {
         let mut start = 0u64;
@@ -473,37 +539,11 @@ pub fn split_ranges<R: Read + Seek>(
         }
     }
     bounds.push(len);
-    let mut ranges = Vec::with_capacity(bounds.len() - 1);
-    let mut first_line = 1u64;
-    let mut buf = vec![0u8; DEFAULT_CHUNK_BYTES];
-    r.seek(SeekFrom::Start(0))?;
-    for (i, w) in bounds.windows(2).enumerate() {
-        ranges.push(FileRange {
-            start: w[0],
-            end: w[1],
-            first_line,
-        });
-        if i + 2 == bounds.len() {
-            break; // the last range: nothing after it needs its count
-        }
-        let mut left = w[1] - w[0];
-        while left > 0 {
-            let want = left.min(buf.len() as u64) as usize;
-            let n = match r.read(&mut buf[..want]) {
-                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            first_line += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
-            left -= n as u64;
-        }
-    }
-    Ok(ranges)
+    Ok(bounds)
 }
 
-/// The ranges a file is decoded in: one whole-file range for gzip input and for files up to
-/// `split_bytes`, else as [`split_ranges`].
+/// The bounds of the ranges a file is decoded in ([`split_bounds`]): one whole-file range for
+/// gzip input and for files up to `split_bytes`.
 ///
 /// Only a regular file is opened here (to sniff gzip and find line boundaries), since only a
 /// regular file can be read again from any offset. Anything else — a pipe (`/dev/stdin`,
@@ -512,38 +552,31 @@ pub fn split_ranges<R: Read + Seek>(
 /// opens must see them all (peeking at them to sniff gzip). Reading two bytes of a pipe here
 /// cut them off the first line, and opening a FIFO a second time waited for a writer that was
 /// gone.
-pub fn split_file(path: &Path, split_bytes: usize) -> std::io::Result<Vec<FileRange>> {
+pub fn split_file(path: &Path, split_bytes: usize) -> std::io::Result<Vec<u64>> {
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
-        return Ok(vec![FileRange {
-            start: 0,
-            end: meta.len(),
-            first_line: 1,
-        }]);
+        return Ok(vec![0, meta.len()]);
     }
     let mut f = std::fs::File::open(path)?;
     let len = meta.len();
     let mut magic = [0u8; 2];
     let gzip = f.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
     if gzip || split_bytes == 0 || len <= split_bytes as u64 {
-        return Ok(vec![FileRange {
-            start: 0,
-            end: len,
-            first_line: 1,
-        }]);
+        return Ok(vec![0, len]);
     }
-    split_ranges(&mut f, len, split_bytes)
+    split_bounds(&mut f, len, split_bytes)
 }
 
 /// Turn files into inputs, splitting big uncompressed ones into ranges. Files are planned on up
-/// to `threads` threads, so the pre-passes of several big files run in parallel. Blocking.
+/// to `threads` threads (each cut reads a little around it, so a slow disk's seeks overlap).
+/// Blocking.
 pub fn plan_files(
     files: Vec<PathBuf>,
     split_bytes: usize,
     threads: usize,
 ) -> Result<Vec<Input>, FlattenError> {
     let next = AtomicUsize::new(0);
-    let planned: Vec<Mutex<Option<std::io::Result<Vec<FileRange>>>>> =
+    let planned: Vec<Mutex<Option<std::io::Result<Vec<u64>>>>> =
         files.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..threads.min(files.len()).max(1) {
@@ -567,25 +600,31 @@ pub fn plan_files(
             .ok()
             .flatten()
             .unwrap_or_else(|| Err(std::io::Error::other("the planning thread panicked")));
-        let ranges = planned.map_err(|source| FlattenError::Read {
+        let bounds = planned.map_err(|source| FlattenError::Read {
             file: label.clone(),
             source,
         })?;
-        if let [whole] = ranges.as_slice() {
+        if let [_, len] = bounds.as_slice() {
             inputs.push(Input {
                 label,
-                bytes: whole.end,
+                bytes: *len,
                 source: Source::File(path),
                 parts_left: Arc::new(AtomicUsize::new(1)),
             });
             continue;
         }
-        let parts_left = Arc::new(AtomicUsize::new(ranges.len()));
-        for r in ranges {
+        let ranges = bounds.len() - 1;
+        let file = Arc::new(SplitFile {
+            path,
+            newlines: Mutex::new(vec![None; ranges]),
+            bounds,
+        });
+        let parts_left = Arc::new(AtomicUsize::new(ranges));
+        for i in 0..ranges {
             inputs.push(Input {
                 label: label.clone(),
-                source: Source::Range(path.clone(), r),
-                bytes: r.end - r.start,
+                source: Source::Range(file.clone(), i),
+                bytes: file.bounds[i + 1] - file.bounds[i],
                 parts_left: parts_left.clone(),
             });
         }
@@ -666,34 +705,67 @@ mod tests {
         }
         data.extend_from_slice(b"no trailing newline");
         let len = data.len() as u64;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.ndjson");
+        std::fs::write(&path, &data).unwrap();
+        let truth = |at: u64| memchr::memchr_iter(b'\n', &data[..at as usize]).count() as u64 + 1;
         for split in [1, 7, 100, 1000, 4096] {
-            let ranges = split_ranges(&mut Cursor::new(&data), len, split).unwrap();
-            assert!(ranges.len() > 1, "split {split}");
-            assert_eq!(ranges[0].start, 0);
-            assert_eq!(ranges.last().unwrap().end, len);
-            for w in ranges.windows(2) {
-                assert_eq!(w[0].end, w[1].start);
-                assert_eq!(data[w[0].end as usize - 1], b'\n');
-                assert!(w[0].end - w[0].start >= split as u64);
+            let bounds = split_bounds(&mut Cursor::new(&data), len, split).unwrap();
+            assert!(bounds.len() > 2, "split {split}");
+            assert_eq!((bounds[0], *bounds.last().unwrap()), (0, len));
+            for w in bounds.windows(2).take(bounds.len() - 2) {
+                assert_eq!(data[w[1] as usize - 1], b'\n');
+                assert!(w[1] - w[0] >= split as u64);
             }
-            for r in &ranges {
-                let before = memchr::memchr_iter(b'\n', &data[..r.start as usize]).count();
-                assert_eq!(r.first_line, before as u64 + 1, "split {split}: {r:?}");
+            let ranges = bounds.len() - 1;
+            let file = Arc::new(SplitFile {
+                path: path.clone(),
+                newlines: Mutex::new(vec![None; ranges]),
+                bounds: bounds.clone(),
+            });
+            let range = |index| RangeLines {
+                file: file.clone(),
+                index,
+            };
+            // Nothing recorded: each range counts everything before it.
+            for (i, &start) in bounds[..ranges].iter().enumerate() {
+                assert_eq!(
+                    range(i).first_line().unwrap(),
+                    truth(start),
+                    "split {split}"
+                );
+            }
+            // Some ranges recorded (as their decoders would, in any order): the same numbers.
+            for i in (0..ranges).filter(|i| i % 3 != 1) {
+                range(i).record(truth(bounds[i + 1]) - truth(bounds[i]));
+            }
+            for (i, &start) in bounds[..ranges].iter().enumerate() {
+                assert_eq!(
+                    range(i).first_line().unwrap(),
+                    truth(start),
+                    "split {split}"
+                );
             }
         }
-        let one = split_ranges(&mut Cursor::new(&data), len, 0).unwrap();
+        let one = split_bounds(&mut Cursor::new(&data), len, 0).unwrap();
+        assert_eq!(one, vec![0, len]);
         assert_eq!(
-            one,
-            vec![FileRange {
-                start: 0,
-                end: len,
-                first_line: 1
-            }]
-        );
-        assert_eq!(
-            split_ranges(&mut Cursor::new(&data), len, len as usize).unwrap(),
+            split_bounds(&mut Cursor::new(&data), len, len as usize).unwrap(),
             one
         );
+        // A file cut short under a range: an error, not a wrong number.
+        let bounds = split_bounds(&mut Cursor::new(&data), len, 1000).unwrap();
+        let file = Arc::new(SplitFile {
+            path: path.clone(),
+            newlines: Mutex::new(vec![None; bounds.len() - 1]),
+            bounds,
+        });
+        std::fs::write(&path, &data[..500]).unwrap();
+        let last = RangeLines {
+            index: file.bounds.len() - 2,
+            file,
+        };
+        assert!(last.first_line().is_err());
     }
 
     /// A file named twice (spelt differently, or through a symlink) is read once, and a
@@ -745,12 +817,12 @@ mod tests {
         let plain = dir.path().join("a.ndjson");
         let text = "{\"resourceType\":\"Basic\"}\n".repeat(100);
         std::fs::write(&plain, &text).unwrap();
-        assert!(split_file(&plain, 64).unwrap().len() > 1);
+        assert!(split_file(&plain, 64).unwrap().len() > 2);
         let gz = dir.path().join("a.ndjson.gz");
         let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
         std::io::Write::write_all(&mut e, text.as_bytes()).unwrap();
         std::fs::write(&gz, e.finish().unwrap()).unwrap();
-        assert_eq!(split_file(&gz, 1).unwrap().len(), 1);
+        assert_eq!(split_file(&gz, 1).unwrap().len(), 2);
     }
 
     /// A gzip body is inflated in pieces no larger than the reader's buffer, whatever its
