@@ -254,8 +254,10 @@ impl Driver {
     pub async fn run<S: BatchSink>(&self, mut inputs: Vec<Input>, sink: S) -> Result<Decoded<S>> {
         let threads = self.cfg.threads.min(inputs.len()).max(1);
         if threads > 1 {
-            // Largest first, so one big file does not start last (popped from the end).
-            inputs.sort_by_key(|i| i.bytes);
+            // Largest first, so one big file does not start last (popped from the end); the
+            // ranges of a split file in file order, so that a range's first line number is
+            // mostly a sum of the counts of ranges already decoded ([`input::RangeLines`]).
+            inputs.sort_by_key(Input::order);
         } else {
             // One thread reads the inputs in the order given (the `view` command's row order).
             inputs.reverse();

@@ -105,6 +105,15 @@ impl Input {
         (input, tx)
     }
 
+    /// Where the input goes in the queue of decode threads, which take the greatest first: the
+    /// largest files first, the ranges of a split file (as large as the file) in file order.
+    pub(super) fn order(&self) -> (u64, std::cmp::Reverse<usize>) {
+        match &self.source {
+            Source::Range(file, i) => (file.len(), std::cmp::Reverse(*i)),
+            _ => (self.bytes, std::cmp::Reverse(0)),
+        }
+    }
+
     /// The byte offset the input starts at in its file, and for a range of a split file, how
     /// to learn its first line number.
     pub(super) fn start(&self) -> (u64, Option<RangeLines>) {
@@ -431,6 +440,33 @@ pub(super) struct SplitFile {
     newlines: Mutex<Vec<Option<u64>>>,
 }
 
+impl SplitFile {
+    fn len(&self) -> u64 {
+        self.bounds.last().copied().unwrap_or(0)
+    }
+
+    /// Newlines in range `i`, counted by reading it.
+    fn count(&self, i: usize, buf: &mut [u8]) -> std::io::Result<u64> {
+        let mut f = std::fs::File::open(&self.path)?;
+        f.seek(SeekFrom::Start(self.bounds[i]))?;
+        let mut f = f.take(self.bounds[i + 1] - self.bounds[i]);
+        let mut newlines = 0;
+        loop {
+            let n = match f.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            newlines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+        }
+        if f.limit() > 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(newlines)
+    }
+}
+
 /// How one range of a [`SplitFile`] learns the number of its first line.
 ///
 /// Rejects name the file's own line numbers, and a range's first line is one more than the
@@ -438,9 +474,11 @@ pub(super) struct SplitFile {
 /// whole file, as before) delayed every decoder by a read of the file — ~0.4 s of one core at
 /// synthea ×100 from the page cache, a whole extra read of the disk for a file that is not in
 /// it — for numbers that only rejects need. Now each range's decoder records its line count
-/// when it finishes the range; a range that needs its first line (for its first reject) sums
-/// the counts before it and counts only the ranges not finished yet itself, so a file without
-/// rejects is read once.
+/// when it finishes the range, and a range that needs its first line (for its first reject)
+/// sums the counts recorded before it, counting (and recording) any missing one itself. The
+/// decode threads take a file's ranges in file order ([`Input::order`]), so the missing ones
+/// are those being decoded beside it: a file without rejects is read once, one with rejects
+/// everywhere at most twice, as before.
 #[derive(Debug, Clone)]
 pub(super) struct RangeLines {
     file: Arc<SplitFile>,
@@ -453,34 +491,24 @@ impl RangeLines {
     pub(super) fn first_line(&self) -> std::io::Result<u64> {
         let file = &*self.file;
         let mut line = 1;
-        let mut next = 0;
-        {
-            let known = file.newlines.lock().unwrap_or_else(|e| e.into_inner());
-            while next < self.index
-                && let Some(n) = known[next]
-            {
-                line += n;
-                next += 1;
-            }
-        }
-        if next == self.index {
-            return Ok(line);
-        }
-        let mut f = std::fs::File::open(&file.path)?;
-        f.seek(SeekFrom::Start(file.bounds[next]))?;
-        let mut f = f.take(file.bounds[self.index] - file.bounds[next]);
-        let mut buf = vec![0u8; DEFAULT_CHUNK_BYTES];
-        loop {
-            let n = match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+        let mut buf = Vec::new();
+        for i in 0..self.index {
+            let known = file.newlines.lock().unwrap_or_else(|e| e.into_inner())[i];
+            line += match known {
+                Some(n) => n,
+                None => {
+                    // Not decoded yet (or being decoded): counted here, and recorded for the
+                    // ranges after it.
+                    buf.resize(DEFAULT_CHUNK_BYTES, 0);
+                    let n = file.count(i, &mut buf)?;
+                    RangeLines {
+                        file: self.file.clone(),
+                        index: i,
+                    }
+                    .record(n);
+                    n
+                }
             };
-            line += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
-        }
-        if f.limit() > 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         Ok(line)
     }
@@ -766,6 +794,39 @@ mod tests {
             file,
         };
         assert!(last.first_line().is_err());
+    }
+
+    /// The decode threads take the largest file first, and a split file's ranges in file order.
+    #[test]
+    fn split_files_are_queued_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (big, small) = (
+            dir.path().join("big.ndjson"),
+            dir.path().join("small.ndjson"),
+        );
+        std::fs::write(&big, "{\"resourceType\":\"Basic\"}\n".repeat(1000)).unwrap();
+        std::fs::write(&small, "{\"resourceType\":\"Basic\"}\n".repeat(30)).unwrap();
+        let mut inputs = plan_files(vec![small, big], 1000, 2).unwrap();
+        assert!(inputs.len() > 20);
+        inputs.sort_by_key(Input::order);
+        // Popped from the end.
+        let taken: Vec<(u64, Option<usize>)> = inputs
+            .iter()
+            .rev()
+            .map(|i| match &i.source {
+                Source::Range(_, r) => (i.start().0, Some(*r)),
+                _ => (0, None),
+            })
+            .collect();
+        let ranges = inputs.len() - 1;
+        assert!(
+            taken[..ranges]
+                .iter()
+                .enumerate()
+                .all(|(i, t)| t.1 == Some(i))
+        );
+        assert!(taken[..ranges].windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(taken[ranges], (0, None));
     }
 
     /// A file named twice (spelt differently, or through a symlink) is read once, and a
