@@ -283,13 +283,16 @@ impl Driver {
                 move || -> Result<Vec<InputOutcome>, FlattenError> {
                     let _span = span.enter();
                     let mut done = Vec::new();
+                    // One read buffer per thread, not per input: a run of thousands of small
+                    // files would zero a fresh MiB for each.
+                    let mut buf = vec![0u8; DEFAULT_CHUNK_BYTES];
                     loop {
                         if stop.load(Ordering::Relaxed) || cfg.cancel.load(Ordering::Relaxed) {
                             return Ok(done);
                         }
                         let next = queue.lock().map(|mut q| q.pop()).unwrap_or(None);
                         let Some(input) = next else { return Ok(done) };
-                        match decode_input(&cfg, input, &tx, &stop) {
+                        match decode_input(&cfg, input, &mut buf, &tx, &stop) {
                             Ok(Some(outcome)) => done.push(outcome),
                             Ok(None) => return Ok(done), // the sink stopped
                             Err(e) => {
@@ -437,6 +440,7 @@ fn renumber(
 fn decode_input(
     cfg: &DriverBuilder,
     input: Input,
+    buf: &mut [u8],
     tx: &mpsc::Sender<ViewBatch>,
     stop: &AtomicBool,
 ) -> Result<Option<InputOutcome>, FlattenError> {
@@ -456,14 +460,13 @@ fn decode_input(
         .with_start(1, offset)
         .build();
     let mut rejects = RejectBuffer::default();
-    let mut buf = vec![0u8; DEFAULT_CHUNK_BYTES];
     let (mut lines, mut rejected) = (0, 0);
     let send = |b: ViewBatch| tx.blocking_send(b).is_ok();
     loop {
         if stop.load(Ordering::Relaxed) || cfg.cancel.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let n = match reader.read(&mut buf) {
+        let n = match reader.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
