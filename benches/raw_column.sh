@@ -3,8 +3,8 @@
 # convert --threads 1` under callgrind once per option, the option set through the
 # measurement-only variables of src/sink/writer.rs (FLATFHIR_BENCH_JSON_COMPRESSION,
 # FLATFHIR_BENCH_JSON_PAGE_BYTES; every other column is written as by default), and prints
-# one table: instructions in all and per input byte, those spent in Parquet codecs
-# (`Codec::compress` of every column, inclusive), and the total bytes of the Parquet files
+# one table: instructions in all and per input byte, those spent in codecs (parquet's
+# `Codec::compress` of every column and the JSON column's own zstd, inclusive), and the total bytes of the Parquet files
 # written by the run (the history tables' files), each beside the first option's. Sizes
 # repeat exactly; instruction counts within ~0.2% for the same binary and input, whatever
 # else the machine does.
@@ -49,9 +49,10 @@ for opt in "${options[@]}"; do
     || { cat "$work/valgrind.err" >&2; exit 1; }
   grep -q "ignoring FLATFHIR_BENCH" "$work/valgrind.err" && { cat "$work/valgrind.err" >&2; exit 1; }
   total=$(awk '/^summary:/ {print $2}' "$profile")
-  # Inclusive cost of every codec's compress (each is called from the column writer only).
+  # Inclusive cost of every codec's compress: parquet's (called from its column writers only)
+  # and the zstd of the JSON column's own pages (src/sink/json_pages.rs, zstd options only).
   codecs=$(callgrind_annotate --inclusive=yes --threshold=100 "$profile" 2>/dev/null \
-    | awk '/as parquet::compression::Codec>::compress \[/ { gsub(",", "", $1); s += $1 } END { print s + 0 }')
+    | awk '/as parquet::compression::Codec>::compress \[|json_pages::JsonPages::compress \[/ { gsub(",", "", $1); s += $1 } END { print s + 0 }')
   # The files the writer wrote: not the current-state tables' copies of them, not checkpoints.
   size=$(find "$work/out" -name '*.parquet' -not -path '*_delta_log*' -not -path '*_latest/*' \
     -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }')

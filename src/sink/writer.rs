@@ -423,7 +423,9 @@ impl DatasetWriter {
 ///   table reads back the same in pyarrow, 7,563,930 → 7,554,102 bytes of Parquet); the whole
 ///   `convert --threads 1` went from 3.646 G to 3.583 G instructions (74.1 → 72.8 per byte:
 ///   glibc `memcpy` 257 → 135 M, jemalloc `large_ralloc` 129 → 50 M, the rest of which is
-///   other columns' and the file buffer's).
+///   other columns' and the file buffer's). Measured again after that (`raw_column.sh`, f3dc57c:
+///   3.483 G by default), zstd(1) is now also the cheapest option: LZ4_RAW +1.5% instructions
+///   (+36% bytes: its pages still take parquet's copies), zstd(3) +3.5% (+3.2% bytes).
 /// - for text columns whose values are mostly distinct in the file's first batch (the `id`
 ///   of a base view, the parent key of a child view such as `observation_coding`'s
 ///   `observation_id`, one-to-one references such as `explanation_of_benefit`'s `claim_id`),
