@@ -6,9 +6,9 @@ found by replaying `_delta_log` here, since the Delta connector's jars come from
 not reachable — and computes per column: the non-null count, and a checksum of the values
 (strings and decimals: total length and the sum of the CRC-32s of their UTF-8 text; other
 numbers, dates and times: their sum; lists: total size). pyarrow computes the same from the same
-files, and every figure must be equal. That covers the encodings flatfhir picks per column (dictionary, plain,
-DELTA_LENGTH_BYTE_ARRAY for mostly distinct text) and the raw `resource` column, whose pages
-flatfhir writes itself.
+files, and every figure must be equal. That covers the encodings and codecs flatfhir picks per
+column (dictionary or plain, zstd or Snappy) and the raw `resource` column, whose pages flatfhir
+writes itself.
 
 usage: check_spark.py DATASET
 """

@@ -18,7 +18,7 @@ use datafusion::arrow::{
     record_batch::RecordBatch,
 };
 use parquet::{
-    basic::{Compression, Encoding, ZstdLevel},
+    basic::{Compression, ZstdLevel},
     file::properties::{EnabledStatistics, WriterProperties},
     schema::types::ColumnPath,
 };
@@ -432,16 +432,11 @@ impl DatasetWriter {
 ///   no dictionary: hashing every value into a dictionary that only grows until parquet
 ///   abandons it at its page limit costs CPU (~1% for `id` alone), and plain encoding plus
 ///   zstd writes smaller files (synthea-100: −2%). Columns that repeat (`patient_id`, codes,
-///   statuses) keep theirs. These columns are written `DELTA_LENGTH_BYTE_ARRAY` (all lengths,
-///   delta-packed, then all the bytes) rather than plain (a 4-byte length before each value):
-///   ids are random hex, which zstd can only entropy-code, and the length prefix every 40
-///   bytes gave its match finder a short match at every value to chase and encode. zstd of the
-///   non-raw columns was 10% of a `convert` (355 M instructions for their 10.4 MB of pages,
-///   34 per byte against 6 for the raw JSON); with this it is 234 M, the run 3.505 →
-///   3.374 G (−3.7%), and these columns are 5% smaller (synthea-100: 7,554,102 → 7,424,398
-///   bytes of Parquet). A Parquet 1.0 encoding every engine we target reads (Spark's
-///   vectorized reader since 3.3, Trino/Athena, DuckDB, polars, pyarrow, delta-rs; checked
-///   by `tests/check_spark.sh` and `tests/check_interop.sh`).
+///   statuses) keep theirs. They stay plain: `DELTA_LENGTH_BYTE_ARRAY` (lengths first, then
+///   the bytes) was measured (21cd9ab, reverted) and halves zstd's work on random-hex ids
+///   (parquet's zstd 355 → 234 M, the run −3.7% instructions, files −1.7%), but parquet 59's
+///   encoder for it reserves a 1 MiB bit buffer per column writer, and with ~100 such columns
+///   open at once peak RSS rose 35–40 MB (×10 180 → 222 MB, ×100 204 → 239 MB).
 /// - when the codec is zstd, Snappy for flat columns that are mostly null or hold at most
 ///   [`FEW_DISTINCT`] values in the first batch (two thirds of the default views' ~880
 ///   columns: `value_boolean` of an Observation, statuses, code systems, …). parquet 59 gives
@@ -486,9 +481,7 @@ fn props_for(
                 .set_column_dictionary_enabled(path.clone(), false)
                 .set_column_statistics_enabled(path, EnabledStatistics::None);
         } else if mostly_distinct(col).unwrap_or(f.name() == "id") {
-            b = b
-                .set_column_dictionary_enabled(path.clone(), false)
-                .set_column_encoding(path, Encoding::DELTA_LENGTH_BYTE_ARRAY);
+            b = b.set_column_dictionary_enabled(path, false);
         }
     }
     b.build()
@@ -666,60 +659,10 @@ mod tests {
             EnabledStatistics::None
         );
         assert_ne!(p.statistics_enabled(&col("id")), EnabledStatistics::None);
-        // Distinct text is written lengths-first; the rest keeps parquet's default.
-        let dlba = Some(Encoding::DELTA_LENGTH_BYTE_ARRAY);
-        assert_eq!(p.encoding(&col("id")), dlba);
-        assert_eq!(p.encoding(&col("parent_id")), dlba);
-        assert_eq!(p.encoding(&col("code")), None);
-        assert_eq!(p.encoding(&col("resource")), None);
         // Too few rows to judge: only `id` goes without.
         let p = props_for(&base, JsonColumns::default(), &batch(3));
         assert!(!p.dictionary_enabled(&col("id")));
-        assert_eq!(p.encoding(&col("id")), dlba);
         assert!(p.dictionary_enabled(&col("parent_id")));
-        assert_eq!(p.encoding(&col("parent_id")), None);
-
-        // Written with these properties, the distinct columns' chunks are DELTA_LENGTH_BYTE_ARRAY
-        // and read back as written (nulls included).
-        let mut batch = batch(1000);
-        let ids: StringArray = (0..1000)
-            .map(|i| (i % 10 != 3).then(|| format!("{i:08x}-4f2f-b74a-1ec7d0368f93")))
-            .collect();
-        let mut cols = batch.columns().to_vec();
-        cols[0] = Arc::new(ids);
-        batch = RecordBatch::try_new(batch.schema(), cols).unwrap();
-        let p = props_for(&zstd_base().1, JsonColumns::default(), &batch);
-        let mut file = Vec::new();
-        let mut w =
-            parquet::arrow::ArrowWriter::try_new(&mut file, batch.schema(), Some(p)).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-        let file = bytes::Bytes::from(file);
-        let reader = SerializedFileReader::new(file.clone()).unwrap();
-        let chunk = |i: usize| {
-            reader
-                .metadata()
-                .row_group(0)
-                .column(i)
-                .encodings()
-                .collect::<Vec<_>>()
-        };
-        assert!(
-            chunk(0).contains(&Encoding::DELTA_LENGTH_BYTE_ARRAY),
-            "{:?}",
-            chunk(0)
-        );
-        assert!(
-            !chunk(1).contains(&Encoding::DELTA_LENGTH_BYTE_ARRAY),
-            "{:?}",
-            chunk(1)
-        );
-        let back: Vec<RecordBatch> =
-            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 4096)
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-        assert_eq!(back, vec![batch]);
     }
 
     #[test]
