@@ -118,10 +118,6 @@ def spark_figures(spark, files):
         elif isinstance(ty, (T.FloatType, T.DoubleType)):
             kinds[name] = "float"
             aggs.append(F.sum(c).alias(f"s:{name}"))
-        elif isinstance(ty, T.StructType) or str(ty).startswith("Time"):
-            # A TIME column (Spark 4.1+ reads Parquet TIME as its TimeType): its microseconds.
-            kinds[name] = "time"
-            aggs.append(total(F.expr(f"time_diff('MICROSECOND', TIME'00:00:00', `{name}`)")).alias(f"s:{name}"))
         else:
             kinds[name] = "int"
             aggs.append(total(c).alias(f"s:{name}"))

@@ -433,10 +433,10 @@ impl DatasetWriter {
 ///   abandons it at its page limit costs CPU (~1% for `id` alone), and plain encoding plus
 ///   zstd writes smaller files (synthea-100: −2%). Columns that repeat (`patient_id`, codes,
 ///   statuses) keep theirs. They stay plain: `DELTA_LENGTH_BYTE_ARRAY` (lengths first, then
-///   the bytes) was measured (21cd9ab, reverted) and halves zstd's work on random-hex ids
-///   (parquet's zstd 355 → 234 M, the run −3.7% instructions, files −1.7%), but parquet 59's
-///   encoder for it reserves a 1 MiB bit buffer per column writer, and with ~100 such columns
-///   open at once peak RSS rose 35–40 MB (×10 180 → 222 MB, ×100 204 → 239 MB).
+///   the bytes) was measured (21cd9ab, reverted): it cuts zstd's work on random-hex ids by a
+///   third (parquet's zstd 355 → 234 M, the run −3.7% instructions, files −1.7%), but
+///   parquet 59's encoder for it reserves a 1 MiB bit buffer per column writer, and with ~100
+///   such columns open at once peak RSS rose 35–40 MB (×10 180 → 222 MB, ×100 204 → 239 MB).
 /// - when the codec is zstd, Snappy for flat columns that are mostly null or hold at most
 ///   [`FEW_DISTINCT`] values in the first batch (two thirds of the default views' ~880
 ///   columns: `value_boolean` of an Observation, statuses, code systems, …). parquet 59 gives
