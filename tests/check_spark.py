@@ -12,38 +12,19 @@ writes itself.
 
 usage: check_spark.py DATASET
 """
-import glob, json, os, sys, zlib
+import os, sys, zlib
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession, functions as F, types as T
 
+from delta_log import replay_log
+
 
 def live_files(table_dir):
-    """The table's live data files, by replaying its JSON commits (and newest checkpoint)."""
-    log = os.path.join(table_dir, "_delta_log")
-    live, start = set(), -1
-    last = os.path.join(log, "_last_checkpoint")
-    if os.path.exists(last):
-        start = json.load(open(last))["version"]
-        for part in sorted(glob.glob(os.path.join(log, f"{start:020d}.checkpoint*.parquet"))):
-            for row in pq.read_table(part, columns=["add"]).to_pylist():
-                if row.get("add"):
-                    live.add(row["add"]["path"])
-    for f in sorted(glob.glob(os.path.join(log, "*.json"))):
-        name = os.path.basename(f)
-        if not name[:20].isdigit() or int(name[:20]) <= start:
-            continue
-        for line in open(f):
-            action = json.loads(line)
-            if "add" in action:
-                live.add(action["add"]["path"])
-            elif "remove" in action:
-                live.discard(action["remove"]["path"])
-    from urllib.parse import unquote
-
-    return sorted(os.path.join(table_dir, unquote(p)) for p in live)
+    """The table's live data files (paths as the log spells them, relative to the table)."""
+    return [os.path.join(table_dir, p) for p in sorted(replay_log(table_dir))]
 
 
 def arrow_figures(files):
