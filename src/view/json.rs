@@ -260,6 +260,12 @@ impl<'a> Json<'a> {
         }
     }
 
+    /// The number of nodes in this node's whole document: the size that limits how much work
+    /// one evaluation over it may do.
+    pub(crate) fn document_nodes(&self) -> usize {
+        self.doc.nodes.len()
+    }
+
     /// A value identifying this node within its document (for "seen" sets).
     pub fn identity(&self) -> (usize, u32) {
         (std::ptr::from_ref(self.doc) as usize, self.idx)

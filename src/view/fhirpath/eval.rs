@@ -16,11 +16,26 @@ use super::values::{
     Decimal, MAX_DIGITS, MAX_PARSE_SCALE, Sci, Val, compare, equals, equivalent, items_equal, val,
 };
 
-/// Work allowed for one evaluation: every node visited and every item it produces costs one
-/// unit. Ordinary view expressions use hundreds; the limit stops pathological ones (e.g.
-/// `descendants().select(descendants()).select(descendants())` on a large resource) with an
-/// error instead of letting them run for minutes.
+/// Work every evaluation may do, however small the resource: every node visited and every item
+/// it produces costs one unit. Ordinary view expressions use hundreds.
 pub const MAX_EVAL_WORK: usize = 5_000_000;
+
+/// Work allowed per JSON node of the resource: one evaluation may do this much per node of the
+/// resource's JSON when that is more than [`MAX_EVAL_WORK`]. A linear expression does a few
+/// units per node it reads, so no valid resource is refused for its size; a quadratic one still
+/// stops after work linear in the line's size.
+pub const EVAL_WORK_PER_NODE: usize = 64;
+
+/// The work one evaluation over `env`'s resource may do: [`MAX_EVAL_WORK`], or
+/// [`EVAL_WORK_PER_NODE`] for each node of the resource's JSON when that is more. A linear
+/// expression does a few units per node it reads (`telecom.where(system = 'phone')` about
+/// eight per telecom), so a valid resource is never refused for its size (a Patient with a
+/// million telecoms needs ~8 M); a pathological one (e.g.
+/// `descendants().select(descendants())`, quadratic) stops with an error after work linear in
+/// the line's size instead of running for minutes.
+pub(crate) fn work_limit(env: &Env<'_>) -> usize {
+    MAX_EVAL_WORK.max(EVAL_WORK_PER_NODE.saturating_mul(env.resource.document_nodes()))
+}
 
 /// Evaluation context: what `$this`, `$index` and `$total` refer to, plus the work budget.
 pub(crate) struct Ctx<'e, 'a> {
@@ -52,7 +67,10 @@ pub(crate) fn eval<'a>(
 ) -> EvalResult<Vec<Item<'a>>> {
     let out = eval_node(node, input, ctx)?;
     let left = ctx.budget.get().checked_sub(out.len() + 1).ok_or_else(|| {
-        EvalError::Eval("evaluation exceeded its work limit (fhirpath::MAX_EVAL_WORK)".to_string())
+        EvalError::Eval(format!(
+            "evaluation exceeded its work limit (the larger of {MAX_EVAL_WORK} units and \
+             {EVAL_WORK_PER_NODE} per JSON node of the resource)"
+        ))
     })?;
     ctx.budget.set(left);
     Ok(out)

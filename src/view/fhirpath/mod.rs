@@ -48,7 +48,8 @@
 //!   (`fn_join.json`) say; the older suite's `fhirpath.json` expected `''`.
 //! * Expressions nest at most [`MAX_DEPTH`] levels; deeper ones fail to compile with
 //!   [`FhirPathError::TooDeep`], so evaluation never overflows the stack. One evaluation does at
-//!   most [`MAX_EVAL_WORK`] units of work, so no expression runs away on a large resource.
+//!   most [`MAX_EVAL_WORK`] units of work, or [`EVAL_WORK_PER_NODE`] per node of the resource
+//!   when that is more: no expression runs away, and no resource is refused for its size.
 
 mod eval;
 mod functions;
@@ -59,8 +60,8 @@ mod regex;
 mod types;
 mod values;
 
-pub use eval::MAX_EVAL_WORK;
 pub(crate) use eval::push_flat;
+pub use eval::{EVAL_WORK_PER_NODE, MAX_EVAL_WORK};
 pub use functions::MAX_REPEAT_ITEMS;
 pub(crate) use functions::{ParsedReference, parse_reference};
 pub use parser::MAX_DEPTH;
@@ -117,7 +118,7 @@ impl Expression {
         focus: &[Item<'a>],
         env: &Env<'a>,
     ) -> Result<Vec<Item<'a>>, FhirPathError> {
-        self.evaluate_with_budget(focus, env, MAX_EVAL_WORK)
+        self.evaluate_with_budget(focus, env, eval::work_limit(env))
     }
 
     /// [`Expression::evaluate`] appending to `out`, with `tmp` as a step buffer: member chains
@@ -133,11 +134,11 @@ impl Expression {
             plan.evaluate_into(focus, env, out, tmp);
             return Ok(());
         }
-        out.extend(self.evaluate_tree_with_budget(focus, env, MAX_EVAL_WORK)?);
+        out.extend(self.evaluate_tree_with_budget(focus, env, eval::work_limit(env))?);
         Ok(())
     }
 
-    /// [`Expression::evaluate`] with a work limit other than [`MAX_EVAL_WORK`].
+    /// [`Expression::evaluate`] with a work limit other than [`eval::work_limit`]'s.
     pub(crate) fn evaluate_with_budget<'a>(
         &self,
         focus: &[Item<'a>],
@@ -157,7 +158,7 @@ impl Expression {
         focus: &[Item<'a>],
         env: &Env<'a>,
     ) -> Result<Vec<Item<'a>>, FhirPathError> {
-        self.evaluate_tree_with_budget(focus, env, MAX_EVAL_WORK)
+        self.evaluate_tree_with_budget(focus, env, eval::work_limit(env))
     }
 
     fn evaluate_tree_with_budget<'a>(

@@ -830,6 +830,33 @@ fn runaway_evaluation_hits_the_work_limit() {
 }
 
 #[test]
+fn a_large_valid_resource_is_within_the_work_limit() {
+    // A Patient with a million telecoms (the default `patient` view's `telecom_phone`):
+    // `where` costs ~7 units per telecom, more than MAX_EVAL_WORK alone allows; the limit
+    // grows with the resource, so the value is found.
+    let n = 1_000_000;
+    let mut telecom: Vec<_> = (0..n)
+        .map(|_| serde_json::json!({"system": "email"}))
+        .collect();
+    telecom.push(serde_json::json!({"system": "phone", "value": "555"}));
+    let res = json!({"resourceType": "Patient", "telecom": telecom});
+    let e = Expression::compile(
+        "telecom.where(system = 'phone').first().value",
+        &Constants::new(),
+    )
+    .expect("compiles");
+    let out = e
+        .evaluate(&[Item::json(res)], &Env::new(res))
+        .expect("within the limit");
+    assert!(matches!(&out[..], [Item::Json { value, .. }] if value.as_str() == Some("555")));
+    assert!(
+        e.evaluate_with_budget(&[Item::json(res)], &Env::new(res), MAX_EVAL_WORK)
+            .is_err(),
+        "MAX_EVAL_WORK alone would refuse it"
+    );
+}
+
+#[test]
 fn expressions_are_shareable_across_threads() {
     fn assert_traits<T: Send + Sync + Clone + 'static>() {}
     assert_traits::<Expression>();
