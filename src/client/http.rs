@@ -2,6 +2,7 @@
 //! the token policy in one place.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use reqwest::{
@@ -160,6 +161,7 @@ impl BulkClientBuilder {
             http,
             limiter: Limiter::new(self.max_concurrent_requests),
             stats: Arc::new(HttpStats::default()),
+            poll_floor_ms: Arc::new(AtomicU64::new(0)),
             cfg: self,
         })
     }
@@ -197,14 +199,17 @@ pub struct FileResponse {
     pub(super) permit: Option<Permit>,
 }
 
-/// The Bulk Data HTTP client. Clones share the connection pool, the concurrency limit and the
-/// counters.
+/// The Bulk Data HTTP client. Clones share the connection pool, the concurrency limit, the
+/// counters and the poll interval floor.
 #[derive(Debug, Clone)]
 pub struct BulkClient {
     http: reqwest::Client,
     cfg: BulkClientBuilder,
     limiter: Arc<Limiter>,
     stats: Arc<HttpStats>,
+    /// The shortest wait between status requests from now on ([`BulkClient::poll_floor`]), in
+    /// milliseconds; `0` until the server first answers a poll with `429`.
+    poll_floor_ms: Arc<AtomicU64>,
 }
 
 impl BulkClient {
@@ -216,6 +221,30 @@ impl BulkClient {
     /// The retry policy.
     pub fn retry(&self) -> &RetryConfig {
         &self.cfg.retry
+    }
+
+    /// The shortest wait between two status requests from now on. It is zero (the retry
+    /// policy's [`min_poll_interval`](RetryConfig::min_poll_interval) applies) until the server
+    /// answers a poll with `429` ("polling too fast"); then it doubles with each such answer,
+    /// from twice `min_poll_interval` up to `max_poll_interval`, and stays: the client slows down
+    /// for good rather than returning to the pace that tripped the limit (SMART's reference
+    /// server keeps answering `429` for five minutes once more than 60 requests a minute came).
+    pub fn poll_floor(&self) -> Duration {
+        Duration::from_millis(self.poll_floor_ms.load(Ordering::Relaxed))
+    }
+
+    /// A `429` on a status request: double [`Self::poll_floor`]; returns the new floor.
+    fn slow_polling(&self) -> Duration {
+        let retry = &self.cfg.retry;
+        let start = (retry.min_poll_interval * 2).as_millis() as u64;
+        let cap = retry.max_poll_interval.as_millis() as u64;
+        let prev = self
+            .poll_floor_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some(f.saturating_mul(2).max(start).min(cap))
+            })
+            .unwrap_or_default();
+        Duration::from_millis(prev.saturating_mul(2).max(start).min(cap))
     }
 
     /// The counters of this client's requests (shared by its clones), for callers that retry
@@ -576,6 +605,7 @@ impl BulkClient {
                     let body = resp.bytes().await.unwrap_or_default();
                     if code == 429 {
                         throttled += 1;
+                        let floor = self.slow_polling();
                         let wait = match hint {
                             Some(h) => self.cfg.retry.clamp_poll(h),
                             None => {
@@ -583,11 +613,14 @@ impl BulkClient {
                                 self.cfg.retry.clamp_poll(throttle_prev)
                             }
                         };
+                        let wait = wait.max(floor);
                         self.stats.waited_throttled(wait);
                         tracing::info!(
                             throttled,
                             wait_ms = wait.as_millis() as u64,
-                            "status: the server asks to poll more slowly (429); waiting"
+                            poll_floor_ms = floor.as_millis() as u64,
+                            "status: the server asks to poll more slowly (429); waiting, and \
+                             polling at most once per poll_floor_ms from now on"
                         );
                         tokio::time::sleep(wait).await;
                         continue;

@@ -245,7 +245,8 @@ async fn status_429_and_http_date_retry_after() {
 
 /// A `429` on a status poll means "poll more slowly", not a failure: it is waited out however
 /// often it comes (here more often than `max_retries`), and `Retry-After: 0` still waits the
-/// one-second floor between polls.
+/// one-second floor between polls (the slowed-down floor is capped at 1.5 s here, so four
+/// 429s cost 6 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_429s_are_waited_out_not_counted_as_retries() {
     let srv = server(Faults::default(), |b| b.with_retry_after(0)).await;
@@ -253,6 +254,7 @@ async fn status_429s_are_waited_out_not_counted_as_retries() {
     let client = BulkClientBuilder::new(srv.base_url().clone())
         .with_retry(RetryConfig {
             max_retries: 1,
+            max_poll_interval: Duration::from_millis(1500),
             ..fast_retry()
         })
         .build()
@@ -276,6 +278,44 @@ async fn status_429s_are_waited_out_not_counted_as_retries() {
         started.elapsed()
     );
     assert!(s.manifest.transaction_time.is_some());
+    assert_exact(tmp.path(), &srv.counts()).await;
+    srv.shutdown().await;
+}
+
+/// After a `429` on a status poll the client polls more slowly for the rest of the job (the IG's
+/// robustness advice: slow down for good), not at the pace the server's `202`s suggest again:
+/// here one 429 at the first poll, then `Retry-After: 1` on every `202` of an 8-second job.
+/// Polling at the server's pace takes ~9 status requests; at the doubled floor (2 s) ~5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_429_slows_polling_for_the_rest_of_the_job() {
+    let srv = server(Faults::default(), |b| {
+        b.with_retry_after(1).with_delay(Duration::from_secs(8))
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let client = BulkClientBuilder::new(srv.base_url().clone())
+        .with_retry(fast_retry())
+        .build()
+        .unwrap();
+    let loc = DatasetLocation::resolve(tmp.path().to_str().unwrap(), true).unwrap();
+    ExportBuilder::new(
+        client.clone(),
+        Arc::new(ViewRegistry::builtin().unwrap()),
+        loc,
+    )
+    .with_request(with_fault("status-429:1"))
+    .run()
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let polls: Vec<u16> = srv
+        .log()
+        .iter()
+        .filter(|r| r.path.contains("$export-status") && r.method == "GET")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(polls.first(), Some(&429), "{polls:?}");
+    assert!(polls.len() <= 6, "polled at the server's pace: {polls:?}");
+    assert_eq!(client.poll_floor(), Duration::from_secs(2));
     assert_exact(tmp.path(), &srv.counts()).await;
     srv.shutdown().await;
 }

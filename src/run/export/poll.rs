@@ -47,6 +47,8 @@ pub(super) async fn poll_until_complete(
                         .next_backoff(wait)
                         .min(client.retry().max_poll_interval),
                 };
+                // After a `429` the server's pace is not trusted again (§5.2: slow down for good).
+                wait = wait.max(client.poll_floor());
                 tokio::time::sleep(wait).await;
             }
             PollOutcome::Complete(first) => {
@@ -57,7 +59,10 @@ pub(super) async fn poll_until_complete(
                         PollOutcome::Complete(m) => pages.push(m),
                         PollOutcome::InProgress { retry_after, .. } => {
                             tokio::time::sleep(
-                                client.retry().clamp_poll(retry_after.unwrap_or(wait)),
+                                client
+                                    .retry()
+                                    .clamp_poll(retry_after.unwrap_or(wait))
+                                    .max(client.poll_floor()),
                             )
                             .await;
                         }
