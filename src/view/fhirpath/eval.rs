@@ -66,14 +66,20 @@ pub(crate) fn eval<'a>(
     ctx: &Ctx<'_, 'a>,
 ) -> EvalResult<Vec<Item<'a>>> {
     let out = eval_node(node, input, ctx)?;
-    let left = ctx.budget.get().checked_sub(out.len() + 1).ok_or_else(|| {
+    charge(ctx, out.len() + 1)?;
+    Ok(out)
+}
+
+/// Take `units` from the evaluation's work budget.
+fn charge(ctx: &Ctx<'_, '_>, units: usize) -> EvalResult<()> {
+    let left = ctx.budget.get().checked_sub(units).ok_or_else(|| {
         EvalError::Eval(format!(
             "evaluation exceeded its work limit (the larger of {MAX_EVAL_WORK} units and \
              {EVAL_WORK_PER_NODE} per JSON node of the resource)"
         ))
     })?;
     ctx.budget.set(left);
-    Ok(out)
+    Ok(())
 }
 
 fn eval_node<'a>(node: &Node, input: &[Item<'a>], ctx: &Ctx<'_, 'a>) -> EvalResult<Vec<Item<'a>>> {
@@ -92,6 +98,12 @@ fn eval_node<'a>(node: &Node, input: &[Item<'a>], ctx: &Ctx<'_, 'a>) -> EvalResu
         Node::Var(EnvVar::RowIndex) => Ok(vec![Item::Integer(ctx.env.row_index)]),
         Node::Member { base, name } => {
             let mut out = Vec::new();
+            if let Some((owner, element)) = primitive_meta_site(name, base.as_deref()) {
+                for item in &elements_with_primitive_siblings(owner, element, input, ctx)? {
+                    navigate(item, name, &mut out);
+                }
+                return Ok(out);
+            }
             match base {
                 Some(b) => {
                     for item in &eval(b, input, ctx)? {
@@ -125,7 +137,12 @@ fn eval_node<'a>(node: &Node, input: &[Item<'a>], ctx: &Ctx<'_, 'a>) -> EvalResu
                 return Ok(out);
             }
             let items = match base {
-                Some(b) => eval(b, input, ctx)?,
+                Some(b) => match (func, primitive_meta_site("extension", Some(b))) {
+                    (Func::Extension, Some((owner, element))) => {
+                        elements_with_primitive_siblings(owner, element, input, ctx)?
+                    }
+                    _ => eval(b, input, ctx)?,
+                },
                 None => input.to_vec(),
             };
             functions::call(func, items, args, ctx)
@@ -212,6 +229,55 @@ pub(crate) fn push_flat<'a>(v: Json<'a>, fhir_type: Option<&'a str>, out: &mut V
 
 /// Navigate to child `name` of `item`: a direct key, the resource itself for a matching
 /// resource-type prefix, or a choice element `name[Type]`.
+/// `owner.element.extension` / `owner.element.id` (and `extension(url)`), where `element` is a
+/// member that may be a FHIR primitive: returns `owner` and `element`. FHIR JSON keeps a
+/// primitive's `id` and extensions in a sibling member named with an underscore
+/// (`"birthDate": "1970-01-01", "_birthDate": {"extension": [...]}`; for arrays `_given` holds
+/// them index by index, `null` where an element has none), and the value may be absent
+/// altogether (`_birthDate` alone: a data-absent-reason). Navigating `element` alone would find
+/// no extension on a string; the evaluator reads `_element` too
+/// ([`elements_with_primitive_siblings`]), and member-chain plans leave such expressions to it.
+pub(crate) fn primitive_meta_site<'n>(
+    name: &str,
+    base: Option<&'n Node>,
+) -> Option<(Option<&'n Node>, &'n str)> {
+    if name != "extension" && name != "id" {
+        return None;
+    }
+    match base {
+        Some(Node::Member {
+            base,
+            name: element,
+        }) if element.starts_with(|c: char| c.is_ascii_lowercase()) => {
+            Some((base.as_deref(), element))
+        }
+        _ => None,
+    }
+}
+
+/// The items of `owner.element`, each owner's followed by those of its `_element` (the ids and
+/// extensions of a primitive `element`, see [`primitive_meta_site`]). A complex element has no
+/// `_element`, so for it this is `owner.element`.
+fn elements_with_primitive_siblings<'a>(
+    owner: Option<&Node>,
+    element: &str,
+    input: &[Item<'a>],
+    ctx: &Ctx<'_, 'a>,
+) -> EvalResult<Vec<Item<'a>>> {
+    let owners = match owner {
+        Some(o) => eval(o, input, ctx)?,
+        None => input.to_vec(),
+    };
+    let sibling = format!("_{element}");
+    let mut out = Vec::new();
+    for o in &owners {
+        navigate(o, element, &mut out);
+        navigate(o, &sibling, &mut out);
+    }
+    charge(ctx, out.len() + 1)?;
+    Ok(out)
+}
+
 pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>) {
     let Item::Json { value, .. } = item else {
         return;

@@ -26,6 +26,11 @@
 //!   untyped object is a `Reference` when its members are those of one (with a `reference` or
 //!   `identifier`), and no other complex type is inferred. `toDate()` on an untyped string
 //!   that is a dateTime with a time (`authoredOn`) gives its date.
+//! * A primitive's `id` and extensions are in its `_name` sibling in FHIR JSON (`_given` index by
+//!   index beside `given`): `birthDate.extension(url)`, `given.extension`, `birthDate.id` read
+//!   it, also when the value is absent (`_gender` alone, a data-absent-reason). Only directly
+//!   after a member step (`x.name.extension`); `birthDate.exists()` is still `false` when only
+//!   `_birthDate` is there.
 //! * Empty operands propagate: `{} = 1` is empty, and `and`/`or`/`not()` use three-valued
 //!   logic.
 //! * Decimals are exact (an `i128` mantissa and a scale; see `values.rs`), keep their written

@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 
-use super::eval::{as_type, navigate, navigate_typed};
+use super::eval::{as_type, navigate, navigate_typed, primitive_meta_site};
 use super::functions::{reference_key, resource_keys};
 use super::parser::{EnvVar, Func, Node, TypeSpec};
 use super::types::{Env, Item};
@@ -166,6 +166,10 @@ fn push_steps(node: &Node, steps: &mut Vec<Step>) -> Option<()> {
     };
     match node {
         Node::Member { base: b, name } => {
+            if primitive_meta_site(name, b.as_deref()).is_some() {
+                // `birthDate.extension` reads `_birthDate` too: the evaluator's.
+                return None;
+            }
             base(b, steps)?;
             steps.push(Step::Member(name.clone()));
         }

@@ -829,6 +829,79 @@ fn runaway_evaluation_hits_the_work_limit() {
     assert!(err.to_string().contains("work limit"), "{err}");
 }
 
+/// A primitive's id and extensions live in its `_name` sibling (FHIR JSON): `birthDate.extension`
+/// finds them, also when the value is absent (a data-absent-reason alone), and `_given` is read
+/// index by index beside `given`. Complex elements (no `_name`) are unchanged.
+#[test]
+fn primitive_extensions_and_ids_are_found_in_the_underscore_sibling() {
+    let bt = "http://hl7.org/fhir/StructureDefinition/patient-birthTime";
+    let dar = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
+    let res = json!({
+        "resourceType": "Patient", "id": "p1",
+        "birthDate": "1970-03-30",
+        "_birthDate": {"id": "bd1", "extension": [
+            {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
+             "valueDateTime": "1970-03-30T14:35:00+01:00"}]},
+        "_gender": {"extension": [
+            {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+             "valueCode": "asked-declined"}]},
+        "name": [{"family": "Chalmers", "given": ["Peter", "James"],
+                  "_given": [null, {"extension": [{"url": "http://example.org/nick",
+                                                    "valueString": "Jim"}]}]}],
+        "maritalStatus": {"text": "M", "extension": [{"url": "http://example.org/m",
+                                                      "valueBoolean": true}]},
+        "extension": [{"url": "http://example.org/plain", "valueString": "root",
+                       "_valueString": {"extension": [{"url": "http://example.org/onvalue",
+                                                       "valueCode": "x"}]}}]
+    });
+    let got = |src: &str| match run_on(&res, src) {
+        Ok(v) => v,
+        Err(e) => panic!("{src}: {e}"),
+    };
+    assert_eq!(
+        got(&format!(
+            "birthDate.extension('{bt}').value.ofType(dateTime)"
+        )),
+        ["1970-03-30T14:35:00+01:00"]
+    );
+    assert_eq!(
+        got(&format!("birthDate.extension.where(url = '{bt}').exists()")),
+        ["true"]
+    );
+    assert_eq!(got("birthDate.id"), ["bd1"]);
+    assert_eq!(
+        got("birthDate"),
+        ["1970-03-30"],
+        "the value itself is unchanged"
+    );
+    assert_eq!(
+        got(&format!("gender.extension('{dar}').value.ofType(code)")),
+        ["asked-declined"]
+    );
+    assert!(got("gender").is_empty(), "no value: nothing to read");
+    assert_eq!(got("name.given.extension.value.ofType(string)"), ["Jim"]);
+    assert_eq!(got("name.given"), ["Peter", "James"]);
+    assert_eq!(
+        got("maritalStatus.extension.value.ofType(boolean)"),
+        ["true"]
+    );
+    assert_eq!(
+        got("extension('http://example.org/plain').value.extension.value.ofType(code)"),
+        ["x"],
+        "a choice element's sibling: `_valueString`"
+    );
+    assert!(got("name.family.extension").is_empty());
+    // The member-chain fast path leaves these to the evaluator.
+    let e = Expression::compile("birthDate.extension.url", &Constants::new()).expect("compiles");
+    assert!(e.plan().is_none());
+    assert!(
+        Expression::compile("birthDate.value", &Constants::new())
+            .expect("compiles")
+            .plan()
+            .is_some()
+    );
+}
+
 #[test]
 fn a_large_valid_resource_is_within_the_work_limit() {
     // A Patient with a million telecoms (the default `patient` view's `telecom_phone`):
