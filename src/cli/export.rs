@@ -208,7 +208,9 @@ pub struct ExportArgs {
     /// Give up on the whole job after this long (e.g. 90s, 30m, 12h, 7d).
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     timeout: std::time::Duration,
-    /// Longest wait between status polls, whatever Retry-After says.
+    /// Longest wait between status polls, whatever Retry-After says. After a poll answered
+    /// 429 ("polling too fast") the shortest wait doubles (2s, 4s, …) up to this, for the rest
+    /// of the job.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     max_poll_interval: std::time::Duration,
     /// Give up on a response that sends no byte for this long, and retry it (a file body
