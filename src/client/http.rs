@@ -363,12 +363,25 @@ impl BulkClient {
         url: &Url,
         rb: reqwest::RequestBuilder,
     ) -> Result<Response, ClientError> {
+        self.send_as(method, url, rb, false).await
+    }
+
+    /// [`Self::send`]; `poll` for a status request, whose `429` means "poll less often" (a
+    /// rate, slowed by [`Self::poll_floor`]), not "fewer requests at once": it leaves the
+    /// concurrency limit of the downloads alone. A `503` lowers it whatever the request.
+    async fn send_as(
+        &self,
+        method: &'static str,
+        url: &Url,
+        rb: reqwest::RequestBuilder,
+        poll: bool,
+    ) -> Result<Response, ClientError> {
         let sent = rb.send().await;
         match &sent {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 self.stats.response(status);
-                if is_throttle(status) {
+                if is_throttle(status) && !(poll && status == 429) {
                     self.limiter.throttled();
                 } else if resp.status().is_success() {
                     self.limiter.succeeded();
@@ -556,7 +569,7 @@ impl BulkClient {
             let (rb, used) = self.request(Method::GET, status, true).await?;
             let rb = rb.header(ACCEPT, "application/json");
             let permit = self.limiter.acquire().await;
-            let sent = self.send("GET", status, rb).await;
+            let sent = self.send_as("GET", status, rb, true).await;
             drop(permit);
             if self.renew_after_401(&sent, &used, &mut renewed).await {
                 continue;

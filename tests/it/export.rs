@@ -285,7 +285,8 @@ async fn status_429s_are_waited_out_not_counted_as_retries() {
 /// After a `429` on a status poll the client polls more slowly for the rest of the job (the IG's
 /// robustness advice: slow down for good), not at the pace the server's `202`s suggest again:
 /// here one 429 at the first poll, then `Retry-After: 1` on every `202` of an 8-second job.
-/// Polling at the server's pace takes ~9 status requests; at the doubled floor (2 s) ~5.
+/// Polling at the server's pace takes ~9 status requests; at the doubled floor (2 s) ~5. The
+/// 429 does not lower the downloads' concurrency limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_429_slows_polling_for_the_rest_of_the_job() {
     let srv = server(Faults::default(), |b| {
@@ -316,6 +317,13 @@ async fn a_status_429_slows_polling_for_the_rest_of_the_job() {
     assert_eq!(polls.first(), Some(&429), "{polls:?}");
     assert!(polls.len() <= 6, "polled at the server's pace: {polls:?}");
     assert_eq!(client.poll_floor(), Duration::from_secs(2));
+    // A rate, not a load: the downloads' concurrency limit stays where it was.
+    let h = client.http_summary();
+    assert_eq!(
+        (h.throttled, h.min_concurrency),
+        (1, h.max_concurrency),
+        "{h:?}"
+    );
     assert_exact(tmp.path(), &srv.counts()).await;
     srv.shutdown().await;
 }
