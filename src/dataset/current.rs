@@ -133,8 +133,18 @@ pub struct SnapshotScope {
     pub types: std::collections::BTreeSet<String>,
 }
 
+/// Removed keys up to which a merge skips the current files whose id range holds none of them.
+const RANGE_PRUNE_KEYS: usize = 100_000;
+
 /// Resource types whose current tables are merged at once (at least; more on more cores).
 const TYPES_IN_FLIGHT: usize = 8;
+
+/// Keys (rows of a type's base view in the run) the merges in flight may hold between them. A
+/// merge's memory grows with the keys its run brought (their versions, the sets of keys won
+/// and touched: ~100–300 bytes each), so small types merge side by side while a type with more
+/// than this merges alone: re-converting synthea ×100 (3.8 M resources) into a dataset that
+/// holds it peaked at 1.2 GB with eight types at once.
+const KEYS_IN_FLIGHT: u64 = 1_000_000;
 
 /// Bring the current tables of every resource type `run` wrote or deleted (or, for a snapshot,
 /// covers) up to date. Returns the current tables merged and, per type, the keys a snapshot
@@ -161,8 +171,23 @@ pub async fn update_current(
     let parallel = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(TYPES_IN_FLIGHT);
+    let budget = tokio::sync::Semaphore::new(KEYS_IN_FLIGHT as usize);
+    let budget = &budget;
     let merged: Vec<(Vec<String>, String, u64)> = futures::stream::iter(types)
         .map(|tv| async move {
+            let keys: u64 = run
+                .files
+                .iter()
+                .filter(|f| f.view == tv.base.0)
+                .map(|f| f.rows)
+                .sum();
+            // A weight of at least one, and at most the whole budget (a type bigger than it
+            // waits for the others to finish, then runs alone).
+            let weight = keys.clamp(1, KEYS_IN_FLIGHT) as u32;
+            let _held = budget
+                .acquire_many(weight)
+                .await
+                .expect("the merge budget is never closed");
             let scope = snapshot.filter(|_| covered(&tv));
             let (tables, removed) =
                 update_type_retrying(location, run, &tv, scope, created).await?;
@@ -372,10 +397,19 @@ async fn update_type(
         .clone()
         .unwrap_or_else(|| "CAST(NULL AS VARCHAR)".into());
     let resource = string_lit(&tv.resource);
-    // Tombstones per key: the newest run that deleted it.
+    // Every per-key aggregate below is over the keys this run brought or deleted, not over the
+    // whole current table or every tombstone ever written: a nightly run of a thousand changes
+    // into a table of millions of resources holds a thousand groups, not millions (it held
+    // ~450 MB for 1,000 Observations into synthea ×100).
+    let run_ids =
+        format!("SELECT DISTINCT {id} FROM hist_b WHERE export = {e} AND {id} IS NOT NULL");
+    let run_tomb_ids =
+        format!("SELECT DISTINCT id FROM tomb WHERE export = {e} AND resource_type = {resource}");
+    // Tombstones per key of the run: the newest run that deleted it.
     let tombs = if has_tombs {
         format!(
-            "SELECT id, max(export) AS d FROM tomb WHERE resource_type = {resource} GROUP BY id"
+            "SELECT id, max(export) AS d FROM tomb WHERE resource_type = {resource} \
+             AND id IN ({run_ids}) GROUP BY id"
         )
     } else {
         "SELECT CAST(NULL AS VARCHAR) AS id, CAST(NULL AS VARCHAR) AS d WHERE false".into()
@@ -383,27 +417,35 @@ async fn update_type(
     let cur_lu = lu_col
         .clone()
         .unwrap_or_else(|| "CAST(NULL AS VARCHAR)".into());
-    let cur = if ctx.table_exist("cur_b").unwrap_or(false) {
-        format!(
-            "SELECT {id} AS k, max({cur_lu}) AS lu, max(export) AS export FROM cur_b GROUP BY {id}"
-        )
-    } else {
-        "SELECT CAST(NULL AS VARCHAR) AS k, CAST(NULL AS VARCHAR) AS lu, CAST(NULL AS VARCHAR) AS export WHERE false".into()
+    // The current version of the keys `keys` (a query of one column) selects, or of all.
+    let cur = |keys: Option<&str>| {
+        if ctx.table_exist("cur_b").unwrap_or(false) {
+            let only = keys
+                .map(|q| format!(" WHERE {id} IN ({q})"))
+                .unwrap_or_default();
+            format!(
+                "SELECT {id} AS k, max({cur_lu}) AS lu, max(export) AS export FROM cur_b{only} \
+                 GROUP BY {id}"
+            )
+        } else {
+            "SELECT CAST(NULL AS VARCHAR) AS k, CAST(NULL AS VARCHAR) AS lu, CAST(NULL AS VARCHAR) AS export WHERE false".into()
+        }
     };
     // Keys whose newest version is now this run's.
     let wins = format!(
         "SELECT r.k FROM (SELECT {id} AS k, max({lu}) AS lu FROM hist_b \
          WHERE export = {e} AND {id} IS NOT NULL GROUP BY {id}) r \
-         LEFT JOIN ({cur}) c ON c.k = r.k LEFT JOIN ({tombs}) t ON t.id = r.k \
+         LEFT JOIN ({}) c ON c.k = r.k LEFT JOIN ({tombs}) t ON t.id = r.k \
          WHERE (t.d IS NULL OR t.d < {e}) AND (c.k IS NULL \
            OR (r.lu IS NOT NULL AND (c.lu IS NULL OR r.lu > c.lu)) \
-           OR ((r.lu = c.lu OR (r.lu IS NULL AND c.lu IS NULL)) AND {e} > c.export))"
+           OR ((r.lu = c.lu OR (r.lu IS NULL AND c.lu IS NULL)) AND {e} > c.export))",
+        cur(Some(&run_ids))
     );
     // Keys this run deleted whose current version is not newer than the tombstone.
     let deletes = if has_tombs {
         format!(
-            "SELECT c.k FROM ({cur}) c JOIN (SELECT DISTINCT id FROM tomb WHERE export = {e} \
-             AND resource_type = {resource}) t ON t.id = c.k WHERE c.export <= {e}"
+            "SELECT c.k FROM ({}) c WHERE c.export <= {e}",
+            cur(Some(&run_tomb_ids))
         )
     } else {
         "SELECT CAST(NULL AS VARCHAR) AS k WHERE false".into()
@@ -413,9 +455,11 @@ async fn update_type(
     let absent = match snapshot.filter(|s| !s.runs.is_empty()) {
         Some(s) => {
             let runs: Vec<String> = s.runs.iter().map(|r| string_lit(r)).collect();
+            // A snapshot is a full export: its aggregate is the size of the run anyway.
             format!(
-                "SELECT c.k FROM ({cur}) c LEFT JOIN (SELECT DISTINCT {id} AS k FROM hist_b \
+                "SELECT c.k FROM ({}) c LEFT JOIN (SELECT DISTINCT {id} AS k FROM hist_b \
                  WHERE export = {e}) r ON r.k = c.k WHERE r.k IS NULL AND c.export IN ({})",
+                cur(None),
                 runs.join(", ")
             )
         }
@@ -449,8 +493,6 @@ async fn update_type(
     if n_wins + n_deletes == 0 {
         return Ok((Vec::new(), 0));
     }
-    let wins = key_set(&wins);
-    let deletes = key_set(&deletes);
     let run_keys = ctx
         .sql(&format!(
             "SELECT count(DISTINCT {id}) FROM hist_b WHERE export = {e} AND {id} IS NOT NULL"
@@ -461,24 +503,32 @@ async fn update_type(
         .await
         .map_err(&err)?;
     let run_keys = count_of(&run_keys) as usize;
+    // The keys held once: those the run won or deleted (`touched`), and the won ones apart only
+    // when the run did not win all of its keys (their rows are then picked one by one).
+    let all = n_wins == run_keys;
+    let (touched, won) = {
+        let won = key_set(&wins);
+        drop(wins);
+        let won_apart = (!all).then(|| won.clone());
+        let mut touched = won;
+        touched.extend(key_set(&deletes));
+        (touched, won_apart)
+    };
+    drop(deletes);
     let mut merged = Vec::new();
 
     // 1. The base view: this run's rows of the keys it won (all of its files when it won every
     //    key); out go the rows of those keys and of the keys it deleted.
-    let all = wins.len() == run_keys;
-    let mut remove = wins.clone();
-    remove.extend(deletes.iter().cloned());
-    let inserts = vec![(run.export.clone(), (!all).then(|| wins.clone()))];
+    let inserts = vec![(run.export.clone(), won)];
     let id_name = base_key.id_column.as_deref().expect("checked");
     apply(
-        location, cur_b, &latest_b, id_name, &hist_b, base, &remove, &inserts, run,
+        location, cur_b, &latest_b, id_name, &hist_b, base, &touched, &inserts, run,
     )
     .await?;
+    drop(inserts);
     merged.push(latest_b.clone());
 
     // 2. The other views, from the base table as it now is.
-    let mut touched = wins;
-    touched.extend(deletes);
     for (view, key) in &tv.others {
         let latest_v = format!("{view}{LATEST_SUFFIX}");
         let Some(hist_v) = location.open_table(view).await? else {
@@ -489,11 +539,7 @@ async fn update_type(
             None => create_latest(location, view, &latest_v).await?,
         };
         // Read after the view's snapshot was taken (see the module docs).
-        let versions = current_versions(location, &latest_b, id_name, &touched).await?;
-        let mut by_export: BTreeMap<String, HashSet<String>> = BTreeMap::new();
-        for (k, x) in versions {
-            by_export.entry(x).or_default().insert(k);
-        }
+        let by_export = current_versions(location, &latest_b, id_name, &touched).await?;
         let inserts: Vec<(String, Option<HashSet<String>>)> = by_export
             .into_iter()
             .map(|(x, keys)| {
@@ -617,28 +663,30 @@ fn key_set(batches: &[RecordBatch]) -> HashSet<String> {
     out
 }
 
-/// For the keys in `keys`, the run (`export`) whose version the current table `table` holds.
+/// The keys of `keys`, by the run (`export`) whose version the current table `table` holds.
 async fn current_versions(
     location: &DatasetLocation,
     table: &str,
     id: &str,
     keys: &HashSet<String>,
-) -> Result<Vec<(String, String)>, DatasetError> {
+) -> Result<BTreeMap<String, HashSet<String>>, DatasetError> {
     let Some(t) = location.open_table(table).await? else {
-        return Ok(Vec::new());
+        return Ok(BTreeMap::new());
     };
-    let mut out = Vec::new();
+    let mut out: BTreeMap<String, HashSet<String>> = BTreeMap::new();
     for f in live_files(&t, table)? {
         let Some(export) = f.export.clone() else {
             continue;
         };
-        let ids = read_column(location, table, &f.path, id).await?;
-        out.extend(
-            ids.into_iter()
-                .filter(|k| keys.contains(k))
-                .map(|k| (k, export.clone())),
-        );
+        let of_export = out.entry(export).or_default();
+        for_each_value(location, table, &f.path, id, |k| {
+            if keys.contains(k) {
+                of_export.insert(k.to_string());
+            }
+        })
+        .await?;
     }
+    out.retain(|_, keys| !keys.is_empty());
     Ok(out)
 }
 
@@ -694,23 +742,27 @@ fn with_id_range(f: &LiveFile, id: &str) -> Option<(String, String)> {
     Some((lo, hi))
 }
 
-/// The values of column `column` of a table's file, as strings.
-async fn read_column(
+/// Call `f` with each non-null value of column `column` of a table's file, as a string, batch by
+/// batch: a file of a million ids is never held as a million strings.
+async fn for_each_value(
     location: &DatasetLocation,
     table: &str,
     path: &str,
     column: &str,
-) -> Result<Vec<String>, DatasetError> {
-    let mut out = Vec::new();
+    mut f: impl FnMut(&str),
+) -> Result<(), DatasetError> {
     let mut stream = open_file(location, table, path, Some(column)).await?;
     while let Some(b) = stream.next().await {
         let b = b.map_err(|source| DatasetError::Parquet {
             path: format!("{table}/{path}"),
             source,
         })?;
-        out.extend(key_set(&[b]));
+        let Ok(c) = compute::cast(b.column(0), &DataType::Utf8) else {
+            continue;
+        };
+        c.as_string::<i32>().iter().flatten().for_each(&mut f);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A stream of a table file's record batches (all columns, or one).
@@ -774,7 +826,11 @@ async fn apply(
         table: table.to_string(),
         source: Box::new(source),
     };
-    let sorted: std::collections::BTreeSet<&str> = remove.iter().map(String::as_str).collect();
+    // The removed keys in order, to skip the files whose id range holds none of them: worth it
+    // for the few keys of a nightly run, not for millions (every file's range then holds some,
+    // and the ordered copy would cost ~40 bytes a key).
+    let sorted: Option<std::collections::BTreeSet<&str>> =
+        (remove.len() <= RANGE_PRUNE_KEYS).then(|| remove.iter().map(String::as_str).collect());
     let tag = format!("{}-{}", RunIds::new().tag(), run.export.len());
     let mut actions = Vec::new();
     let mut seq = 0usize;
@@ -782,18 +838,22 @@ async fn apply(
     let active: HashSet<&str> = live.iter().map(|f| f.path.as_str()).collect();
     // Out: rows of removed keys.
     for f in &live {
-        if let Some((lo, hi)) = with_id_range(f, id)
+        if let (Some(sorted), Some((lo, hi))) = (&sorted, with_id_range(f, id))
             && sorted.range(lo.as_str()..=hi.as_str()).next().is_none()
         {
             continue; // no removed key can be in this file
         }
-        let ids = read_column(location, table, &f.path, id).await?;
-        let hits = ids.iter().filter(|k| remove.contains(*k)).count();
+        let (mut hits, mut rows) = (0usize, 0usize);
+        for_each_value(location, table, &f.path, id, |k| {
+            rows += 1;
+            hits += usize::from(remove.contains(k));
+        })
+        .await?;
         if hits == 0 {
             continue;
         }
         actions.push(Action::Remove(f.remove.clone()));
-        if hits < ids.len() {
+        if hits < rows {
             let keep = |k: &str| !remove.contains(k);
             if let Some(add) = rewrite(
                 location, table, table, &f.path, &f.export, id, &keep, &tag, &mut seq,
@@ -928,8 +988,11 @@ async fn rewrite(
     let Some(idx) = schema.fields().iter().position(|f| f.name() == id) else {
         return Ok(None);
     };
+    // Row groups of the size `convert` writes: parquet's default (a million rows) would hold a
+    // big file's kept rows in memory, encoded, until the end.
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .set_max_row_group_row_count(Some(crate::sink::DEFAULT_ROW_GROUP_ROWS))
         .set_created_by(format!("flatfhir {}", env!("CARGO_PKG_VERSION")))
         .build();
     // Opened at the first kept row, so that a file with none writes nothing.
