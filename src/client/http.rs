@@ -238,13 +238,12 @@ impl BulkClient {
         let retry = &self.cfg.retry;
         let start = (retry.min_poll_interval * 2).as_millis() as u64;
         let cap = retry.max_poll_interval.as_millis() as u64;
+        let next = |f: u64| f.saturating_mul(2).max(start).min(cap);
         let prev = self
             .poll_floor_ms
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
-                Some(f.saturating_mul(2).max(start).min(cap))
-            })
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(next(f)))
             .unwrap_or_default();
-        Duration::from_millis(prev.saturating_mul(2).max(start).min(cap))
+        Duration::from_millis(next(prev))
     }
 
     /// The counters of this client's requests (shared by its clones), for callers that retry

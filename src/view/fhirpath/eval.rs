@@ -227,8 +227,6 @@ pub(crate) fn push_flat<'a>(v: Json<'a>, fhir_type: Option<&'a str>, out: &mut V
     }
 }
 
-/// Navigate to child `name` of `item`: a direct key, the resource itself for a matching
-/// resource-type prefix, or a choice element `name[Type]`.
 /// `owner.element.extension` / `owner.element.id` (and `extension(url)`), where `element` is a
 /// member that may be a FHIR primitive: returns `owner` and `element`. FHIR JSON keeps a
 /// primitive's `id` and extensions in a sibling member named with an underscore
@@ -278,6 +276,8 @@ fn elements_with_primitive_siblings<'a>(
     Ok(out)
 }
 
+/// Navigate to child `name` of `item`: a direct key, the resource itself for a matching
+/// resource-type prefix, or a choice element `name[Type]`.
 pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>) {
     let Item::Json { value, .. } = item else {
         return;
